@@ -1,0 +1,10 @@
+"""lbsync: keep a load balancer in step with service instances registered in etcd."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("lbsync")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]

@@ -1,0 +1,3 @@
+from lbsync.cli import main
+
+raise SystemExit(main())

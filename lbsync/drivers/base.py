@@ -1,0 +1,104 @@
+"""The one small interface every LB driver implements, and the table that picks one by name.
+
+A round for one target goes: render → stage → ``validate`` → swap → ``reload`` → ``verify``.
+A driver that can change membership without a reload also implements ``runtime_update``;
+the daemon offers it every change first and reloads only when it declines.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lbsync.config import Target
+from lbsync.model import Snapshot
+
+
+@dataclass(frozen=True)
+class StagedConfig:
+    """A staged copy of a target's config tree, with the new files in place.
+
+    ``main`` is where the target's main config (``config`` in lbsync.toml) sits in the
+    staged tree, rewritten so that it reads staged files, never live ones; ``files`` maps
+    each destination path to its staged copy.
+    """
+
+    root: Path
+    main: Path | None
+    files: Mapping[Path, Path]
+
+
+@dataclass(frozen=True)
+class ReloadTicket:
+    """What ``reload`` saw before signalling, so ``verify`` can tell the new generation."""
+
+    started_at: float
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Driver(abc.ABC):
+    """Drives one LB instance. Methods raise ``lbsync.errors`` types, never third-party ones."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    @property
+    def name(self) -> str:
+        return str(self.target.name)
+
+    @abc.abstractmethod
+    def validate(self, staged: StagedConfig) -> None:
+        """Run the LB's own checker on the staged tree; raise ``ValidationFailed``."""
+
+    @abc.abstractmethod
+    def reload(self) -> ReloadTicket:
+        """Ask the LB to load the (already swapped-in) config; raise ``ReloadFailed``."""
+
+    @abc.abstractmethod
+    def verify(self, ticket: ReloadTicket) -> None:
+        """Confirm the reload took effect; raise ``VerifyFailed`` (rollback follows)."""
+
+    def template_context(self, snapshot: Snapshot) -> Mapping[str, Any]:
+        """Extra names for this target's templates (e.g. stable HAProxy slot assignments)."""
+        return {}
+
+    def runtime_update(self, old: Snapshot | None, new: Snapshot) -> bool:
+        """Apply ``old → new`` without a reload if the LB can. True = done, no reload needed.
+
+        The default declines, so every change goes through validate + swap + reload. The
+        rendered files are still written (without a reload) after a True, so a later
+        reload or restart comes up with the same membership.
+        """
+        return False
+
+
+DriverFactory = Callable[[Any], Driver]
+
+_DRIVERS: dict[str, DriverFactory] = {}
+
+
+def register_driver(kind: str) -> Callable[[type[Driver]], type[Driver]]:
+    def add(cls: type[Driver]) -> type[Driver]:
+        cls.kind = kind
+        _DRIVERS[kind] = cls
+        return cls
+
+    return add
+
+
+def driver_for(target: Target) -> Driver:
+    """The driver named by ``target.driver``, built for that target."""
+    import lbsync.drivers  # noqa: F401  (fills the table)
+
+    return _DRIVERS[target.driver](target)
+
+
+def known_drivers() -> list[str]:
+    import lbsync.drivers  # noqa: F401
+
+    return sorted(_DRIVERS)

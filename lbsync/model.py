@@ -1,0 +1,164 @@
+"""The frozen data every stage hands to the next: source events, instances, services, snapshots.
+
+Snapshots share unchanged ``Service`` objects with the snapshot before them, so building
+one after a single event costs one service, not the whole catalog.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class State(enum.StrEnum):
+    """An instance's state; the effective state is the worse of registration and health mark."""
+
+    UP = "up"
+    DRAIN = "drain"
+    DOWN = "down"
+
+    @property
+    def badness(self) -> int:
+        return _BADNESS[self]
+
+    def worse(self, other: State | None) -> State:
+        if other is None:
+            return self
+        return self if self.badness >= other.badness else other
+
+
+_BADNESS = {State.UP: 0, State.DRAIN: 1, State.DOWN: 2}
+
+
+# --- what the source hands the catalog -------------------------------------------------
+
+
+class KeyValue(Frozen):
+    """One key as read from etcd. ``key`` is the full key, prefix included."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+
+
+class KeyEvent(Frozen):
+    """One change seen on the watch."""
+
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes = b""
+    mod_revision: int
+
+
+class SourceReset(Frozen):
+    """A full, consistent read of the prefix at ``revision``: replaces the whole catalog."""
+
+    revision: int
+    kvs: tuple[KeyValue, ...]
+
+
+class SourceEvents(Frozen):
+    """Events from one watch response, in order; ``revision`` is the last event's."""
+
+    revision: int
+    events: tuple[KeyEvent, ...]
+
+
+class SourceStatus(Frozen):
+    """The source's connection changed: connected, or lost with the reason."""
+
+    connected: bool
+    endpoint: str | None = None
+    error: str | None = None
+    revision: int = 0
+
+
+SourceMessage = SourceReset | SourceEvents | SourceStatus
+
+
+# --- what the catalog hands the renderer ----------------------------------------------
+
+
+class HealthMark(Frozen):
+    """A monitoring system's (or operator's) verdict on one instance."""
+
+    status: State
+    reason: str = ""
+    by: str = ""
+
+
+class Instance(Frozen):
+    """One usable registration, validated: host, port and meta are safe to put in a config."""
+
+    id: str
+    host: str
+    port: int
+    weight: int = 1
+    state: State = State.UP
+    registered_state: State = State.UP
+    health: HealthMark | None = None
+    meta: Mapping[str, str] = {}
+
+    @property
+    def address(self) -> str:
+        """``host:port``, with IPv6 literals bracketed as both nginx and HAProxy want them."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def up(self) -> bool:
+        return self.state is State.UP
+
+    @property
+    def draining(self) -> bool:
+        return self.state is State.DRAIN
+
+    @property
+    def down(self) -> bool:
+        return self.state is State.DOWN
+
+
+SettingValue = str | int | float | bool
+
+
+class Service(Frozen):
+    """A service and its instances, sorted by id so renders are deterministic."""
+
+    name: str
+    instances: tuple[Instance, ...] = ()
+    settings: Mapping[str, SettingValue] = {}
+
+    @property
+    def up(self) -> tuple[Instance, ...]:
+        return tuple(i for i in self.instances if i.state is State.UP)
+
+    @property
+    def draining(self) -> tuple[Instance, ...]:
+        return tuple(i for i in self.instances if i.state is State.DRAIN)
+
+    @property
+    def down(self) -> tuple[Instance, ...]:
+        return tuple(i for i in self.instances if i.state is State.DOWN)
+
+
+class Snapshot(Frozen):
+    """The whole catalog at one etcd revision: what every template renders from.
+
+    ``keys`` holds every raw key under the prefix (prefix stripped, leading ``/`` kept) for
+    confd-style ``getv``/``ls``; ``services`` is sorted by name.
+    """
+
+    revision: int
+    services: Mapping[str, Service] = {}
+    keys: Mapping[str, str] = {}
+
+    @property
+    def instance_count(self) -> int:
+        return sum(len(s.instances) for s in self.services.values())

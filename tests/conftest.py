@@ -1,0 +1,5 @@
+pytest_plugins = [
+    "tests.harness.backends",
+    "tests.harness.etcd",
+    "tests.harness.nginx",
+]

@@ -1,0 +1,89 @@
+"""Real HTTP backends on 127.0.0.1 that answer with their own name, for traffic assertions."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like real upstreams
+
+    def do_GET(self) -> None:
+        body = self.server.backend_name.encode()  # type: ignore[attr-defined]
+        self.server.hits += 1  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@dataclass
+class Backend:
+    name: str
+    server: ThreadingHTTPServer
+    thread: threading.Thread = field(repr=False)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def hits(self) -> int:
+        return int(self.server.hits)  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_backend(name: str) -> Backend:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    server.backend_name = name  # type: ignore[attr-defined]
+    server.hits = 0  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, name=f"backend-{name}", daemon=True)
+    thread.start()
+    return Backend(name, server, thread)
+
+
+def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:
+    """One request on a fresh connection: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def served_names(port: int, requests: int = 12) -> set[str]:
+    """Names of the backends answering ``requests`` successive requests (non-200s skipped)."""
+    names = set()
+    for _ in range(requests):
+        try:
+            status, body = http_get(port)
+        except OSError:
+            continue
+        if status == 200:
+            names.add(body)
+    return names
+
+
+@pytest.fixture
+def backends() -> Iterator[list[Backend]]:
+    """Three live backends named b1, b2, b3."""
+    started = [start_backend(f"b{i}") for i in (1, 2, 3)]
+    yield started
+    for backend in started:
+        backend.stop()
