@@ -1,0 +1,188 @@
+import json
+
+import pytest
+
+from lbsync.catalog import Catalog, parse_host, parse_registration
+from lbsync.errors import InvalidValue
+from lbsync.model import KeyEvent, KeyValue, SourceEvents, State
+
+P = "/lbsync"
+
+
+def kv(key: str, value: object, rev: int = 1) -> KeyValue:
+    raw = value if isinstance(value, str) else json.dumps(value)
+    return KeyValue(key=P + key, value=raw.encode(), mod_revision=rev)
+
+
+def put(key: str, value: object, rev: int) -> KeyEvent:
+    raw = value if isinstance(value, str) else json.dumps(value)
+    return KeyEvent(kind="put", key=P + key, value=raw.encode(), mod_revision=rev)
+
+
+def delete(key: str, rev: int) -> KeyEvent:
+    return KeyEvent(kind="delete", key=P + key, mod_revision=rev)
+
+
+@pytest.fixture
+def rejected() -> list[InvalidValue]:
+    return []
+
+
+@pytest.fixture
+def catalog(rejected: list[InvalidValue]) -> Catalog:
+    cat = Catalog(P, on_reject=rejected.append)
+    cat.load(
+        [
+            kv("/services/web/instances/a", {"host": "10.0.0.1", "port": 80, "weight": 3}),
+            kv("/services/web/instances/b", "10.0.0.2:8080"),
+            kv("/services/api/instances/x", {"host": "api-1.internal", "port": 9000}),
+            kv("/services/api/settings", {"balance": "least_conn", "keepalive": 16}),
+        ],
+        revision=10,
+    )
+    return cat
+
+
+def test_reset_builds_sorted_services_with_parsed_instances(catalog: Catalog) -> None:
+    snap = catalog.snapshot()
+    assert snap.revision == 10
+    assert list(snap.services) == ["api", "web"]
+    web = snap.services["web"]
+    assert [(i.id, i.address, i.weight) for i in web.instances] == [
+        ("a", "10.0.0.1:80", 3),
+        ("b", "10.0.0.2:8080", 1),
+    ]
+    assert snap.services["api"].settings == {"balance": "least_conn", "keepalive": 16}
+
+
+@pytest.mark.parametrize(
+    ("mark", "registered", "effective"),
+    [
+        ("down", "up", State.DOWN),
+        ('{"status": "drain", "reason": "deploy", "by": "ops"}', "up", State.DRAIN),
+        ("up", "drain", State.DRAIN),  # the worse of the two wins
+        ("drain", "down", State.DOWN),
+    ],
+)
+def test_health_mark_merges_as_worst_state(
+    catalog: Catalog, mark: str, registered: str, effective: State
+) -> None:
+    value = {"host": "10.0.0.1", "port": 80, "state": registered}
+    catalog.apply(
+        SourceEvents(
+            revision=12,
+            events=(
+                put("/services/web/instances/a", value, 11),
+                put("/services/web/health/a", mark, 12),
+            ),
+        )
+    )
+    inst = catalog.snapshot().services["web"].instances[0]
+    assert inst.state is effective
+    assert inst.registered_state is State(registered)
+
+
+def test_deleting_health_mark_restores_registration_state(catalog: Catalog) -> None:
+    catalog.apply(SourceEvents(revision=11, events=(put("/services/web/health/a", "down", 11),)))
+    assert catalog.snapshot().services["web"].instances[0].down
+    catalog.apply(SourceEvents(revision=12, events=(delete("/services/web/health/a", 12),)))
+    assert catalog.snapshot().services["web"].instances[0].up
+
+
+def test_events_rebuild_only_touched_services(catalog: Catalog) -> None:
+    before = catalog.snapshot()
+    touched = catalog.apply(
+        SourceEvents(revision=11, events=(delete("/services/web/instances/b", 11),))
+    )
+    after = catalog.snapshot()
+    assert touched == {"web"}
+    assert after.services["api"] is before.services["api"]
+    assert [i.id for i in after.services["web"].instances] == ["a"]
+    assert after.revision == 11
+
+
+def test_service_disappears_with_its_last_key(catalog: Catalog) -> None:
+    catalog.apply(
+        SourceEvents(
+            revision=12,
+            events=(
+                delete("/services/api/instances/x", 11),
+                delete("/services/api/settings", 12),
+            ),
+        )
+    )
+    assert list(catalog.snapshot().services) == ["web"]
+
+
+HOSTILE = [
+    ("10.0.0.1:80; include /etc/passwd", "port"),
+    ('{"host": "10.0.0.1\\nserver evil:1", "port": 80}', "host"),
+    ('{"host": "10.0.0.1", "port": 99999}', "port"),
+    ('{"host": "exämple.com", "port": 80}', "host"),
+    ('{"host": "a b", "port": 80}', "host"),
+    ('{"host": "10.0.0.1", "port": 80, "weight": 100000}', "weight"),
+    ('{"host": "10.0.0.1", "port": true}', "port"),
+    ('{"host": "10.0.0.1", "port": 80, "state": "sideways"}', "state"),
+    ('{"host": "10.0.0.1", "port": 80, "meta": {"zone": "a;b"}}', "meta"),
+    ('{"host": "10.0.0.1", "port": 80, "extra": 1}', "unknown"),
+    ('{"host": "10.0.0.1", "port": 80', "JSON"),
+    ("999.1.1.1:80", "host"),
+    ("::1:80", "IPv6"),
+]
+
+
+@pytest.mark.parametrize(("value", "reason"), HOSTILE)
+def test_hostile_registration_is_dropped_and_the_rest_kept(
+    catalog: Catalog, rejected: list[InvalidValue], value: str, reason: str
+) -> None:
+    catalog.apply(
+        SourceEvents(revision=11, events=(put("/services/web/instances/evil", value, 11),))
+    )
+    snap = catalog.snapshot()
+    assert [i.id for i in snap.services["web"].instances] == ["a", "b"]
+    assert len(rejected) == 1
+    assert rejected[0].key == f"{P}/services/web/instances/evil"
+    assert reason in str(rejected[0])
+    assert f"{P}/services/web/instances/evil" in catalog.rejected
+
+
+def test_bad_update_removes_the_instance_until_fixed(catalog: Catalog) -> None:
+    catalog.apply(SourceEvents(revision=11, events=(put("/services/web/instances/a", "junk", 11),)))
+    assert [i.id for i in catalog.snapshot().services["web"].instances] == ["b"]
+    fixed = put("/services/web/instances/a", "10.0.0.9:81", 12)
+    catalog.apply(SourceEvents(revision=12, events=(fixed,)))
+    assert catalog.snapshot().services["web"].instances[0].address == "10.0.0.9:81"
+    assert not catalog.rejected
+
+
+def test_unsafe_names_are_never_services(catalog: Catalog) -> None:
+    events = (
+        put("/services/bad;name/instances/a", "10.0.0.1:80", 11),
+        put("/services/web/instances/{evil}", "10.0.0.1:80", 12),
+    )
+    catalog.apply(SourceEvents(revision=12, events=events))
+    snap = catalog.snapshot()
+    assert set(snap.services) == {"api", "web"}
+    assert [i.id for i in snap.services["web"].instances] == ["a", "b"]
+    assert "/services/bad;name/instances/a" in snap.keys  # raw access still sees it
+
+
+def test_keys_outside_prefix_are_ignored(catalog: Catalog) -> None:
+    stray = KeyEvent(
+        kind="put", key="/lbsyncother/services/web/instances/z", value=b"1.1.1.1:1", mod_revision=11
+    )
+    catalog.apply(SourceEvents(revision=11, events=(stray,)))
+    assert [i.id for i in catalog.snapshot().services["web"].instances] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("10.0.0.1", "10.0.0.1"), ("::1", "::1"), ("Web-1.Example.COM.", "web-1.example.com")],
+)
+def test_parse_host_accepts_ips_and_names(raw: str, expected: str) -> None:
+    assert parse_host("k", raw) == expected
+
+
+def test_ipv6_bare_value_is_bracketed_in_address() -> None:
+    reg = parse_registration("k", b"[2001:db8::1]:443")
+    assert (reg.host, reg.port) == ("2001:db8::1", 443)
