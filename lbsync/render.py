@@ -1,0 +1,150 @@
+"""Snapshot → bytes, through the operator's Jinja2 templates.
+
+Deterministic by construction: the catalog hands services and instances sorted, and the
+template context holds nothing that changes between two renders of the same snapshot,
+so an unchanged catalog gives unchanged bytes and therefore no write and no reload.
+
+Templates are operator files, so the plain Environment is the default; ``[render]
+sandbox = true`` switches to Jinja2's SandboxedEnvironment (measured ~7x slower).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+
+from lbsync.errors import RenderError
+from lbsync.model import Snapshot
+
+_ENV_OPTIONS: dict[str, Any] = {
+    "undefined": jinja2.StrictUndefined,
+    "trim_blocks": True,
+    "lstrip_blocks": True,
+    "keep_trailing_newline": True,
+    "autoescape": False,
+}
+
+
+class RawKeys:
+    """confd-style access to every raw key under the prefix (keys relative to it).
+
+    Raw values are whatever was written to etcd, unchecked: a template that puts them into
+    a directive must be sure of them (the schema keys are the checked way).
+    """
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        self._keys = keys
+
+    def getv(self, key: str, default: str | None = None) -> str:
+        if key in self._keys:
+            return self._keys[key]
+        if default is not None:
+            return default
+        raise KeyError(f"getv: no key {key!r} under the prefix")
+
+    def gets(self, pattern: str) -> list[dict[str, str]]:
+        return [{"key": k, "value": self._keys[k]} for k in self._match(pattern)]
+
+    def getvs(self, pattern: str) -> list[str]:
+        return [self._keys[k] for k in self._match(pattern)]
+
+    def exists(self, key: str) -> bool:
+        return key in self._keys
+
+    def ls(self, directory: str) -> list[str]:
+        """Names directly under ``directory``, keys and sub-directories alike."""
+        return sorted({rest.split("/", 1)[0] for rest in self._below(directory)})
+
+    def lsdir(self, directory: str) -> list[str]:
+        """Names directly under ``directory`` that have keys below them."""
+        return sorted({rest.split("/", 1)[0] for rest in self._below(directory) if "/" in rest})
+
+    def _match(self, pattern: str) -> list[str]:
+        return sorted(k for k in self._keys if fnmatch.fnmatchcase(k, pattern))
+
+    def _below(self, directory: str) -> list[str]:
+        base = posixpath.join(directory, "").replace("//", "/")
+        return [k[len(base) :] for k in self._keys if k.startswith(base) and k != base]
+
+    def functions(self) -> dict[str, Any]:
+        return {
+            "getv": self.getv,
+            "gets": self.gets,
+            "getvs": self.getvs,
+            "exists": self.exists,
+            "ls": self.ls,
+            "lsdir": self.lsdir,
+        }
+
+
+class Renderer:
+    """Loads templates once per (re)configuration and renders snapshots through them."""
+
+    def __init__(self, *, sandbox: bool = False) -> None:
+        self._sandbox = sandbox
+        self._envs: dict[Path, jinja2.Environment] = {}
+
+    def load(self, src: Path) -> jinja2.Template:
+        """Compile ``src`` (includes resolve next to it); raises RenderError with the line."""
+        env = self._env_for(src.parent)
+        try:
+            return env.get_template(src.name)
+        except jinja2.TemplateSyntaxError as exc:
+            raise RenderError(exc.message or str(exc), template=str(src), line=exc.lineno) from exc
+        except jinja2.TemplateNotFound as exc:
+            raise RenderError(f"template not found: {exc.name}", template=str(src)) from exc
+        except OSError as exc:
+            raise RenderError(f"cannot read: {exc.strerror}", template=str(src)) from exc
+
+    def render(
+        self, src: Path, snapshot: Snapshot, extra: Mapping[str, Any] | None = None
+    ) -> bytes:
+        template = self.load(src)
+        context = template_context(snapshot, extra)
+        try:
+            return template.render(context).encode("utf-8")
+        except Exception as exc:  # a template can raise anything; report it with its line
+            raise RenderError(_describe(exc), template=str(src), line=_line_in(exc, src)) from exc
+
+    def _env_for(self, directory: Path) -> jinja2.Environment:
+        env = self._envs.get(directory)
+        if env is None:
+            cls = jinja2.sandbox.SandboxedEnvironment if self._sandbox else jinja2.Environment
+            env = cls(loader=jinja2.FileSystemLoader(str(directory)), **_ENV_OPTIONS)
+            self._envs[directory] = env
+        return env
+
+
+def template_context(snapshot: Snapshot, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What every template sees: ``services``, ``snapshot``, raw-key functions, driver extras."""
+    context: dict[str, Any] = {
+        "services": snapshot.services,
+        "snapshot": snapshot,
+        "revision": snapshot.revision,
+        **RawKeys(snapshot.keys).functions(),
+    }
+    context.update(extra or {})
+    return context
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, jinja2.UndefinedError):
+        return f"undefined: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _line_in(exc: BaseException, src: Path) -> int | None:
+    """The template line being rendered when ``exc`` was raised (Jinja maps frames back)."""
+    lines = [
+        frame.lineno
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if frame.filename == str(src) or frame.filename.endswith("/" + src.name)
+    ]
+    return lines[-1] if lines else None
