@@ -33,7 +33,9 @@ def run_command(
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired as exc:
-        raise error(f"timed out after {timeout:g}s", command=argv, stderr=_text(exc.stderr)) from exc
+        raise error(
+            f"timed out after {timeout:g}s", command=argv, stderr=_text(exc.stderr)
+        ) from exc
     except OSError as exc:
         raise error(f"could not start: {exc.strerror}", command=argv) from exc
     if done.returncode != 0:

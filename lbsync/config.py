@@ -85,7 +85,7 @@ class EtcdSettings(Section):
     @field_validator("prefix")
     @classmethod
     def _prefix_is_absolute(cls, prefix: str) -> str:
-        if not prefix.startswith("/") or prefix.endswith("/") and prefix != "/":
+        if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
             raise ValueError(f"{prefix!r} must start with '/' and not end with one")
         return prefix
 
@@ -281,8 +281,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         target.model_copy(
             update={
                 "templates": [
-                    t.model_copy(update={"src": absolute(t.src) or t.src})
-                    for t in target.templates
+                    t.model_copy(update={"src": absolute(t.src) or t.src}) for t in target.templates
                 ]
             }
         )

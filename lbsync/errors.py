@@ -43,9 +43,7 @@ class LbsyncError(Exception):
 class ConfigError(LbsyncError):
     """lbsync's own configuration is unusable."""
 
-    def __init__(
-        self, message: str, *, path: str | None = None, field: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
         where = f"{path}: " if path else ""
         what = f"{field}: " if field else ""
         super().__init__(f"{where}{what}{message}")

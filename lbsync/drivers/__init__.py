@@ -1,5 +1,2 @@
-"""LB drivers; importing this package fills the name table in ``drivers.base``."""
-
-from lbsync.drivers import command, nginx
-
-__all__ = ["command", "nginx"]
+"""LB drivers. Each module registers its class under its own name (``nginx`` → nginx.py);
+``drivers.base.driver_for`` imports the one a target names."""

@@ -8,6 +8,7 @@ the daemon offers it every change first and reloads only when it declines.
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,13 +93,11 @@ def register_driver(kind: str) -> Callable[[type[Driver]], type[Driver]]:
 
 
 def driver_for(target: Target) -> Driver:
-    """The driver named by ``target.driver``, built for that target."""
-    import lbsync.drivers  # noqa: F401  (fills the table)
+    """The driver named by ``target.driver``, built for that target.
 
+    The kind is also the module name, imported on first use, so a host that only runs
+    nginx never imports the HAProxy driver.
+    """
+    if target.driver not in _DRIVERS:
+        importlib.import_module(f"lbsync.drivers.{target.driver}")
     return _DRIVERS[target.driver](target)
-
-
-def known_drivers() -> list[str]:
-    import lbsync.drivers  # noqa: F401
-
-    return sorted(_DRIVERS)
