@@ -1,0 +1,256 @@
+"""The main loop: source thread → queue → catalog → scheduler → one round per target.
+
+Only the main thread touches the catalog and the LB; the source runs in its own thread
+and hands over frozen messages through a queue. Signal handlers only set flags; the loop
+notices them within ``_TICK`` and acts between rounds, so a round (write + reload) is
+never cut in half:
+
+- SIGTERM/SIGINT: finish the current round, stop the source, return.
+- SIGHUP: re-read lbsync's own config and templates; a broken new config is logged and
+  the old one kept; a good one takes effect and everything is re-rendered.
+
+No round runs before the first full read of etcd: an unreachable etcd never becomes an
+empty config.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+import structlog
+
+from lbsync.catalog import Catalog
+from lbsync.config import Settings, load_settings
+from lbsync.drivers.base import Driver, driver_for
+from lbsync.errors import InvalidValue, LbsyncError
+from lbsync.model import SourceEvents, SourceMessage, SourceReset, SourceStatus
+from lbsync.pipeline import Outcome, TargetPipeline
+from lbsync.render import Renderer
+from lbsync.scheduler import Clock, Scheduler
+
+log = structlog.get_logger("lbsync.daemon")
+
+_TICK = 0.2  # longest the loop blocks before it looks at its flags again
+
+
+class Source(Protocol):
+    """What the daemon needs of a source: ``lbsync.source.etcd.EtcdSource`` or a fake."""
+
+    def run(self, emit: Callable[[SourceMessage], None], stop: threading.Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+SourceFactory = Callable[[Settings], Source]
+DriverFactory = Callable[..., Driver]
+
+
+def etcd_source(settings: Settings) -> Source:
+    from lbsync.source.etcd import EtcdSource
+
+    return EtcdSource(settings.etcd)
+
+
+@dataclass
+class Flags:
+    """Set by signal handlers (or tests), read by the main loop."""
+
+    stop: bool = False
+    reconfigure: bool = False
+
+
+@dataclass
+class Health:
+    """What the loop knows about itself, for logs and the status endpoint."""
+
+    connected: bool = False
+    synced: bool = False
+    revision: int = 0
+    last_loop: float = 0.0
+    disconnected_since: float | None = None
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        source_factory: SourceFactory = etcd_source,
+        driver_factory: DriverFactory = driver_for,
+        clock: Clock = time.monotonic,
+        config_path: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.flags = Flags()
+        self.health = Health()
+        self._source_factory = source_factory
+        self._driver_factory = driver_factory
+        self._clock = clock
+        self._messages: queue.Queue[SourceMessage] = queue.Queue()
+        self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
+        self.scheduler = Scheduler(settings.wait, clock)
+        self.pipelines = self._build_pipelines(settings)
+        self._source: Source | None = None
+        self._source_stop = threading.Event()
+        self._source_thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until ``flags.stop``: take source messages, run rounds when due."""
+        self._start_source()
+        log.info("daemon.started", targets=[p.name for p in self.pipelines])
+        try:
+            while not self.flags.stop:
+                self.step()
+        finally:
+            self._stop_source()
+            log.info("daemon.stopped", revision=self.catalog.revision)
+
+    def step(self) -> None:
+        """One turn of the loop: wait for a message or a due round, then act."""
+        self.health.last_loop = self._clock()
+        if self.flags.reconfigure:
+            self.flags.reconfigure = False
+            self.reconfigure()
+        self._drain_messages(self._wait_budget())
+        if self.catalog.synced and self.scheduler.is_due():
+            self.run_round()
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            self.flags.stop = True
+
+        def hup(signum: int, _frame: FrameType | None) -> None:
+            self.flags.reconfigure = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    # --- the work --------------------------------------------------------------------
+
+    def run_round(self) -> list[Outcome]:
+        """Apply the current snapshot to every target, once each."""
+        self.scheduler.round_done()
+        snapshot = self.catalog.snapshot()
+        outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
+        for outcome in outcomes:
+            self.health.outcomes[outcome.target] = outcome
+        return outcomes
+
+    def handle(self, message: SourceMessage) -> None:
+        if isinstance(message, SourceReset):
+            self.catalog.reset(message)
+            self.health.synced = True
+            self.scheduler.changed()
+            log.info("catalog.reset", revision=message.revision, keys=len(message.kvs))
+        elif isinstance(message, SourceEvents):
+            touched = self.catalog.apply(message)
+            self.scheduler.changed()
+            log.debug(
+                "catalog.changed",
+                revision=message.revision,
+                events=len(message.events),
+                services=sorted(touched),
+            )
+        else:
+            self._note_status(message)
+        self.health.revision = self.catalog.revision
+
+    def reconfigure(self) -> None:
+        """SIGHUP: new settings, templates and drivers, or keep the old ones if broken."""
+        if self.config_path is None:
+            log.warning("reconfigure.skipped", reason="no config file to re-read")
+            return
+        try:
+            settings = load_settings(self.config_path)
+            pipelines = self._build_pipelines(settings)
+            for pipeline in pipelines:
+                for template in pipeline.target.templates:
+                    pipeline.renderer.load(template.src)
+        except LbsyncError as err:
+            log.error("reconfigure.rejected", error=str(err), **err.context())
+            return
+        etcd_changed = settings.etcd != self.settings.etcd
+        self.settings, self.pipelines = settings, pipelines
+        self.scheduler = Scheduler(settings.wait, self._clock)
+        self.scheduler.changed()
+        if etcd_changed:
+            self._stop_source()
+            self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
+            self.health.synced = False
+            self._start_source()
+        log.info("reconfigure.done", targets=[p.name for p in pipelines], etcd=etcd_changed)
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _build_pipelines(self, settings: Settings) -> list[TargetPipeline]:
+        renderer = Renderer(sandbox=settings.render.sandbox)
+        return [
+            TargetPipeline(target, self._driver_factory(target), renderer, settings.state_dir)
+            for target in settings.targets
+        ]
+
+    def _wait_budget(self) -> float:
+        due = self.scheduler.due_in() if self.catalog.synced else None
+        return _TICK if due is None else min(due, _TICK)
+
+    def _drain_messages(self, timeout: float) -> None:
+        """Block up to ``timeout`` for one message, then take whatever else is queued."""
+        try:
+            self.handle(
+                self._messages.get(timeout=timeout) if timeout > 0 else self._messages.get_nowait()
+            )
+        except queue.Empty:
+            return
+        while True:
+            try:
+                self.handle(self._messages.get_nowait())
+            except queue.Empty:
+                return
+
+    def _note_status(self, status: SourceStatus) -> None:
+        was = self.health.connected
+        self.health.connected = status.connected
+        if status.connected:
+            self.health.disconnected_since = None
+        elif self.health.disconnected_since is None:
+            self.health.disconnected_since = self._clock()
+        if was != status.connected:
+            event = "source.connected" if status.connected else "source.lost"
+            log.info(event, endpoint=status.endpoint, error=status.error, revision=status.revision)
+
+    def _start_source(self) -> None:
+        self._source = self._source_factory(self.settings)
+        self._source_stop = threading.Event()
+        self._source_thread = threading.Thread(
+            target=self._source.run,
+            args=(self._messages.put, self._source_stop),
+            name="lbsync-source",
+            daemon=True,
+        )
+        self._source_thread.start()
+
+    def _stop_source(self) -> None:
+        self._source_stop.set()
+        if self._source_thread is not None:
+            self._source_thread.join(timeout=5)
+        if self._source is not None:
+            self._source.close()
+        self._source = self._source_thread = None
+        self._messages = queue.Queue()
+
+
+def _warn_rejected(err: InvalidValue) -> None:
+    log.warning("value.rejected", error=str(err), **err.context())

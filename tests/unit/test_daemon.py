@@ -1,0 +1,244 @@
+"""The daemon's failure semantics, end to end through real files with a fake etcd and LB."""
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lbsync.config import Settings, settings_from_dict
+from lbsync.daemon import Daemon
+from lbsync.testing import FakeDriver, FakeSource
+from tests.harness.net import wait_for
+
+P = "/lbsync"
+# trim_blocks eats the newline after a block tag, hence the blank line.
+TEMPLATE = """{% for s in services.values() %}
+{{ s.name }}:{% for i in s.up %} {{ i.address }}{% endfor %}
+
+{% endfor %}
+"""
+
+
+def make_settings(tmp_path: Path, **wait: object) -> Settings:
+    (tmp_path / "t.j2").write_text(TEMPLATE)
+    data = {
+        "wait": {"min": "0s", "max": "0s", **wait},
+        "state_dir": str(tmp_path / "state"),
+        "target": [
+            {
+                "name": "lb",
+                "driver": "command",
+                "reload_command": ["true"],
+                "template": [{"src": str(tmp_path / "t.j2"), "dest": str(tmp_path / "out.conf")}],
+            }
+        ],
+    }
+    return settings_from_dict(data, base_dir=tmp_path, source="test.toml")
+
+
+class Running:
+    def __init__(self, settings: Settings, source: FakeSource, driver: FakeDriver) -> None:
+        self.daemon = Daemon(
+            settings, source_factory=lambda _s: source, driver_factory=lambda _t: driver
+        )
+        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.daemon.flags.stop = True
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def source() -> FakeSource:
+    return FakeSource({"services": {"web": {"instances": {"a": "10.0.0.1:80"}}}})
+
+
+@pytest.fixture
+def driver() -> FakeDriver:
+    return FakeDriver()
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "out.conf"
+
+
+@pytest.fixture
+def running(tmp_path: Path, source: FakeSource, driver: FakeDriver) -> Iterator[Running]:
+    run = Running(make_settings(tmp_path), source, driver)
+    yield run
+    run.stop()
+
+
+def content(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
+
+
+def test_first_sync_renders_validates_swaps_and_reloads_once(
+    running: Running, driver: FakeDriver, out: Path
+) -> None:
+    wait_for(lambda: content(out) == "web: 10.0.0.1:80\n", what="first render")
+    wait_for(lambda: driver.reloads == 1, what="one reload")
+    assert driver.calls[:4] == ["validate", "runtime", "reload", "verify"]
+
+
+def test_instance_up_and_down_follow_etcd(
+    running: Running, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    wait_for(lambda: driver.reloads == 1, what="first reload")
+    source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")
+    wait_for(lambda: content(out) == "web: 10.0.0.1:80 10.0.0.2:80\n", what="b added")
+    source.put(f"{P}/services/web/health/a", "down")
+    wait_for(lambda: content(out) == "web: 10.0.0.2:80\n", what="a marked down")
+    source.delete(f"{P}/services/web/instances/b")
+    wait_for(lambda: content(out) == "web:\n", what="b deleted")
+    assert driver.reloads == 4
+
+
+def test_unchanged_render_writes_nothing_and_reloads_nothing(
+    running: Running, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    wait_for(lambda: driver.reloads == 1, what="first reload")
+    mtime = out.stat().st_mtime_ns
+    source.put(f"{P}/unrelated/key", "x")
+    source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")  # marker that rounds ran
+    wait_for(lambda: driver.reloads == 2, what="second reload")
+    source.put(f"{P}/unrelated/key", "y")
+    source.put(f"{P}/services/web/health/zz", "down")  # a health mark for no instance
+    wait_for(lambda: running.daemon.catalog.revision == source.revision, what="caught up")
+    wait_for(lambda: not running.daemon.scheduler.pending, what="round done")
+    assert driver.reloads == 2
+    assert out.stat().st_mtime_ns != mtime  # the second round did write
+
+
+def test_unreachable_etcd_at_start_renders_nothing(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    out.write_text("operator's file\n")
+    source.available = False
+    run = Running(make_settings(tmp_path), source, driver)
+    try:
+        wait_for(lambda: run.daemon.health.disconnected_since is not None, what="not connected")
+        assert content(out) == "operator's file\n"
+        assert driver.calls == []
+        source.available = True
+        wait_for(lambda: content(out) == "web: 10.0.0.1:80\n", what="render after recovery")
+    finally:
+        run.stop()
+
+
+def test_validation_failure_changes_nothing_and_retries_on_next_change(
+    running: Running, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    wait_for(lambda: driver.reloads == 1, what="first reload")
+    driver.fail_validate = True
+    source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")
+    outcomes = running.daemon.health.outcomes
+    wait_for(lambda: outcomes["lb"].action == "failed", what="refused check")
+    assert content(out) == "web: 10.0.0.1:80\n"
+    driver.fail_validate = False
+    source.put(f"{P}/services/web/instances/c", "10.0.0.3:80")
+    wait_for(lambda: content(out) == "web: 10.0.0.1:80 10.0.0.2:80 10.0.0.3:80\n", what="retry")
+    assert driver.reloads == 2
+
+
+def test_template_error_changes_nothing(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    settings = make_settings(tmp_path)
+    (tmp_path / "t.j2").write_text("{{ getv('/required') }}\n")
+    run = Running(settings, source, driver)
+    try:
+        wait_for(lambda: "lb" in run.daemon.health.outcomes, what="a round")
+        assert run.daemon.health.outcomes["lb"].action == "failed"
+        assert "t.j2:1" in str(run.daemon.health.outcomes["lb"].error)
+        assert not out.exists()
+        assert driver.calls == []
+        source.put(f"{P}/required", "now-present")
+        wait_for(lambda: content(out) == "now-present\n", what="render once key exists")
+    finally:
+        run.stop()
+
+
+def test_failed_verify_restores_last_known_good_and_reloads_again(
+    running: Running, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    wait_for(lambda: driver.reloads == 1, what="first reload")
+    driver.fail_verify = True
+    source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")
+    outcomes = running.daemon.health.outcomes
+    wait_for(lambda: outcomes["lb"].action == "rolled_back", what="rollback")
+    assert driver.reloads == 3  # the failed one and the one that loads last-known-good
+    assert content(out) == "web: 10.0.0.1:80\n"
+
+
+def test_runtime_update_skips_the_reload_but_writes_files(
+    tmp_path: Path, source: FakeSource, out: Path
+) -> None:
+    driver = FakeDriver(runtime=True)
+    run = Running(make_settings(tmp_path), source, driver)
+    try:
+        wait_for(lambda: driver.reloads == 1, what="first apply reloads")
+        source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")
+        outcomes = run.daemon.health.outcomes
+        wait_for(lambda: outcomes["lb"].action == "runtime", what="runtime apply")
+        assert content(out) == "web: 10.0.0.1:80 10.0.0.2:80\n"
+        assert driver.reloads == 1
+    finally:
+        run.stop()
+
+
+def test_burst_of_1000_changes_ends_in_at_most_two_reloads(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    run = Running(make_settings(tmp_path, min="50ms", max="1s"), source, driver)
+    try:
+        wait_for(lambda: driver.reloads == 1, what="first reload")
+        for n in range(1000):
+            source.put(
+                f"{P}/services/burst/instances/i{n:04d}", f"10.1.{n // 250}.{n % 250 + 1}:80"
+            )
+        wait_for(lambda: (content(out) or "").count("10.1.") == 1000, what="all 1000 rendered")
+        assert driver.reloads - 1 <= 2
+    finally:
+        run.stop()
+
+
+def test_sighup_with_broken_config_keeps_the_old_one(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    config = tmp_path / "lbsync.toml"
+    config.write_text("[wait\n")
+    daemon = Daemon(
+        make_settings(tmp_path),
+        source_factory=lambda _s: source,
+        driver_factory=lambda _t: driver,
+        config_path=config,
+    )
+    before = daemon.settings
+    daemon.reconfigure()
+    assert daemon.settings is before
+
+
+def test_sighup_rereads_templates(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    settings = make_settings(tmp_path)
+    config = tmp_path / "lbsync.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n[wait]\nmin = "0s"\nmax = "0s"\n'
+        '[[target]]\nname = "lb"\ndriver = "command"\nreload_command = ["true"]\n'
+        f'[[target.template]]\nsrc = "t2.j2"\ndest = "{out}"\n'
+    )
+    (tmp_path / "t2.j2").write_text("v2 {{ services | length }}\n")
+    run = Running(settings, source, driver)
+    run.daemon.config_path = config
+    try:
+        wait_for(lambda: content(out) == "web: 10.0.0.1:80\n", what="first render")
+        run.daemon.flags.reconfigure = True
+        wait_for(lambda: content(out) == "v2 1\n", what="re-render with the new template")
+    finally:
+        run.stop()
