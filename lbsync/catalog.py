@@ -86,10 +86,9 @@ def parse_weight(key: str, raw: object) -> int:
 
 
 def parse_state(key: str, raw: object) -> State:
-    try:
+    if isinstance(raw, str) and raw in State.__members__.values():
         return State(raw)
-    except ValueError as exc:
-        raise InvalidValue(key, raw, "state must be one of up, drain, down") from exc
+    raise InvalidValue(key, raw, "state must be one of up, drain, down")
 
 
 def parse_meta(key: str, raw: object) -> dict[str, str]:
@@ -303,9 +302,10 @@ class Catalog:
         try:
             self._store(state, kind, iid, key, value)
         except InvalidValue as err:
+            whole = InvalidValue(key, value.decode("utf-8", errors="replace")[:256], err.reason)
             self._forget(state, kind, iid)
-            self._rejected[key] = err
-            self._on_reject(err)
+            self._rejected[key] = whole
+            self._on_reject(whole)
         return service
 
     def _store(self, state: _ServiceState, kind: str, iid: str, key: str, value: bytes) -> None:

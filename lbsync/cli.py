@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
+from pydantic import ValidationError
 
 from lbsync import __version__
-from lbsync.config import Settings, load_settings
-from lbsync.errors import LbsyncError
+from lbsync.config import EtcdSettings, Settings, load_settings, parse_duration
+from lbsync.errors import ConfigError, LbsyncError
 from lbsync.logging import configure_logging
+from lbsync.model import State
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
 DEFAULT_CONFIG = "/etc/lbsync/lbsync.toml"
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lbsync", description="Keep nginx/HAProxy in step with instances registered in etcd."
     )
     parser.add_argument("--version", action="version", version=f"lbsync {__version__}")
-    parser.set_defaults(handler=lambda _args: parser.print_help() or EXIT_ERROR)
+    parser.set_defaults(handler=lambda _args: _usage(parser))
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c",
@@ -69,11 +73,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", parents=[common], help="validate lbsync's config + templates")
     check.set_defaults(handler=cmd_check)
+
+    etcd = argparse.ArgumentParser(add_help=False, parents=[common])
+    etcd.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        help="etcd endpoint (repeatable); default: [etcd] of the config file if there is one",
+    )
+    etcd.add_argument("--prefix", help="key prefix; default: the config file's, or /lbsync")
+
+    register = sub.add_parser(
+        "register", parents=[etcd], help="register an instance under a lease and keep it alive"
+    )
+    register.add_argument("--service", required=True)
+    register.add_argument("--id", required=True)
+    register.add_argument("--host", required=True)
+    register.add_argument("--port", required=True, type=int)
+    register.add_argument("--weight", type=int, default=1)
+    register.add_argument("--ttl", type=parse_duration, default=10.0, help="lease TTL (10s)")
+    register.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
+    register.set_defaults(handler=cmd_register)
+
+    mark = sub.add_parser("mark", parents=[etcd], help="mark an instance down, drain or up")
+    mark.add_argument("service")
+    mark.add_argument("id")
+    mark.add_argument("state", choices=[s.value for s in State])
+    mark.add_argument("--reason", default="")
+    mark.add_argument("--by", default="lbsync mark")
+    mark.set_defaults(handler=cmd_mark)
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_ERROR
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
+
+
+def _etcd_settings(args: argparse.Namespace) -> EtcdSettings:
+    """[etcd] from the config file if it exists, then --endpoint/--prefix on top."""
+    base = load_settings(args.config).etcd if args.config.exists() else EtcdSettings()
+    update: dict[str, object] = {}
+    if args.endpoint:
+        update["endpoints"] = args.endpoint
+    if args.prefix:
+        update["prefix"] = args.prefix
+    try:
+        return EtcdSettings.model_validate({**base.model_dump(), **update})
+    except ValidationError as exc:
+        raise ConfigError(str(exc.errors()[0]["msg"]), field="etcd") from exc
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -106,6 +158,41 @@ def cmd_render(args: argparse.Namespace) -> int:
     if any(r.error for r in results):
         return EXIT_ERROR
     return EXIT_PENDING if any(r.changed for r in results) else EXIT_OK
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from lbsync.registrar import InstanceSpec, Registrar
+
+    meta = dict(_key_value(item) for item in args.meta)
+    spec = InstanceSpec(args.service, args.id, args.host, args.port, args.weight, meta=meta)
+    registrar = Registrar(_etcd_settings(args), spec, args.ttl)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    registrar.run(stop)
+    return EXIT_OK
+
+
+def cmd_mark(args: argparse.Namespace) -> int:
+    from lbsync.registrar import mark
+
+    revision = mark(
+        _etcd_settings(args),
+        args.service,
+        args.id,
+        State(args.state),
+        reason=args.reason,
+        by=args.by,
+    )
+    print(f"{args.service}/{args.id} marked {args.state} at revision {revision}")
+    return EXIT_OK
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--meta takes KEY=VALUE, got {item!r}")
+    return key, value
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -170,7 +170,7 @@ class RenderSettings(Section):
 
 
 class GuardSettings(Section):
-    max_removed_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    max_removed_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     min_instances: dict[str, int] = {}
     hold: Duration = 30.0
 

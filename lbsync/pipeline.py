@@ -49,7 +49,7 @@ class Plan:
 
     def diff(self) -> str:
         """A unified diff of every changed file against what is on disk now."""
-        chunks = []
+        chunks: list[str] = []
         for path, data in self.changed.items():
             before = (self.current[path] or b"").decode(errors="replace").splitlines(True)
             after = data.decode(errors="replace").splitlines(True)
