@@ -80,6 +80,24 @@ def served_names(port: int, requests: int = 12) -> set[str]:
     return names
 
 
+def only_served_by(port: int, expected: set[str], requests: int = 12) -> bool:
+    """Every one of ``requests`` fresh requests got a 200, from exactly the ``expected`` set.
+
+    Stricter than ``served_names``: right after a reload nginx's old workers may still take
+    a few connections with the old config, so a state counts only once it is the only one.
+    """
+    names = set()
+    for _ in range(requests):
+        try:
+            status, body = http_get(port)
+        except OSError:
+            return False
+        if status != 200:
+            return False
+        names.add(body)
+    return names == expected
+
+
 @pytest.fixture
 def backends() -> Iterator[list[Backend]]:
     """Three live backends named b1, b2, b3."""
