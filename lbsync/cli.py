@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", parents=[common], help="validate lbsync's config + templates")
     check.set_defaults(handler=cmd_check)
 
+    confirm = sub.add_parser(
+        "confirm", parents=[common], help="apply the update the running daemon's guard holds"
+    )
+    confirm.set_defaults(handler=cmd_confirm)
+
     etcd = argparse.ArgumentParser(add_help=False, parents=[common])
     etcd.add_argument(
         "--endpoint",
@@ -193,6 +198,14 @@ def _key_value(item: str) -> tuple[str, str]:
     if not sep:
         raise ConfigError(f"--meta takes KEY=VALUE, got {item!r}")
     return key, value
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from lbsync import oneshot
+
+    path = oneshot.confirm_held(_settings(args))
+    print(f"confirmed ({path}); the daemon applies the held update within a second")
+    return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -170,7 +170,12 @@ class RenderSettings(Section):
 
 
 class GuardSettings(Section):
+    """Hold updates that would take too much out of rotation at once (see scheduler.Guard)."""
+
     max_removed_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Fewer removals than this never trip the fraction rule: instances die one at a time
+    # in normal life; the guard is for mass removals.
+    min_removed: int = Field(default=2, ge=1)
     min_instances: dict[str, int] = {}
     hold: Duration = 30.0
 

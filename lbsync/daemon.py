@@ -9,8 +9,10 @@ never cut in half:
 - SIGHUP: re-read lbsync's own config and templates; a broken new config is logged and
   the old one kept; a good one takes effect and everything is re-rendered.
 
-No round runs before the first full read of etcd: an unreachable etcd never becomes an
-empty config.
+No round runs before the first full read of etcd (or, after a restart while etcd is down,
+before the persisted last-known-good catalog is loaded): an unreachable etcd never becomes
+an empty config. Every snapshot passes the guard before it is applied; a held update waits
+for ``guard.hold`` or for ``lbsync confirm`` (a touch of ``<state_dir>/confirm``).
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ from typing import Protocol
 
 import structlog
 
+from lbsync import lastgood
 from lbsync.catalog import Catalog
 from lbsync.config import Settings, load_settings
 from lbsync.drivers.base import Driver, driver_for
 from lbsync.errors import InvalidValue, LbsyncError
-from lbsync.model import SourceEvents, SourceMessage, SourceReset, SourceStatus
+from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.pipeline import Outcome, TargetPipeline
 from lbsync.render import Renderer
-from lbsync.scheduler import Clock, Scheduler
+from lbsync.scheduler import Clock, Guard, Scheduler
 
 log = structlog.get_logger("lbsync.daemon")
 
 _TICK = 0.2  # longest the loop blocks before it looks at its flags again
+_PERSIST_EVERY = 5.0  # seconds between saves of the last applied catalog
+CONFIRM_FILE = "confirm"
 
 
 class Source(Protocol):
@@ -72,11 +77,24 @@ class Health:
     """What the loop knows about itself, for logs and the status endpoint."""
 
     connected: bool = False
-    synced: bool = False
+    synced: bool = False  # a full read of etcd has been applied to the catalog
     revision: int = 0
     last_loop: float = 0.0
     disconnected_since: float | None = None
+    # Set while running on the persisted catalog: how old it was when loaded, and when.
+    last_good_age: float | None = None
+    last_good_loaded_at: float | None = None
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    def staleness(self, now: float) -> float:
+        """How far behind etcd the catalog may be (0 while connected and synced)."""
+        if self.connected and self.synced:
+            return 0.0
+        if not self.synced and self.last_good_age is not None and self.last_good_loaded_at:
+            return self.last_good_age + (now - self.last_good_loaded_at)
+        if self.disconnected_since is not None:
+            return now - self.disconnected_since
+        return float("inf")
 
 
 class Daemon:
@@ -99,7 +117,11 @@ class Daemon:
         self._messages: queue.Queue[SourceMessage] = queue.Queue()
         self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
         self.scheduler = Scheduler(settings.wait, clock)
+        self.guard = Guard(settings.guard, clock)
         self.pipelines = self._build_pipelines(settings)
+        self._admitted: Snapshot | None = None
+        self._unsaved = False
+        self._saved_at = clock()
         self._source: Source | None = None
         self._source_stop = threading.Event()
         self._source_thread: threading.Thread | None = None
@@ -108,6 +130,7 @@ class Daemon:
 
     def run(self) -> None:
         """Until ``flags.stop``: take source messages, run rounds when due."""
+        self._load_last_good()
         self._start_source()
         log.info("daemon.started", targets=[p.name for p in self.pipelines])
         try:
@@ -115,6 +138,7 @@ class Daemon:
                 self.step()
         finally:
             self._stop_source()
+            self._save_last_good(force=True)
             log.info("daemon.stopped", revision=self.catalog.revision)
 
     def step(self) -> None:
@@ -124,8 +148,9 @@ class Daemon:
             self.flags.reconfigure = False
             self.reconfigure()
         self._drain_messages(self._wait_budget())
-        if self.catalog.synced and self.scheduler.is_due():
+        if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
             self.run_round()
+        self._save_last_good()
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: FrameType | None) -> None:
@@ -141,12 +166,21 @@ class Daemon:
     # --- the work --------------------------------------------------------------------
 
     def run_round(self) -> list[Outcome]:
-        """Apply the current snapshot to every target, once each."""
+        """Apply the current snapshot to every target, once each — if the guard admits it."""
         self.scheduler.round_done()
         snapshot = self.catalog.snapshot()
+        was_held = self.guard.held
+        if not self.guard.admit(self._admitted, snapshot, self._confirmed_at()):
+            if was_held != self.guard.held:
+                self._log_hold(snapshot)
+            return []
+        if was_held is not None:
+            log.warning("guard.released", revision=snapshot.revision, reason=was_held.reason)
+        self._admitted = snapshot
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         for outcome in outcomes:
             self.health.outcomes[outcome.target] = outcome
+        self._unsaved = self._unsaved or all(o.ok for o in outcomes)
         return outcomes
 
     def handle(self, message: SourceMessage) -> None:
@@ -185,6 +219,7 @@ class Daemon:
         etcd_changed = settings.etcd != self.settings.etcd
         self.settings, self.pipelines = settings, pipelines
         self.scheduler = Scheduler(settings.wait, self._clock)
+        self.guard = Guard(settings.guard, self._clock)
         self.scheduler.changed()
         if etcd_changed:
             self._stop_source()
@@ -192,6 +227,63 @@ class Daemon:
             self.health.synced = False
             self._start_source()
         log.info("reconfigure.done", targets=[p.name for p in pipelines], etcd=etcd_changed)
+
+    # --- guard and last-known-good --------------------------------------------------
+
+    def _log_hold(self, snapshot: Snapshot) -> None:
+        held = self.guard.held
+        if held is None:
+            return
+        log.warning(
+            "guard.held",
+            revision=snapshot.revision,
+            reason=held.reason,
+            removed=held.removed,
+            total=held.total,
+            hold_s=None if held.needs_confirmation else self.settings.guard.hold,
+            confirm=f"lbsync confirm -c {self.config_path or 'lbsync.toml'}",
+        )
+
+    def _confirmed_at(self) -> float:
+        try:
+            return (self.settings.state_dir / CONFIRM_FILE).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _hold_may_end(self) -> bool:
+        """A held update whose hold time is up, or that an operator has confirmed."""
+        if self.guard.held is None:
+            return False
+        release = self.guard.release_at()
+        confirmed = self._confirmed_at() > (self.guard.held_since_wall or float("inf"))
+        return confirmed or (release is not None and self._clock() >= release)
+
+    def _load_last_good(self) -> None:
+        saved = lastgood.load(self.settings.state_dir, self.settings.etcd.prefix)
+        if saved is None:
+            return
+        self.catalog.reset(saved.reset)
+        self._admitted = self.catalog.snapshot()
+        self.health.last_good_age = saved.age()
+        self.health.last_good_loaded_at = self._clock()
+        self.scheduler.changed()
+        log.info(
+            "lastgood.loaded",
+            revision=saved.reset.revision,
+            keys=len(saved.reset.kvs),
+            age_s=round(saved.age(), 1),
+        )
+
+    def _save_last_good(self, *, force: bool = False) -> None:
+        due = force or self._clock() - self._saved_at >= _PERSIST_EVERY
+        if not (self._unsaved and due and self._admitted is not None and self.health.synced):
+            return
+        try:
+            lastgood.save(self.settings.state_dir, self.settings.etcd.prefix, self._admitted)
+        except LbsyncError as err:
+            log.error("lastgood.save_failed", **{**err.context(), "error": str(err)})
+        self._unsaved = False
+        self._saved_at = self._clock()
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -204,6 +296,10 @@ class Daemon:
 
     def _wait_budget(self) -> float:
         due = self.scheduler.due_in() if self.catalog.synced else None
+        release = self.guard.release_at()
+        if release is not None:
+            until = max(0.0, release - self._clock())
+            due = until if due is None else min(due, until)
         return _TICK if due is None else min(due, _TICK)
 
     def _drain_messages(self, timeout: float) -> None:

@@ -6,6 +6,7 @@ it never writes a destination and never reloads. ``apply_once`` runs one full ro
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from lbsync.catalog import Catalog
 from lbsync.config import Settings, Target
 from lbsync.drivers.base import Driver, driver_for
-from lbsync.errors import LbsyncError
+from lbsync.errors import LbsyncError, StageError
 from lbsync.model import Snapshot, SourceReset
 from lbsync.pipeline import Outcome, TargetPipeline
 from lbsync.render import Renderer
@@ -104,3 +105,17 @@ def check_config(settings: Settings) -> list[str]:
             renderer.load(template.src)
             checked.append(f"{target.name}: {template.src} -> {template.dest}")
     return checked
+
+
+def confirm_held(settings: Settings) -> Path:
+    """Tell a running daemon to apply the update its guard is holding (touches a file)."""
+    from lbsync.daemon import CONFIRM_FILE
+
+    path = settings.state_dir / CONFIRM_FILE
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        os.utime(path)
+    except OSError as exc:
+        raise StageError(f"cannot write the confirmation: {exc.strerror}", path=str(path)) from exc
+    return path

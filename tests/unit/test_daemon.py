@@ -1,11 +1,13 @@
 """The daemon's failure semantics, end to end through real files with a fake etcd and LB."""
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lbsync.cli import main as cli
 from lbsync.config import Settings, settings_from_dict
 from lbsync.daemon import Daemon
 from lbsync.testing import FakeDriver, FakeSource
@@ -242,3 +244,90 @@ def test_sighup_rereads_templates(
         wait_for(lambda: content(out) == "v2 1\n", what="re-render with the new template")
     finally:
         run.stop()
+
+
+def guarded_settings(tmp_path: Path, **guard: object) -> Settings:
+    settings = make_settings(tmp_path)
+    return settings.model_copy(update={"guard": settings.guard.model_copy(update=guard)})
+
+
+def many(n: int) -> FakeSource:
+    return FakeSource(
+        {"services": {"web": {"instances": {f"i{k}": f"10.0.0.{k + 1}:80" for k in range(n)}}}}
+    )
+
+
+def test_guard_holds_a_mass_removal_until_confirmed(tmp_path: Path, out: Path) -> None:
+    source, driver = many(6), FakeDriver()
+    run = Running(guarded_settings(tmp_path, hold=3600.0), source, driver)
+    try:
+        wait_for(lambda: (content(out) or "").count("10.0.0.") == 6, what="six served")
+        for k in range(4):
+            source.delete(f"{P}/services/web/instances/i{k}")
+        wait_for(lambda: run.daemon.guard.held is not None, what="hold")
+        assert "4 of 6" in run.daemon.guard.held.reason
+        assert (content(out) or "").count("10.0.0.") == 6
+        assert driver.reloads == 1
+        config = tmp_path / "lbsync.toml"
+        config.write_text(
+            f'state_dir = "{tmp_path / "state"}"\n[[target]]\nname = "lb"\ndriver = "command"\n'
+            f'reload_command = ["true"]\n[[target.template]]\nsrc = "t.j2"\ndest = "{out}"\n'
+        )
+        assert cli(["confirm", "-c", str(config)]) == 0
+        wait_for(lambda: content(out) == "web: 10.0.0.5:80 10.0.0.6:80\n", what="applied")
+        assert run.daemon.guard.held is None
+    finally:
+        run.stop()
+
+
+def test_guard_releases_a_held_update_after_the_hold_time(tmp_path: Path, out: Path) -> None:
+    source, driver = many(6), FakeDriver()
+    run = Running(guarded_settings(tmp_path, hold=0.5), source, driver)
+    try:
+        wait_for(lambda: (content(out) or "").count("10.0.0.") == 6, what="six served")
+        for k in range(4):
+            source.delete(f"{P}/services/web/instances/i{k}")
+        wait_for(lambda: content(out) == "web: 10.0.0.5:80 10.0.0.6:80\n", what="released")
+        assert driver.reloads == 2
+    finally:
+        run.stop()
+
+
+def test_empty_prefix_never_empties_the_lb_without_confirmation(tmp_path: Path, out: Path) -> None:
+    source, driver = many(3), FakeDriver()
+    run = Running(guarded_settings(tmp_path, hold=0.1, max_removed_fraction=1.0), source, driver)
+    try:
+        wait_for(lambda: (content(out) or "").count("10.0.0.") == 3, what="three served")
+        for k in range(3):
+            source.delete(f"{P}/services/web/instances/i{k}")
+        wait_for(lambda: run.daemon.guard.held is not None, what="hold")
+        assert run.daemon.guard.held.needs_confirmation
+        source.put(f"{P}/unrelated", "tick")  # more rounds, well past the hold time
+        wait_for(lambda: run.daemon.catalog.revision == source.revision, what="caught up")
+        assert (content(out) or "").count("10.0.0.") == 3
+    finally:
+        run.stop()
+
+
+def test_restart_while_etcd_is_down_starts_from_last_known_good(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    settings = make_settings(tmp_path)
+    first = Running(settings, source, driver)
+    wait_for(lambda: content(out) == "web: 10.0.0.1:80\n", what="first render")
+    first.stop()  # saves the last applied catalog on the way out
+    assert (tmp_path / "state" / "last-applied.json").exists()
+
+    down = FakeSource()
+    down.available = False
+    restarted_driver = FakeDriver()
+    mtime = out.stat().st_mtime_ns
+    second = Running(settings, down, restarted_driver)
+    try:
+        wait_for(lambda: "lb" in second.daemon.health.outcomes, what="a round from the saved state")
+        assert second.daemon.health.outcomes["lb"].action == "unchanged"
+        assert out.stat().st_mtime_ns == mtime  # files that already match are not rewritten
+        assert restarted_driver.reloads == 0
+        assert second.daemon.health.staleness(time.monotonic()) > 0
+    finally:
+        second.stop()
