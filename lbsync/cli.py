@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     mark.add_argument("--reason", default="")
     mark.add_argument("--by", default="lbsync mark")
     mark.set_defaults(handler=cmd_mark)
+
+    status = sub.add_parser(
+        "status", parents=[etcd], help="instances, health marks and states from etcd; daemon state"
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.add_argument(
+        "--http", metavar="HOST:PORT", help="the daemon's [http] listen (default: the config's)"
+    )
+    status.set_defaults(handler=cmd_status)
     return parser
 
 
@@ -190,6 +199,22 @@ def cmd_mark(args: argparse.Namespace) -> int:
         by=args.by,
     )
     print(f"{args.service}/{args.id} marked {args.state} at revision {revision}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from lbsync import status
+
+    listen = args.http
+    if listen is None and args.config.exists():
+        listen = load_settings(args.config).http.listen
+    report = status.collect(_etcd_settings(args), listen)
+    if args.json:
+        print(json.dumps(status.to_json(report), indent=2))
+    else:
+        sys.stdout.write(status.format_table(report))
     return EXIT_OK
 
 

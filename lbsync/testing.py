@@ -154,18 +154,20 @@ class FakeSource:
         raw = value if isinstance(value, bytes) else _encode(value)
         return self._change(KeyEvent(kind="put", key=key, value=raw, mod_revision=0))
 
-    def delete(self, key: str) -> int:
-        return self._change(KeyEvent(kind="delete", key=key, mod_revision=0))
+    def delete(self, *keys: str) -> int:
+        """Delete keys; several keys are one transaction, delivered as one batch."""
+        return self._change(*(KeyEvent(kind="delete", key=key, mod_revision=0) for key in keys))
 
-    def _change(self, event: KeyEvent) -> int:
+    def _change(self, *events: KeyEvent) -> int:
         with self._lock:
             self.revision += 1
-            event = event.model_copy(update={"mod_revision": self.revision})
-            if event.kind == "put":
-                self.keys[event.key] = event.value
-            else:
-                self.keys.pop(event.key, None)
-            self._pending.append(event)
+            for change in events:
+                event = change.model_copy(update={"mod_revision": self.revision})
+                if event.kind == "put":
+                    self.keys[event.key] = event.value
+                else:
+                    self.keys.pop(event.key, None)
+                self._pending.append(event)
         self._wake.set()
         return self.revision
 

@@ -262,8 +262,7 @@ def test_guard_holds_a_mass_removal_until_confirmed(tmp_path: Path, out: Path) -
     run = Running(guarded_settings(tmp_path, hold=3600.0), source, driver)
     try:
         wait_for(lambda: (content(out) or "").count("10.0.0.") == 6, what="six served")
-        for k in range(4):
-            source.delete(f"{P}/services/web/instances/i{k}")
+        source.delete(*(f"{P}/services/web/instances/i{k}" for k in range(4)))
         wait_for(lambda: run.daemon.guard.held is not None, what="hold")
         assert "4 of 6" in run.daemon.guard.held.reason
         assert (content(out) or "").count("10.0.0.") == 6
@@ -285,8 +284,7 @@ def test_guard_releases_a_held_update_after_the_hold_time(tmp_path: Path, out: P
     run = Running(guarded_settings(tmp_path, hold=0.5), source, driver)
     try:
         wait_for(lambda: (content(out) or "").count("10.0.0.") == 6, what="six served")
-        for k in range(4):
-            source.delete(f"{P}/services/web/instances/i{k}")
+        source.delete(*(f"{P}/services/web/instances/i{k}" for k in range(4)))
         wait_for(lambda: content(out) == "web: 10.0.0.5:80 10.0.0.6:80\n", what="released")
         assert driver.reloads == 2
     finally:
