@@ -1,0 +1,523 @@
+"""Staging tree for validation, atomic swap into place, last-known-good, restore.
+
+Staging: the LB's checker must see the *whole* config as it would be loaded, with the new
+files in place and without touching a live file. We mirror the directory of the target's
+main config (``/etc/nginx``) into a fresh directory (hard links where possible, copies
+where a path must change), write the rendered files into it, and rewrite absolute paths
+in every text file of the mirror so that an ``include /etc/nginx/conf.d/*.conf;`` reads
+the staged fragments, not the live ones.
+Destinations outside that directory are staged under ``<staged>/.lbsync-external/<abs
+path>`` and references to them (exact, or through a glob such as
+``include /srv/lb/*.conf``) are rewritten the same way.
+
+Symlinks are followed the way the LB would follow them: a destination that is a symlink
+is written through (the operator's link is kept), and absolute links in the staged copy
+that point into the live tree are re-pointed into the staged copy.
+
+Swap: temp file in the destination directory, fsync, owner/mode copied, ``os.replace``,
+fsync of the directory. Where a rename is impossible (a bind-mounted single file gives
+``EBUSY``/``EXDEV``; or no temp file can be created next to it, as in a read-only
+directory) an existing file is rewritten in place and fsynced. The previous bytes are
+kept in the ``SwapRecord`` (what ``restore`` uses) and as a file under ``backup_dir``
+(last-known-good, for operators; not fsynced, it is a convenience copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import glob
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from lbsync.drivers.base import StagedConfig
+from lbsync.errors import StageError
+
+log = structlog.get_logger("lbsync.stage")
+
+EXTERNAL_DIR = ".lbsync-external"
+DEFAULT_MODE = 0o644
+_RENAME_IMPOSSIBLE = frozenset({errno.EBUSY, errno.EXDEV})
+_NO_TEMP_FILE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+_GLOB_CHARS = frozenset("*?[")
+# An absolute path token in a config file: starts with "/" at the start of a word, after a
+# quote, "=", ":" or an opening bracket, and runs to whitespace or config punctuation.
+# "http://host/etc/nginx/x" is not a match (the token found there starts with "//").
+_PATH_TOKEN = re.compile(rb"""(?<![^\s'"=:(,{;])/[^\s;'"{}(),]*""")
+
+
+# --- staging ---------------------------------------------------------------------------
+
+
+def stage_files(target: Any, rendered: Mapping[Path, bytes], workdir: Path) -> StagedConfig:
+    """Build a staged copy of ``target``'s config tree with ``rendered`` in place.
+
+    ``target`` is any target settings object; its ``config`` (may be None, as for the
+    command driver) names the main config whose directory is copied. The caller removes
+    the staged tree (``staged()`` does it for you).
+    """
+    config: Path | None = getattr(target, "config", None)
+    workdir = Path(os.path.abspath(workdir))
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        stage_dir = Path(
+            tempfile.mkdtemp(prefix=f"{getattr(target, 'name', 'target')}-", dir=workdir)
+        )
+    except OSError as exc:
+        raise StageError(
+            f"cannot create a staging directory: {exc.strerror}", path=str(workdir)
+        ) from exc
+    try:
+        staged = _build(stage_dir, config, rendered)
+    except BaseException:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    log.debug("stage.built", root=str(stage_dir), files=len(rendered))
+    return staged
+
+
+@contextlib.contextmanager
+def staged(target: Any, rendered: Mapping[Path, bytes], workdir: Path) -> Iterator[StagedConfig]:
+    """``stage_files`` as a context manager: the staged tree is removed on exit."""
+    tree = stage_files(target, rendered, workdir)
+    try:
+        yield tree
+    finally:
+        shutil.rmtree(tree.root, ignore_errors=True)
+
+
+def _build(stage_dir: Path, config: Path | None, rendered: Mapping[Path, bytes]) -> StagedConfig:
+    root = None if config is None else Path(os.path.abspath(config)).parent
+    if root is not None:
+        _check_root(root, stage_dir)
+    stager = _Stager(stage_dir, root, rendered)
+    if root is not None:
+        stager.mirror_tree()
+    files = {dest: stager.write_rendered(dest, data) for dest, data in rendered.items()}
+    main = None if config is None else stage_dir / Path(os.path.abspath(config)).name
+    return StagedConfig(root=stage_dir, main=main, files=files)
+
+
+def _check_root(root: Path, stage_dir: Path) -> None:
+    if not root.is_dir():
+        raise StageError("the config directory does not exist", path=str(root))
+    if root == Path("/"):
+        raise StageError("a main config at the filesystem root cannot be staged", path=str(root))
+    real_root = os.path.realpath(root)
+    if _is_within(os.path.realpath(stage_dir), real_root):
+        raise StageError(
+            f"the staging directory {stage_dir} is inside the LB's config directory "
+            "(the LB could include it); move lbsync's state_dir elsewhere",
+            path=str(root),
+        )
+
+
+class _Stager:
+    """Builds one staged tree: live files mirrored, paths rewritten, rendered files added.
+
+    Live files that need no rewriting are hard-linked when the filesystem allows it
+    (creating inodes is what staging spends its time on), else copied. So a staged file
+    may share its inode with a live one: nothing here ever opens an existing staged file
+    for writing; files are only ever created (``O_EXCL``) or replaced (unlink + create).
+    """
+
+    def __init__(self, stage_dir: Path, root: Path | None, rendered: Mapping[Path, bytes]) -> None:
+        self.stage_dir = stage_dir
+        self.root = root
+        # The live root under every name it has (a symlinked /etc/nginx counts twice).
+        self.roots: list[str] = []
+        if root is not None:
+            self.roots = sorted({str(root), os.path.realpath(root)}, key=len, reverse=True)
+        # Rendered destinations outside the root: live path (as given and resolved) → staged.
+        self.external: dict[str, Path] = {}
+        for dest in rendered:
+            real = os.path.realpath(dest)
+            if self._under_root(real) is None:
+                self.external[str(dest)] = self.external[real] = self._external_path(real)
+        needles = [r.encode() for r in self.roots]
+        for live in self.external:
+            needles += [live.encode(), os.path.dirname(live).encode()]
+        self.needles = tuple(needles)
+        self.hardlinks = True
+
+    # --- paths -------------------------------------------------------------------------
+
+    def staged_dest(self, dest: Path) -> Path:
+        """Where a rendered destination goes in the staged tree (symlinks resolved)."""
+        real = os.path.realpath(dest)
+        inside = self._under_root(real)
+        return self.stage_dir / inside if inside is not None else self.external[real]
+
+    def map(self, live: str) -> str | None:
+        """The staged counterpart of an absolute live path, or None to leave it alone."""
+        for root in self.roots:
+            if live == root or live.startswith(root + "/"):
+                return str(self.stage_dir) + live[len(root) :]  # keeps a trailing "/"
+        if live in self.external:
+            return str(self.external[live])
+        return None
+
+    def _external_path(self, live: str) -> Path:
+        return self.stage_dir / EXTERNAL_DIR / live.lstrip("/")
+
+    def _under_root(self, path: str) -> str | None:
+        """``path`` relative to the live root ("" for the root itself), None if outside."""
+        for root in self.roots:
+            if path == root:
+                return ""
+            if path.startswith(root + "/"):
+                return path[len(root) + 1 :]
+        return None
+
+    # --- building ----------------------------------------------------------------------
+
+    def mirror_tree(self) -> None:
+        assert self.root is not None
+        for dirpath, dirs, names in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            here = self.stage_dir if rel == "." else self.stage_dir / rel
+            try:
+                here.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise StageError(f"cannot create: {exc.strerror}", path=str(here)) from exc
+            # os.walk lists a symlink to a directory among ``dirs`` (and does not enter it).
+            linked_dirs = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+            for name in [*names, *linked_dirs]:
+                self.stage_entry(os.path.join(dirpath, name), here / name)
+
+    def stage_entry(self, live: str, staged: Path) -> None:
+        """Mirror one live file or symlink at ``staged`` (sockets, fifos: skipped)."""
+        try:
+            if os.path.islink(live):
+                os.symlink(self._link_target(live), staged)
+            elif os.path.isfile(live):
+                self._stage_file(live, staged)
+        except OSError as exc:
+            raise StageError(f"cannot stage: {exc.strerror}", path=live) from exc
+
+    def write_rendered(self, dest: Path, data: bytes) -> Path:
+        path = self.staged_dest(dest)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not _is_within(os.path.realpath(path.parent), os.path.realpath(self.stage_dir)):
+                # Never write through a link that leads out of the staging tree (a live file).
+                raise StageError("staged path leads out of the staging directory", path=str(path))
+            path.unlink(missing_ok=True)  # may be a hard link to the live file: replace it
+            _create(path, self.rewrite(data), DEFAULT_MODE)
+        except OSError as exc:
+            raise StageError(
+                f"cannot write the staged file: {exc.strerror}", path=str(path)
+            ) from exc
+        return path
+
+    def _stage_file(self, live: str, staged: Path) -> None:
+        with open(live, "rb") as handle:
+            data = handle.read()
+            mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+        new = self.rewrite(data)
+        if new is data and self.hardlinks:
+            try:
+                os.link(live, staged)
+                return
+            except OSError as exc:  # another filesystem, protected_hardlinks, ...: copy
+                log.debug("stage.no_hardlinks", path=live, reason=exc.strerror)
+                self.hardlinks = False
+        _create(staged, new, mode)
+
+    def _link_target(self, live: str) -> str:
+        """What a staged twin of the live symlink ``live`` should point at."""
+        target = os.readlink(live)
+        live_target = os.path.normpath(os.path.join(os.path.dirname(live), target))
+        if not os.path.isabs(target) and self._under_root(live_target) is not None:
+            return target  # relative and staying inside the tree: right as it is
+        return self.map(live_target) or live_target
+
+    # --- rewriting ---------------------------------------------------------------------
+
+    def rewrite(self, data: bytes) -> bytes:
+        """``data`` with live paths pointed at the staged tree; ``data`` itself if none."""
+        if b"\0" in data[:8192] or not any(n in data for n in self.needles):
+            return data  # binary, or nothing to rewrite: the common case, kept cheap
+        new = _PATH_TOKEN.sub(self._replace, data)
+        return data if new == data else new
+
+    def _replace(self, match: re.Match[bytes]) -> bytes:
+        token = match.group().decode(errors="surrogateescape")
+        mapped = self.map(token)
+        if mapped is None and _GLOB_CHARS.intersection(token):
+            mapped = self._mirror_glob(token)
+        return match.group() if mapped is None else mapped.encode(errors="surrogateescape")
+
+    def _mirror_glob(self, pattern: str) -> str | None:
+        """An outside glob (``/srv/lb/*.conf``) that matches a rendered destination.
+
+        The files it matches live are mirrored next to the staged destination and the
+        pattern is pointed there, so the checker sees the same set with the new file.
+        """
+        if not any(fnmatch.fnmatchcase(live, pattern) for live in self.external):
+            return None
+        directory, name = os.path.split(pattern)
+        if _GLOB_CHARS.intersection(directory):
+            log.warning("stage.glob_not_mirrored", pattern=pattern)
+            return None
+        mirror = self._external_path(directory)
+        mirror.mkdir(parents=True, exist_ok=True)
+        for live in glob.glob(pattern):
+            staged = mirror / os.path.basename(live)
+            if not os.path.lexists(staged) and not os.path.isdir(live):
+                self.stage_entry(live, staged)
+        return str(mirror / name)
+
+
+def _create(path: Path, data: bytes, mode: int) -> None:
+    """A new file (never an existing inode: it may be shared with a live file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+# --- swapping --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwapEntry:
+    """One swapped file: what was there before (None = the file did not exist)."""
+
+    path: Path
+    previous: bytes | None
+    backup: Path | None
+    mode: int | None = None  # the previous file's mode, put back by restore
+
+
+@dataclass(frozen=True)
+class SwapRecord:
+    """What ``swap_in`` changed, in order; ``restore`` undoes it."""
+
+    entries: tuple[SwapEntry, ...]
+    backup_dir: Path
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return tuple(e.path for e in self.entries)
+
+
+def current_bytes(path: Path) -> bytes | None:
+    """The file's bytes now (through symlinks), None if it does not exist."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StageError(f"cannot read: {exc.strerror}", path=str(path)) from exc
+
+
+def swap_in(
+    rendered: Mapping[Path, bytes],
+    backup_dir: Path,
+    *,
+    modes: Mapping[Path, int] | None = None,
+) -> SwapRecord:
+    """Put every rendered file in place, atomically each, all or nothing across them.
+
+    Files whose bytes are already on disk are left alone. ``modes`` forces a mode per
+    destination (the template's ``mode``); otherwise the existing file's mode is kept and a
+    new file gets 0644. If any file fails, those already swapped are put back and
+    ``StageError`` is raised.
+    """
+    done: list[SwapEntry] = []
+    for dest in sorted(rendered):
+        try:
+            entry = _swap_one(Path(dest), rendered[dest], Path(backup_dir), (modes or {}).get(dest))
+        except StageError as err:
+            _undo(done, err)
+            raise
+        if entry is not None:
+            done.append(entry)
+    if done:
+        log.info("stage.swapped", files=[str(e.path) for e in done])
+    return SwapRecord(tuple(done), Path(backup_dir))
+
+
+def restore(record: SwapRecord) -> None:
+    """Put the previous contents back (last swapped first); remove files that were new."""
+    failures: list[StageError] = []
+    for entry in reversed(record.entries):
+        try:
+            _restore_one(entry)
+        except StageError as err:
+            failures.append(err)
+            log.error("stage.restore_failed", error=str(err), **err.context())
+    if failures:
+        first = failures[0]
+        raise StageError(
+            f"could not restore {len(failures)} file(s): {first.message}", path=first.path
+        ) from first
+    log.info("stage.restored", files=[str(e.path) for e in record.entries])
+
+
+def _swap_one(dest: Path, data: bytes, backup_dir: Path, mode: int | None) -> SwapEntry | None:
+    path = _resolve(dest)
+    previous = current_bytes(path)
+    if previous == data:
+        return None
+    old_mode = _mode_of(path) if previous is not None else None
+    backup = _write_backup(backup_dir, dest, previous)
+    _replace_file(path, data, mode)
+    return SwapEntry(path=path, previous=previous, backup=backup, mode=old_mode)
+
+
+def _restore_one(entry: SwapEntry) -> None:
+    if entry.previous is None:
+        try:
+            entry.path.unlink(missing_ok=True)
+            _fsync_dir(entry.path.parent)
+        except OSError as exc:
+            raise StageError(f"cannot remove: {exc.strerror}", path=str(entry.path)) from exc
+    else:
+        _replace_file(entry.path, entry.previous, entry.mode)
+
+
+def _undo(done: list[SwapEntry], cause: StageError) -> None:
+    for entry in reversed(done):
+        try:
+            _restore_one(entry)
+        except StageError as err:
+            log.critical("stage.undo_failed", cause=str(cause), error=str(err), **err.context())
+
+
+def _mode_of(path: Path) -> int | None:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+
+
+def _resolve(dest: Path) -> Path:
+    """Write through a symlinked destination so the operator's link is kept."""
+    return Path(os.path.realpath(dest)) if dest.is_symlink() else dest
+
+
+def _write_backup(backup_dir: Path, dest: Path, previous: bytes | None) -> Path | None:
+    """Keep the previous bytes as ``<backup_dir>/<abs dest>``; away from any include glob."""
+    backup = backup_dir / str(dest).lstrip("/")
+    try:
+        if previous is None:
+            backup.unlink(missing_ok=True)  # a stale copy would claim a file that wasn't there
+            return None
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=backup.parent, prefix=f".{backup.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(previous)
+            os.replace(tmp, backup)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    except OSError as exc:
+        raise StageError(f"cannot write the backup: {exc.strerror}", path=str(backup)) from exc
+    return backup
+
+
+def _replace_file(path: Path, data: bytes, mode: int | None) -> None:
+    """Atomically replace ``path`` with ``data``; in-place write where rename is impossible."""
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        old = None
+    except OSError as exc:
+        raise StageError(f"cannot stat: {exc.strerror}", path=str(path)) from exc
+    final_mode = mode if mode is not None else stat.S_IMODE(old.st_mode) if old else DEFAULT_MODE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.lbsync-", suffix=".tmp")
+    except OSError as exc:
+        if old is None or exc.errno not in _NO_TEMP_FILE:
+            raise StageError(f"cannot create a temp file: {exc.strerror}", path=str(path)) from exc
+        _in_place(path, data, final_mode, exc)
+        return
+    try:
+        _fill(fd, data, final_mode, old)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno not in _RENAME_IMPOSSIBLE:
+                raise
+            _in_place(path, data, final_mode, exc)
+        else:
+            _fsync_dir(path.parent)
+    except OSError as exc:
+        raise StageError(f"cannot replace: {exc.strerror or exc}", path=str(path)) from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _in_place(path: Path, data: bytes, mode: int, why: OSError) -> None:
+    log.info("stage.in_place", path=str(path), reason=errno.errorcode.get(why.errno or 0, "?"))
+    try:
+        _write_in_place(path, data, mode)
+    except OSError as exc:
+        raise StageError(f"cannot write in place: {exc.strerror}", path=str(path)) from exc
+
+
+def _fill(fd: int, data: bytes, mode: int, old: os.stat_result | None) -> None:
+    """Write, set mode (and owner of the file it replaces), fsync, close."""
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fchmod(fd, mode)
+        if old is not None:
+            _chown(fd, old)
+        os.fsync(fd)
+
+
+def _chown(fd: int, old: os.stat_result) -> None:
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except PermissionError:
+        # Not root: the new file is ours. Worth a warning, not a failed round.
+        log.warning("stage.owner_not_kept", uid=old.st_uid, gid=old.st_gid)
+
+
+def _write_in_place(path: Path, data: bytes, mode: int) -> None:
+    """Rewrite the file's own inode (bind-mounted file): not atomic, but fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, mode)
+    try:
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):  # filesystems without dir fsync
+            raise
+    finally:
+        os.close(fd)

@@ -1,0 +1,244 @@
+"""A real nginx master with a private prefix in a temp dir, for integration tests.
+
+Layout (everything under one temp dir, nothing under /etc or /var):
+
+    <dir>/nginx.conf            main config; ``include <dir>/conf.d/*.conf;`` (absolute)
+    <dir>/conf.d/upstreams.conf ``upstream app`` (a placeholder until a test renders one)
+    <dir>/conf.d/site.conf      ``server { listen 127.0.0.1:<port>; proxy_pass http://app; }``
+    <dir>/nginx.pid, error.log, tmp/
+
+The master runs as root with ``user root`` so workers can read a pytest temp dir. Teardown
+always stops it (SIGQUIT, then SIGKILL) and kills any worker left behind, including
+orphans of a master a test killed on purpose.
+
+``daemon on`` makes the master an orphan. Where PID 1 does not reap (some container and VM
+inits), every stopped master would stay a zombie; so while the fixture runs, the test
+process is a child subreaper (Linux) and reaps the masters itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lbsync.config import NginxTarget, TemplateSettings
+from tests.harness.net import free_port, port_open, wait_for
+
+NGINX = "/usr/sbin/nginx"
+REPO = Path(__file__).resolve().parents[2]
+UPSTREAMS_TEMPLATE = REPO / "templates" / "nginx" / "upstreams.conf.j2"
+
+PLACEHOLDER_UPSTREAM = "upstream app {\n    server 127.0.0.1:1 down;\n}\n"
+
+
+class NginxServer:
+    """One nginx master and its workers, configured in ``workdir``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.conf = workdir / "nginx.conf"
+        self.conf_d = workdir / "conf.d"
+        self.pid_file = workdir / "nginx.pid"
+        self.error_log = workdir / "error.log"
+        self.port = free_port()
+        self._seen: dict[int, psutil.Process] = {}
+
+    # --- configuration ----------------------------------------------------------------
+
+    def write_config(self) -> None:
+        tmp = self.dir / "tmp"
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+        self.conf_d.mkdir(parents=True, exist_ok=True)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(
+            "daemon on;\n"
+            "master_process on;\n"
+            "worker_processes 1;\n"
+            f"{user}"
+            f"pid {self.pid_file};\n"
+            f"error_log {self.error_log} info;\n"
+            "events { worker_connections 256; }\n"
+            "http {\n"
+            "    access_log off;\n"
+            f"    client_body_temp_path {tmp}/body;\n"
+            f"    proxy_temp_path {tmp}/proxy;\n"
+            f"    fastcgi_temp_path {tmp}/fastcgi;\n"
+            f"    uwsgi_temp_path {tmp}/uwsgi;\n"
+            f"    scgi_temp_path {tmp}/scgi;\n"
+            f"    include {self.conf_d}/*.conf;\n"
+            "}\n"
+        )
+        (self.conf_d / "upstreams.conf").write_text(PLACEHOLDER_UPSTREAM)
+        (self.conf_d / "site.conf").write_text(
+            "server {\n"
+            f"    listen 127.0.0.1:{self.port};\n"
+            "    location / {\n"
+            "        proxy_pass http://app;\n"
+            "        proxy_next_upstream error timeout;\n"
+            "    }\n"
+            "}\n"
+        )
+
+    def target(self, *templates: tuple[Path, Path], **overrides: object) -> NginxTarget:
+        """An ``NginxTarget`` for this server; default template: stock upstreams → conf.d."""
+        pairs = templates or ((UPSTREAMS_TEMPLATE, self.conf_d / "upstreams.conf"),)
+        fields: dict[str, object] = {
+            "name": "nginx-test",
+            "driver": "nginx",
+            "templates": [TemplateSettings(src=src, dest=dest) for src, dest in pairs],
+            "config": self.conf,
+            "pid_file": self.pid_file,
+            "binary": NGINX,
+            "prefix": self.dir,
+            "error_log": self.error_log,
+            "command_timeout": 30.0,
+            "verify_timeout": 15.0,
+        }
+        fields.update(overrides)
+        return NginxTarget.model_validate(fields)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def _nginx(self, *args: str) -> list[str]:
+        return [NGINX, "-p", str(self.dir), "-c", str(self.conf), "-e", str(self.error_log), *args]
+
+    def start(self) -> None:
+        done = subprocess.run(
+            self._nginx(), capture_output=True, text=True, check=False, timeout=30
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"nginx did not start: {done.stderr}\n{self.log_tail()}")
+        wait_for(self._running_master, what="nginx master")
+        wait_for(lambda: port_open(self.port), what=f"nginx listening on {self.port}")
+        wait_for(self.worker_pids, what="an nginx worker")
+
+    def stop(self) -> None:
+        """Graceful quit, then SIGKILL for anything of ours that is still there."""
+        master = self._running_master()
+        if master is not None:
+            self._remember([master, *_children(master)])
+            with contextlib.suppress(psutil.Error):
+                master.send_signal(signal.SIGQUIT)
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: not _alive(master), timeout=10, what="nginx to quit")
+        leftovers = [p for p in [*self._seen.values(), *self._strays()] if _alive(p)]
+        for proc in leftovers:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(leftovers, timeout=10)
+        for proc in self._seen.values():  # adopted while we were the subreaper: reap
+            with contextlib.suppress(psutil.Error, ChildProcessError):
+                if proc.is_running() and proc.ppid() == os.getpid():
+                    os.waitpid(proc.pid, os.WNOHANG)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.error_log.read_text(errors="replace")
+        except OSError:
+            return "(no error log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # --- processes --------------------------------------------------------------------
+
+    def master_pid(self) -> int:
+        master = self._running_master()
+        if master is None:
+            raise AssertionError(f"no running nginx master\n{self.log_tail()}")
+        return master.pid
+
+    def worker_pids(self) -> list[int]:
+        """Current-generation workers (not the ones shutting down)."""
+        master = self._running_master()
+        if master is None:
+            return []
+        workers = []
+        for child in _children(master):
+            with contextlib.suppress(psutil.Error):
+                title = " ".join(child.cmdline())
+                if "worker process" in title and "shutting down" not in title:
+                    workers.append(child.pid)
+        return sorted(workers)
+
+    def _running_master(self) -> psutil.Process | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            proc = psutil.Process(pid)
+        except (OSError, ValueError, psutil.Error):
+            return None
+        if not _alive(proc):
+            return None
+        self._remember([proc, *_children(proc)])
+        return proc
+
+    def _remember(self, procs: list[psutil.Process]) -> None:
+        for proc in procs:
+            self._seen.setdefault(proc.pid, proc)
+
+    def _strays(self) -> list[psutil.Process]:
+        """nginx processes holding a file of this server's dir open (orphaned workers)."""
+        strays = []
+        for proc in psutil.process_iter(["name"]):
+            if "nginx" not in (proc.info.get("name") or ""):
+                continue
+            with contextlib.suppress(psutil.Error):
+                if any(f.path.startswith(f"{self.dir}/") for f in proc.open_files()):
+                    strays.append(proc)
+        return strays
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children()
+    except psutil.Error:
+        return []
+
+
+def process_gone(proc: psutil.Process) -> bool:
+    """Exited (or a zombie nobody reaped yet): what a test waits for after killing one."""
+    return not _alive(proc)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Running, same process (psutil checks the create time), and not a zombie."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(on: bool) -> bool:
+    """Adopt orphaned descendants (Linux ``prctl``); False where that is not available."""
+    if os.uname().sysname != "Linux":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)  # the running process's libc
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0)
+
+
+@pytest.fixture
+def nginx_server(tmp_path: Path) -> Iterator[NginxServer]:
+    """A started nginx with an ``upstream app`` placeholder and a site on ``.port``."""
+    server = NginxServer(tmp_path / "nginx")
+    server.dir.mkdir()
+    server.write_config()
+    reaping = _set_subreaper(True)
+    try:
+        server.start()
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            if reaping:
+                _set_subreaper(False)

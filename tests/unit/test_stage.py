@@ -1,0 +1,388 @@
+"""Staging tree, atomic swap, last-known-good and restore, on real files in tmp_path."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lbsync import stage
+from lbsync.errors import StageError
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _live_tree(tmp_path: Path) -> Path:
+    """A small /etc/nginx look-alike; returns its root."""
+    root = tmp_path / "etc" / "nginx"
+    (root / "conf.d").mkdir(parents=True)
+    (root / "mime.types").write_text("types { text/html html; }\n")
+    (root / "conf.d" / "old.conf").write_text("# old fragment\n")
+    (root / "nginx.conf").write_text(
+        f"events {{}}\nhttp {{\n    include mime.types;\n    include {root}/conf.d/*.conf;\n}}\n"
+    )
+    return root
+
+
+def _target(config: Path | None, name: str = "web") -> SimpleNamespace:
+    return SimpleNamespace(name=name, config=config)
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+def _fail_replace_for(
+    monkeypatch: pytest.MonkeyPatch, victim: Path, code: int
+) -> Callable[..., None]:
+    real = os.replace
+
+    def fake(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst) == victim:
+            raise OSError(code, os.strerror(code), str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(stage.os, "replace", fake)
+    return fake
+
+
+# --- staging -----------------------------------------------------------------------------
+
+
+def test_stage_rewrites_absolute_include_to_the_staged_tree(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    dest = root / "conf.d" / "upstreams.conf"
+
+    tree = stage.stage_files(_target(root / "nginx.conf"), {dest: b"new\n"}, tmp_path / "work")
+
+    assert tree.main == tree.root / "nginx.conf"
+    assert tree.files == {dest: tree.root / "conf.d" / "upstreams.conf"}
+    main = tree.main.read_text()
+    assert f"include {tree.root}/conf.d/*.conf;" in main
+    assert str(root) not in main
+    assert "include mime.types;" in main
+    assert (tree.root / "conf.d" / "upstreams.conf").read_bytes() == b"new\n"
+    assert (tree.root / "conf.d" / "old.conf").read_text() == "# old fragment\n"
+    assert not dest.exists(), "staging must not touch the live tree"
+
+
+def test_stage_never_writes_into_live_files(tmp_path: Path) -> None:
+    """Unchanged live files may be hard-linked into the stage: replacing must not leak."""
+    root = _live_tree(tmp_path)
+    dest = root / "conf.d" / "old.conf"
+    live = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    with stage.staged(_target(root / "nginx.conf"), {dest: b"# new\n"}, tmp_path / "w") as tree:
+        assert tree.files[dest].read_bytes() == b"# new\n"
+        assert (tree.root / "mime.types").read_bytes() == live[root / "mime.types"]
+
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == live
+
+
+def test_stage_leaves_lookalike_paths_and_urls_alone(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    text = (
+        f"# {root}-extra/x.conf and http://mirror{root}/y stay\n"
+        f'include "{root}/conf.d/quoted.conf";\n'
+        f"root {root}-extra/html;\n"
+        f"alias {root}/html/;\n"
+    )
+    (root / "conf.d" / "paths.conf").write_text(text)
+
+    tree = stage.stage_files(_target(root / "nginx.conf"), {}, tmp_path / "work")
+
+    staged = (tree.root / "conf.d" / "paths.conf").read_text()
+    assert f"{root}-extra/x.conf" in staged
+    assert f"http://mirror{root}/y" in staged
+    assert f'include "{tree.root}/conf.d/quoted.conf";' in staged
+    assert f"root {root}-extra/html;" in staged
+    assert f"alias {tree.root}/html/;" in staged  # trailing slash kept
+
+
+def test_stage_puts_outside_dest_under_external_and_rewrites_it(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    outside = tmp_path / "srv" / "lb" / "upstreams.conf"
+    conf = root / "nginx.conf"
+    conf.write_text(conf.read_text().replace("http {", f"http {{\n    include {outside};"))
+
+    tree = stage.stage_files(_target(conf), {outside: b"up\n"}, tmp_path / "work")
+
+    staged_out = tree.root / ".lbsync-external" / str(outside).lstrip("/")
+    assert tree.files[outside] == staged_out
+    assert staged_out.read_bytes() == b"up\n"
+    assert f"include {staged_out};" in tree.main.read_text()  # type: ignore[union-attr]
+    assert not outside.exists()
+
+
+def test_stage_mirrors_an_outside_glob_that_matches_a_dest(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    lb_dir = tmp_path / "srv" / "lb"
+    lb_dir.mkdir(parents=True)
+    (lb_dir / "static.conf").write_text("# operator's own fragment\n")
+    conf = root / "nginx.conf"
+    conf.write_text(conf.read_text().replace("http {", f"http {{\n    include {lb_dir}/*.conf;"))
+
+    tree = stage.stage_files(_target(conf), {lb_dir / "gen.conf": b"gen\n"}, tmp_path / "work")
+
+    mirror = tree.root / ".lbsync-external" / str(lb_dir).lstrip("/")
+    assert f"include {mirror}/*.conf;" in tree.main.read_text()  # type: ignore[union-attr]
+    assert sorted(p.name for p in mirror.iterdir()) == ["gen.conf", "static.conf"]
+    assert sorted(p.name for p in lb_dir.iterdir()) == ["static.conf"]
+
+
+def test_stage_repoints_absolute_symlinks_and_writes_through_linked_dest(
+    tmp_path: Path,
+) -> None:
+    root = _live_tree(tmp_path)
+    (root / "sites-available").mkdir()
+    (root / "sites-enabled").mkdir()
+    (root / "sites-available" / "app").write_text("# old site\n")
+    (root / "sites-enabled" / "app").symlink_to(root / "sites-available" / "app")
+    dest = root / "sites-enabled" / "app"
+
+    tree = stage.stage_files(_target(root / "nginx.conf"), {dest: b"# new site\n"}, tmp_path / "w")
+
+    link = tree.root / "sites-enabled" / "app"
+    assert link.is_symlink()
+    assert os.readlink(link) == str(tree.root / "sites-available" / "app")
+    assert link.read_bytes() == b"# new site\n"
+    assert (root / "sites-available" / "app").read_text() == "# old site\n"
+
+
+def test_stage_of_a_rendered_main_config_rewrites_it_too(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    main = root / "nginx.conf"
+    new_main = f"events {{}}\nhttp {{ include {root}/conf.d/*.conf; }}\n".encode()
+
+    tree = stage.stage_files(_target(main), {main: new_main}, tmp_path / "work")
+
+    assert tree.main == tree.files[main]
+    assert tree.main.read_text() == f"events {{}}\nhttp {{ include {tree.root}/conf.d/*.conf; }}\n"
+    assert main.read_text().startswith("events {}\nhttp {\n    include mime.types;")
+
+
+def test_stage_without_config_holds_only_the_rendered_files(tmp_path: Path) -> None:
+    dest = tmp_path / "etc" / "lb" / "backends.json"
+
+    tree = stage.stage_files(_target(None), {dest: b"{}"}, tmp_path / "work")
+
+    assert tree.main is None
+    assert tree.files[dest].read_bytes() == b"{}"
+    assert tree.files[dest].is_relative_to(tree.root / ".lbsync-external")
+    assert [p for p in tree.root.rglob("*") if p.is_file()] == [tree.files[dest]]
+
+
+def test_staged_context_manager_removes_the_tree_even_on_error(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    work = tmp_path / "work"
+    seen: list[Path] = []
+
+    def validate_and_fail() -> None:
+        with stage.staged(_target(root / "nginx.conf"), {}, work) as tree:
+            seen.append(tree.root)
+            raise RuntimeError("validation blew up")
+
+    with pytest.raises(RuntimeError):
+        validate_and_fail()
+    assert seen
+    assert list(work.iterdir()) == []
+
+
+def test_stage_refuses_a_workdir_inside_the_config_dir(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    with pytest.raises(StageError, match="inside the LB's config directory") as info:
+        stage.stage_files(_target(root / "nginx.conf"), {}, root / "lbsync-stage")
+    assert info.value.path == str(root)
+    assert list((root / "lbsync-stage").iterdir()) == []
+
+
+def test_stage_of_a_missing_config_dir_is_a_stage_error_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "work"
+    with pytest.raises(StageError, match="does not exist"):
+        stage.stage_files(_target(tmp_path / "nope" / "nginx.conf"), {}, work)
+    assert list(work.iterdir()) == []
+
+
+# --- swap / restore ----------------------------------------------------------------------
+
+
+def test_swap_keeps_owner_and_mode_and_backs_up_previous(tmp_path: Path) -> None:
+    dest = tmp_path / "conf.d" / "upstreams.conf"
+    dest.parent.mkdir()
+    dest.write_bytes(b"old\n")
+    os.chmod(dest, 0o640)
+    if os.geteuid() == 0:
+        os.chown(dest, 1234, 4321)
+    before = dest.stat()
+    backups = tmp_path / "backup"
+
+    record = stage.swap_in({dest: b"new\n"}, backups)
+
+    after = dest.stat()
+    assert dest.read_bytes() == b"new\n"
+    assert stat.S_IMODE(after.st_mode) == 0o640
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+    assert after.st_ino != before.st_ino, "expected an atomic rename, not an in-place write"
+    backup = backups / str(dest).lstrip("/")
+    assert backup.read_bytes() == b"old\n"
+    assert record.entries[0].previous == b"old\n"
+    assert record.entries[0].backup == backup
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["upstreams.conf"]
+
+
+def test_new_file_gets_0644_and_restore_removes_it(tmp_path: Path) -> None:
+    dest = tmp_path / "new.conf"
+    old_umask = os.umask(0o077)
+    try:
+        record = stage.swap_in({dest: b"hello\n"}, tmp_path / "backup")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o644
+    assert record.entries[0].previous is None
+    assert not (tmp_path / "backup" / str(dest).lstrip("/")).exists()
+
+    stage.restore(record)
+
+    assert not dest.exists()
+
+
+def test_restore_puts_previous_content_back_with_its_mode(tmp_path: Path) -> None:
+    dest = tmp_path / "a.conf"
+    dest.write_bytes(b"good\n")
+    os.chmod(dest, 0o600)
+    record = stage.swap_in({dest: b"bad\n"}, tmp_path / "backup")
+
+    stage.restore(record)
+
+    assert dest.read_bytes() == b"good\n"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert _leftovers(tmp_path) == []
+
+
+def test_template_mode_overrides_and_restore_puts_the_old_mode_back(tmp_path: Path) -> None:
+    dest = tmp_path / "a.conf"
+    dest.write_bytes(b"x")
+    os.chmod(dest, 0o644)
+    record = stage.swap_in({dest: b"y"}, tmp_path / "backup", modes={dest: 0o600})
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    stage.restore(record)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o644
+
+
+def test_unchanged_file_is_not_rewritten(tmp_path: Path) -> None:
+    dest = tmp_path / "a.conf"
+    dest.write_bytes(b"same\n")
+    inode = dest.stat().st_ino
+
+    record = stage.swap_in({dest: b"same\n"}, tmp_path / "backup")
+
+    assert record.entries == ()
+    assert dest.stat().st_ino == inode
+
+
+def test_symlinked_dest_is_written_through_and_the_link_kept(tmp_path: Path) -> None:
+    real = tmp_path / "available.conf"
+    real.write_bytes(b"old\n")
+    link = tmp_path / "enabled.conf"
+    link.symlink_to(real)
+
+    record = stage.swap_in({link: b"new\n"}, tmp_path / "backup")
+
+    assert link.is_symlink()
+    assert real.read_bytes() == b"new\n"
+    stage.restore(record)
+    assert real.read_bytes() == b"old\n"
+    assert link.is_symlink()
+
+
+@pytest.mark.parametrize("code", [errno.EBUSY, errno.EXDEV])
+def test_rename_impossible_falls_back_to_in_place_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    dest = tmp_path / "bind-mounted.conf"
+    dest.write_bytes(b"old content, longer than the new one\n")
+    os.chmod(dest, 0o640)
+    inode = dest.stat().st_ino
+    _fail_replace_for(monkeypatch, dest, code)
+
+    record = stage.swap_in({dest: b"new\n"}, tmp_path / "backup")
+
+    assert dest.read_bytes() == b"new\n"
+    assert dest.stat().st_ino == inode, "in place: same inode, as a bind mount needs"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o640
+    assert _leftovers(tmp_path) == []
+
+    stage.restore(record)
+
+    assert dest.read_bytes() == b"old content, longer than the new one\n"
+    assert dest.stat().st_ino == inode
+    assert _leftovers(tmp_path) == []
+
+
+def test_no_temp_file_possible_falls_back_to_in_place_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "a.conf"
+    dest.write_bytes(b"old\n")
+    real_mkstemp = stage.tempfile.mkstemp
+
+    def read_only_dir(*args: object, **kwargs: object) -> tuple[int, str]:
+        if kwargs.get("dir") == dest.parent:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_mkstemp(*args, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(stage.tempfile, "mkstemp", read_only_dir)
+
+    stage.swap_in({dest: b"new\n"}, tmp_path / "backup")
+
+    assert dest.read_bytes() == b"new\n"
+
+
+def test_failure_mid_way_restores_the_files_already_swapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, c = (tmp_path / f"{n}.conf" for n in "abc")
+    for path in (a, b, c):
+        path.write_bytes(b"old " + path.name.encode())
+    _fail_replace_for(monkeypatch, b, errno.EIO)
+
+    with pytest.raises(StageError) as info:
+        stage.swap_in({a: b"new a", b: b"new b", c: b"new c"}, tmp_path / "backup")
+
+    assert info.value.path == str(b)
+    assert isinstance(info.value.__cause__, OSError)
+    assert [p.read_bytes() for p in (a, b, c)] == [b"old a.conf", b"old b.conf", b"old c.conf"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_mid_way_removes_a_file_that_was_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new, broken = tmp_path / "a-new.conf", tmp_path / "b.conf"
+    broken.write_bytes(b"old")
+    _fail_replace_for(monkeypatch, broken, errno.ENOSPC)
+
+    with pytest.raises(StageError, match="cannot replace"):
+        stage.swap_in({new: b"n", broken: b"b"}, tmp_path / "backup")
+
+    assert not new.exists()
+    assert broken.read_bytes() == b"old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_current_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    assert stage.current_bytes(path) is None
+    path.write_bytes(b"x")
+    assert stage.current_bytes(path) == b"x"
+    with pytest.raises(StageError) as info:
+        stage.current_bytes(tmp_path)
+    assert info.value.path == str(tmp_path)
+    assert isinstance(info.value.__cause__, OSError)
