@@ -82,6 +82,7 @@ class TargetPipeline:
         self.workdir = state_dir / "stage"
         self.backup_dir = state_dir / "backup" / target.name
         self.applied: Snapshot | None = None
+        self._modes = {t.dest: t.mode for t in target.templates if t.mode is not None}
 
     @property
     def name(self) -> str:
@@ -127,7 +128,7 @@ class TargetPipeline:
         with _timed(timings, "runtime"):
             runtime_done = self.driver.runtime_update(self.applied, plan.snapshot)
         with _timed(timings, "swap"):
-            record = stage.swap_in(changed, self.backup_dir)
+            record = stage.swap_in(changed, self.backup_dir, modes=self._modes)
         if runtime_done:
             self.applied = plan.snapshot
             return Outcome(self.name, revision, "runtime", files)
@@ -144,10 +145,10 @@ class TargetPipeline:
 
     def _roll_back(self, record: stage.SwapRecord, cause: DriverError) -> None:
         """Put last-known-good back and reload it; an alert either way."""
-        stage.restore(record)
         try:
+            stage.restore(record)
             self.driver.verify(self.driver.reload())
-        except DriverError as err:
+        except LbsyncError as err:
             log.critical(
                 "rollback.failed",
                 **{**err.context(), "target": self.name, "cause": str(cause), "error": str(err)},
