@@ -1,0 +1,1022 @@
+"""HAProxy: validated master-worker reloads, and membership changes with no reload at all.
+
+Reload path: ``haproxy -c -dW`` on the staged config plus the listen-address pre-check,
+SIGUSR2 to the master (``-W``; the master CLI's ``reload`` when the master is not a local
+process, as from a sidecar), then ``show proc`` on the master socket until a new worker
+generation is up.
+
+Runtime path: every service is a backend with a fixed pool of server *slots*
+(``s1``..``sN``). An instance keeps its slot while it exists; free slots are parked on
+``127.0.0.1:1`` and disabled. A change that only moves instances in and out of slots, or
+changes their address, weight or state, is applied over the admin socket (``set server``,
+``set weight``) and the rendered file (which says the same) is written without a reload.
+
+Three HAProxy 2.6 facts shape the code (see ``lb-mechanics.md`` and ``server_state.c``):
+
+- ``haproxy -c`` reads the ``server-state-file`` too, and every state it restores that
+  differs from the config is a warning, which ``-dW`` makes fatal. ``validate`` therefore
+  checks a copy of the staged main config whose ``server-state-file`` is a neutral one.
+- Loading a state file does not simply "keep runtime changes": the port is always taken
+  from the file, the address only for hostnames, and a server that the config
+  ``disabled`` comes back *ready* if it was set ready at runtime after being loaded
+  disabled. So a raw dump would resurrect a freed slot, or give it the config's address
+  with the old port. Before each reload the dump is therefore checked against the config
+  about to be loaded, and every line that disagrees with it (address, port, maint/drain,
+  weight) is dropped: the config wins, and only agreeing lines (health-check state) carry
+  over. That is safe because the rendered file always holds the runtime membership.
+- ``show proc``'s ``failed`` counter resets to 0 after a successful reload; a reload is
+  confirmed by a worker with 0 reloads that was not there before.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import math
+import operator
+import os
+import re
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import psutil
+import structlog
+
+from lbsync.commands import run_command
+from lbsync.config import HaproxyTarget
+from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
+from lbsync.drivers.listen import check_listen, haproxy_listens
+from lbsync.errors import DriverError, ReloadFailed, ValidationFailed, VerifyFailed
+from lbsync.model import Instance, Service, Snapshot
+from lbsync.stage import EXTERNAL_DIR
+
+log = structlog.get_logger("lbsync.drivers.haproxy")
+
+FREE_HOST = "127.0.0.1"
+FREE_PORT = 1
+MIN_POOL = 16
+POOL_STEP = 16
+MAX_POOL = 100_000
+MAX_WEIGHT = 256  # HAProxy's limit for a server weight
+SOCKET_TIMEOUT = 5.0
+POLL_INTERVAL = 0.02
+MAX_CLI_LINE = 8000  # bytes of ";"-joined commands sent in one admin-socket session
+ID_MARKER = "lbsync-id="
+
+# srv_admin_state bits (include/haproxy/server-t.h)
+FMAINT = 0x01
+IMAINT = 0x02
+FDRAIN = 0x08
+
+AdminState = Literal["ready", "drain", "maint"]
+_PRIORITY: dict[AdminState, int] = {"ready": 0, "drain": 1, "maint": 2}
+_SLOT_NAME = re.compile(r"s[1-9]\d*")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]*$")
+_SAFE_BALANCE = re.compile(r"^[a-z][a-z_-]*(\([A-Za-z0-9_.-]+\))?$")
+_BALANCE_ALIASES = {"least_conn": "leastconn", "round_robin": "roundrobin", "ip_hash": "source"}
+_LISTEN = re.compile(r"^(?:(?P<host>\*|[0-9.]+|\[[0-9A-Fa-f:.]+\]):)?(?P<port>\d{1,5})$")
+_STATE_FILE_LINE = re.compile(r'^(\s*server-state-file\s+)("[^"]*"|\S+)', re.MULTILINE)
+_SECTIONS = frozenset(
+    {
+        "global", "defaults", "frontend", "backend", "listen", "peers", "resolvers",
+        "userlist", "mailers", "program", "http-errors", "ring", "cache", "fcgi-app",
+    }
+)  # fmt: skip
+
+
+# --- what the template renders, and what the runtime should hold ----------------------
+
+
+class Slot(NamedTuple):
+    """One ``server`` line of a backend: a slot name and the instance holding it, if any.
+
+    A tuple, so ``{% for name, instance in slots[svc] %}`` works in templates too.
+    """
+
+    name: str
+    instance: Instance | None = None
+
+    @property
+    def free(self) -> bool:
+        return self.instance is None
+
+    @property
+    def address(self) -> str:
+        return f"{FREE_HOST}:{FREE_PORT}" if self.instance is None else self.instance.address
+
+    @property
+    def weight(self) -> int:
+        """The ``weight`` to render: 0 while draining (HAProxy has no ``drain`` keyword)."""
+        want = Want.of(self)
+        return 0 if want.admin == "drain" else want.weight
+
+    @property
+    def disabled(self) -> bool:
+        return Want.of(self).admin == "maint"
+
+    @property
+    def id(self) -> str | None:
+        """The instance id for the ``lbsync-id`` marker, if it is safe in a comment."""
+        if self.instance is None or not _SAFE_ID.match(self.instance.id):
+            return None
+        return self.instance.id
+
+
+class Want(NamedTuple):
+    """What one server should be: address, weight and admin state."""
+
+    host: str
+    port: int
+    weight: int
+    admin: AdminState
+
+    @classmethod
+    def of(cls, slot: Slot) -> Want:
+        inst = slot.instance
+        if inst is None:
+            return cls(FREE_HOST, FREE_PORT, 1, "maint")
+        weight = max(0, min(inst.weight, MAX_WEIGHT))
+        admin: AdminState = (
+            "maint" if inst.down else "drain" if inst.draining or not weight else "ready"
+        )
+        return cls(inst.host, inst.port, weight, admin)
+
+
+class RuntimeServer(NamedTuple):
+    """One line of ``show servers state``."""
+
+    backend: str
+    name: str
+    addr: str
+    fqdn: str
+    port: int
+    admin_bits: int
+    uweight: int
+    line: str = ""
+
+    @property
+    def admin(self) -> AdminState:
+        if self.admin_bits & (FMAINT | IMAINT):
+            return "maint"
+        if self.admin_bits & FDRAIN or self.uweight == 0:
+            return "drain"
+        return "ready"
+
+    def matches(self, want: Want) -> bool:
+        """Same address, port and admin state; same weight unless draining."""
+        return (
+            self.port == want.port
+            and _host_matches(self, want.host)
+            and self.admin == want.admin
+            and (want.admin == "drain" or self.uweight == want.weight)
+        )
+
+
+def _host_matches(server: RuntimeServer, host: str) -> bool:
+    ip = _ip(host)
+    if ip is None:
+        return server.fqdn.lower() == host.lower()
+    return _ip(server.addr) == ip
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+# --- slot assignment -------------------------------------------------------------------
+
+
+def pool_size(instances: int, configured: int | None) -> int:
+    """Slots for a service: ``configured`` if it fits, else 2x instances rounded up to 16."""
+    if configured is not None and instances <= configured:
+        return configured
+    doubled = POOL_STEP * math.ceil(2 * instances / POOL_STEP)
+    return max(MIN_POOL, configured or 0, doubled)
+
+
+@dataclass
+class _Pool:
+    size: int
+    configured: int | None
+    held: dict[str, int]  # instance id -> slot index (0-based)
+    seeded: bool = False  # read back from the live config: adopt the setting as it is
+
+
+class SlotTable:
+    """Remembers which slot each instance holds, per service.
+
+    Deterministic: the same memory and snapshot give the same slots, and assigning the same
+    snapshot twice changes nothing. An instance keeps its slot while it exists; new
+    instances (in id order) take the lowest free slots. A pool only grows, when its
+    instances no longer fit, or follows a changed ``slots`` setting. An unchanged
+    ``Service`` object (snapshots share them) gets its previous slots back at no cost.
+    """
+
+    def __init__(self) -> None:
+        self._pools: dict[str, _Pool] = {}
+        self._last: dict[str, tuple[Service, int | None, tuple[Slot, ...]]] = {}
+
+    def seed(self, service: str, size: int, held: Mapping[str, int]) -> None:
+        """Adopt what a previous lbsync rendered (read back from the live config)."""
+        self._pools[service] = _Pool(size, None, dict(held), seeded=True)
+
+    def assign(self, service: Service, configured: int | None) -> tuple[Slot, ...]:
+        last = self._last.get(service.name)
+        if last is not None and last[0] is service and last[1] == configured:
+            return last[2]
+        pool = self._resize(service, configured)
+        present = {inst.id: inst for inst in service.instances}
+        held = {i: idx for i, idx in pool.held.items() if i in present and idx < pool.size}
+        taken = set(held.values())
+        free = (idx for idx in range(pool.size) if idx not in taken)
+        for inst in service.instances:
+            if inst.id not in held:
+                held[inst.id] = next(free)
+        pool.held = held
+        slots = _free_slots(pool.size)
+        for iid, idx in held.items():
+            slots[idx] = _new_slot(Slot, (slots[idx].name, present[iid]))
+        result = tuple(slots)
+        self._last[service.name] = (service, configured, result)
+        return result
+
+    def forget_except(self, services: Iterable[str]) -> None:
+        keep = set(services)
+        for name in [n for n in self._pools if n not in keep]:
+            del self._pools[name]
+            self._last.pop(name, None)
+
+    def _resize(self, service: Service, configured: int | None) -> _Pool:
+        count = len(service.instances)
+        pool = self._pools.get(service.name)
+        if pool is None:
+            pool = self._pools[service.name] = _Pool(pool_size(count, configured), configured, {})
+        else:
+            new_setting = configured not in (None, pool.configured) and not pool.seeded
+            if new_setting or count > pool.size:
+                pool.size = pool_size(count, configured)
+        pool.configured, pool.seeded = configured, False
+        return pool
+
+
+_FREE: list[Slot] = []
+_new_slot = tuple.__new__  # Slot(...) without NamedTuple's keyword-handling wrapper: 2x faster
+
+
+def _free_slots(size: int) -> list[Slot]:
+    """A fresh list of ``size`` free slots (the free Slot tuples are built once, shared)."""
+    while len(_FREE) < size:
+        _FREE.append(Slot(f"s{len(_FREE) + 1}"))
+    return _FREE[:size]
+
+
+# --- parsing HAProxy's config and CLI output ------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigServer:
+    want: Want
+    instance_id: str | None
+
+
+def config_servers(text: str) -> dict[str, dict[str, ConfigServer]]:
+    """``server`` lines per backend/listen section: what each server is configured to be.
+
+    Tolerant on purpose: it only needs to be right for lines the stock template writes;
+    anything it misreads makes a state line look stale, and a stale line is just dropped.
+    """
+    backends: dict[str, dict[str, ConfigServer]] = {}
+    current: dict[str, ConfigServer] | None = None
+    for raw in text.splitlines():
+        line, _, comment = raw.partition("#")
+        words = line.split()
+        if not words:
+            continue
+        if words[0] in _SECTIONS:
+            is_proxy = words[0] in ("backend", "listen") and len(words) > 1
+            current = backends.setdefault(words[1], {}) if is_proxy else None
+        elif current is not None and words[0] == "server" and len(words) >= 3:
+            current[words[1]] = _config_server(words[2], words[3:], comment)
+    return backends
+
+
+def _config_server(address: str, params: Sequence[str], comment: str) -> ConfigServer:
+    host, port = _split_address(address)
+    weight = 1
+    for key, value in itertools.pairwise(params):
+        if key == "weight" and value.isdigit():
+            weight = int(value)
+    admin: AdminState = "maint" if "disabled" in params else "drain" if weight == 0 else "ready"
+    marker = re.search(re.escape(ID_MARKER) + r"(\S+)", comment)
+    return ConfigServer(Want(host, port, weight, admin), marker.group(1) if marker else None)
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    for prefix in ("ipv4@", "ipv6@"):
+        address = address.removeprefix(prefix)
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    else:
+        host, port = address, ""
+    return host, int(port) if port.isdigit() else 0
+
+
+def servers_state(text: str) -> list[RuntimeServer]:
+    """Parse ``show servers state`` (format version 1; columns found by header name)."""
+    lines = text.split("\n")
+    header = next((ln[1:].split() for ln in lines if ln.startswith("# be_id")), None)
+    if header is None:
+        return []
+    width = len(header)
+    pick = operator.itemgetter(*(header.index(c) for c in _STATE_COLUMNS))
+    servers = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) != width or line.startswith("#"):
+            continue
+        be, srv, addr, fqdn, port, admin, weight = pick(fields)
+        if port.isdigit() and admin.isdigit() and weight.isdigit():
+            row = (be, srv, addr, fqdn, int(port), int(admin), int(weight), line)
+            servers.append(_new_server(RuntimeServer, row))
+    return servers
+
+
+_new_server = tuple.__new__  # as _new_slot: ~20k of these per big backend
+_STATE_COLUMNS = (
+    "be_name", "srv_name", "srv_addr", "srv_fqdn", "srv_port", "srv_admin_state", "srv_uweight",
+)  # fmt: skip
+
+
+def sanitize_state(dump: str, config_text: str) -> tuple[str, int, int]:
+    """Keep the state lines that agree with the config about to be loaded; drop the rest.
+
+    Returns (file text, kept, dropped). See the module docstring for why: HAProxy would
+    otherwise resurrect freed slots or mix the config's address with a stale port.
+    """
+    configured = config_servers(config_text)
+    kept: list[str] = []
+    dropped = 0
+    for server in servers_state(dump):
+        conf = configured.get(server.backend, {}).get(server.name)
+        if conf is not None and server.matches(conf.want):
+            kept.append(server.line)
+        else:
+            dropped += 1
+    header = next((ln for ln in dump.splitlines() if ln.startswith("# be_id")), None)
+    text = "1\n" + (header + "\n" if header else "") + "".join(f"{ln}\n" for ln in kept)
+    return text, len(kept), dropped
+
+
+@dataclass(frozen=True)
+class Processes:
+    """``show proc`` on the master socket."""
+
+    master_pid: int
+    reloads: int
+    failed: int
+    workers: tuple[tuple[int, int], ...]  # (pid, reloads survived); 0 = current generation
+
+    @property
+    def current(self) -> tuple[int, ...]:
+        """Workers of the latest generation (after a *failed* reload there are none)."""
+        return tuple(pid for pid, reloads in self.workers if reloads == 0)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(pid for pid, _ in self.workers)
+
+
+_PROC_MASTER = re.compile(r"^(\d+)\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", re.MULTILINE)
+_PROC_WORKER = re.compile(r"^(\d+)\s+worker\s+(\d+)\s", re.MULTILINE)
+
+
+def parse_show_proc(text: str) -> Processes:
+    master = _PROC_MASTER.search(text)
+    if master is None:
+        raise ValueError(f"no master line in `show proc` output: {text[:200]!r}")
+    workers = tuple((int(m[1]), int(m[2])) for m in _PROC_WORKER.finditer(text))
+    return Processes(int(master[1]), int(master[2]), int(master[3]), workers)
+
+
+# --- the sockets -----------------------------------------------------------------------
+
+
+class Cli:
+    """A one-shot client for HAProxy's stats (admin) socket and master socket.
+
+    Each call is one connection: send, shut down the write side (the master CLI answers
+    only after EOF), read to EOF. Every step is bounded by ``timeout``.
+    """
+
+    def __init__(self, path: Path, *, target: str, timeout: float = SOCKET_TIMEOUT) -> None:
+        self.path = path
+        self.target = target
+        self.timeout = timeout
+
+    def query(self, command: str) -> str:
+        deadline = time.monotonic() + self.timeout
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(str(self.path))
+                sock.sendall(command.encode() + b"\n")
+                sock.shutdown(socket.SHUT_WR)
+                return _read_all(sock, deadline).decode(errors="replace")
+        except OSError as exc:
+            what = " ".join(command.split()[:3])
+            raise DriverError(
+                f"{self.path}: `{what}` failed: {exc.strerror or exc}", target=self.target
+            ) from exc
+
+
+def _read_all(sock: socket.socket, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no complete answer in time")
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+# --- the driver ------------------------------------------------------------------------
+
+
+class _Decline(Exception):
+    """runtime_update cannot apply this change; the reason goes into the log event."""
+
+
+@register_driver("haproxy")
+class HaproxyDriver(Driver):
+    """Drives one master-worker HAProxy (``haproxy -W -S <master.sock> -p <pid>``)."""
+
+    target: HaproxyTarget
+
+    def __init__(self, target: HaproxyTarget) -> None:
+        super().__init__(target)
+        self._slots = SlotTable()
+        self._seeded = False
+        self._warned: set[tuple[str, str, str]] = set()
+        self._keys_memo: tuple[Snapshot, dict[str, str]] | None = None
+
+    # -- template context ---------------------------------------------------------------
+
+    def template_context(self, snapshot: Snapshot) -> Mapping[str, Any]:
+        """Slots, balance and bind per service, and the socket/state paths of the target.
+
+        Idempotent for the same snapshot; the slot memory it updates is what
+        ``runtime_update`` applies next.
+        """
+        slots = self._assign(snapshot)
+        return {
+            "slots": slots,
+            "balance": {n: self._balance(s) for n, s in snapshot.services.items()},
+            "bind": {
+                n: bind for n, s in snapshot.services.items() if (bind := self._bind(s)) is not None
+            },
+            "admin_socket": _str_or_none(self.target.admin_socket),
+            "state_file": _str_or_none(self.target.state_file),
+        }
+
+    def _assign(self, snapshot: Snapshot) -> dict[str, tuple[Slot, ...]]:
+        if not self._seeded:
+            self._seed_from(self.target.config)
+            self._seeded = True
+        self._slots.forget_except(snapshot.services)
+        return {
+            name: self._slots.assign(service, self._configured_slots(service))
+            for name, service in snapshot.services.items()
+        }
+
+    def _seed_from(self, config: Path) -> None:
+        """Take slot assignments from the live config, so a restarted lbsync renders the
+        same bytes (no write, no reload) instead of re-packing every backend."""
+        try:
+            text = config.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return
+        for backend, servers in config_servers(text).items():
+            indexes = _slot_indexes(servers)
+            if indexes is None:
+                continue  # not a slot backend (hand-written, or a custom template)
+            held = {c.instance_id: indexes[n] for n, c in servers.items() if c.instance_id}
+            self._slots.seed(backend, max(indexes.values()) + 1, held)
+
+    def _configured_slots(self, service: Service) -> int | None:
+        value = service.settings.get("slots")
+        if value is None:
+            return None
+        if isinstance(value, int | str) and not isinstance(value, bool):
+            number = int(value) if str(value).isdigit() else 0
+            if 1 <= number <= MAX_POOL:
+                return number
+        self._warn_setting(service.name, "slots", value)
+        return None
+
+    def _balance(self, service: Service) -> str:
+        value = str(service.settings.get("balance", "roundrobin"))
+        value = _BALANCE_ALIASES.get(value, value)
+        if _SAFE_BALANCE.match(value):
+            return value
+        self._warn_setting(service.name, "balance", value)
+        return "roundrobin"
+
+    def _bind(self, service: Service) -> str | None:
+        value = service.settings.get("listen")
+        if value is None:
+            return None
+        match = _LISTEN.match(str(value)) if not isinstance(value, bool | float) else None
+        if match and 1 <= int(match["port"]) <= 65535:
+            host = match["host"] or ""
+            return f"{'' if host == '*' else host}:{int(match['port'])}"
+        self._warn_setting(service.name, "listen", value)
+        return None
+
+    def _warn_setting(self, service: str, key: str, value: object) -> None:
+        if (service, key, repr(value)) not in self._warned:
+            self._warned.add((service, key, repr(value)))
+            log.warning(
+                "haproxy.setting_ignored",
+                target=self.name,
+                service=service,
+                setting=key,
+                value=repr(value),
+            )
+
+    # -- validate -----------------------------------------------------------------------
+
+    def validate(self, staged: StagedConfig) -> None:
+        """``haproxy -c -dW`` on the staged main config, then the listen pre-check.
+
+        No ``-q``: in 2.6 it also swallows the ``[ALERT]`` lines that say what is wrong
+        (only the ``[NOTICE]`` banner is dropped from the report). The check never reads
+        the live state file: a stale one turns into warnings, and ``-dW`` makes warnings
+        fatal.
+        """
+        if staged.main is None:
+            raise ValidationFailed("no main config was staged", command=[self.target.binary])
+        with _checkable_copy(staged.main) as checked:
+            argv = [self.target.binary, "-c", "-dW", "-f", str(checked)]
+            try:
+                run_command(
+                    argv,
+                    timeout=self.target.command_timeout,
+                    error=ValidationFailed,
+                    what="haproxy -c refused the new config",
+                )
+            except ValidationFailed as err:
+                if err.returncode is None:  # did not run or timed out: nothing to translate
+                    raise
+                raise ValidationFailed(
+                    f"haproxy -c refused the new config (exit {err.returncode})",
+                    command=[*argv[:-1], str(self.target.config)],
+                    returncode=err.returncode,
+                    stderr=self._live_paths(_without_notices(err.stderr), checked, staged),
+                ) from err
+        self._check_new_listens(staged.main)
+
+    def _live_paths(self, text: str, checked: Path, staged: StagedConfig) -> str:
+        """Name files as the operator knows them (``/etc/haproxy/…``), not the staging dir."""
+        text = text.replace(str(checked), str(staged.main))
+        root = str(staged.root)
+        text = text.replace(f"{root}/{EXTERNAL_DIR}/", "/")
+        return text.replace(root, os.path.dirname(os.path.abspath(self.target.config)))
+
+    def _check_new_listens(self, staged_main: Path) -> None:
+        """Refuse a new ``bind`` address that another process holds (``haproxy -c`` can't
+        see it, and a reload would then drop traffic for seconds)."""
+        live = set(haproxy_listens(self.target.config))
+        new = [a for a in dict.fromkeys(haproxy_listens(staged_main)) if a not in live]
+        if new:
+            log.info("haproxy.new_listens", target=self.name, addresses=[str(a) for a in new])
+            check_listen(new, own_pids=self._own_pids(), target=self.name, reuseport=True)
+
+    def _own_pids(self) -> list[int]:
+        """The master and its workers, when they are local processes we can see."""
+        try:
+            found = self._processes(DriverError)
+            if found["master_started"] is None:
+                return []  # another PID namespace: its pids mean nothing here
+            master = psutil.Process(found["master_pid"])
+            return [master.pid, *(c.pid for c in master.children(recursive=True))]
+        except (DriverError, psutil.Error):
+            return []  # HAProxy not running: nothing of ours holds anything
+
+    # -- reload + verify ----------------------------------------------------------------
+
+    def reload(self) -> ReloadTicket:
+        """Save the server state (sanitized), then SIGUSR2 to the master.
+
+        A master that answers on its socket but is not a local ``haproxy`` process (a
+        sidecar without a shared PID namespace) gets the master CLI's ``reload`` instead:
+        its pid means nothing here, and signalling it could hit an unrelated process.
+        """
+        started = time.monotonic()
+        before = self._processes(ReloadFailed)
+        saved = self._save_server_state()
+        how = "signal" if before["master_started"] is not None else "master_cli"
+        try:
+            if how == "signal":
+                os.kill(before["master_pid"], signal.SIGUSR2)
+            else:
+                self._master_cli().query("reload")  # 2.6 answers nothing, then closes
+        except (OSError, DriverError) as exc:
+            raise ReloadFailed(
+                f"cannot reload the HAProxy master (pid {before['master_pid']}, by {how}): "
+                f"{getattr(exc, 'strerror', None) or exc}",
+                target=self.name,
+            ) from exc
+        log.info("haproxy.reload", target=self.name, by=how, **before, state_file=saved)
+        return ReloadTicket(started_at=started, details=before)
+
+    def verify(self, ticket: ReloadTicket) -> None:
+        """Poll until a new worker generation serves, bounded by ``verify_timeout``.
+
+        Fails at once if the master died or was replaced, or if ``show proc`` counts a
+        failed load; otherwise at the deadline.
+        """
+        before = ticket.details
+        deadline = time.monotonic() + self.target.verify_timeout
+        last = "no answer yet"
+        while True:
+            self._check_master(before)
+            try:
+                new = self._new_workers(before)
+            except VerifyFailed:
+                raise
+            except DriverError as err:  # the master re-executes itself: retry
+                new, last = None, str(err)
+            if new:
+                log.info(
+                    "haproxy.verify",
+                    target=self.name,
+                    master_pid=before["master_pid"],
+                    workers=list(new),
+                    ms=round((time.monotonic() - ticket.started_at) * 1000, 1),
+                )
+                return
+            if time.monotonic() >= deadline:
+                raise VerifyFailed(
+                    f"no new HAProxy worker within {self.target.verify_timeout:g}s ({last})",
+                    target=self.name,
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def _processes(self, error: type[DriverError]) -> dict[str, Any]:
+        """Master pid (+ start time, against pid reuse) and all current workers.
+
+        From ``show proc`` when there is a master socket, else from the pid file (then
+        the master must be a local ``haproxy`` process, so a stale pid file never gets
+        an unrelated process signalled).
+        """
+        problems = []
+        if self.target.master_socket is not None:
+            try:
+                proc = self._show_proc()
+                return {
+                    "master_pid": proc.master_pid,
+                    "master_started": self._local_master(proc.master_pid),
+                    "workers": proc.pids,
+                    "reloads": proc.reloads,
+                    "failed": proc.failed,
+                }
+            except DriverError as err:
+                problems.append(str(err))
+        try:
+            pid = int(self.target.pid_file.read_text(encoding="ascii").split()[0])
+            started = self._local_master(pid)
+            if started is None:
+                raise ProcessLookupError(f"pid {pid} is not a running HAProxy")
+            children = psutil.Process(pid).children()
+        except (OSError, ValueError, IndexError, psutil.Error) as exc:
+            problems.append(f"pid file {self.target.pid_file}: {exc}")
+            raise error(
+                "cannot find the HAProxy master: " + "; ".join(problems), target=self.name
+            ) from exc
+        return {
+            "master_pid": pid,
+            "master_started": started,
+            "workers": tuple(sorted(c.pid for c in children)),
+            "reloads": None,
+            "failed": None,
+        }
+
+    def _local_master(self, pid: int) -> float | None:
+        """The start time of ``pid`` if it is a local HAProxy process, else None."""
+        names = {"haproxy", Path(self.target.binary).name}
+        try:
+            proc = psutil.Process(pid)
+            if proc.name() not in names or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc.create_time()
+        except psutil.Error:
+            return None
+
+    def _master_cli(self) -> Cli:
+        assert self.target.master_socket is not None
+        return Cli(self.target.master_socket, target=self.name)
+
+    def _show_proc(self) -> Processes:
+        text = self._master_cli().query("show proc")
+        try:
+            return parse_show_proc(text)
+        except ValueError as exc:
+            raise DriverError(str(exc), target=self.name) from exc
+
+    def _check_master(self, before: Mapping[str, Any]) -> None:
+        """Same master process as before the reload (pid and start time, so a reused pid
+        does not pass). A master seen only through its socket is checked by ``show proc``."""
+        pid = before["master_pid"]
+        if before["master_started"] is not None and _start_time(pid) != before["master_started"]:
+            raise VerifyFailed(f"the HAProxy master (pid {pid}) is gone", target=self.name)
+
+    def _new_workers(self, before: Mapping[str, Any]) -> tuple[int, ...]:
+        old = set(before["workers"])
+        if before["reloads"] is None:  # no master socket: the master's children
+            try:
+                children = psutil.Process(before["master_pid"]).children()
+            except psutil.Error as exc:
+                raise VerifyFailed(
+                    f"the HAProxy master (pid {before['master_pid']}) is gone", target=self.name
+                ) from exc
+            return tuple(sorted(c.pid for c in children if c.pid not in old))
+        proc = self._show_proc()
+        if proc.master_pid != before["master_pid"]:
+            raise VerifyFailed(
+                f"the HAProxy master changed (pid {before['master_pid']} → {proc.master_pid})",
+                target=self.name,
+            )
+        new = tuple(pid for pid in proc.current if pid not in old)
+        if not new and proc.reloads > before["reloads"] and proc.failed > before["failed"]:
+            raise VerifyFailed(
+                "HAProxy refused the new config (Loading failure, "
+                f"failed: {proc.failed}); the old workers keep serving",
+                target=self.name,
+            )
+        return new
+
+    def _save_server_state(self) -> dict[str, int] | None:
+        """Dump ``show servers state``, keep what agrees with the live config, write it
+        atomically. Without an answer from the socket, the old file is re-checked instead
+        (a stale file must not bring freed slots back)."""
+        path = self.target.state_file
+        if path is None:
+            return None
+        dump = None
+        if self.target.admin_socket is not None:
+            try:
+                dump = self._admin().query("show servers state")
+            except DriverError as err:
+                log.warning("haproxy.state_dump_failed", target=self.name, error=str(err))
+        try:
+            if dump is None:
+                dump = path.read_text(encoding="utf-8") if path.exists() else ""
+            config = self.target.config.read_text(encoding="utf-8", errors="replace")
+            text, kept, dropped = sanitize_state(dump, config)
+            _write_atomically(path, text)
+        except OSError as exc:
+            raise ReloadFailed(
+                f"cannot write the server state file {path}: {exc.strerror or exc}",
+                target=self.name,
+            ) from exc
+        return {"kept": kept, "dropped": dropped}
+
+    # -- runtime ------------------------------------------------------------------------
+
+    def runtime_update(self, old: Snapshot | None, new: Snapshot) -> bool:
+        """Apply a membership-only change over the admin socket; False = reload instead.
+
+        The comparison that decides *what to send* is between the slots and HAProxy's
+        actual state (``show servers state``), not ``old``: a round that failed earlier,
+        a rollback or a restart cannot leave the two out of step for long.
+        """
+        started = time.monotonic()
+        try:
+            changed = self._runtime_backends(old, new)
+            slots = self._assign(new)
+            sent = self._apply(changed, slots)
+        except _Decline as why:
+            log.info("haproxy.runtime_update", target=self.name, applied=False, reason=str(why))
+            return False
+        log.info(
+            "haproxy.runtime_update",
+            target=self.name,
+            applied=True,
+            backends=changed,
+            commands=sent,
+            ms=round((time.monotonic() - started) * 1000, 2),
+        )
+        return True
+
+    def _runtime_backends(self, old: Snapshot | None, new: Snapshot) -> list[str]:
+        """The backends whose membership changed; _Decline if anything else did."""
+        if not self.target.runtime or self.target.admin_socket is None:
+            raise _Decline("runtime mode is off")
+        if old is None:
+            raise _Decline("no applied snapshot to compare with")
+        if set(old.services) != set(new.services):
+            raise _Decline("a backend appeared or disappeared")
+        if self._other_keys(old) != self._other_keys(new):
+            raise _Decline("keys outside the instance schema changed")
+        changed = [n for n, s in new.services.items() if not _same(old.services[n], s)]
+        if not changed:
+            raise _Decline("no membership change (the template or something else changed)")
+        for name in changed:
+            why = _not_runtime(old.services[name], new.services[name])
+            if why:
+                raise _Decline(f"{name}: {why}")
+        return changed
+
+    def _other_keys(self, snapshot: Snapshot) -> dict[str, str]:
+        """Raw keys a template might read besides registrations and health marks (the
+        last result is kept: this round's ``new`` is the next round's ``old``)."""
+        if self._keys_memo is None or self._keys_memo[0] is not snapshot:
+            other = {k: v for k, v in snapshot.keys.items() if not _is_membership_key(k)}
+            self._keys_memo = (snapshot, other)
+        return self._keys_memo[1]
+
+    def _apply(self, backends: list[str], slots: Mapping[str, tuple[Slot, ...]]) -> int:
+        groups: list[tuple[int, str]] = []
+        try:
+            for name in backends:
+                groups.extend(self._plan(name, slots[name]))
+            if not groups:
+                return 0
+            for line in _batches(cmd for _, cmd in sorted(groups, key=lambda g: g[0])):
+                self._admin().query(line)
+            for name in backends:
+                if self._plan(name, slots[name]):
+                    raise _Decline(f"{name}: the runtime state did not converge")
+        except DriverError as err:
+            raise _Decline(f"admin socket: {err}") from err
+        return len(groups)
+
+    def _plan(self, backend: str, slots: tuple[Slot, ...]) -> list[tuple[int, str]]:
+        """(priority, commands) per slot that differs: ups first, then drains, then maints,
+        so a backend never runs out of servers while one instance replaces another."""
+        answer = self._admin().query(f"show servers state {backend}")
+        runtime = {server.name: server for server in servers_state(answer)}
+        if set(runtime) != {slot.name for slot in slots}:
+            if not runtime:
+                raise _Decline(f"{backend}: not in the running HAProxy")
+            why = "slots exhausted" if len(slots) > len(runtime) else "the slot pool differs"
+            raise _Decline(f"{backend}: {why} (runtime {len(runtime)}, rendered {len(slots)})")
+        plan = []
+        for slot in slots:
+            want, have = Want.of(slot), runtime[slot.name]
+            if not have.matches(want):
+                commands = _commands(f"{backend}/{slot.name}", have, want)
+                plan.append((_PRIORITY[want.admin], "; ".join(commands)))
+        return plan
+
+    def _admin(self) -> Cli:
+        assert self.target.admin_socket is not None
+        return Cli(
+            self.target.admin_socket,
+            target=self.name,
+            timeout=min(self.target.command_timeout, SOCKET_TIMEOUT),
+        )
+
+
+def _commands(key: str, have: RuntimeServer, want: Want) -> list[str]:
+    """CLI commands taking one server from ``have`` to ``want``."""
+    commands = []
+    if want.admin == "maint" and have.admin != "maint":
+        commands.append(f"set server {key} state maint")
+    if have.port != want.port or not _host_matches(have, want.host):
+        if _ip(want.host) is None:
+            raise _Decline(f"{key}: {want.host} is a hostname; the runtime API needs an IP")
+        commands.append(f"set server {key} addr {want.host} port {want.port}")
+    if want.admin != "drain" and have.uweight != want.weight:
+        commands.append(f"set weight {key} {want.weight}")
+    forced = have.admin_bits & (FMAINT | FDRAIN)
+    if want.admin == "ready" and (forced or have.uweight == 0):
+        commands.append(f"set server {key} state ready")
+    if want.admin == "drain" and have.admin != "drain":
+        commands.append(f"set server {key} state drain")
+    return commands
+
+
+def _batches(commands: Iterable[str]) -> Iterator[str]:
+    """Join commands with ";" into lines of at most MAX_CLI_LINE bytes (one session each)."""
+    line = ""
+    for command in commands:
+        if line and len(line) + len(command) + 2 > MAX_CLI_LINE:
+            yield line
+            line = ""
+        line = f"{line}; {command}" if line else command
+    if line:
+        yield line
+
+
+def _same(a: Service, b: Service) -> bool:
+    return a is b or a == b
+
+
+def _not_runtime(old: Service, new: Service) -> str | None:
+    """Why ``old → new`` needs more than the runtime API, or None."""
+    if old.settings != new.settings:
+        return "settings changed"
+    before = {i.id: i for i in old.instances}
+    for inst in new.instances:
+        prev = before.get(inst.id)
+        if prev is not None and prev.meta != inst.meta:
+            return f"instance {inst.id}: meta changed"
+    return None
+
+
+def _is_membership_key(key: str) -> bool:
+    """``/services/<svc>/instances/<id>`` or ``/services/<svc>/health/<id>``."""
+    return (
+        key.startswith("/services/")
+        and key.count("/") == 4
+        and ("/instances/" in key or "/health/" in key)
+    )
+
+
+def _slot_indexes(servers: Mapping[str, ConfigServer]) -> dict[str, int] | None:
+    """Server name -> slot index, if every server of the backend is a slot (``s<N>``)."""
+    if not servers or not all(_SLOT_NAME.fullmatch(name) for name in servers):
+        return None
+    return {name: int(name[1:]) - 1 for name in servers}
+
+
+def _start_time(pid: int) -> float | None:
+    """The process's start time, or None if it is gone (zombies count as gone)."""
+    try:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def _without_notices(text: str) -> str:
+    return "\n".join(ln for ln in text.splitlines() if not ln.startswith("[NOTICE]"))
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+class _checkable_copy:
+    """The staged main config, or a copy beside it whose ``server-state-file`` points at a
+    neutral (empty, version-1) state file; both temporary files are removed on exit."""
+
+    def __init__(self, main: Path) -> None:
+        self.main = main
+        self.temps: list[Path] = []
+
+    def __enter__(self) -> Path:
+        try:
+            text = self.main.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError as exc:
+            raise ValidationFailed(
+                f"cannot read the staged config: {exc.strerror}", command=[str(self.main)]
+            ) from exc
+        if not _STATE_FILE_LINE.search(text):
+            return self.main
+        neutral = self._temp(".state", "1\n")
+        return self._temp(".cfg", _STATE_FILE_LINE.sub(lambda m: m[1] + str(neutral), text))
+
+    def _temp(self, suffix: str, text: str) -> Path:
+        fd, name = tempfile.mkstemp(
+            prefix=f".{self.main.name}.check-", suffix=suffix, dir=self.main.parent
+        )
+        self.temps.append(Path(name))
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
+            handle.write(text)
+        return Path(name)
+
+    def __exit__(self, *_exc: object) -> None:
+        for path in self.temps:
+            path.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Temp file in the same directory, fsync, rename over ``path``."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
