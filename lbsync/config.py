@@ -181,7 +181,9 @@ class GuardSettings(Section):
 
 
 class HttpSettings(Section):
-    listen: str | None = None
+    listen: str | None = None  # e.g. "127.0.0.1:9274"; off when unset
+    # /readyz fails once etcd has been unreachable (or the saved catalog is) this stale.
+    max_staleness: Duration = 300.0
 
 
 class Settings(Section):

@@ -29,11 +29,12 @@ from typing import Protocol
 
 import structlog
 
-from lbsync import lastgood
+from lbsync import lastgood, metrics, systemd
 from lbsync.catalog import Catalog
 from lbsync.config import Settings, load_settings
 from lbsync.drivers.base import Driver, driver_for
 from lbsync.errors import InvalidValue, LbsyncError
+from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.pipeline import Outcome, TargetPipeline
 from lbsync.render import Renderer
@@ -42,6 +43,7 @@ from lbsync.scheduler import Clock, Guard, Scheduler
 log = structlog.get_logger("lbsync.daemon")
 
 _TICK = 0.2  # longest the loop blocks before it looks at its flags again
+_STUCK = 30.0  # /healthz fails when the loop has not turned for this long
 _PERSIST_EVERY = 5.0  # seconds between saves of the last applied catalog
 CONFIRM_FILE = "confirm"
 
@@ -84,6 +86,8 @@ class Health:
     # Set while running on the persisted catalog: how old it was when loaded, and when.
     last_good_age: float | None = None
     last_good_loaded_at: float | None = None
+    endpoint: str | None = None
+    ready_notified: bool = False
     outcomes: dict[str, Outcome] = field(default_factory=dict)
 
     def staleness(self, now: float) -> float:
@@ -122,6 +126,11 @@ class Daemon:
         self._admitted: Snapshot | None = None
         self._unsaved = False
         self._saved_at = clock()
+        self._changed_at: float | None = None  # first change not yet applied
+        self._watchdog_every = systemd.watchdog_interval()
+        self._watchdog_at = 0.0
+        self._http: StatusServer | None = None
+        metrics.init_targets(p.name for p in self.pipelines)
         self._source: Source | None = None
         self._source_stop = threading.Event()
         self._source_thread: threading.Thread | None = None
@@ -130,6 +139,7 @@ class Daemon:
 
     def run(self) -> None:
         """Until ``flags.stop``: take source messages, run rounds when due."""
+        self._start_http()
         self._load_last_good()
         self._start_source()
         log.info("daemon.started", targets=[p.name for p in self.pipelines])
@@ -137,13 +147,17 @@ class Daemon:
             while not self.flags.stop:
                 self.step()
         finally:
+            systemd.stopping()
             self._stop_source()
             self._save_last_good(force=True)
+            if self._http is not None:
+                self._http.stop()
             log.info("daemon.stopped", revision=self.catalog.revision)
 
     def step(self) -> None:
         """One turn of the loop: wait for a message or a due round, then act."""
         self.health.last_loop = self._clock()
+        self._pet_watchdog()
         if self.flags.reconfigure:
             self.flags.reconfigure = False
             self.reconfigure()
@@ -170,20 +184,35 @@ class Daemon:
         self.scheduler.round_done()
         snapshot = self.catalog.snapshot()
         was_held = self.guard.held
+        metrics.set_catalog(snapshot)
         if not self.guard.admit(self._admitted, snapshot, self._confirmed_at()):
             if was_held != self.guard.held:
                 self._log_hold(snapshot)
+            metrics.set_holding(True)
             return []
+        metrics.set_holding(False)
         if was_held is not None:
             log.warning("guard.released", revision=snapshot.revision, reason=was_held.reason)
         self._admitted = snapshot
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
-        for outcome in outcomes:
-            self.health.outcomes[outcome.target] = outcome
+        self._record(outcomes)
         self._unsaved = self._unsaved or all(o.ok for o in outcomes)
+        if self.health.synced and not self.health.ready_notified and all(o.ok for o in outcomes):
+            self.health.ready_notified = True
+            systemd.ready(f"revision {snapshot.revision}, {snapshot.instance_count} instances")
         return outcomes
 
+    def _record(self, outcomes: list[Outcome]) -> None:
+        changed_at, self._changed_at = self._changed_at, None
+        for outcome in outcomes:
+            self.health.outcomes[outcome.target] = outcome
+            metrics.record_outcome(outcome)
+            if changed_at is not None and outcome.action in ("reloaded", "runtime"):
+                metrics.observe_event_to_apply(self._clock() - changed_at, outcome.target)
+
     def handle(self, message: SourceMessage) -> None:
+        if not isinstance(message, SourceStatus) and self._changed_at is None:
+            self._changed_at = self._clock()
         if isinstance(message, SourceReset):
             self.catalog.reset(message)
             self.health.synced = True
@@ -201,6 +230,8 @@ class Daemon:
         else:
             self._note_status(message)
         self.health.revision = self.catalog.revision
+        synced_at = time.time() if not isinstance(message, SourceStatus) else None
+        metrics.set_etcd(self.health.connected, self.catalog.revision, synced_at)
 
     def reconfigure(self) -> None:
         """SIGHUP: new settings, templates and drivers, or keep the old ones if broken."""
@@ -214,8 +245,9 @@ class Daemon:
                 for template in pipeline.target.templates:
                     pipeline.renderer.load(template.src)
         except LbsyncError as err:
-            log.error("reconfigure.rejected", error=str(err), **err.context())
+            log.error("reconfigure.rejected", **{**err.context(), "error": str(err)})
             return
+        systemd.reloading()
         etcd_changed = settings.etcd != self.settings.etcd
         self.settings, self.pipelines = settings, pipelines
         self.scheduler = Scheduler(settings.wait, self._clock)
@@ -226,7 +258,9 @@ class Daemon:
             self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
             self.health.synced = False
             self._start_source()
+        metrics.init_targets(p.name for p in pipelines)
         log.info("reconfigure.done", targets=[p.name for p in pipelines], etcd=etcd_changed)
+        systemd.ready("configuration re-read")
 
     # --- guard and last-known-good --------------------------------------------------
 
@@ -234,6 +268,8 @@ class Daemon:
         held = self.guard.held
         if held is None:
             return
+        for pipeline in self.pipelines:
+            metrics.guard_held(pipeline.name)
         log.warning(
             "guard.held",
             revision=snapshot.revision,
@@ -285,6 +321,66 @@ class Daemon:
         self._unsaved = False
         self._saved_at = self._clock()
 
+    # --- what the outside world sees: /healthz, /readyz, /status, systemd -----------
+
+    def healthy(self) -> tuple[bool, str]:
+        """The main loop is turning."""
+        idle = self._clock() - self.health.last_loop
+        if idle > _STUCK:
+            return False, f"main loop has not turned for {idle:.0f}s"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """First sync done, and etcd reachable or the catalog fresh enough."""
+        if not (self.health.synced or self.health.last_good_age is not None):
+            return False, "no catalog yet: waiting for the first read of etcd"
+        staleness = self.health.staleness(self._clock())
+        if staleness > self.settings.http.max_staleness:
+            return False, f"etcd unreachable; catalog is {staleness:.0f}s stale"
+        return True, "ok"
+
+    def status_document(self) -> dict[str, object]:
+        now = self._clock()
+        held = self.guard.held
+        return {
+            "revision": self.catalog.revision,
+            "etcd": {
+                "connected": self.health.connected,
+                "endpoint": self.health.endpoint,
+                "synced": self.health.synced,
+                "staleness_s": _finite(self.health.staleness(now)),
+            },
+            "held": None
+            if held is None
+            else {
+                "reason": held.reason,
+                "removed": held.removed,
+                "total": held.total,
+                "since": self.guard.held_since_wall,
+                "needs_confirmation": held.needs_confirmation,
+            },
+            "rejected": {key: err.reason for key, err in self.catalog.rejected.items()},
+            "targets": {name: _outcome_document(o) for name, o in self.health.outcomes.items()},
+        }
+
+    def _start_http(self) -> None:
+        if self.settings.http.listen is None:
+            return
+        self._http = StatusServer(
+            self.settings.http.listen,
+            status=self.status_document,
+            healthy=self.healthy,
+            ready=self.ready,
+        )
+        self._http.start()
+        log.info("http.listening", url=self._http.url)
+
+    def _pet_watchdog(self) -> None:
+        if self._watchdog_every is None or self.health.last_loop < self._watchdog_at:
+            return
+        systemd.watchdog()
+        self._watchdog_at = self.health.last_loop + self._watchdog_every
+
     # --- helpers ---------------------------------------------------------------------
 
     def _build_pipelines(self, settings: Settings) -> list[TargetPipeline]:
@@ -319,6 +415,7 @@ class Daemon:
     def _note_status(self, status: SourceStatus) -> None:
         was = self.health.connected
         self.health.connected = status.connected
+        self.health.endpoint = status.endpoint or self.health.endpoint
         if status.connected:
             self.health.disconnected_since = None
         elif self.health.disconnected_since is None:
@@ -349,4 +446,19 @@ class Daemon:
 
 
 def _warn_rejected(err: InvalidValue) -> None:
-    log.warning("value.rejected", error=str(err), **err.context())
+    metrics.value_rejected()
+    log.warning("value.rejected", **{**err.context(), "error": str(err)})
+
+
+def _finite(value: float) -> float | None:
+    return None if value == float("inf") else round(value, 3)
+
+
+def _outcome_document(outcome: Outcome) -> dict[str, object]:
+    return {
+        "action": outcome.action,
+        "revision": outcome.revision,
+        "files": list(outcome.files),
+        "error": str(outcome.error) if outcome.error else None,
+        "ms": dict(outcome.durations),
+    }

@@ -22,7 +22,7 @@ from typing import Literal
 
 import structlog
 
-from lbsync import stage
+from lbsync import metrics, stage
 from lbsync.config import Target
 from lbsync.drivers.base import Driver
 from lbsync.errors import DriverError, LbsyncError, ReloadFailed, VerifyFailed
@@ -149,11 +149,13 @@ class TargetPipeline:
             stage.restore(record)
             self.driver.verify(self.driver.reload())
         except LbsyncError as err:
+            metrics.alert("rollback_failed")
             log.critical(
                 "rollback.failed",
                 **{**err.context(), "target": self.name, "cause": str(cause), "error": str(err)},
             )
             return
+        metrics.alert("rollback")
         log.error("rollback.done", **{**cause.context(), "target": self.name, "cause": str(cause)})
 
     def _report(self, outcome: Outcome, timings: dict[str, float]) -> Outcome:

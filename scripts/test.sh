@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "==> ruff"
-.venv/bin/ruff check lbsync tests bench scripts
-.venv/bin/ruff format --check lbsync tests bench scripts
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "==> mypy --strict"
 .venv/bin/mypy lbsync
 echo "==> pytest"
