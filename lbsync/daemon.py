@@ -129,7 +129,7 @@ class Daemon:
         self._changed_at: float | None = None  # first change not yet applied
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
-        self._http: StatusServer | None = None
+        self.http_server: StatusServer | None = None
         metrics.init_targets(p.name for p in self.pipelines)
         self._source: Source | None = None
         self._source_stop = threading.Event()
@@ -150,8 +150,8 @@ class Daemon:
             systemd.stopping()
             self._stop_source()
             self._save_last_good(force=True)
-            if self._http is not None:
-                self._http.stop()
+            if self.http_server is not None:
+                self.http_server.stop()
             log.info("daemon.stopped", revision=self.catalog.revision)
 
     def step(self) -> None:
@@ -328,7 +328,7 @@ class Daemon:
         idle = self._clock() - self.health.last_loop
         if idle > _STUCK:
             return False, f"main loop has not turned for {idle:.0f}s"
-        return True, "ok"
+        return True, ""
 
     def ready(self) -> tuple[bool, str]:
         """First sync done, and etcd reachable or the catalog fresh enough."""
@@ -337,7 +337,9 @@ class Daemon:
         staleness = self.health.staleness(self._clock())
         if staleness > self.settings.http.max_staleness:
             return False, f"etcd unreachable; catalog is {staleness:.0f}s stale"
-        return True, "ok"
+        if not self.health.connected:
+            return True, f"etcd unreachable; serving a catalog {staleness:.0f}s stale"
+        return True, ""
 
     def status_document(self) -> dict[str, object]:
         now = self._clock()
@@ -366,14 +368,14 @@ class Daemon:
     def _start_http(self) -> None:
         if self.settings.http.listen is None:
             return
-        self._http = StatusServer(
+        self.http_server = StatusServer(
             self.settings.http.listen,
             status=self.status_document,
             healthy=self.healthy,
             ready=self.ready,
         )
-        self._http.start()
-        log.info("http.listening", url=self._http.url)
+        self.http_server.start()
+        log.info("http.listening", url=self.http_server.url)
 
     def _pet_watchdog(self) -> None:
         if self._watchdog_every is None or self.health.last_loop < self._watchdog_at:
