@@ -368,13 +368,14 @@ class Daemon:
     def _start_http(self) -> None:
         if self.settings.http.listen is None:
             return
-        self.http_server = StatusServer(
+        server = StatusServer(
             self.settings.http.listen,
             status=self.status_document,
             healthy=self.healthy,
             ready=self.ready,
         )
-        self.http_server.start()
+        server.start()
+        self.http_server = server  # published once bound, for whoever needs its port
         log.info("http.listening", url=self.http_server.url)
 
     def _pet_watchdog(self) -> None:
