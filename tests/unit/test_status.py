@@ -1,0 +1,153 @@
+"""lbsync status: the table and the JSON document, from a catalog given as data."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from lbsync import status
+from lbsync.config import EtcdSettings
+from lbsync.errors import ConfigError
+from lbsync.status import DaemonStatus, StatusReport
+from lbsync.testing import FakeSource, snapshot_from
+
+CATALOG: dict[str, Any] = {
+    "services": {
+        "web": {
+            "instances": {
+                "w1": {"host": "10.0.0.1", "port": 8080, "weight": 3},
+                "w2": {"host": "10.0.0.2", "port": 8080},
+                "w3": {"host": "2001:db8::3", "port": 8080, "state": "drain"},
+                "bad": "10.0.0.9:80; include /etc/passwd",
+            },
+            "health": {"w2": {"status": "down", "reason": "5xx rate", "by": "monitor"}},
+        },
+        "idle": {"settings": {"balance": "least_conn"}},
+    }
+}
+
+
+def report(daemon: DaemonStatus | None = None) -> StatusReport:
+    return status.collect(
+        EtcdSettings(),
+        "127.0.0.1:9274" if daemon else None,
+        read=lambda _etcd: FakeSource(CATALOG).read_all(),
+        fetch=lambda _url: daemon or DaemonStatus("unused"),
+    )
+
+
+def table_lines(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines()]
+
+
+def test_rows_show_registration_mark_and_effective_state() -> None:
+    rows = status.rows(snapshot_from(CATALOG))
+    assert rows == [
+        ("idle", "-", "-", "-", "-", "-", "(no instances)"),
+        ("web", "w1", "10.0.0.1:8080", "3", "up", "-", "up"),
+        ("web", "w2", "10.0.0.2:8080", "1", "up", "down (5xx rate) by monitor", "down"),
+        ("web", "w3", "[2001:db8::3]:8080", "1", "drain", "-", "drain"),
+    ]
+
+
+def test_table_is_aligned_and_summarised() -> None:
+    text = status.format_table(report())
+    lines = text.splitlines()
+    header = lines[0]
+    assert header.split("  ")[0] == "SERVICE"
+    assert " HEALTH MARK " in header
+    # every column starts at the same offset on every row
+    state_column = header.index("STATE")
+    assert lines[3][state_column:].strip() == "down"
+    assert lines[2][header.index("ADDRESS") :].startswith("10.0.0.1:8080")
+    assert "etcd revision 1: 2 service(s), 3 instance(s): 1 up, 1 drain, 1 down" in text
+    assert "rejected values (1), not in any config:" in text
+    assert "  /lbsync/services/web/instances/bad: " in text
+    assert "daemon" not in text  # no listen address, no daemon section
+
+
+def test_empty_catalog() -> None:
+    empty = StatusReport("/lbsync", snapshot_from({}), {})
+    text = status.format_table(empty)
+    assert text.startswith("no services under /lbsync/services/\n")
+    assert "0 service(s), 0 instance(s): 0 up, 0 drain, 0 down" in text
+
+
+def test_daemon_status_is_flattened_under_the_table() -> None:
+    daemon = DaemonStatus(
+        "http://127.0.0.1:9274/status",
+        data={"ready": True, "etcd": {"connected": False, "stale_seconds": 12.5}, "held": []},
+    )
+    text = status.format_table(report(daemon))
+    assert "daemon http://127.0.0.1:9274/status:\n" in text
+    assert "  ready: true\n" in text
+    assert "  etcd.connected: false\n" in text
+    assert "  etcd.stale_seconds: 12.5\n" in text
+    assert "  held: []\n" in text
+
+
+def test_unreachable_daemon_is_a_line_not_an_error() -> None:
+    daemon = DaemonStatus("http://127.0.0.1:9274/status", error="unreachable (refused)")
+    text = status.format_table(report(daemon))
+    assert text.rstrip().endswith("daemon http://127.0.0.1:9274/status: unreachable (refused)")
+
+
+def test_json_document() -> None:
+    daemon = DaemonStatus("http://127.0.0.1:9274/status", data={"ready": True})
+    document = json.loads(json.dumps(status.to_json(report(daemon))))
+    assert document["revision"] == 1
+    assert document["prefix"] == "/lbsync"
+    assert document["counts"] == {"services": 2, "up": 1, "drain": 1, "down": 1}
+    web = next(s for s in document["services"] if s["name"] == "web")
+    w2 = next(i for i in web["instances"] if i["id"] == "w2")
+    assert w2 == {
+        "id": "w2",
+        "host": "10.0.0.2",
+        "port": 8080,
+        "address": "10.0.0.2:8080",
+        "weight": 1,
+        "registered": "up",
+        "health": {"status": "down", "reason": "5xx rate", "by": "monitor"},
+        "state": "down",
+        "meta": {},
+    }
+    idle = next(s for s in document["services"] if s["name"] == "idle")
+    assert idle == {"name": "idle", "settings": {"balance": "least_conn"}, "instances": []}
+    assert document["rejected"][0]["key"] == "/lbsync/services/web/instances/bad"
+    assert document["daemon"] == {
+        "url": "http://127.0.0.1:9274/status",
+        "status": {"ready": True},
+        "error": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("listen", "url"),
+    [
+        ("127.0.0.1:9274", "http://127.0.0.1:9274/status"),
+        ("0.0.0.0:9274", "http://127.0.0.1:9274/status"),
+        (":9274", "http://127.0.0.1:9274/status"),
+        ("[::]:9274", "http://[::1]:9274/status"),
+        ("[::1]:9000", "http://[::1]:9000/status"),
+        ("lb1.example:9274", "http://lb1.example:9274/status"),
+    ],
+)
+def test_status_url(listen: str, url: str) -> None:
+    assert status.status_url(listen) == url
+
+
+@pytest.mark.parametrize("listen", ["9274", "host:", "host:port", "::1:9274", "h:70000"])
+def test_bad_listen_is_a_config_error(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"http\.listen"):
+        status.status_url(listen)
+
+
+def test_fetch_from_a_closed_port_is_unreachable() -> None:
+    from tests.harness.net import free_port
+
+    result = status.fetch_daemon_status(f"http://127.0.0.1:{free_port()}/status", timeout=2)
+    assert result.data is None
+    assert result.error is not None
+    assert result.error.startswith("unreachable")
