@@ -56,8 +56,9 @@ def test_endpoints_report_the_daemon_state(
     running: RunningDaemon, etcd: EtcdServer, nginx_server: NginxServer, backends: list[Backend]
 ) -> None:
     with EtcdWriter(EtcdSettings(endpoints=[etcd.endpoint], prefix=P)) as writer:
-        writer.put(key("app", "instances", "b1"), instance(backends[0]))
+        # the rejected value first, so that the last round is b1's reload
         writer.put(key("app", "instances", "bad"), "10.0.0.1:80; include /etc/passwd")
+        writer.put(key("app", "instances", "b1"), instance(backends[0]))
     wait_for(lambda: only_served_by(nginx_server.port, {"b1"}), what="b1 served")
     wait_for(lambda: running.daemon.http_server is not None, what="http server")
     assert running.daemon.http_server is not None
