@@ -158,6 +158,9 @@ class Daemon:
         """One turn of the loop: wait for a message or a due round, then act."""
         self.health.last_loop = self._clock()
         self._pet_watchdog()
+        if self.health.connected and self.health.synced:
+            # a quiet etcd is still in sync: keep the freshness gauge moving
+            metrics.set_etcd(True, self.catalog.revision, time.time())
         if self.flags.reconfigure:
             self.flags.reconfigure = False
             self.reconfigure()
@@ -197,7 +200,10 @@ class Daemon:
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
         self._unsaved = self._unsaved or all(o.ok for o in outcomes)
-        if self.health.synced and not self.health.ready_notified and all(o.ok for o in outcomes):
+        if self.health.synced and not self.health.ready_notified:
+            # READY after the first round from etcd whatever its outcome: a failing template
+            # must not make systemd kill and restart lbsync in a loop (the LB is untouched
+            # either way, and the failure is in the logs and metrics).
             self.health.ready_notified = True
             systemd.ready(f"revision {snapshot.revision}, {snapshot.instance_count} instances")
         return outcomes
@@ -361,8 +367,11 @@ class Daemon:
                 "since": self.guard.held_since_wall,
                 "needs_confirmation": held.needs_confirmation,
             },
-            "rejected": {key: err.reason for key, err in self.catalog.rejected.items()},
-            "targets": {name: _outcome_document(o) for name, o in self.health.outcomes.items()},
+            # list() first: the main loop may change these while this (HTTP) thread reads
+            "rejected": {key: err.reason for key, err in list(self.catalog.rejected.items())},
+            "targets": {
+                name: _outcome_document(o) for name, o in list(self.health.outcomes.items())
+            },
         }
 
     def _start_http(self) -> None:
