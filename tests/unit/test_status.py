@@ -151,3 +151,15 @@ def test_fetch_from_a_closed_port_is_unreachable() -> None:
     assert result.data is None
     assert result.error is not None
     assert result.error.startswith("unreachable")
+
+
+def test_status_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from lbsync.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["status", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "lbsync status" in out
+    assert "--json" in out
+    assert "--http" in out
