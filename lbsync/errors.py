@@ -6,7 +6,8 @@
     ├── ConfigError                  lbsync's own config file / env (path, field, value)
     ├── SourceError                  talking to etcd (endpoint)
     │   ├── SourceUnavailable        no endpoint answered; retry with backoff
-    │   └── RevisionCompacted        the resume revision is gone; resync from a full read
+    │   ├── RevisionCompacted        the resume revision is gone; resync from a full read
+    │   └── LeaseExpired             a lease could not be refreshed: it is gone with its keys
     ├── InvalidValue                 one etcd key's value is unusable (key, value, reason)
     ├── RenderError                  a template failed to load or render (template, line)
     ├── StageError                   staging, swapping or restoring files (path)
@@ -72,16 +73,37 @@ class SourceUnavailable(SourceError):
 class RevisionCompacted(SourceError):
     """The revision a watch wanted to resume from has been compacted away."""
 
-    def __init__(self, revision: int, compact_revision: int) -> None:
+    def __init__(
+        self, revision: int, compact_revision: int, *, endpoint: str | None = None
+    ) -> None:
         super().__init__(
             f"revision {revision} was compacted (compact revision {compact_revision}); "
-            "a full resync is needed"
+            "a full resync is needed",
+            endpoint=endpoint,
         )
         self.revision = revision
         self.compact_revision = compact_revision
 
     def context(self) -> dict[str, object]:
-        return {"revision": self.revision, "compact_revision": self.compact_revision}
+        return {
+            **super().context(),
+            "revision": self.revision,
+            "compact_revision": self.compact_revision,
+        }
+
+
+class LeaseExpired(SourceError):
+    """A lease was gone when refreshed (expired or revoked); the keys put with it went too.
+
+    The holder grants a new lease and writes its keys again.
+    """
+
+    def __init__(self, lease_id: int, *, endpoint: str | None = None) -> None:
+        super().__init__(f"lease {lease_id:x} has expired", endpoint=endpoint)
+        self.lease_id = lease_id
+
+    def context(self) -> dict[str, object]:
+        return {**super().context(), "lease": f"{self.lease_id:x}"}
 
 
 class InvalidValue(LbsyncError):

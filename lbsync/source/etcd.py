@@ -8,7 +8,12 @@ The watch drives the raw gRPC ``Watch`` stream instead of pyetcd's ``Watcher`` t
 which hides progress requests and swallows the end of a stream. Owning the request
 iterator lets the loop ask for a progress notification every ``silence_deadline / 3``
 and treat a stream that answers nothing for ``silence_deadline`` as broken (a stalled
-server otherwise hangs a watch forever).
+server otherwise hangs a watch forever). etcd's gRPC proxy ignores progress requests, so
+a stream that has never answered one is checked with a one-key read instead.
+
+Authentication is done here too, not by pyetcd (see ``_authenticate``): with failover
+across endpoints, the token sent as metadata (so it works without TLS as well), and a
+fresh token whenever etcd rejects the old one (``--auth-token-ttl``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -33,7 +38,13 @@ from pyetcd.etcdrpc import kv_pb2
 from pyetcd.utils import prefix_range_end
 
 from lbsync.config import EtcdSettings
-from lbsync.errors import ConfigError, RevisionCompacted, SourceError, SourceUnavailable
+from lbsync.errors import (
+    ConfigError,
+    LeaseExpired,
+    RevisionCompacted,
+    SourceError,
+    SourceUnavailable,
+)
 from lbsync.model import (
     KeyEvent,
     KeyValue,
@@ -48,10 +59,14 @@ log = structlog.get_logger("lbsync.source")
 PAGE_SIZE = 5000
 DEFAULT_PORT = 2379
 BACKOFF_INITIAL = 0.1
-BACKOFF_CAP = 5.0
+# Low on purpose: a restarted etcd must be found within ~1 s (issue 4 asks convergence
+# within 2 s of etcd being healthy). With a 5 s cap, an 8 s outage converged in up to
+# 4.1 s; with 1 s, in at most 0.8 s. At many LB hosts, put a gRPC proxy in between.
+BACKOFF_CAP = 1.0
 # How often blocking loops look at the stop event; bounds how late run() returns.
 _POLL = 0.1
 _MAX_MESSAGE = 256 * 1024 * 1024  # a 100k-key prefix is ~11.5 MB; leave ample room
+_REPEAT_WARNING = 30.0  # seconds between two warnings about one run of failed attempts
 
 _UNAVAILABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -134,17 +149,46 @@ def _password(settings: EtcdSettings) -> str | None:
 
 def _addresses(settings: EtcdSettings) -> list[_Address]:
     tls_default = settings.ca_file is not None
-    return [_parse_endpoint(url, tls_default=tls_default) for url in settings.endpoints]
+    addresses = [_parse_endpoint(url, tls_default=tls_default) for url in settings.endpoints]
+    tls_files = settings.ca_file or settings.cert_file
+    if tls_files and (plain := [a.url for a in addresses if not a.secure]):
+        raise ConfigError(
+            f"{', '.join(plain)} is plain HTTP but TLS files are set: use https://",
+            field="etcd.endpoints",
+        )
+    return addresses
+
+
+def check_settings(settings: EtcdSettings) -> None:
+    """Parse the endpoints and read every TLS and password file once; raises ConfigError.
+
+    Run where lbsync starts, so a typo fails at once instead of in the retry loop (which
+    re-reads the files on every reconnect, so that rotated certificates are picked up).
+    """
+    if any(a.secure for a in _addresses(settings)):
+        _credentials(settings)
+    _password(settings)
+    if settings.user is not None and not any(a.secure for a in _addresses(settings)):
+        log.warning(
+            "etcd_auth_without_tls",
+            user=settings.user,
+            reason="the password and token cross the network in clear text",
+        )
 
 
 def _new_client(settings: EtcdSettings, *, idle_pings: bool = True) -> Any:
     """A pyetcd multi-endpoint client that fails over and retries a failed endpoint after 1 s.
 
     pyetcd's default locks a failed endpoint out for 300 s; ``time_retry=1`` avoids that.
-    With a user set, this authenticates at once (a network call).
+    No network call happens here (channels connect lazily); ``_login`` comes next. A file
+    that cannot be read (a certificate being rotated) is a SourceError, so the caller
+    retries instead of giving up.
     """
-    addresses = _addresses(settings)
-    creds = _credentials(settings) if any(a.secure for a in addresses) else None
+    try:
+        addresses = _addresses(settings)
+        creds = _credentials(settings) if any(a.secure for a in addresses) else None
+    except ConfigError as exc:
+        raise SourceError(str(exc), endpoint=", ".join(settings.endpoints)) from exc
     options = _channel_options(idle_pings=idle_pings)
     endpoints = [
         pyetcd.Endpoint(
@@ -157,20 +201,57 @@ def _new_client(settings: EtcdSettings, *, idle_pings: bool = True) -> Any:
         )
         for a in addresses
     ]
-    password = _password(settings)
+    return pyetcd.MultiEndpointEtcd3Client(endpoints, timeout=settings.timeout, failover=True)
+
+
+def _login(client: Any, settings: EtcdSettings) -> None:
+    """With a user set, authenticate (a network call); the password file is read each time."""
+    if settings.user is None:
+        return
     try:
-        with _translated(", ".join(a.url for a in addresses)):
-            return pyetcd.MultiEndpointEtcd3Client(
-                endpoints,
-                timeout=settings.timeout,
-                failover=True,
-                user=settings.user,
-                password=password,
-            )
-    except BaseException:
-        for endpoint in endpoints:
-            endpoint.close()
-        raise
+        password = _password(settings)
+    except ConfigError as exc:
+        raise SourceError(str(exc), endpoint=", ".join(settings.endpoints)) from exc
+    if password is not None:
+        _authenticate(client, settings.user, password, settings.timeout)
+
+
+def _authenticate(client: Any, user: str, password: str, timeout: float) -> None:
+    """Get a token from the first endpoint that answers and attach it to every call.
+
+    Done here rather than by pyetcd, which asks one randomly chosen endpoint with no
+    failover, and sends the token as gRPC *call credentials*, which gRPC refuses to
+    send over a plain-text channel. The token goes as plain ``token`` metadata instead,
+    as etcd's own Go client sends it.
+    """
+    request = etcdrpc.AuthenticateRequest(name=user, password=password)
+    everyone = ", ".join(f"{e.protocol}://{e.netloc}" for e in client.endpoints.values())
+    last: SourceError | None = None
+    for _ in client.endpoints:
+        with _translated(everyone):
+            channel = client.channel  # the endpoint in use, or the next one not failed
+        url = _endpoint_url(client)
+        try:
+            with _translated(url):
+                try:
+                    response = etcdrpc.AuthStub(channel).Authenticate(request, timeout)
+                except grpc.RpcError as exc:
+                    error = _from_rpc_error(exc, url)
+                    if isinstance(error, SourceUnavailable):
+                        raise error from exc
+                    details = exc.details() if callable(getattr(exc, "details", None)) else exc
+                    raise SourceError(
+                        f"authentication as {user!r} failed: {details}", endpoint=url
+                    ) from exc
+        except SourceUnavailable as exc:
+            client.endpoint_in_use.fail()  # the next round, and the client, move on
+            last = exc
+            continue
+        client.metadata = (("token", response.token),)
+        client.call_credentials = None
+        return
+    assert last is not None
+    raise last
 
 
 def _endpoint_url(client: Any) -> str:
@@ -220,15 +301,21 @@ def _from_rpc_error(exc: Any, endpoint: str) -> SourceError:
     message = f"{code.name if code else 'gRPC error'}: {details}"
     if code in _UNAVAILABLE_CODES:
         return SourceUnavailable(message, endpoint=endpoint)
-    # UNAUTHENTICATED (an expired token) lands here too; the loop rebuilds the client
-    # after every failure, which authenticates afresh.
+    if code is grpc.StatusCode.UNAUTHENTICATED or "auth store is old" in (details or ""):
+        return _TokenRejected(message, endpoint=endpoint)
     return SourceError(message, endpoint=endpoint)
 
 
+class _TokenRejected(SourceError):
+    """etcd no longer accepts our auth token (expired, or the auth store changed under it).
+
+    A new client authenticates afresh: the writer does it and retries once, the source's
+    loop rebuilds its client after any failure anyway (pitfall 7 of the client notes).
+    """
+
+
 def _compacted(revision: int, compact_revision: int, endpoint: str) -> RevisionCompacted:
-    error = RevisionCompacted(revision, compact_revision)
-    error.endpoint = endpoint  # RevisionCompacted takes no endpoint; keep it for the log
-    return error
+    return RevisionCompacted(revision, compact_revision, endpoint=endpoint)
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -294,6 +381,7 @@ class _StreamEnded(Exception):
 
 
 _END = object()
+_T = TypeVar("_T")
 
 
 class _WatchStream:
@@ -382,8 +470,10 @@ class EtcdSource:
     """
 
     def __init__(self, settings: EtcdSettings, *, page_size: int = PAGE_SIZE) -> None:
+        """Raises ConfigError at once for unusable endpoints or unreadable TLS/password files."""
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
+        check_settings(settings)
         self.settings = settings
         self.page_size = page_size
         self._prefix = _watch_prefix(settings.prefix)
@@ -391,6 +481,7 @@ class EtcdSource:
         self._client: Any = None
         self._closed = False
         self._stop: threading.Event | None = None
+        self._no_progress: set[str] = set()  # endpoints seen ignoring progress requests
 
     # -- connection --
 
@@ -404,9 +495,15 @@ class EtcdSource:
         with self._lock:
             if self._closed or (self._stop is not None and self._stop.is_set()):
                 raise SourceUnavailable("the source is stopping", endpoint=self.endpoint)
-            if self._client is None:
-                self._client = _new_client(self.settings)
-            return self._client
+            if self._client is not None:
+                return self._client
+            client = self._client = _new_client(self.settings)
+        try:
+            _login(client, self.settings)  # outside the lock: a stop can cancel it meanwhile
+        except BaseException:
+            self._disconnect()
+            raise
+        return client
 
     def _disconnect(self) -> None:
         """Drop the client: the next call gets fresh channels and, with auth, a fresh token."""
@@ -426,7 +523,8 @@ class EtcdSource:
     def read_all(self) -> SourceReset:
         """A consistent read of every key under the prefix, paged at one pinned revision.
 
-        If the pinned revision is compacted between pages, the read starts over once.
+        If the pinned revision is compacted between pages, the read starts over once; if
+        the auth token has expired, it starts over once with a fresh client.
         """
         for attempt in range(2):
             client = self._connect()
@@ -436,9 +534,11 @@ class EtcdSource:
                     return _read_pages(
                         client, self._prefix, prefix_range_end(self._prefix), self.page_size
                     )
-            except RevisionCompacted:
+            except (RevisionCompacted, _TokenRejected) as exc:
                 if attempt:
                     raise
+                if isinstance(exc, _TokenRejected):
+                    self._disconnect()
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- the supervised loop --
@@ -519,10 +619,24 @@ class EtcdSource:
     def _lost(
         self, exc: SourceError, emit: Callable[[SourceMessage], None], state: _LoopState
     ) -> None:
+        """Report a failed attempt: a warning when the connection is lost, when a run of
+        failures starts (etcd down at start, a refused password), and again every
+        ``_REPEAT_WARNING`` seconds while it lasts; the attempts in between at debug."""
         endpoint = exc.endpoint or self.endpoint
-        fields = {"endpoint": endpoint, "revision": state.revision, "error": str(exc)}
+        now = time.monotonic()
+        state.failures += 1
+        fields = {
+            "endpoint": endpoint,
+            "revision": state.revision,
+            "error": str(exc),
+            "attempts": state.failures,
+        }
         if state.connected:
             log.warning("etcd_lost", **fields)
+            state.warned_at = now
+        elif state.warned_at is None or now - state.warned_at >= _REPEAT_WARNING:
+            log.warning("etcd_unavailable", **fields)
+            state.warned_at = now
         else:
             log.debug("etcd_unavailable", **fields)
         state.connected = False
@@ -555,22 +669,35 @@ class EtcdSource:
             stream = _WatchStream(client, create, progress_every=progress_every)
         try:
             with _translated(endpoint):
-                yield from self._consume(stream, endpoint, emit, stop, state)
+                yield from self._consume(
+                    client, stream, endpoint=endpoint, emit=emit, stop=stop, state=state
+                )
         finally:
             stream.close()
 
     def _consume(
         self,
+        client: Any,
         stream: _WatchStream,
+        *,
         endpoint: str,
         emit: Callable[[SourceMessage], None],
         stop: threading.Event,
         state: _LoopState,
     ) -> Iterator[int]:
+        """Apply responses until stop; a silent stream raises SourceUnavailable.
+
+        Silence means no response at all for ``silence_deadline``. On a stream that has
+        answered a progress request before, that is a broken stream. On one that never
+        has, the endpoint may simply not answer them (etcd's gRPC proxy ignores progress
+        requests): a small read on the same connection decides, and while reads succeed
+        the watch is kept.
+        """
         assert state.revision is not None
         revision = state.revision
         deadline = self.settings.silence_deadline
         last_seen = time.monotonic()
+        progress_answered = False
         while not stop.is_set():
             try:
                 response = stream.get(timeout=_POLL)
@@ -578,15 +705,39 @@ class EtcdSource:
                 raise SourceUnavailable(str(exc), endpoint=endpoint) from exc
             if response is None:
                 if time.monotonic() - last_seen > deadline:
-                    raise SourceUnavailable(
-                        f"watch silent for more than {deadline:g}s", endpoint=endpoint
-                    )
+                    if progress_answered:
+                        raise SourceUnavailable(
+                            f"watch silent for more than {deadline:g}s", endpoint=endpoint
+                        )
+                    self._probe(client, endpoint, deadline)
+                    last_seen = time.monotonic()
                 continue
             last_seen = time.monotonic()
-            if response.created:
+            if response.created and not (response.canceled or response.compact_revision):
                 self._established(endpoint, revision, emit, state)
+            elif not (response.events or response.canceled or response.compact_revision):
+                progress_answered = True
             revision = self._apply(response, revision, endpoint, emit)
             yield revision
+
+    def _probe(self, client: Any, endpoint: str, deadline: float) -> None:
+        """A one-key read: proves the endpoint (and, through a proxy, etcd) still answers."""
+        try:
+            with _translated(endpoint):
+                client.get_response(self._prefix)
+        except SourceError as exc:
+            raise SourceUnavailable(
+                f"watch silent for more than {deadline:g}s and a read failed: {exc.message}",
+                endpoint=endpoint,
+            ) from exc
+        if endpoint not in self._no_progress:
+            self._no_progress.add(endpoint)
+            log.info(
+                "etcd_progress_unanswered",
+                endpoint=endpoint,
+                note="the endpoint ignores watch progress requests (an etcd gRPC proxy?); "
+                "an idle watch is checked with a read instead",
+            )
 
     def _established(
         self,
@@ -596,8 +747,9 @@ class EtcdSource:
         state: _LoopState,
     ) -> None:
         event = "etcd_resumed" if state.ever_connected else "etcd_connected"
-        log.info(event, endpoint=endpoint, revision=revision)
+        log.info(event, endpoint=endpoint, revision=revision, failed_attempts=state.failures)
         state.connected = state.ever_connected = True
+        state.failures, state.warned_at = 0, None
         emit(SourceStatus(connected=True, endpoint=endpoint, revision=revision))
 
     @staticmethod
@@ -630,6 +782,8 @@ class _LoopState:
     revision: int | None = None  # resume after this; None: a full read comes first
     connected: bool = False
     ever_connected: bool = False
+    failures: int = 0  # failed attempts since the watch was last established
+    warned_at: float | None = None  # when the current run of failures was last warned
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -644,7 +798,7 @@ class Lease:
         self.ttl = ttl
 
     def refresh(self) -> int:
-        """Keep the lease alive; returns the new TTL. Raises SourceError if it has expired."""
+        """Keep the lease alive; returns the new TTL. Raises LeaseExpired if it is gone."""
         return self._writer._refresh(self.id)
 
     def revoke(self) -> None:
@@ -653,19 +807,38 @@ class Lease:
 
 
 class EtcdWriter:
-    """Puts, deletes, leases and compaction through the same client factory as the source."""
+    """Puts, deletes, leases and compaction through the same client factory as the source.
+
+    A call that etcd refuses because the auth token has expired is retried once with a
+    fresh client (which authenticates again); every other failure is raised.
+    """
 
     def __init__(self, settings: EtcdSettings) -> None:
+        """Raises ConfigError at once for unusable endpoints or unreadable TLS/password files."""
+        check_settings(settings)
         self.settings = settings
         self._client: Any = None
 
-    @contextlib.contextmanager
-    def _calling(self) -> Iterator[Any]:
-        if self._client is None:
-            self._client = _new_client(self.settings, idle_pings=False)
-        client = self._client
-        with _translated(_endpoint_url(client)):
-            yield client
+    def _call(self, fn: Callable[[Any], _T]) -> _T:
+        for attempt in range(2):
+            if self._client is None:
+                client = _new_client(self.settings, idle_pings=False)
+                try:
+                    _login(client, self.settings)
+                except BaseException:
+                    client.close()
+                    raise
+                self._client = client
+            client = self._client
+            try:
+                with _translated(_endpoint_url(client)):
+                    return fn(client)
+            except _TokenRejected as exc:
+                self.close()
+                if attempt:
+                    raise
+                log.debug("etcd_reauthenticate", endpoint=exc.endpoint, error=str(exc))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def put(
         self, key: str, value: str | bytes, ttl: float | None = None, *, lease: Lease | None = None
@@ -678,46 +851,44 @@ class EtcdWriter:
         if ttl is not None and lease is not None:
             raise ValueError("give ttl or lease, not both")
         lease_id = self.lease(ttl).id if ttl is not None else (lease.id if lease else None)
-        with self._calling() as client:
-            return int(client.put(key, value, lease=lease_id).header.revision)
+        return self._call(lambda c: int(c.put(key, value, lease=lease_id).header.revision))
 
     def delete(self, key: str) -> bool:
         """Delete ``key``; True if it existed."""
-        with self._calling() as client:
-            return bool(client.delete(key))
+        return self._call(lambda c: bool(c.delete(key)))
 
     def get(self, key: str) -> bytes | None:
-        with self._calling() as client:
-            value, _meta = client.get(key)
-            return None if value is None else bytes(value)
+        value, _meta = self._call(lambda c: c.get(key))
+        return None if value is None else bytes(value)
 
     def lease(self, ttl: float) -> Lease:
         """Grant a lease of ``ttl`` seconds (rounded up; etcd may raise it to its minimum)."""
-        with self._calling() as client:
-            granted = client.lease(max(1, math.ceil(ttl)))
-            return Lease(self, int(granted.id), int(granted.ttl))
+        granted = self._call(lambda c: c.lease(max(1, math.ceil(ttl))))
+        return Lease(self, int(granted.id), int(granted.ttl))
 
     def _refresh(self, lease_id: int) -> int:
-        with self._calling() as client:
-            responses = list(client.refresh_lease(lease_id))
-            ttl = int(responses[-1].TTL) if responses else 0
-            if ttl <= 0:
-                raise SourceError(f"lease {lease_id:x} has expired", endpoint=_endpoint_url(client))
-            return ttl
+        responses = self._call(lambda c: list(c.refresh_lease(lease_id)))
+        ttl = int(responses[-1].TTL) if responses else 0
+        if ttl <= 0:
+            raise LeaseExpired(lease_id, endpoint=self.endpoint)
+        return ttl
 
     def _revoke(self, lease_id: int) -> None:
-        with self._calling() as client:
-            client.revoke_lease(lease_id)
+        self._call(lambda c: c.revoke_lease(lease_id))
 
     def compact(self, revision: int) -> None:
         """Drop history before ``revision``; waits until the compaction is applied."""
-        with self._calling() as client:
-            client.compact(revision, physical=True)
+        self._call(lambda c: c.compact(revision, physical=True))
 
     def revision(self) -> int:
         """The store's current revision."""
-        with self._calling() as client:
-            return int(client.get_response(b"\0", count_only=True).header.revision)
+        return self._call(lambda c: int(c.get_response(b"\0", count_only=True).header.revision))
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint in use, or every configured one before the first call."""
+        client = self._client
+        return _endpoint_url(client) if client is not None else ", ".join(self.settings.endpoints)
 
     def close(self) -> None:
         client, self._client = self._client, None

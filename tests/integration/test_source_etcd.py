@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import pytest
 
 from lbsync.config import EtcdSettings
-from lbsync.errors import SourceError
+from lbsync.errors import LeaseExpired, SourceError
 from lbsync.model import SourceEvents, SourceReset, SourceStatus
 from lbsync.source import EtcdSource, EtcdWriter
-from tests.harness.etcd import EtcdCluster, EtcdServer, SourceRecorder, TcpProxy
+from tests.harness.etcd import (
+    EtcdCluster,
+    EtcdServer,
+    RunningSource,
+    SourceRecorder,
+    TcpProxy,
+)
 from tests.harness.net import wait_for
 
 pytestmark = pytest.mark.integration
@@ -30,39 +35,6 @@ def settings_for(endpoint: str, **overrides: object) -> EtcdSettings:
 def writer(etcd: EtcdServer) -> Iterator[EtcdWriter]:
     with EtcdWriter(settings_for(etcd.endpoint)) as w:
         yield w
-
-
-@dataclass
-class Running:
-    source: EtcdSource
-    recorder: SourceRecorder
-    stop: threading.Event
-    thread: threading.Thread
-
-    def halt(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive(), "run() did not return after stop"
-        self.source.close()
-
-
-@pytest.fixture
-def run_source() -> Iterator[Callable[..., Running]]:
-    """Start ``EtcdSource.run`` in a thread; always stopped and joined at teardown."""
-    started: list[Running] = []
-
-    def start(settings: EtcdSettings, **kwargs: int) -> Running:
-        source = EtcdSource(settings, **kwargs)
-        recorder, stop = SourceRecorder(), threading.Event()
-        thread = threading.Thread(target=source.run, args=(recorder, stop), name="source")
-        running = Running(source, recorder, stop, thread)
-        started.append(running)
-        thread.start()
-        return running
-
-    yield start
-    for running in started:
-        running.halt()
 
 
 def converged(etcd: EtcdServer, recorder: SourceRecorder) -> Callable[[], bool]:
@@ -164,7 +136,7 @@ def test_read_all_with_etcd_down_raises_source_unavailable_naming_the_endpoint(
 
 
 def test_run_emits_a_reset_then_connected_then_events_in_order(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., Running]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
 ) -> None:
     writer.put(f"{PREFIX}/before", "1")
     running = run_source(settings_for(etcd.endpoint))
@@ -206,7 +178,7 @@ def test_run_emits_a_reset_then_connected_then_events_in_order(
 
 
 def test_lease_expiry_and_revocation_arrive_as_deletes(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., Running]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
 ) -> None:
     running = run_source(settings_for(etcd.endpoint))
     rec = running.recorder
@@ -230,12 +202,12 @@ def test_lease_expiry_and_revocation_arrive_as_deletes(
         if e.kind == "delete"
     }
     assert deletes == {f"{PREFIX}/expiring", f"{PREFIX}/revoked", f"{PREFIX}/ttl"}
-    with pytest.raises(SourceError, match="expired"):
+    with pytest.raises(LeaseExpired, match="expired"):
         expiring.refresh()
 
 
 def test_kill_and_restart_resumes_without_losing_an_event(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., Running]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
 ) -> None:
     for i in range(10):
         writer.put(f"{PREFIX}/k{i}", f"v{i}")
@@ -263,7 +235,7 @@ def test_kill_and_restart_resumes_without_losing_an_event(
 
 
 def test_events_missed_while_cut_off_are_replayed_on_resume(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., Running]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
 ) -> None:
     proxy = TcpProxy(etcd.client_port)
     try:
@@ -298,7 +270,7 @@ def test_events_missed_while_cut_off_are_replayed_on_resume(
 
 
 def test_compaction_while_disconnected_brings_a_fresh_reset(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., Running]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
 ) -> None:
     proxy = TcpProxy(etcd.client_port)
     try:
@@ -328,7 +300,7 @@ def test_compaction_while_disconnected_brings_a_fresh_reset(
 
 
 def test_a_stalled_server_is_detected_as_silent_and_recovered(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., Running]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
 ) -> None:
     running = run_source(settings_for(etcd.endpoint, silence_deadline=1.5, timeout=2.0))
     rec = running.recorder
@@ -348,7 +320,7 @@ def test_a_stalled_server_is_detected_as_silent_and_recovered(
 
 
 def test_etcd_down_at_start_reports_unavailable_and_never_an_empty_reset(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., Running]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
 ) -> None:
     writer.put(f"{PREFIX}/a", "1")
     etcd.stop()
@@ -409,7 +381,7 @@ def test_writer_put_get_delete_and_revisions(etcd: EtcdServer, writer: EtcdWrite
 
 
 def test_losing_the_member_in_use_fails_over_to_another(
-    etcd_cluster: EtcdCluster, run_source: Callable[..., Running]
+    etcd_cluster: EtcdCluster, run_source: Callable[..., RunningSource]
 ) -> None:
     settings = settings_for(etcd_cluster.endpoints[0], timeout=2.0).model_copy(
         update={"endpoints": etcd_cluster.endpoints}
