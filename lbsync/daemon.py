@@ -250,20 +250,22 @@ class Daemon:
             for pipeline in pipelines:
                 for template in pipeline.target.templates:
                     pipeline.renderer.load(template.src)
+            etcd_changed = settings.etcd != self.settings.etcd
+            # built here so that unreadable TLS or password files reject the new config
+            source = self._source_factory(settings) if etcd_changed else None
         except LbsyncError as err:
             log.error("reconfigure.rejected", **{**err.context(), "error": str(err)})
             return
         systemd.reloading()
-        etcd_changed = settings.etcd != self.settings.etcd
         self.settings, self.pipelines = settings, pipelines
         self.scheduler = Scheduler(settings.wait, self._clock)
         self.guard = Guard(settings.guard, self._clock)
         self.scheduler.changed()
-        if etcd_changed:
+        if source is not None:
             self._stop_source()
             self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
             self.health.synced = False
-            self._start_source()
+            self._start_source(source)
         metrics.init_targets(p.name for p in pipelines)
         log.info("reconfigure.done", targets=[p.name for p in pipelines], etcd=etcd_changed)
         systemd.ready("configuration re-read")
@@ -436,8 +438,8 @@ class Daemon:
             event = "source.connected" if status.connected else "source.lost"
             log.info(event, endpoint=status.endpoint, error=status.error, revision=status.revision)
 
-    def _start_source(self) -> None:
-        self._source = self._source_factory(self.settings)
+    def _start_source(self, source: Source | None = None) -> None:
+        self._source = source or self._source_factory(self.settings)
         self._source_stop = threading.Event()
         self._source_thread = threading.Thread(
             target=self._source.run,

@@ -9,7 +9,7 @@ import pytest
 
 from lbsync.cli import main as cli
 from lbsync.config import Settings, settings_from_dict
-from lbsync.daemon import Daemon
+from lbsync.daemon import Daemon, etcd_source
 from lbsync.testing import FakeDriver, FakeSource
 from tests.harness.net import wait_for
 
@@ -329,3 +329,25 @@ def test_restart_while_etcd_is_down_starts_from_last_known_good(
         assert second.daemon.health.staleness(time.monotonic()) > 0
     finally:
         second.stop()
+
+
+def test_sighup_with_unreadable_etcd_files_keeps_the_old_config(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, out: Path
+) -> None:
+    config = tmp_path / "lbsync.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n'
+        '[etcd]\nendpoints = ["https://127.0.0.1:2379"]\n'
+        f'ca_file = "{tmp_path / "missing-ca.pem"}"\n'
+        '[[target]]\nname = "lb"\ndriver = "command"\nreload_command = ["true"]\n'
+        f'[[target.template]]\nsrc = "t.j2"\ndest = "{out}"\n'
+    )
+    daemon = Daemon(
+        make_settings(tmp_path),
+        source_factory=etcd_source,
+        driver_factory=lambda _t: driver,
+        config_path=config,
+    )
+    before = daemon.settings
+    daemon.reconfigure()
+    assert daemon.settings is before
