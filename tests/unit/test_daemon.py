@@ -75,6 +75,12 @@ def running(tmp_path: Path, source: FakeSource, driver: FakeDriver) -> Iterator[
     run.stop()
 
 
+def first_round_applied(run: Running) -> None:
+    """Wait for the first round's outcome, not just its reload: verify comes after it."""
+    outcomes = run.daemon.health.outcomes
+    wait_for(lambda: "lb" in outcomes and outcomes["lb"].action == "reloaded", what="first round")
+
+
 def content(path: Path) -> str | None:
     return path.read_text() if path.exists() else None
 
@@ -90,7 +96,7 @@ def test_first_sync_renders_validates_swaps_and_reloads_once(
 def test_instance_up_and_down_follow_etcd(
     running: Running, source: FakeSource, driver: FakeDriver, out: Path
 ) -> None:
-    wait_for(lambda: driver.reloads == 1, what="first reload")
+    first_round_applied(running)
     source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")
     wait_for(lambda: content(out) == "web: 10.0.0.1:80 10.0.0.2:80\n", what="b added")
     source.put(f"{P}/services/web/health/a", "down")
@@ -103,7 +109,7 @@ def test_instance_up_and_down_follow_etcd(
 def test_unchanged_render_writes_nothing_and_reloads_nothing(
     running: Running, source: FakeSource, driver: FakeDriver, out: Path
 ) -> None:
-    wait_for(lambda: driver.reloads == 1, what="first reload")
+    first_round_applied(running)
     mtime = out.stat().st_mtime_ns
     source.put(f"{P}/unrelated/key", "x")
     source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")  # marker that rounds ran
@@ -135,7 +141,7 @@ def test_unreachable_etcd_at_start_renders_nothing(
 def test_validation_failure_changes_nothing_and_retries_on_next_change(
     running: Running, source: FakeSource, driver: FakeDriver, out: Path
 ) -> None:
-    wait_for(lambda: driver.reloads == 1, what="first reload")
+    first_round_applied(running)
     driver.fail_validate = True
     source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")
     outcomes = running.daemon.health.outcomes
@@ -168,7 +174,7 @@ def test_template_error_changes_nothing(
 def test_failed_verify_restores_last_known_good_and_reloads_again(
     running: Running, source: FakeSource, driver: FakeDriver, out: Path
 ) -> None:
-    wait_for(lambda: driver.reloads == 1, what="first reload")
+    first_round_applied(running)
     driver.fail_verify = True
     source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")
     outcomes = running.daemon.health.outcomes
@@ -183,7 +189,7 @@ def test_runtime_update_skips_the_reload_but_writes_files(
     driver = FakeDriver(runtime=True)
     run = Running(make_settings(tmp_path), source, driver)
     try:
-        wait_for(lambda: driver.reloads == 1, what="first apply reloads")
+        first_round_applied(run)
         source.put(f"{P}/services/web/instances/b", "10.0.0.2:80")
         outcomes = run.daemon.health.outcomes
         wait_for(lambda: outcomes["lb"].action == "runtime", what="runtime apply")
@@ -198,7 +204,7 @@ def test_burst_of_1000_changes_ends_in_at_most_two_reloads(
 ) -> None:
     run = Running(make_settings(tmp_path, min="50ms", max="1s"), source, driver)
     try:
-        wait_for(lambda: driver.reloads == 1, what="first reload")
+        first_round_applied(run)
         for n in range(1000):
             source.put(
                 f"{P}/services/burst/instances/i{n:04d}", f"10.1.{n // 250}.{n % 250 + 1}:80"
