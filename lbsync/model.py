@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -146,6 +147,12 @@ class Service(Frozen):
     @property
     def down(self) -> tuple[Instance, ...]:
         return tuple(i for i in self.instances if i.state is State.DOWN)
+
+    @cached_property
+    def up_ids(self) -> frozenset[str]:
+        """Ids of the instances in rotation; computed once per (immutable) service, so
+        comparing two snapshots costs the services that changed, not every instance."""
+        return frozenset(i.id for i in self.instances if i.state is State.UP)
 
 
 class Snapshot(Frozen):

@@ -80,6 +80,7 @@ class TargetPipeline:
         self.driver = driver
         self.renderer = renderer
         self.workdir = state_dir / "stage"
+        self.staging = stage.StagingArea(target, self.workdir)
         self.backup_dir = state_dir / "backup" / target.name
         self.applied: Snapshot | None = None
         self._modes = {t.dest: t.mode for t in target.templates if t.mode is not None}
@@ -99,8 +100,7 @@ class TargetPipeline:
 
     def check(self, plan: Plan) -> None:
         """Validate the whole config as it would be loaded, in a staged tree. Touches nothing."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with stage.staged(self.target, plan.rendered, self.workdir) as tree:
+        with self.staging.staged(plan.rendered) as tree:
             self.driver.validate(tree)
 
     def apply(self, snapshot: Snapshot) -> Outcome:
@@ -128,13 +128,20 @@ class TargetPipeline:
         with _timed(timings, "runtime"):
             runtime_done = self.driver.runtime_update(self.applied, plan.snapshot)
         with _timed(timings, "swap"):
-            record = stage.swap_in(changed, self.backup_dir, modes=self._modes)
+            # The backup copy and the directory fsync wait until the LB has its signal.
+            record = stage.swap_in(changed, self.backup_dir, modes=self._modes, settle_later=True)
         if runtime_done:
+            with _timed(timings, "settle"):
+                stage.settle(record)
             self.applied = plan.snapshot
             return Outcome(self.name, revision, "runtime", files)
         try:
-            with _timed(timings, "reload"):
-                ticket = self.driver.reload()
+            try:
+                with _timed(timings, "reload"):
+                    ticket = self.driver.reload()
+            finally:
+                with _timed(timings, "settle"):
+                    stage.settle(record)
             with _timed(timings, "verify"):
                 self.driver.verify(ticket)
         except (ReloadFailed, VerifyFailed) as err:

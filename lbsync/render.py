@@ -6,6 +6,13 @@ so an unchanged catalog gives unchanged bytes and therefore no write and no relo
 
 Templates are operator files, so the plain Environment is the default; ``[render]
 sandbox = true`` switches to Jinja2's SandboxedEnvironment (measured ~7x slower).
+
+Incremental rendering: ``{% cache service %}…{% endcache %}`` reuses the block's output
+from the previous render while ``service`` is the very same object. The catalog hands
+every unchanged ``Service`` over from one snapshot to the next as the same object, so a
+change to one service re-renders that service's block and nothing else (10,000 servers
+over 100 services: ~30 ms → ~1 ms). The block must depend on its key alone (not on
+``revision``, raw keys or loop variables): whatever else it reads is frozen with it.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
+from jinja2 import nodes
+from jinja2.parser import Parser
 
 from lbsync.errors import RenderError
 from lbsync.model import Snapshot
@@ -84,6 +94,46 @@ class RawKeys:
         }
 
 
+class CacheExtension(jinja2.ext.Extension):
+    """``{% cache key %}body{% endcache %}``: the body's output, kept while ``key`` is the
+    same object (``is``) as in the previous render of the same template.
+
+    Entries hold their key, so an id cannot be reused while cached; only the entries used
+    by the latest successful render of a template are kept (``begin``/``commit``).
+    """
+
+    tags = {"cache"}  # noqa: RUF012  (the type jinja2 declares)
+
+    def __init__(self, environment: jinja2.Environment) -> None:
+        super().__init__(environment)
+        self._entries: dict[str | None, dict[tuple[int, int], tuple[object, str]]] = {}
+        self._fresh: dict[str | None, dict[tuple[int, int], tuple[object, str]]] | None = None
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        key = parser.parse_expression()
+        body = parser.parse_statements(("name:endcache",), drop_needle=True)
+        args = [key, nodes.Const(parser.name), nodes.Const(lineno)]
+        return nodes.CallBlock(self.call_method("_cached", args), [], [], body).set_lineno(lineno)
+
+    def _cached(self, key: object, name: str | None, lineno: int, caller: Any) -> str:
+        slot = (lineno, id(key))
+        hit = self._entries.get(name, {}).get(slot)
+        output: str = hit[1] if hit is not None and hit[0] is key else caller()
+        if self._fresh is not None:
+            self._fresh.setdefault(name, {})[slot] = (key, output)
+        return output
+
+    def begin(self) -> None:
+        self._fresh = {}
+
+    def commit(self, ok: bool) -> None:
+        """Keep what the render just used (of the templates it rendered), or drop it."""
+        if ok and self._fresh is not None:
+            self._entries.update(self._fresh)
+        self._fresh = None
+
+
 class Renderer:
     """Loads templates once per (re)configuration and renders snapshots through them."""
 
@@ -108,16 +158,28 @@ class Renderer:
     ) -> bytes:
         template = self.load(src)
         context = template_context(snapshot, extra)
+        cache = template.environment.extensions[CacheExtension.identifier]
+        assert isinstance(cache, CacheExtension)
+        cache.begin()
+        ok = False
         try:
-            return template.render(context).encode("utf-8")
+            output = template.render(context).encode("utf-8")
+            ok = True
+            return output
         except Exception as exc:  # a template can raise anything; report it with its line
             raise RenderError(_describe(exc), template=str(src), line=_line_in(exc, src)) from exc
+        finally:
+            cache.commit(ok)
 
     def _env_for(self, directory: Path) -> jinja2.Environment:
         env = self._envs.get(directory)
         if env is None:
             cls = jinja2.sandbox.SandboxedEnvironment if self._sandbox else jinja2.Environment
-            env = cls(loader=jinja2.FileSystemLoader(str(directory)), **_ENV_OPTIONS)
+            env = cls(
+                loader=jinja2.FileSystemLoader(str(directory)),
+                extensions=[CacheExtension],
+                **_ENV_OPTIONS,
+            )
             self._envs[directory] = env
         return env
 

@@ -86,26 +86,29 @@ class Verdict:
 
 
 def judge(settings: GuardSettings, applied: Snapshot | None, candidate: Snapshot) -> Verdict:
-    """Would ``applied → candidate`` take too much out of rotation? Pure; no clock."""
+    """Would ``applied → candidate`` take too much out of rotation? Pure; no clock.
+
+    Costs the services that changed: snapshots share unchanged ``Service`` objects.
+    """
     if applied is None:
         return Verdict()
-    before, after = _usable(applied), _usable(candidate)
-    removed = len(before - after)
-    if before and not candidate.services:
+    total = sum(len(s.up_ids) for s in applied.services.values())
+    removed = _removed(applied, candidate)
+    if total and not candidate.services:
         return Verdict(
             "the catalog is empty (wiped cluster or wrong prefix?): confirm to apply",
             removed,
-            len(before),
+            total,
             needs_confirmation=True,
         )
     if (
-        before
+        total
         and removed >= settings.min_removed
-        and removed / len(before) > settings.max_removed_fraction
+        and removed / total > settings.max_removed_fraction
     ):
-        share = f"{removed} of {len(before)} usable instances"
+        share = f"{removed} of {total} usable instances"
         limit = f"max_removed_fraction {settings.max_removed_fraction:g}"
-        return Verdict(f"update removes {share} (over {limit})", removed, len(before))
+        return Verdict(f"update removes {share} (over {limit})", removed, total)
     for service, minimum in sorted(settings.min_instances.items()):
         was, now = _count(applied, service), _count(candidate, service)
         if now < minimum and now < was:
@@ -114,13 +117,20 @@ def judge(settings: GuardSettings, applied: Snapshot | None, candidate: Snapshot
     return Verdict()
 
 
-def _usable(snapshot: Snapshot) -> set[tuple[str, str]]:
-    return {(s.name, i.id) for s in snapshot.services.values() for i in s.instances if i.up}
+def _removed(applied: Snapshot, candidate: Snapshot) -> int:
+    """Usable instances of ``applied`` that are not usable in ``candidate``."""
+    removed = 0
+    for name, old in applied.services.items():
+        new = candidate.services.get(name)
+        if new is old:
+            continue
+        removed += len(old.up_ids - new.up_ids) if new is not None else len(old.up_ids)
+    return removed
 
 
 def _count(snapshot: Snapshot, service: str) -> int:
     found = snapshot.services.get(service)
-    return len(found.up) if found else 0
+    return len(found.up_ids) if found else 0
 
 
 class Guard:

@@ -33,8 +33,9 @@ import re
 import shutil
 import stat
 import tempfile
+import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,12 @@ def stage_files(target: Any, rendered: Mapping[Path, bytes], workdir: Path) -> S
     command driver) names the main config whose directory is copied. The caller removes
     the staged tree (``staged()`` does it for you).
     """
+    return _new_tree(target, rendered, workdir)[0]
+
+
+def _new_tree(
+    target: Any, rendered: Mapping[Path, bytes], workdir: Path
+) -> tuple[StagedConfig, _Stager]:
     config: Path | None = getattr(target, "config", None)
     workdir = Path(os.path.abspath(workdir))
     try:
@@ -78,12 +85,12 @@ def stage_files(target: Any, rendered: Mapping[Path, bytes], workdir: Path) -> S
             f"cannot create a staging directory: {exc.strerror}", path=str(workdir)
         ) from exc
     try:
-        staged = _build(stage_dir, config, rendered)
+        tree, stager = _build(stage_dir, config, rendered)
     except BaseException:
         shutil.rmtree(stage_dir, ignore_errors=True)
         raise
     log.debug("stage.built", root=str(stage_dir), files=len(rendered))
-    return staged
+    return tree, stager
 
 
 @contextlib.contextmanager
@@ -96,7 +103,116 @@ def staged(target: Any, rendered: Mapping[Path, bytes], workdir: Path) -> Iterat
         shutil.rmtree(tree.root, ignore_errors=True)
 
 
-def _build(stage_dir: Path, config: Path | None, rendered: Mapping[Path, bytes]) -> StagedConfig:
+class StagingArea:
+    """One target's staged tree, kept from round to round and rebuilt only when needed.
+
+    Building a tree costs a directory or an inode per live file: ~9 ms for a Debian-like
+    ``/etc/nginx`` on an ext4 VM disk (~0.7 ms per mkdir or create), paid on every round
+    before. Now each round first compares the live tree with what the staged copy was
+    built from (one ``lstat`` per entry: inode, mode, size, mtime, ctime; the rendered
+    destinations themselves excluded) and, when nothing else changed, only rewrites the
+    rendered files whose bytes differ from the last ones staged. Any change in the live
+    tree, a re-pointed symlinked destination, or a destination outside the config
+    directory (staged with mirrored globs) means a fresh tree, exactly as ``staged()``
+    builds it. The tree is removed by ``close()``, or when the area is collected/at exit.
+    """
+
+    def __init__(self, target: Any, workdir: Path) -> None:
+        self.target = target
+        self.workdir = workdir
+        self._tree: StagedConfig | None = None
+        self._stager: _Stager | None = None
+        self._fingerprint: object = None
+        self._written: dict[Path, bytes] = {}
+        self._remove: weakref.finalize[Any, Any] | None = None
+
+    @contextlib.contextmanager
+    def staged(self, rendered: Mapping[Path, bytes]) -> Iterator[StagedConfig]:
+        fingerprint = self._live_fingerprint(rendered)
+        tree = self._tree
+        reusable = tree is not None and fingerprint is not None and self._intact(tree)
+        if tree is None or not reusable or fingerprint != self._fingerprint:
+            tree = self._rebuild(rendered, fingerprint)
+        else:
+            self._rewrite(rendered)
+        yield tree
+
+    def _rebuild(self, rendered: Mapping[Path, bytes], before: object) -> StagedConfig:
+        self.close()
+        tree, self._stager = _new_tree(self.target, rendered, self.workdir)
+        self._tree = tree
+        self._remove = weakref.finalize(self, shutil.rmtree, tree.root, True)
+        self._written = dict(rendered)
+        # Hard-linking a live file changes its ctime: remember the tree as it is after the
+        # build, unless something but ctimes changed while building (then: rebuild next).
+        after = self._live_fingerprint(rendered)
+        self._fingerprint = after if _sans_ctime(after) == _sans_ctime(before) else None
+        return tree
+
+    @staticmethod
+    def _intact(tree: StagedConfig) -> bool:
+        """The staged tree is still there (nobody cleaned the state directory under us)."""
+        return os.path.isdir(tree.root) and (tree.main is None or os.path.lexists(tree.main))
+
+    def _rewrite(self, rendered: Mapping[Path, bytes]) -> None:
+        assert self._stager is not None
+        try:
+            for dest, data in rendered.items():
+                if self._written.get(dest) != data:
+                    self._written.pop(dest, None)
+                    self._stager.overwrite_rendered(dest, data)
+                    self._written[dest] = data
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Remove the staged tree (the next round builds a fresh one)."""
+        if self._remove is not None:
+            self._remove()
+        self._tree = self._stager = self._remove = self._fingerprint = None
+        self._written = {}
+
+    def _live_fingerprint(self, rendered: Mapping[Path, bytes]) -> object:
+        """What the staged tree depends on, cheaply; None: do not reuse (always rebuild)."""
+        config: Path | None = getattr(self.target, "config", None)
+        dests = tuple(sorted((os.path.abspath(d), os.path.realpath(d)) for d in rendered))
+        if config is None:
+            return ("", dests, ())  # the tree holds the rendered files only
+        root = os.path.dirname(os.path.abspath(config))
+        real_root = os.path.realpath(root)
+        if not all(_is_within(real, root) or _is_within(real, real_root) for _, real in dests):
+            return None
+        skip = {path for pair in dests for path in pair}
+        entries: list[tuple[object, ...]] = []
+        try:
+            for dirpath, dirs, names in os.walk(root):
+                dirs.sort()
+                info = os.lstat(dirpath)  # a directory's mtime changes with every swap
+                entries.append((dirpath, info.st_ino, info.st_mode))
+                for name in sorted(names + [d for d in dirs if os.path.islink(dirpath + "/" + d)]):
+                    path = os.path.join(dirpath, name)
+                    if path in skip:
+                        continue
+                    info = os.lstat(path)
+                    stamp = (info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+                    entries.append((path, info.st_ino, info.st_mode, *stamp))
+        except OSError:
+            return None
+        return (real_root, dests, tuple(entries))
+
+
+def _sans_ctime(fingerprint: object) -> object:
+    """A fingerprint without the files' ctimes (the last item of a file's entry)."""
+    if not (isinstance(fingerprint, tuple) and len(fingerprint) == 3):
+        return fingerprint
+    real_root, dests, entries = fingerprint
+    return real_root, dests, tuple(e[:-1] if len(e) == 6 else e for e in entries)
+
+
+def _build(
+    stage_dir: Path, config: Path | None, rendered: Mapping[Path, bytes]
+) -> tuple[StagedConfig, _Stager]:
     root = None if config is None else Path(os.path.abspath(config)).parent
     if root is not None:
         _check_root(root, stage_dir)
@@ -105,7 +221,7 @@ def _build(stage_dir: Path, config: Path | None, rendered: Mapping[Path, bytes])
         stager.mirror_tree()
     files = {dest: stager.write_rendered(dest, data) for dest, data in rendered.items()}
     main = None if config is None else stage_dir / Path(os.path.abspath(config)).name
-    return StagedConfig(root=stage_dir, main=main, files=files)
+    return StagedConfig(root=stage_dir, main=main, files=files), stager
 
 
 def _check_root(root: Path, stage_dir: Path) -> None:
@@ -220,6 +336,43 @@ class _Stager:
             ) from exc
         return path
 
+    def overwrite_rendered(self, dest: Path, data: bytes) -> None:
+        """Rewrite a staged rendered file in place when it is this tree's own inode.
+
+        ``write_rendered`` made it (unlink + create: the mirror may have hard-linked the live
+        file there); a file with one link and no symlink on the way is ours alone, so
+        writing over it cannot touch a live file, and it saves creating an inode per round.
+        Anything else goes through ``write_rendered``.
+        """
+        path = self.staged_dest(dest)
+        try:
+            inside = _is_within(os.path.realpath(path.parent), os.path.realpath(self.stage_dir))
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW) if inside else -1
+        except OSError:
+            fd = -1
+        if fd < 0:
+            self.write_rendered(dest, data)
+            return
+        try:
+            if os.fstat(fd).st_nlink != 1:
+                os.close(fd)
+                fd = -1
+                self.write_rendered(dest, data)
+                return
+            new = self.rewrite(data)
+            view = memoryview(new)
+            while view:
+                view = view[os.write(fd, view) :]
+            if os.fstat(fd).st_size > len(new):  # only then: a truncate costs a journal write
+                os.ftruncate(fd, len(new))
+        except OSError as exc:
+            raise StageError(
+                f"cannot write the staged file: {exc.strerror}", path=str(path)
+            ) from exc
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
     def _stage_file(self, live: str, staged: Path) -> None:
         with open(live, "rb") as handle:
             data = handle.read()
@@ -310,10 +463,15 @@ class SwapEntry:
 
 @dataclass(frozen=True)
 class SwapRecord:
-    """What ``swap_in`` changed, in order; ``restore`` undoes it."""
+    """What ``swap_in`` changed, in order; ``restore`` undoes it.
+
+    ``unsettled``: entries whose backup copy and directory fsync ``swap_in(settle_later=
+    True)`` left for ``settle`` (emptied by it).
+    """
 
     entries: tuple[SwapEntry, ...]
     backup_dir: Path
+    unsettled: list[SwapEntry] = field(default_factory=list, compare=False)
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -335,6 +493,7 @@ def swap_in(
     backup_dir: Path,
     *,
     modes: Mapping[Path, int] | None = None,
+    settle_later: bool = False,
 ) -> SwapRecord:
     """Put every rendered file in place, atomically each, all or nothing across them.
 
@@ -342,11 +501,17 @@ def swap_in(
     destination (the template's ``mode``); otherwise the existing file's mode is kept and a
     new file gets 0644. If any file fails, those already swapped are put back and
     ``StageError`` is raised.
+
+    ``settle_later``: leave the backup copies and the fsync of each destination's
+    directory to ``settle(record)``, so that a caller can signal the LB first. Neither
+    changes what the LB reads: the new file is complete and fsynced before its rename,
+    and a crash before ``settle`` leaves either the old or the new file, both validated.
     """
     done: list[SwapEntry] = []
     for dest in sorted(rendered):
+        mode = (modes or {}).get(dest)
         try:
-            entry = _swap_one(Path(dest), rendered[dest], Path(backup_dir), (modes or {}).get(dest))
+            entry = _swap_one(Path(dest), rendered[dest], Path(backup_dir), mode, settle_later)
         except StageError as err:
             _undo(done, err)
             raise
@@ -354,7 +519,24 @@ def swap_in(
             done.append(entry)
     if done:
         log.info("stage.swapped", files=[str(e.path) for e in done])
-    return SwapRecord(tuple(done), Path(backup_dir))
+    unsettled = list(done) if settle_later else []
+    return SwapRecord(tuple(done), Path(backup_dir), unsettled)
+
+
+def settle(record: SwapRecord) -> None:
+    """Write the backups and fsync the directories ``swap_in(settle_later=True)`` left.
+
+    Runs once per record (later calls do nothing). Failures are logged, not raised: the
+    swap and the reload have happened, and restore works from the record's bytes.
+    """
+    while record.unsettled:
+        entry = record.unsettled.pop(0)
+        try:
+            if entry.backup is not None and entry.previous is not None:
+                _write_backup_file(entry.backup, entry.previous)
+            _fsync_dir(entry.path.parent)
+        except (OSError, StageError) as exc:
+            log.error("stage.settle_failed", path=str(entry.path), error=str(exc))
 
 
 def restore(record: SwapRecord) -> None:
@@ -374,14 +556,19 @@ def restore(record: SwapRecord) -> None:
     log.info("stage.restored", files=[str(e.path) for e in record.entries])
 
 
-def _swap_one(dest: Path, data: bytes, backup_dir: Path, mode: int | None) -> SwapEntry | None:
+def _swap_one(
+    dest: Path, data: bytes, backup_dir: Path, mode: int | None, settle_later: bool = False
+) -> SwapEntry | None:
     path = _resolve(dest)
     previous = current_bytes(path)
     if previous == data:
         return None
     old_mode = _mode_of(path) if previous is not None else None
-    backup = _write_backup(backup_dir, dest, previous)
-    _replace_file(path, data, mode)
+    if settle_later and previous is not None:
+        backup: Path | None = _backup_path(backup_dir, dest)  # written by settle()
+    else:
+        backup = _write_backup(backup_dir, dest, previous)
+    _replace_file(path, data, mode, sync_dir=not settle_later)
     return SwapEntry(path=path, previous=previous, backup=backup, mode=old_mode)
 
 
@@ -416,13 +603,25 @@ def _resolve(dest: Path) -> Path:
     return Path(os.path.realpath(dest)) if dest.is_symlink() else dest
 
 
+def _backup_path(backup_dir: Path, dest: Path) -> Path:
+    return backup_dir / str(dest).lstrip("/")
+
+
 def _write_backup(backup_dir: Path, dest: Path, previous: bytes | None) -> Path | None:
     """Keep the previous bytes as ``<backup_dir>/<abs dest>``; away from any include glob."""
-    backup = backup_dir / str(dest).lstrip("/")
-    try:
-        if previous is None:
+    backup = _backup_path(backup_dir, dest)
+    if previous is None:
+        try:
             backup.unlink(missing_ok=True)  # a stale copy would claim a file that wasn't there
-            return None
+        except OSError as exc:
+            raise StageError(f"cannot write the backup: {exc.strerror}", path=str(backup)) from exc
+        return None
+    _write_backup_file(backup, previous)
+    return backup
+
+
+def _write_backup_file(backup: Path, previous: bytes) -> None:
+    try:
         backup.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=backup.parent, prefix=f".{backup.name}.", suffix=".tmp")
         try:
@@ -434,11 +633,13 @@ def _write_backup(backup_dir: Path, dest: Path, previous: bytes | None) -> Path 
                 os.unlink(tmp)
     except OSError as exc:
         raise StageError(f"cannot write the backup: {exc.strerror}", path=str(backup)) from exc
-    return backup
 
 
-def _replace_file(path: Path, data: bytes, mode: int | None) -> None:
-    """Atomically replace ``path`` with ``data``; in-place write where rename is impossible."""
+def _replace_file(path: Path, data: bytes, mode: int | None, *, sync_dir: bool = True) -> None:
+    """Atomically replace ``path`` with ``data``; in-place write where rename is impossible.
+
+    The data is fsynced before the rename; ``sync_dir`` also fsyncs the directory after it
+    (what makes the rename itself durable; ``settle`` does it when deferred)."""
     try:
         old = os.stat(path)
     except FileNotFoundError:
@@ -463,7 +664,8 @@ def _replace_file(path: Path, data: bytes, mode: int | None) -> None:
                 raise
             _in_place(path, data, final_mode, exc)
         else:
-            _fsync_dir(path.parent)
+            if sync_dir:
+                _fsync_dir(path.parent)
     except OSError as exc:
         raise StageError(f"cannot replace: {exc.strerror or exc}", path=str(path)) from exc
     finally:

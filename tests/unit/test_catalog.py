@@ -186,3 +186,16 @@ def test_parse_host_accepts_ips_and_names(raw: str, expected: str) -> None:
 def test_ipv6_bare_value_is_bracketed_in_address() -> None:
     reg = parse_registration("k", b"[2001:db8::1]:443")
     assert (reg.host, reg.port) == ("2001:db8::1", 443)
+
+
+def test_an_event_rebuilds_only_the_instance_it_touched(catalog: Catalog) -> None:
+    before = catalog.snapshot()
+    catalog.apply(SourceEvents(revision=5, events=(put("/services/web/health/b", "down", 5),)))
+    after = catalog.snapshot()
+    old, new = before.services["web"].instances, after.services["web"].instances
+    assert new[0] is old[0]  # a: untouched, the very same object
+    assert new[1] is not old[1]
+    assert new[1].state is State.DOWN
+    assert after.services["api"] is before.services["api"]
+    catalog.apply(SourceEvents(revision=6, events=(delete("/services/web/health/b", 6),)))
+    assert catalog.snapshot().services["web"].instances[1].state is State.UP

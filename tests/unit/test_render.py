@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 
 from lbsync.errors import RenderError
+from lbsync.model import KeyEvent, SourceEvents
 from lbsync.render import Renderer
-from lbsync.testing import snapshot_from
+from lbsync.testing import FakeCatalog, snapshot_from
 
 CATALOG = {
     "services": {
@@ -81,3 +82,53 @@ def test_sandbox_refuses_unsafe_attribute_access(tmp_path: Path) -> None:
     with pytest.raises(RenderError):
         Renderer(sandbox=True).render(src, snapshot_from(CATALOG))
     assert Renderer(sandbox=False).render(src, snapshot_from(CATALOG))
+
+
+CACHED = (
+    "{% for s in services.values() %}{% cache s %}{{ s.name }}:{{ count(s.name) }}"
+    "{% for i in s.instances %} {{ i.address }}{% endfor %};{% endcache %}{% endfor %}"
+)
+
+
+def _counting() -> tuple[dict[str, int], dict[str, object]]:
+    calls: dict[str, int] = {}
+
+    def count(name: str) -> str:
+        calls[name] = calls.get(name, 0) + 1
+        return ""
+
+    return calls, {"count": count}
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_cache_block_is_reused_while_its_key_is_the_same_object(
+    tmp_path: Path, sandbox: bool
+) -> None:
+    src = write(tmp_path, "t.j2", CACHED)
+    catalog = FakeCatalog(CATALOG).catalog
+    renderer = Renderer(sandbox=sandbox)
+    calls, extra = _counting()
+    first = renderer.render(src, catalog.snapshot(), extra)
+    assert first == b"api: 10.1.0.1:9000;web: 10.0.0.1:80 10.0.0.2:80 10.0.0.3:80;"
+    key = "/lbsync/services/api/instances/y"
+    event = KeyEvent(kind="put", key=key, value=b"10.1.0.2:9000", mod_revision=2)
+    catalog.apply(SourceEvents(revision=2, events=(event,)))
+    second = renderer.render(src, catalog.snapshot(), extra)
+    assert second == b"api: 10.1.0.1:9000 10.1.0.2:9000;" + first.split(b";")[1] + b";"
+    assert calls == {"api": 2, "web": 1}  # web: the same object, its block reused
+    assert Renderer(sandbox=sandbox).render(src, catalog.snapshot(), extra) == second
+
+
+def test_failed_render_keeps_no_cache_entries(tmp_path: Path) -> None:
+    src = write(tmp_path, "t.j2", CACHED + "{{ boom() }}")
+    renderer = Renderer()
+    snapshot = snapshot_from(CATALOG)
+    calls, extra = _counting()
+
+    def boom() -> str:
+        raise RuntimeError("boom")
+
+    for _ in range(2):
+        with pytest.raises(RenderError):
+            renderer.render(src, snapshot, {**extra, "boom": boom})
+    assert calls == {"api": 2, "web": 2}

@@ -386,3 +386,157 @@ def test_current_bytes(tmp_path: Path) -> None:
         stage.current_bytes(tmp_path)
     assert info.value.path == str(tmp_path)
     assert isinstance(info.value.__cause__, OSError)
+
+
+# --- a staged tree kept between rounds -----------------------------------------------------
+
+
+def _staged_root(area: stage.StagingArea, rendered: dict[Path, bytes]) -> Path:
+    with area.staged(rendered) as tree:
+        for dest, data in rendered.items():
+            assert tree.files[dest].read_bytes() == data
+        return tree.root
+
+
+def test_staging_area_reuses_its_tree_while_only_rendered_files_change(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    dest = root / "conf.d" / "upstreams.conf"
+    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+
+    first = _staged_root(area, {dest: b"one\n"})
+    stage.swap_in({dest: b"one\n"}, tmp_path / "backup")  # the live dest changes each round
+    assert _staged_root(area, {dest: b"two\n"}) == first
+    assert _staged_root(area, {dest: b"two\n"}) == first
+    assert dest.read_bytes() == b"one\n", "staging must not touch the live tree"
+    assert f"include {first}/conf.d/*.conf;" in (first / "nginx.conf").read_text()
+
+    area.close()
+    assert not first.exists()
+
+
+@pytest.mark.parametrize("change", ["edit", "add", "replace", "remove"])
+def test_staging_area_rebuilds_when_the_live_tree_changes(tmp_path: Path, change: str) -> None:
+    root = _live_tree(tmp_path)
+    dest = root / "conf.d" / "upstreams.conf"
+    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+    first = _staged_root(area, {dest: b"up\n"})
+
+    old = root / "conf.d" / "old.conf"
+    if change == "edit":
+        with old.open("a") as handle:  # in place: same inode
+            handle.write("# more\n")
+    elif change == "add":
+        (root / "conf.d" / "new.conf").write_text("# new\n")
+    elif change == "replace":
+        tmp = root / "conf.d" / ".old.tmp"
+        tmp.write_text("# old fragment\n")
+        os.replace(tmp, old)
+    else:
+        old.unlink()
+
+    second = _staged_root(area, {dest: b"up\n"})
+    assert second != first
+    assert not first.exists()
+    live = sorted(p.relative_to(root) for p in root.rglob("*") if p != dest)
+    assert (
+        sorted(
+            p.relative_to(second) for p in second.rglob("*") if p != second / dest.relative_to(root)
+        )
+        == live
+    )
+    if change == "edit":
+        assert (second / "conf.d" / "old.conf").read_text().endswith("# more\n")
+
+
+def test_staging_area_rebuilds_a_tree_removed_under_it(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    dest = root / "conf.d" / "upstreams.conf"
+    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+    first = _staged_root(area, {dest: b"up\n"})
+    for path in sorted(first.rglob("*"), reverse=True):
+        path.unlink() if not path.is_dir() or path.is_symlink() else path.rmdir()
+    first.rmdir()
+    second = _staged_root(area, {dest: b"up\n"})
+    assert (second / "nginx.conf").exists()
+
+
+def test_staging_area_always_rebuilds_for_an_outside_dest(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    outside = tmp_path / "srv" / "lb" / "upstreams.conf"
+    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+    first = _staged_root(area, {outside: b"up\n"})
+    assert _staged_root(area, {outside: b"up\n"}) != first
+    assert not first.exists()
+
+
+# --- backups and directory fsync after the reload signal ------------------------------------
+
+
+def test_settle_later_writes_the_backup_and_syncs_the_dir_in_settle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "conf.d" / "upstreams.conf"
+    dest.parent.mkdir()
+    dest.write_bytes(b"old\n")
+    new = tmp_path / "conf.d" / "new.conf"
+    backups = tmp_path / "backup"
+    synced: list[Path] = []
+    real_fsync_dir = stage._fsync_dir
+
+    def fsync_dir(directory: Path) -> None:
+        synced.append(Path(directory))
+        real_fsync_dir(directory)
+
+    monkeypatch.setattr(stage, "_fsync_dir", fsync_dir)
+
+    record = stage.swap_in({dest: b"new\n", new: b"n\n"}, backups, settle_later=True)
+
+    assert dest.read_bytes() == b"new\n"
+    assert new.read_bytes() == b"n\n"
+    backup = backups / str(dest).lstrip("/")
+    assert {e.path: e.backup for e in record.entries} == {dest: backup, new: None}
+    assert not backup.exists()
+    assert synced == []
+    stage.settle(record)
+    assert backup.read_bytes() == b"old\n"
+    assert synced == [new.parent, dest.parent]
+    stage.settle(record)  # once only
+    assert len(synced) == 2
+    stage.restore(record)  # restore works from the record, settled or not
+    assert dest.read_bytes() == b"old\n"
+    assert not new.exists()
+
+
+def test_settle_logs_a_failed_backup_instead_of_raising(tmp_path: Path) -> None:
+    dest = tmp_path / "upstreams.conf"
+    dest.write_bytes(b"old\n")
+    blocker = tmp_path / "backup"
+    blocker.write_text("a file where the backup directory should be")
+
+    record = stage.swap_in({dest: b"new\n"}, blocker, settle_later=True)
+    stage.settle(record)
+
+    assert dest.read_bytes() == b"new\n"
+    assert record.unsettled == []
+
+
+def test_staging_area_overwrites_only_its_own_inode(tmp_path: Path) -> None:
+    root = _live_tree(tmp_path)
+    dest = root / "conf.d" / "upstreams.conf"
+    dest.write_bytes(b"live\n")
+    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+    with area.staged({dest: b"one\n"}) as tree:
+        staged = tree.files[dest]
+        inode = staged.stat().st_ino
+    with area.staged({dest: b"two\n"}):
+        assert staged.stat().st_ino == inode  # rewritten in place: no new inode per round
+        assert staged.read_bytes() == b"two\n"
+    with area.staged({dest: b"a longer one\n"}):
+        assert staged.read_bytes() == b"a longer one\n"
+    with area.staged({dest: b"2\n"}):
+        assert staged.read_bytes() == b"2\n"  # shorter: the tail is cut
+    staged.unlink()
+    os.link(dest, staged)  # as if shared with the live file: must be replaced, not written
+    with area.staged({dest: b"three\n"}):
+        assert staged.read_bytes() == b"three\n"
+    assert dest.read_bytes() == b"live\n"
