@@ -141,6 +141,43 @@ class NginxTarget(TargetBase):
     # nginx's -p: where relative paths in nginx.conf (logs, pid) resolve. None = built-in.
     prefix: Path | None = None
     error_log: Path | None = None
+    # Runtime mode (docs/nginx-runtime.md): membership changes go to a Lua balancer through
+    # a loopback control endpoint, with no reload; needs nginx's Lua module.
+    runtime: bool = False
+    # The control location, as lbsync reaches it and as the template renders it.
+    control_url: str = "http://127.0.0.1:8089/lbsync/"
+    control_timeout: Duration = 2.0
+    # How often lbsync asks nginx which peer lists it holds (to notice a restart).
+    poll_interval: Duration = 1.0
+    # Where nginx loads lbsync's Lua module from (None: the copy shipped in the package).
+    lua_dir: Path | None = None
+    # The LuaJIT interpreter used to check Lua before a reload (Debian: package luajit2).
+    luajit: str = "luajit"
+
+    @field_validator("control_url")
+    @classmethod
+    def _control_url_is_loopback(cls, url: str) -> str:
+        if not _CONTROL_URL.match(url):
+            raise ValueError(
+                f"{url!r} must look like 'http://127.0.0.1:8089/lbsync/': plain http, a "
+                "loopback IP (127.x.x.x or [::1]), a port and a path ending in '/'"
+            )
+        return url
+
+    @field_validator("lua_dir")
+    @classmethod
+    def _lua_dir_is_absolute(cls, path: Path | None) -> Path | None:
+        if path is not None and (not path.is_absolute() or not _SAFE_PATH.match(str(path))):
+            raise ValueError(f"lua_dir must be an absolute path without quotes, got {str(path)!r}")
+        return path
+
+
+_CONTROL_URL = re.compile(
+    r"^http://(127(?:\.(?:25[0-5]|2[0-4]\d|1?\d?\d)){3}|\[::1\]):"
+    r"([1-9]\d{0,3}|[1-5]\d{4}|6[0-4]\d{3}|65[0-4]\d{2}|655[0-2]\d|6553[0-5])"
+    r"(/(?:[A-Za-z0-9_.-]+/)*)$"
+)
+_SAFE_PATH = re.compile(r"^[^\"'\\;{}\s$]+$")
 
 
 class HaproxyTarget(TargetBase):

@@ -168,6 +168,9 @@ class Daemon:
         if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
             self.run_round()
         self._save_last_good()
+        for pipeline in self.pipelines:
+            # drivers with runtime state check it here (rate-limited by the driver)
+            pipeline.driver.tick(pipeline.applied)
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: FrameType | None) -> None:

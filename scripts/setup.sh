@@ -5,10 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# luajit2, not luajit: Debian's `luajit` (upstream LuaJIT) conflicts with OpenResty's
+# libluajit2-5.1-2, which libnginx-mod-http-lua needs, and installing it removes the nginx
+# Lua module. luajit2 is the same LuaJIT that nginx embeds; lbsync uses it to check Lua.
 APT_PACKAGES=(
   etcd-server etcd-client nginx haproxy wrk
   libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core lua-resty-lrucache lua-cjson
-  luajit python3-venv
+  luajit2 python3-venv
 )
 
 as_root() {

@@ -77,6 +77,16 @@ class Driver(abc.ABC):
         """
         return False
 
+    def tick(self, applied: Snapshot | None) -> bool:
+        """Called from the daemon's loop between rounds (often; the driver rate-limits).
+
+        ``applied`` is the snapshot the target's pipeline last applied. A driver whose LB
+        holds runtime state that a restart loses (nginx runtime mode) checks it here and
+        restores it. True = in step as far as the driver can tell; False = it could not
+        check or restore (already logged; worth showing as degraded). Never raises.
+        """
+        return True
+
 
 DriverFactory = Callable[[Any], Driver]
 

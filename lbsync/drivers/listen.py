@@ -32,6 +32,7 @@ from typing import Literal
 import psutil
 import structlog
 
+from lbsync.drivers.lua import strip_lua_blocks
 from lbsync.errors import ListenConflict
 
 log = structlog.get_logger("lbsync.drivers.listen")
@@ -94,6 +95,8 @@ class _NginxWalker:
             # parses it on its own): skip tokenizing it. A 10,000-server upstreams file
             # would otherwise cost ~100 ms per validation.
             return
+        if "_by_lua_block" in text:
+            text = strip_lua_blocks(text)  # Lua's "#" and braces in strings are not nginx's
         for kind, words in _nginx_statements(text):
             if kind == "{":
                 self.stack.append(words[0] if words else "")
@@ -184,12 +187,24 @@ def haproxy_listens(config: Path) -> list[ListenAddress]:
         log.debug("listen.unreadable", path=str(config), error=exc.strerror)
         return []
     found: list[ListenAddress] = []
-    for line in text.splitlines():
+    for line in _lines_containing(text, "bind"):
         words = line.split("#", 1)[0].split()
         if len(words) >= 2 and words[0] == "bind":
             for spec in words[1].split(","):
                 found.extend(parse_haproxy_bind(spec, words[2:]))
     return found
+
+
+def _lines_containing(text: str, word: str) -> Iterator[str]:
+    """The lines of ``text`` that contain ``word``, found with ``str.find``: a config of
+    20,000 ``server`` lines and a few ``bind`` lines costs ~1 ms, not ~20 ms of splitting."""
+    at = text.find(word)
+    while at >= 0:
+        start = text.rfind("\n", 0, at) + 1
+        end = text.find("\n", at)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        at = text.find(word, end)
 
 
 def parse_haproxy_bind(spec: str, params: list[str]) -> list[ListenAddress]:

@@ -5,6 +5,11 @@ Verification follows what nginx does on SIGHUP (measured, see lb-mechanics.md): 
 while the old ones are retitled ``worker process is shutting down``; if it is bad, it
 logs ``[emerg]`` and keeps the old workers. So "new workers appeared" is the success
 signal, and an ``[emerg]`` appended to the error log since the signal is an early failure.
+
+Runtime mode (``runtime = true``, see ``nginx_runtime`` and docs/nginx-runtime.md) adds:
+membership changes pushed to a Lua balancer instead of a reload, a re-push after every
+reload, ``tick`` to notice restarts done by others, and a Lua syntax check in ``validate``
+(``nginx -t`` never runs Lua). Lua blocks in rendered files are checked in either mode.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from lbsync.commands import run_command
 from lbsync.config import NginxTarget
 from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
 from lbsync.drivers.listen import check_listen, nginx_listens
+from lbsync.drivers.lua import check_lua, luajit_available
+from lbsync.drivers.nginx_runtime import RuntimeSync
 from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
+from lbsync.model import Snapshot
 from lbsync.stage import EXTERNAL_DIR
 
 log = structlog.get_logger("lbsync.drivers.nginx")
@@ -40,14 +48,68 @@ _LOG_TAIL_BYTES = 64 * 1024
 class NginxDriver(Driver):
     target: NginxTarget
 
+    def __init__(self, target: NginxTarget) -> None:
+        super().__init__(target)
+        self.runtime = RuntimeSync(target) if target.runtime else None
+        self._warned_no_luajit = False
+        self._lua_good: set[str] = set()  # digests of Lua code that compiled
+
+    # --- template context and runtime mode -----------------------------------------------
+
+    def template_context(self, snapshot: Snapshot) -> Mapping[str, Any]:
+        """Runtime mode: ``nginx_runtime`` (Lua path, control listener, Lua upstreams)."""
+        return {} if self.runtime is None else self.runtime.template_context(snapshot)
+
+    def runtime_update(self, old: Snapshot | None, new: Snapshot) -> bool:
+        """Runtime mode: push a membership-only change to the Lua balancer, no reload."""
+        return False if self.runtime is None else self.runtime.update(old, new)
+
+    def tick(self, applied: Snapshot | None) -> bool:
+        """Runtime mode: every ``poll_interval``, re-push if nginx lost the pushed lists."""
+        return True if self.runtime is None else self.runtime.tick(applied)
+
     # --- validate ----------------------------------------------------------------------
 
     def validate(self, staged: StagedConfig) -> None:
-        """``nginx -t`` on the staged main config, then the listen-address pre-check."""
+        """``nginx -t`` on the staged main config, the Lua check, the listen pre-check."""
         if staged.main is None:
             raise ValidationFailed("no main config was staged", command=[self.target.binary])
         self._run_check(staged)
+        self._check_lua(staged)
         self._check_new_listens(staged.main)
+
+    def _check_lua(self, staged: StagedConfig) -> None:
+        """Compile the Lua module (runtime mode) and every Lua block of the rendered files."""
+        configs = {}
+        for dest, path in staged.files.items():
+            try:
+                text = path.read_text(encoding="utf-8", errors="surrogateescape")
+            except OSError as exc:
+                raise ValidationFailed(
+                    f"cannot read the staged file {path}: {exc.strerror}", command=[str(path)]
+                ) from exc
+            if "_by_lua_block" in text:
+                configs[str(dest)] = text
+        modules = self.runtime.modules() if self.runtime is not None else []
+        if not (configs or modules):
+            return
+        if not luajit_available(self.target.luajit):
+            if not self._warned_no_luajit:
+                self._warned_no_luajit = True
+                log.warning(
+                    "nginx.lua_check_skipped",
+                    target=self.name,
+                    reason=f"{self.target.luajit!r} not found (Debian: apt install luajit2)",
+                )
+            return
+        checked = check_lua(
+            luajit=self.target.luajit,
+            timeout=self.target.command_timeout,
+            modules=modules,
+            configs=configs,
+            known_good=self._lua_good,
+        )
+        log.debug("nginx.lua_checked", target=self.name, compiled=checked)
 
     def _run_check(self, staged: StagedConfig) -> None:
         fd, error_log = tempfile.mkstemp(prefix="lbsync-nginx-t-", suffix=".log")
@@ -117,6 +179,8 @@ class NginxDriver(Driver):
             "old_workers": old,
             "error_log_offset": self._error_log_size(),
         }
+        if self.runtime is not None:
+            details.update(self.runtime.before_reload())
         started = time.time()
         try:
             os.kill(master.pid, signal.SIGHUP)
@@ -187,6 +251,8 @@ class NginxDriver(Driver):
             fresh = _new_workers(master, set(details["old_workers"]))
             if fresh:
                 log.info("nginx.reloaded", target=self.name, master_pid=master.pid, workers=fresh)
+                if self.runtime is not None:
+                    self.runtime.after_reload(details)
                 return
             if time.monotonic() >= deadline:
                 raise VerifyFailed(
@@ -213,12 +279,18 @@ class NginxDriver(Driver):
 
     def _emergencies(self, offset: int | None) -> list[str]:
         """``[emerg]`` lines since the signal. A failed ``bind() to …`` is retried by nginx
-        (for ~2.5 s) and only final once it logs ``still could not bind()``."""
-        return [
-            line
-            for line in self._appended(offset)
-            if "[emerg]" in line and "bind() to " not in line
-        ]
+        (for ~2.5 s) and only final once it logs ``still could not bind()``. A failing
+        ``init_by_lua`` (a broken Lua module) fails the reload with only an ``[error]``."""
+        found: list[str] = []
+        keep = False
+        for line in self._appended(offset):
+            if keep and line[:1].isspace():  # a Lua error goes on over indented lines
+                found.append(line)
+                continue
+            keep = "init_by_lua error" in line
+            if keep or ("[emerg]" in line and "bind() to " not in line):
+                found.append(line)
+        return found
 
     def _log_tail(self, offset: int | None) -> str:
         if self.target.error_log is None:

@@ -37,12 +37,24 @@ REPO = Path(__file__).resolve().parents[2]
 UPSTREAMS_TEMPLATE = REPO / "templates" / "nginx" / "upstreams.conf.j2"
 
 PLACEHOLDER_UPSTREAM = "upstream app {\n    server 127.0.0.1:1 down;\n}\n"
+# Debian's paths; the NDK must be loaded before the Lua module (undefined symbol otherwise).
+LUA_MODULES = (
+    "/usr/share/nginx/modules/ndk_http_module.so",
+    "/usr/share/nginx/modules/ngx_http_lua_module.so",
+)
 
 
 class NginxServer:
-    """One nginx master and its workers, configured in ``workdir``."""
+    """One nginx master and its workers, configured in ``workdir``.
 
-    def __init__(self, workdir: Path) -> None:
+    ``lua=True``: the Lua module is loaded (NDK first) and the site's location has the
+    runtime mode's access check and upstream keep-alive; ``control_port`` is free for the
+    control listener, which lbsync's rendered upstreams file adds.
+    """
+
+    def __init__(self, workdir: Path, *, lua: bool = False) -> None:
+        self.lua = lua
+        self.control_port = free_port() if lua else 0
         self.dir = workdir
         self.conf = workdir / "nginx.conf"
         self.conf_d = workdir / "conf.d"
@@ -59,7 +71,9 @@ class NginxServer:
             (tmp / sub).mkdir(parents=True, exist_ok=True)
         self.conf_d.mkdir(parents=True, exist_ok=True)
         user = "user root;\n" if os.geteuid() == 0 else ""
+        modules = "".join(f"load_module {m};\n" for m in LUA_MODULES) if self.lua else ""
         self.conf.write_text(
+            f"{modules}"
             "daemon on;\n"
             "master_process on;\n"
             "worker_processes 1;\n"
@@ -78,10 +92,18 @@ class NginxServer:
             "}\n"
         )
         (self.conf_d / "upstreams.conf").write_text(PLACEHOLDER_UPSTREAM)
+        runtime = (
+            '        access_by_lua_block { require("lbsync.runtime").access("app") }\n'
+            "        proxy_http_version 1.1;\n"
+            '        proxy_set_header Connection "";\n'
+            if self.lua
+            else ""
+        )
         (self.conf_d / "site.conf").write_text(
             "server {\n"
             f"    listen 127.0.0.1:{self.port};\n"
             "    location / {\n"
+            f"{runtime}"
             "        proxy_pass http://app;\n"
             "        proxy_next_upstream error timeout;\n"
             "    }\n"
@@ -103,8 +125,23 @@ class NginxServer:
             "command_timeout": 30.0,
             "verify_timeout": 15.0,
         }
+        if self.lua:
+            fields["runtime"] = True
+            fields["control_url"] = self.control_url
         fields.update(overrides)
         return NginxTarget.model_validate(fields)
+
+    @property
+    def control_url(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}/lbsync/"
+
+    def reconfigurations(self) -> int:
+        """How many times the master re-read its config (SIGHUP) since it started."""
+        try:
+            text = self.error_log.read_text(errors="replace")
+        except OSError:
+            return 0
+        return text.count("signal 1 (SIGHUP) received")
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -229,12 +266,23 @@ def _set_subreaper(on: bool) -> bool:
 @pytest.fixture
 def nginx_server(tmp_path: Path) -> Iterator[NginxServer]:
     """A started nginx with an ``upstream app`` placeholder and a site on ``.port``."""
-    server = NginxServer(tmp_path / "nginx")
+    yield from _running(NginxServer(tmp_path / "nginx"))
+
+
+@pytest.fixture
+def nginx_lua_server(tmp_path: Path) -> Iterator[NginxServer]:
+    """Like ``nginx_server``, with the Lua module loaded (``lua=True``); not started: the
+    test renders the upstreams file (which sets up the Lua side) and calls ``start``."""
+    yield from _running(NginxServer(tmp_path / "nginx", lua=True), start=False)
+
+
+def _running(server: NginxServer, *, start: bool = True) -> Iterator[NginxServer]:
     server.dir.mkdir()
     server.write_config()
     reaping = _set_subreaper(True)
     try:
-        server.start()
+        if start:
+            server.start()
         yield server
     finally:
         try:

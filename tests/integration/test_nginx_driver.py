@@ -8,7 +8,6 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import jinja2
 import psutil
 import pytest
 
@@ -19,6 +18,7 @@ from lbsync.drivers.listen import check_listen, nginx_listens
 from lbsync.drivers.nginx import NginxDriver
 from lbsync.errors import ListenConflict, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, Snapshot, State
+from lbsync.render import Renderer
 from tests.harness.backends import Backend, served_names
 from tests.harness.net import free_port, wait_for
 from tests.harness.nginx import REPO, NginxServer, process_gone
@@ -26,18 +26,11 @@ from tests.harness.nginx import REPO, NginxServer, process_gone
 pytestmark = pytest.mark.integration
 
 TEMPLATES = REPO / "templates" / "nginx"
-ENV = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
-)
 
 
 def render(template: str, snapshot: Snapshot) -> bytes:
-    context = {"services": snapshot.services, "snapshot": snapshot}
-    return ENV.get_template(template).render(context).encode()
+    """As lbsync renders it (its environment, extensions and context)."""
+    return Renderer().render(TEMPLATES / template, snapshot)
 
 
 def snapshot_of(*services: Service, revision: int = 7) -> Snapshot:

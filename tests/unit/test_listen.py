@@ -144,9 +144,23 @@ def test_overlapping_own_address_is_a_conflict_unless_reuseport(
     check_listen([wildcard], own_pids=[os.getpid()], target="t", reuseport=True)
 
 
-def test_udp_address_is_probed_as_udp() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+def _udp_socket_with_free_tcp_twin() -> socket.socket:
+    """A bound UDP socket whose port is free for TCP right now (ports are picked at random)."""
+    for _ in range(50):
+        held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         held.bind(("127.0.0.1", 0))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", held.getsockname()[1]))
+            except OSError:
+                held.close()
+                continue
+        return held
+    raise AssertionError("no UDP port with a free TCP twin")
+
+
+def test_udp_address_is_probed_as_udp() -> None:
+    with _udp_socket_with_free_tcp_twin() as held:
         port = held.getsockname()[1]
         check_listen([ListenAddress("127.0.0.1", port)], own_pids=[], target="t")  # tcp: free
         with pytest.raises(ListenConflict, match=f"127.0.0.1:{port}/udp"):

@@ -1,0 +1,457 @@
+"""nginx runtime mode: membership changes pushed to a Lua balancer, no reload.
+
+The nginx side is ``lbsync/lua/lbsync/runtime.lua`` (read its header first): each
+round-robin upstream keeps its rendered static ``server`` list and gains a
+``balancer_by_lua_block`` that balances over the peer list lbsync pushed for it, if any; a
+loopback-only control location takes pushes and answers which lists it holds.
+
+What this module decides and does (``NginxDriver`` calls it):
+
+- **runtime_update**: a change that only moves instances in or out, or changes their
+  address, weight or up/drain state, in upstreams that the Lua balancer drives, is pushed
+  (one POST per changed upstream, at the snapshot's etcd revision); anything else
+  (an upstream appears or goes, settings, meta, keys outside the schema, a hostname that
+  the balancer could not use, the template) declines, and the pipeline reloads. So does
+  any failure to push: an unreachable endpoint, a refused or stale push.
+- **after a reload** (``verify``): nginx starts a new *generation* on every config load
+  and serves every upstream from its static list until lbsync pushes again; lbsync waits
+  for the new generation to answer and pushes every upstream.
+- **tick** (called from the daemon's loop): every ``poll_interval``, GET the control
+  endpoint; a generation lbsync did not push to (nginx restarted or reloaded by someone
+  else) or a missing upstream gets a full re-push.
+
+Between a restart and the re-push nothing is wrong, only static: the static lists are the
+rendered files, which lbsync writes on every change, runtime or not.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from lbsync.config import NginxTarget
+from lbsync.drivers.lua import lua_modules
+from lbsync.errors import DriverError
+from lbsync.model import Service, Snapshot
+
+log = structlog.get_logger("lbsync.drivers.nginx")
+
+LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+DICT_SIZE = "16m"  # keep it fixed: a size change wipes the shared dict on reload
+STATIC_BALANCE = frozenset({"least_conn", "ip_hash", "random"})  # not done by the Lua side
+_WAIT_FIRST = 0.005
+_WAIT_MAX = 0.05
+_UNREACHABLE_GRACE = 0.2  # after a verified reload, how long a refused control port may last
+_MEMBERSHIP_KEY_PARTS = 4  # "", "services", <service>, "instances"|"health", <id>
+
+
+class _Decline(Exception):
+    """This change cannot go through the control endpoint; the reason is logged."""
+
+
+@dataclass(frozen=True)
+class ControlState:
+    """What the control endpoint says it holds: the current generation and, for it, the
+    revision of each pushed upstream."""
+
+    generation: str
+    services: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    applied: bool  # False: nginx already held this revision (idempotent)
+    generation: str
+
+
+class StalePush(DriverError):
+    """nginx holds a newer revision of this upstream than the one pushed."""
+
+
+class ControlClient:
+    """One-request-per-connection JSON client for the control location.
+
+    ``Connection: close`` on purpose: a kept-alive connection could stay with a worker of
+    the previous generation after a reload.
+    """
+
+    def __init__(self, url: str, *, timeout: float, target: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.url = url
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.path = parts.path
+        self.timeout = timeout
+        self.target = target
+
+    def state(self) -> ControlState:
+        status, body = self._request("GET", self.path)
+        if status != 200:
+            raise self._error("GET", status, body)
+        try:
+            generation = str(body["generation"])
+            services = {
+                str(name): int(info["revision"]) for name, info in dict(body["services"]).items()
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DriverError(
+                f"control endpoint {self.url}: unexpected answer {body!r}", target=self.target
+            ) from exc
+        return ControlState(generation, services)
+
+    def push(self, service: str, revision: int, peers: list[dict[str, Any]]) -> PushResult:
+        payload = {"revision": revision, "peers": peers}
+        status, body = self._request("POST", f"{self.path}services/{service}", payload)
+        if status == 409:
+            raise StalePush(
+                f"nginx holds revision {body.get('revision')} of {service!r}, newer than "
+                f"{revision}",
+                target=self.target,
+            )
+        if status != 200:
+            raise self._error(f"POST services/{service}", status, body)
+        return PushResult(bool(body.get("applied")), str(body.get("generation")))
+
+    def _request(
+        self, method: str, path: str, payload: object | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        data = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+        headers = {"Connection": "close", "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise DriverError(
+                f"control endpoint {self.url} unreachable: {getattr(exc, 'strerror', None) or exc}",
+                target=self.target,
+            ) from exc
+        finally:
+            conn.close()
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = {"error": raw[:200].decode(errors="replace")}
+        return response.status, body if isinstance(body, dict) else {"answer": body}
+
+    def _error(self, what: str, status: int, body: Mapping[str, Any]) -> DriverError:
+        reason = body.get("error") or body.get("answer") or ""
+        return DriverError(
+            f"control endpoint {self.url}: {what} answered {status} {reason}".rstrip(),
+            target=self.target,
+        )
+
+
+# --- what the Lua side can do ----------------------------------------------------------
+
+
+def lua_balanced(service: Service) -> bool:
+    """True if the stock template gives this upstream the Lua balancer (round robin)."""
+    return str(service.settings.get("balance", "")) not in STATIC_BALANCE
+
+
+def pushable(service: Service) -> bool:
+    """Every instance that takes traffic has an IP address (the balancer cannot resolve)."""
+    return all(_is_ip(i.host) for i in service.instances if not i.down)
+
+
+def peers(service: Service) -> list[dict[str, Any]]:
+    """The push payload: up and draining instances (down ones are left out)."""
+    return [
+        {
+            "id": i.id,
+            "host": i.host,
+            "port": i.port,
+            "weight": i.weight,
+            "state": "up" if i.up else "drain",
+        }
+        for i in service.instances
+        if not i.down
+    ]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_membership_key(key: str) -> bool:
+    parts = key.split("/")
+    return (
+        len(parts) == _MEMBERSHIP_KEY_PARTS + 1
+        and parts[1] == "services"
+        and parts[3] in ("instances", "health")
+    )
+
+
+def _same_instances_apart_from_membership(old: Service, new: Service) -> str | None:
+    """Why ``old → new`` needs more than a push, or None."""
+    if old.settings != new.settings:
+        return "settings changed"
+    before = {i.id: i for i in old.instances}
+    for inst in new.instances:
+        prev = before.get(inst.id)
+        if prev is not None and prev.meta != inst.meta:
+            return f"instance {inst.id}: meta changed"
+    if not lua_balanced(new):
+        return f"balance {new.settings.get('balance')} is not done by the Lua balancer"
+    if not pushable(new):
+        return "an instance has a hostname (the Lua balancer needs IP addresses)"
+    return None
+
+
+# --- the driver's runtime state -----------------------------------------------------------
+
+
+class RuntimeSync:
+    """Keeps a running nginx's pushed peer lists in step with what lbsync applied."""
+
+    def __init__(self, target: NginxTarget) -> None:
+        self.target = target
+        self.client = ControlClient(
+            target.control_url, timeout=target.control_timeout, target=target.name
+        )
+        self.lua_dir = target.lua_dir or LUA_DIR
+        self._generation: str | None = None  # the generation our last full sync went to
+        self._loaded: Snapshot | None = None  # what nginx's pushed lists were last set to
+        self._pending: Snapshot | None = None  # what the coming reload loads
+        self._next_poll = 0.0
+        self._reachable: bool | None = None
+        self._keys_memo: tuple[Snapshot, dict[str, str]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def next_poll(self) -> float:
+        """When ``tick`` next asks nginx (``time.monotonic()`` clock)."""
+        return self._next_poll
+
+    # -- template ---------------------------------------------------------------------
+
+    def template_context(self, snapshot: Snapshot) -> dict[str, Any]:
+        parts = urllib.parse.urlsplit(self.target.control_url)
+        return {
+            "nginx_runtime": {
+                "lua_package_path": f"{self.lua_dir}/?.lua;;",
+                "dict_size": DICT_SIZE,
+                "control_listen": parts.netloc,
+                "control_location": parts.path,
+                "upstreams": tuple(n for n, s in snapshot.services.items() if lua_balanced(s)),
+            }
+        }
+
+    # -- runtime_update -----------------------------------------------------------------
+
+    def update(self, old: Snapshot | None, new: Snapshot) -> bool:
+        started = time.monotonic()
+        try:
+            changed = self._membership_changes(old, new)
+            synced = self._push(new, changed)
+        except _Decline as why:
+            self._pending = new
+            log.info("nginx.runtime_update", target=self.name, applied=False, reason=str(why))
+            return False
+        self._loaded = new
+        log.info(
+            "nginx.runtime_update",
+            target=self.name,
+            applied=True,
+            upstreams=changed,
+            full_sync=synced,
+            revision=new.revision,
+            ms=round((time.monotonic() - started) * 1000, 2),
+        )
+        return True
+
+    def _membership_changes(self, old: Snapshot | None, new: Snapshot) -> list[str]:
+        if old is None:
+            raise _Decline("no applied snapshot to compare with")
+        if set(old.services) != set(new.services):
+            raise _Decline("an upstream appeared or disappeared")
+        if self._other_keys(old) != self._other_keys(new):
+            raise _Decline("keys outside the instance schema changed")
+        changed = [
+            name
+            for name, service in new.services.items()
+            if peers(old.services[name]) != peers(service)
+        ]
+        if not changed:
+            raise _Decline("no membership change (the template or something else changed)")
+        for name in changed:
+            why = _same_instances_apart_from_membership(old.services[name], new.services[name])
+            if why:
+                raise _Decline(f"{name}: {why}")
+        return changed
+
+    def _other_keys(self, snapshot: Snapshot) -> dict[str, str]:
+        if self._keys_memo is None or self._keys_memo[0] is not snapshot:
+            other = {k: v for k, v in snapshot.keys.items() if not _is_membership_key(k)}
+            self._keys_memo = (snapshot, other)
+        return self._keys_memo[1]
+
+    def _push(self, snapshot: Snapshot, names: list[str]) -> bool:
+        """Push ``names``; if nginx turns out to be on a generation we never synced, push
+        every upstream. Returns whether a full sync happened. _Decline on any failure."""
+        generation = None
+        try:
+            for name in names:
+                result = self.client.push(name, snapshot.revision, peers(snapshot.services[name]))
+                generation = result.generation
+            if generation is not None and generation != self._generation:
+                self._sync_all(snapshot)
+                return True
+        except DriverError as err:
+            self._generation = None  # unknown now: the next tick or push syncs everything
+            raise _Decline(str(err)) from err
+        return False
+
+    def _sync_all(self, snapshot: Snapshot) -> str | None:
+        """Push every upstream the balancer drives; remember the generation. Raises
+        DriverError (a stale upstream is skipped: nginx already holds newer data)."""
+        generation = None
+        for name, service in snapshot.services.items():
+            if not (lua_balanced(service) and pushable(service)):
+                continue
+            try:
+                generation = self.client.push(name, snapshot.revision, peers(service)).generation
+            except StalePush as err:
+                log.info(
+                    "nginx.runtime_push_stale", target=self.name, upstream=name, error=str(err)
+                )
+        if generation is None:
+            generation = self.client.state().generation
+        self._generation = generation
+        self._loaded = snapshot
+        return generation
+
+    # -- around a reload -------------------------------------------------------------------
+
+    def before_reload(self) -> dict[str, Any]:
+        """Ticket details: the generation before the signal, and what to push after it."""
+        push = self._pending or self._loaded
+        self._pending = None
+        try:
+            before: str | None = self.client.state().generation
+        except DriverError:
+            before = None
+        return {"control_generation": before, "control_push": push}
+
+    def after_reload(self, details: Mapping[str, Any]) -> None:
+        """Wait (bounded) for the new generation to answer, then push every upstream.
+
+        Never raises: a failure is logged, and ``tick`` retries.
+        """
+        snapshot: Snapshot | None = details.get("control_push")
+        before = details.get("control_generation")
+        started = time.monotonic()
+        deadline = started + min(self.target.verify_timeout, 5.0)
+        pause = _WAIT_FIRST
+        last = "no answer"
+        while True:
+            try:
+                state = self.client.state()
+                if state.generation != before:
+                    break
+                last = f"still generation {before}"  # new workers not initialised yet
+            except DriverError as err:
+                # The new workers are up, so are their listening sockets: no answer means
+                # the loaded config has no control location. Do not hold every reload.
+                last = f"{err} (does the loaded config render the runtime template?)"
+                if time.monotonic() - started >= _UNREACHABLE_GRACE:
+                    deadline = 0.0
+            if time.monotonic() >= deadline:
+                self._generation = None
+                log.warning("nginx.runtime_resync_failed", target=self.name, error=last)
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, _WAIT_MAX)
+        if snapshot is None:
+            self._generation = None  # nothing to push yet; tick pushes what is applied
+            return
+        self._resync(snapshot, reason="reload")
+
+    def _resync(self, snapshot: Snapshot, *, reason: str) -> bool:
+        started = time.monotonic()
+        try:
+            generation = self._sync_all(snapshot)
+        except DriverError as err:
+            self._generation = None
+            log.warning("nginx.runtime_resync_failed", target=self.name, error=str(err))
+            return False
+        log.info(
+            "nginx.runtime_resync",
+            target=self.name,
+            reason=reason,
+            generation=generation,
+            revision=snapshot.revision,
+            ms=round((time.monotonic() - started) * 1000, 2),
+        )
+        return True
+
+    # -- tick -----------------------------------------------------------------------------
+
+    def tick(self, applied: Snapshot | None, now: float | None = None) -> bool:
+        """Every ``poll_interval``: is nginx on the generation we pushed to, holding every
+        upstream we expect? If not, push them all. True = in step (or not due yet)."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_poll:
+            return self._reachable is not False
+        self._next_poll = now + self.target.poll_interval
+        snapshot = applied or self._loaded
+        try:
+            state = self.client.state()
+        except DriverError as err:
+            self._note_reachable(False, str(err))
+            self._generation = None
+            return False
+        self._note_reachable(True, None)
+        if snapshot is None:
+            return True
+        if state.generation != self._generation:
+            why = "first sync" if self._generation is None else "nginx restarted or reloaded"
+            return self._resync(snapshot, reason=why)
+        missing = sorted(name for name in _expected(snapshot) if name not in state.services)
+        if missing:
+            return self._resync(snapshot, reason=f"missing upstreams {missing}")
+        return True
+
+    def _note_reachable(self, reachable: bool, error: str | None) -> None:
+        if reachable == self._reachable:
+            return
+        self._reachable = reachable
+        if reachable:
+            log.info("nginx.control_reachable", target=self.name, url=self.target.control_url)
+        else:
+            log.warning(
+                "nginx.control_unreachable",
+                target=self.name,
+                url=self.target.control_url,
+                error=error,
+            )
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def modules(self) -> list[Path]:
+        """The Lua files nginx loads (checked before every reload)."""
+        return lua_modules(self.lua_dir)
+
+
+def _expected(snapshot: Snapshot) -> Iterable[str]:
+    return (n for n, s in snapshot.services.items() if lua_balanced(s) and pushable(s))

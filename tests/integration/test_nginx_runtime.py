@@ -1,0 +1,608 @@
+"""nginx runtime mode against a real nginx with Debian's Lua module, loopback only.
+
+Rounds go through ``TargetPipeline`` (render with the stock template, ``nginx -t``, Lua
+check, runtime push or reload), as the daemon runs them. Tests wait for states, never for
+fixed times; "no reload" is checked by master and worker pids and by the error log.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import functools
+import http.client
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import structlog.testing
+
+from lbsync.config import EtcdSettings, Settings
+from lbsync.daemon import Daemon
+from lbsync.drivers.base import driver_for
+from lbsync.drivers.nginx import NginxDriver
+from lbsync.drivers.nginx_runtime import LUA_DIR, ControlClient, ControlState
+from lbsync.errors import ValidationFailed, VerifyFailed
+from lbsync.model import Instance, Service, Snapshot, State
+from lbsync.pipeline import TargetPipeline
+from lbsync.render import Renderer
+from lbsync.source.etcd import EtcdWriter
+from tests.harness.backends import Backend, http_get
+from tests.harness.etcd import EtcdServer
+from tests.harness.net import free_port, wait_for
+from tests.harness.nginx import NGINX, NginxServer
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = {"keepalive": 8}  # upstream keep-alive on: rendered after the balancer
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def inst(backend: Backend, state: str = "up", weight: int = 1) -> Instance:
+    return Instance(
+        id=backend.name, host="127.0.0.1", port=backend.port, weight=weight, state=State(state)
+    )
+
+
+def dead(port: int, name: str = "dead") -> Instance:
+    return Instance(id=name, host="127.0.0.1", port=port)
+
+
+def app(*instances: Instance, **settings: object) -> Service:
+    return Service(
+        name="app",
+        instances=tuple(sorted(instances, key=lambda i: i.id)),
+        settings={**SETTINGS, **settings},
+    )
+
+
+def snap(revision: int, *services: Service) -> Snapshot:
+    return Snapshot(revision=revision, services={s.name: s for s in services})
+
+
+@dataclass
+class Rig:
+    server: NginxServer
+    driver: NginxDriver
+    pipeline: TargetPipeline
+
+    @property
+    def control(self) -> ControlClient:
+        return ControlClient(self.server.control_url, timeout=5, target="test")
+
+    def state(self) -> ControlState:
+        return self.control.state()
+
+    def generation(self) -> tuple[int, list[int]]:
+        """(master pid, worker pids): equal before and after = no reload, no restart."""
+        return self.server.master_pid(), self.server.worker_pids()
+
+    def apply(self, snapshot: Snapshot, action: str) -> None:
+        outcome = self.pipeline.apply(snapshot)
+        assert outcome.action == action, outcome.error
+
+
+def make_rig(server: NginxServer, state_dir: Path, **overrides: object) -> Rig:
+    driver = driver_for(server.target(**overrides))
+    assert isinstance(driver, NginxDriver)
+    pipeline = TargetPipeline(driver.target, driver, Renderer(), state_dir)
+    return Rig(server, driver, pipeline)
+
+
+def start(rig: Rig, snapshot: Snapshot) -> None:
+    """Render the first config as lbsync would, start nginx, then let lbsync take over
+    (an unchanged round, and the tick that pushes every upstream)."""
+    for dest, data in rig.pipeline.plan(snapshot).rendered.items():
+        dest.write_bytes(data)
+    rig.server.start()
+    rig.apply(snapshot, "unchanged")
+    assert rig.driver.tick(rig.pipeline.applied)
+    assert rig.state().services == dict.fromkeys(snapshot.services, snapshot.revision)
+
+
+def names(port: int, count: int) -> list[str]:
+    """Bodies of ``count`` requests on one keep-alive connection (status must be 200)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    out = []
+    try:
+        for _ in range(count):
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            body = response.read().decode()
+            assert response.status == 200, (response.status, body)
+            out.append(body)
+    finally:
+        conn.close()
+    return out
+
+
+@pytest.fixture
+def rig(nginx_lua_server: NginxServer, tmp_path: Path) -> Rig:
+    return make_rig(nginx_lua_server, tmp_path / "state")
+
+
+# --- 100 changes under load ------------------------------------------------------------
+
+
+@dataclass
+class KeepAliveLoad:
+    """One keep-alive client; records (start, end, body) of every request, and failures."""
+
+    port: int
+    max_seconds: float = 120.0
+    done: list[tuple[float, float, str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                began = time.monotonic()
+                try:
+                    conn.request("GET", "/")
+                    response = conn.getresponse()
+                    body = response.read().decode(errors="replace")
+                except (OSError, http.client.HTTPException) as exc:
+                    self.failures.append(repr(exc))
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                    continue
+                if response.status != 200:
+                    self.failures.append(f"{response.status} {body[:80]!r}")
+                else:
+                    self.done.append((began, time.monotonic(), body))
+        finally:
+            conn.close()
+
+    def progressed(self, since: int, by: int = 5) -> bool:
+        return len(self.done) >= since + by or bool(self.failures)
+
+
+@contextlib.contextmanager
+def keep_alive_load(port: int) -> Iterator[KeepAliveLoad]:
+    load = KeepAliveLoad(port)
+    thread = threading.Thread(target=load.run, name="keep-alive-load", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: load.done or load.failures, what="the load to start")
+        yield load
+    finally:
+        load.stop.set()
+        thread.join(timeout=30)
+
+
+# b1 stays up; b2 and b3 cycle with coprime periods, so every step changes b3 at least
+# and the combinations vary (b2 goes through weight 3, drain and down).
+_B2 = ["absent", "up", "up:3", "drain", "down"]
+_B3 = ["absent", "up", "drain"]
+
+
+def _membership(step: int, backends: list[Backend]) -> tuple[Instance, ...]:
+    b1, b2, b3 = backends
+    members = [inst(b1)]
+    for backend, cycle in ((b2, _B2), (b3, _B3)):
+        state, _, weight = cycle[step % len(cycle)].partition(":")
+        if state != "absent":
+            members.append(inst(backend, state, int(weight or 1)))
+    return tuple(members)
+
+
+def _up(members: tuple[Instance, ...]) -> frozenset[str]:
+    return frozenset(i.id for i in members if i.up)
+
+
+def _misrouted(
+    pushes: list[tuple[float, float, frozenset[str]]], done: list[tuple[float, float, str]]
+) -> list[str]:
+    """Requests that went to an instance outside every set that could have been in force
+    while they ran: the last set pushed before they started, plus any set whose push began
+    before they ended."""
+    finished = [end for _, end, _ in pushes]
+    bad = []
+    for began, ended, name in done:
+        first = bisect.bisect_right(finished, began) - 1
+        allowed: set[str] = set(pushes[first][2]) if first >= 0 else set()
+        for push_began, _, up in pushes[first + 1 :]:
+            if push_began > ended:
+                break
+            allowed |= up
+        if name not in allowed:
+            bad.append(f"{name} not in {sorted(allowed)}")
+    return bad
+
+
+def test_100_membership_changes_under_keep_alive_load_need_no_reload(
+    rig: Rig, backends: list[Backend]
+) -> None:
+    start(rig, snap(1, app(*_membership(0, backends))))
+    before = rig.generation()
+    pushes: list[tuple[float, float, frozenset[str]]] = [(0.0, 0.0, _up(_membership(0, backends)))]
+
+    with keep_alive_load(rig.server.port) as load:
+        for step in range(1, 101):
+            members = _membership(step, backends)
+            began = time.monotonic()
+            rig.apply(snap(step + 1, app(*members)), "runtime")
+            pushes.append((began, time.monotonic(), _up(members)))
+            wait_for(
+                functools.partial(load.progressed, since=len(load.done)),
+                what=f"requests after step {step}",
+            )
+
+    assert load.failures == []
+    assert len(load.done) >= 500  # at least 5 between any two changes
+    assert _misrouted(pushes, load.done) == []
+    assert rig.generation() == before
+    assert rig.server.reconfigurations() == 0
+    assert rig.state().services == {"app": 101}
+    # the file on disk says the same as nginx's pushed list (a restart would agree)
+    assert rig.pipeline.plan(snap(101, app(*_membership(100, backends)))).changed == {}
+
+
+def test_upstream_keepalive_follows_the_balancer_so_nginx_keeps_it_on(rig: Rig) -> None:
+    """nginx only *warns* when keepalive comes before balancer_by_lua_block, and then
+    upstream keep-alive is silently off."""
+    for dest, data in rig.pipeline.plan(snap(1, app(dead(free_port())))).rendered.items():
+        dest.write_bytes(data)
+    text = (rig.server.conf_d / "upstreams.conf").read_text()
+    assert text.index("balancer_by_lua_block") < text.index("keepalive 8;")
+    done = subprocess.run(
+        [NGINX, "-t", "-p", str(rig.server.dir), "-c", str(rig.server.conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[warn]" not in done.stderr
+
+
+# --- balancing ---------------------------------------------------------------------------
+
+
+def test_weights_are_honoured(rig: Rig, backends: list[Backend]) -> None:
+    b1, b2, b3 = backends
+    start(rig, snap(1, app(inst(b1))))
+    rig.apply(snap(2, app(inst(b1, weight=3), inst(b2), inst(b3, weight=2))), "runtime")
+    served = names(rig.server.port, 60)  # one worker: smooth WRR, exact per 6 requests
+    assert (served.count("b1"), served.count("b2"), served.count("b3")) == (30, 10, 20)
+    assert "b1,b3,b1,b2,b3,b1" in ",".join(served)  # smooth: interleaved, not 3 in a row
+
+
+def test_drain_stops_new_requests(rig: Rig, backends: list[Backend]) -> None:
+    b1, b2, _ = backends
+    start(rig, snap(1, app(inst(b1), inst(b2))))
+    assert set(names(rig.server.port, 10)) == {"b1", "b2"}
+    rig.apply(snap(2, app(inst(b1), inst(b2, "drain"))), "runtime")
+    hits = b2.hits
+    assert set(names(rig.server.port, 20)) == {"b1"}
+    assert b2.hits == hits
+    assert rig.state().services == {"app": 2}
+
+
+def test_an_empty_service_answers_503_cleanly(rig: Rig, backends: list[Backend]) -> None:
+    b1, b2, _ = backends
+    start(rig, snap(1, app(inst(b1))))
+    rig.apply(snap(2, app(inst(b1, "down"), inst(b2, "drain"))), "runtime")
+    status, body = http_get(rig.server.port)
+    assert status == 503
+    assert "503 Service Temporarily Unavailable" in body
+    rig.apply(snap(3, app()), "runtime")  # no instance at all; the service stays
+    assert http_get(rig.server.port)[0] == 503
+    rig.apply(snap(4, app(inst(b2))), "runtime")
+    assert names(rig.server.port, 3) == ["b2"] * 3
+    assert "[lua]" not in rig.server.error_log.read_text()  # nothing logged by the Lua side
+
+
+def test_a_dead_peer_is_retried_on_another(rig: Rig, backends: list[Backend]) -> None:
+    b1, _, _ = backends
+    start(rig, snap(1, app(inst(b1))))
+    rig.apply(snap(2, app(inst(b1), dead(free_port(), "d1"), dead(free_port(), "d2"))), "runtime")
+    assert names(rig.server.port, 30) == ["b1"] * 30  # every request that chose a dead peer
+    log = rig.server.error_log.read_text()
+    assert "connect() failed (111: Connection refused)" in log  # ... was retried
+
+
+def test_only_dead_peers_give_nginxs_own_502(rig: Rig) -> None:
+    start(rig, snap(1, app(dead(free_port(), "d1"), dead(free_port(), "d2"))))
+    status, _ = http_get(rig.server.port)
+    assert status == 502
+    assert "no live upstreams" in rig.server.error_log.read_text()
+
+
+# --- control endpoint ----------------------------------------------------------------------
+
+
+def _post(port: int, path: str, body: bytes, source: str = "127.0.0.1") -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_the_control_endpoint_refuses_stale_ignores_equal_and_checks_input(
+    rig: Rig, backends: list[Backend]
+) -> None:
+    b1, b2, _ = backends
+    start(rig, snap(5, app(inst(b1))))
+    port, path = rig.server.control_port, "/lbsync/services/app"
+    peer = f'{{"host": "127.0.0.1", "port": {b2.port}}}'
+
+    assert _post(port, path, f'{{"revision": 4, "peers": [{peer}]}}'.encode())[0] == 409
+    status, body = _post(port, path, f'{{"revision": 5, "peers": [{peer}]}}'.encode())
+    assert (status, '"applied":false' in body) == (200, True)
+    assert names(rig.server.port, 3) == ["b1"] * 3  # neither changed anything
+
+    for bad in (
+        b"not json",
+        b'{"peers": []}',
+        b'{"revision": -1, "peers": []}',
+        b'{"revision": 6, "peers": {"a": 1}}',
+        b'{"revision": 6, "peers": [{"host": "example.com", "port": 80}]}',
+        b'{"revision": 6, "peers": [{"host": "127.0.0.1", "port": 70000}]}',
+        b'{"revision": 6, "peers": [{"host": "127.0.0.1", "port": 80, "weight": 0}]}',
+        b'{"revision": 6, "peers": [{"host": "127.0.0.1", "port": 80, "state": "down"}]}',
+    ):
+        assert _post(port, path, bad)[0] == 400, bad
+    assert rig.state().services == {"app": 5}
+
+    status, body = _post(port, path, f'{{"revision": 6, "peers": [{peer}]}}'.encode())
+    assert (status, '"applied":true' in body) == (200, True)
+    assert names(rig.server.port, 3) == ["b2"] * 3
+
+
+def test_the_control_endpoint_answers_loopback_127_0_0_1_only(rig: Rig) -> None:
+    start(rig, snap(1, app(dead(free_port()))))
+    path = "/lbsync/services/app"
+    status, _ = _post(rig.server.control_port, path, b'{"revision": 9, "peers": []}', "127.0.0.2")
+    assert status == 403
+    assert rig.state().services == {"app": 1}
+
+
+# --- reloads, restarts, fallbacks ------------------------------------------------------------
+
+
+def test_a_structural_change_reloads_and_every_upstream_is_pushed_again(
+    rig: Rig, backends: list[Backend]
+) -> None:
+    b1, b2, b3 = backends
+    start(rig, snap(1, app(inst(b1))))
+    rig.apply(snap(2, app(inst(b1), inst(b2))), "runtime")
+    master, workers = rig.generation()
+    generation = rig.state().generation
+
+    api = Service(name="api", instances=(inst(b3),))
+    rig.apply(snap(3, app(inst(b1), inst(b2)), api), "reloaded")
+
+    assert rig.server.master_pid() == master
+    assert rig.server.worker_pids() != workers
+    state = rig.state()
+    assert state.generation != generation
+    assert state.services == {"api": 3, "app": 3}
+    assert set(names(rig.server.port, 6)) == {"b1", "b2"}
+
+
+def test_a_restart_behind_lbsyncs_back_is_repushed_at_the_next_poll(
+    rig: Rig, backends: list[Backend]
+) -> None:
+    b1, b2, _ = backends
+    start(rig, snap(1, app(inst(b1))))
+    rig.apply(snap(2, app(inst(b1), inst(b2, "drain"))), "runtime")
+    master = rig.server.master_pid()
+
+    rig.server.stop()  # an operator restarts nginx
+    rig.server.start()
+    assert rig.server.master_pid() != master
+    assert rig.state().services == {}  # the restart emptied the shared dict
+    assert set(names(rig.server.port, 6)) == {"b1"}  # meanwhile: the static list on disk
+
+    runtime = rig.driver.runtime
+    assert runtime is not None
+    due = runtime.next_poll
+    assert runtime.tick(rig.pipeline.applied, now=due - 0.001)  # not due: nothing asked
+    assert rig.state().services == {}
+    with structlog.testing.capture_logs() as events:
+        assert runtime.tick(rig.pipeline.applied, now=due)
+    assert rig.state().services == {"app": 2}
+    [resync] = [e for e in events if e["event"] == "nginx.runtime_resync"]
+    assert resync["reason"] == "nginx restarted or reloaded"
+
+
+def test_an_unreachable_control_endpoint_falls_back_to_a_reload(
+    rig: Rig, backends: list[Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b1, b2, _ = backends
+    start(rig, snap(1, app(inst(b1))))
+    runtime = rig.driver.runtime
+    assert runtime is not None
+    monkeypatch.setattr(runtime.client, "port", free_port())  # nothing listens there
+    with structlog.testing.capture_logs() as events:
+        rig.apply(snap(2, app(inst(b1), inst(b2))), "reloaded")
+    [declined] = [e for e in events if e["event"] == "nginx.runtime_update"]
+    assert "unreachable" in declined["reason"]
+    assert set(names(rig.server.port, 6)) == {"b1", "b2"}  # the reloaded static list
+
+    monkeypatch.undo()
+    assert runtime.tick(rig.pipeline.applied, now=runtime.next_poll)
+    assert rig.state().services == {"app": 2}
+    rig.apply(snap(3, app(inst(b2))), "runtime")
+    assert set(names(rig.server.port, 6)) == {"b2"}
+
+
+def test_a_hostname_instance_goes_through_a_reload(rig: Rig, backends: list[Backend]) -> None:
+    b1, _, _ = backends
+    start(rig, snap(1, app(inst(b1))))
+    named = Instance(id="named", host="localhost", port=b1.port)
+    rig.apply(snap(2, app(inst(b1), named)), "reloaded")
+    assert rig.state().services == {}  # not pushable: served from the static list
+    assert set(names(rig.server.port, 4)) == {"b1"}
+
+
+# --- Lua checks ----------------------------------------------------------------------------
+
+
+def _break(lua: Path) -> int:
+    """Put a syntax error into the module under ``lua``; returns its line."""
+    module = lua / "lbsync" / "runtime.lua"
+    text = module.read_text()
+    good = "local function pick(entry, tried)"
+    module.write_text(text.replace(good, good + " )", 1))
+    return text[: text.index(good)].count("\n") + 1
+
+
+def _broken_copy(tmp_path: Path) -> tuple[Path, int]:
+    lua = tmp_path / "lua"
+    shutil.copytree(LUA_DIR, lua)
+    return lua, _break(lua)
+
+
+def test_a_lua_syntax_error_in_the_module_is_caught_before_any_reload(
+    nginx_lua_server: NginxServer, tmp_path: Path, backends: list[Backend]
+) -> None:
+    b1, _, b3 = backends
+    good = make_rig(nginx_lua_server, tmp_path / "state")
+    start(good, snap(1, app(inst(b1))))
+    before = good.generation()
+    files = (nginx_lua_server.conf_d / "upstreams.conf").read_bytes()
+
+    lua, line = _broken_copy(tmp_path)
+    broken = make_rig(nginx_lua_server, tmp_path / "state", lua_dir=lua)
+    api = Service(name="api", instances=(inst(b3),))
+    outcome = broken.pipeline.apply(snap(2, app(inst(b1)), api))
+
+    assert outcome.action == "failed"
+    assert isinstance(outcome.error, ValidationFailed)
+    assert f"{lua}/lbsync/runtime.lua:{line}" in str(outcome.error)
+    assert good.generation() == before
+    assert nginx_lua_server.reconfigurations() == 0
+    assert (nginx_lua_server.conf_d / "upstreams.conf").read_bytes() == files
+
+
+def test_without_luajit_a_broken_module_fails_the_reload_not_the_requests(
+    nginx_lua_server: NginxServer, tmp_path: Path, backends: list[Backend]
+) -> None:
+    """The second line of defence: init_by_lua loads the module, so the reload fails,
+    lbsync rolls back, and the old workers keep serving."""
+    b1, b2, _ = backends
+    lua = tmp_path / "lua"
+    shutil.copytree(LUA_DIR, lua)
+    rig = make_rig(nginx_lua_server, tmp_path / "state", lua_dir=lua, luajit="/nonexistent")
+    start(rig, snap(1, app(inst(b1))))
+    workers = nginx_lua_server.worker_pids()
+    _break(lua)  # the copy nginx loads from
+
+    outcome = rig.pipeline.apply(snap(2, app(inst(b1)), Service(name="api", instances=(inst(b2),))))
+
+    assert outcome.action == "rolled_back"
+    assert isinstance(outcome.error, VerifyFailed)
+    assert "init_by_lua error" in str(outcome.error)
+    assert "runtime.lua" in str(outcome.error)
+    assert nginx_lua_server.worker_pids() == workers
+    assert names(nginx_lua_server.port, 3) == ["b1"] * 3
+
+
+def test_a_lua_error_in_a_custom_template_block_is_caught_with_its_line(
+    nginx_lua_server: NginxServer, tmp_path: Path, backends: list[Backend]
+) -> None:
+    rig = make_rig(nginx_lua_server, tmp_path / "state")
+    start(rig, snap(1, app(inst(backends[0]))))
+    template = tmp_path / "custom.conf.j2"
+    template.write_text(
+        "upstream custom {\n    server 127.0.0.1:1 down;\n"
+        "    balancer_by_lua_block {\n        local x = = 1\n    }\n}\n"
+    )
+    dest = nginx_lua_server.conf_d / "custom.conf"
+    custom = make_rig(
+        nginx_lua_server, tmp_path / "state2", templates=[{"src": template, "dest": dest}]
+    )
+    with pytest.raises(ValidationFailed) as caught:
+        custom.pipeline.check(custom.pipeline.plan(snap(1, app())))
+    assert f"{dest}:4 (in balancer_by_lua_block)" in str(caught.value)
+
+
+# --- through the daemon --------------------------------------------------------------------
+
+
+P = "/lbsync"
+
+
+class RunningDaemon:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
+        self.thread.start()
+
+    def caught_up(self, writer: EtcdWriter) -> str | None:
+        """The action of a round that ran on etcd's latest revision, if one did."""
+        latest = self.daemon.health.outcomes.get("nginx-test")
+        if latest is None or latest.revision < writer.revision():
+            return None
+        return latest.action
+
+    def stop(self) -> None:
+        self.daemon.flags.stop = True
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive(), "daemon did not stop"
+
+
+def test_the_daemon_pushes_membership_from_etcd_and_repushes_after_a_restart(
+    etcd: EtcdServer, nginx_lua_server: NginxServer, tmp_path: Path, backends: list[Backend]
+) -> None:
+    b1, b2, b3 = backends
+    server = nginx_lua_server
+    initial = make_rig(server, tmp_path / "s").pipeline.plan(snap(0, app()))
+    for dest, data in initial.rendered.items():
+        dest.write_bytes(data)
+    server.start()
+    target = server.target(poll_interval=0.5)
+    settings = Settings.model_validate(
+        {
+            "etcd": {"endpoints": [etcd.endpoint], "prefix": P},
+            "wait": {"min": "0s", "max": "0s"},
+            "state_dir": str(tmp_path / "state"),
+            "target": [target.model_dump(by_alias=True, mode="json")],
+        }
+    )
+    control = ControlClient(server.control_url, timeout=5, target="test")
+
+    def key(iid: str) -> str:
+        return f"{P}/services/app/instances/{iid}"
+
+    with EtcdWriter(EtcdSettings(endpoints=[etcd.endpoint], prefix=P)) as writer:
+        writer.put(key("b1"), f"127.0.0.1:{b1.port}")
+        running = RunningDaemon(Daemon(settings))
+        try:
+            # the first round has no applied snapshot to compare with: a reload
+            assert wait_for(lambda: running.caught_up(writer), what="a round") == "reloaded"
+            wait_for(lambda: len(server.worker_pids()) == 1, what="the old worker to exit")
+            before = server.master_pid(), server.worker_pids()
+            for backend in (b2, b3):
+                writer.put(key(backend.name), f"127.0.0.1:{backend.port}")
+                assert wait_for(lambda: running.caught_up(writer), what="a round") == "runtime"
+            writer.delete(key("b1"))
+            assert wait_for(lambda: running.caught_up(writer), what="a round") == "runtime"
+            assert set(names(server.port, 6)) == {"b2", "b3"}
+            assert (server.master_pid(), server.worker_pids()) == before
+            assert server.reconfigurations() == 1
+
+            server.stop()  # restarted behind lbsync's back
+            server.start()
+            revision = writer.revision()
+            wait_for(
+                lambda: control.state().services == {"app": revision},
+                what="the re-push after the restart",
+            )
+        finally:
+            running.stop()
