@@ -10,8 +10,13 @@ Runtime path: every service is a backend with a fixed pool of server *slots*
 ``127.0.0.1:1`` and disabled. A change that only moves instances in and out of slots, or
 changes their address, weight or state, is applied over the admin socket (``set server``,
 ``set weight``) and the rendered file (which says the same) is written without a reload.
+A change costs what it touches: the slot table updates only the slots whose instance
+changed (the rest stay the same objects, in blocks the template caches), the commands
+come from the slots that differ between what the runtime holds and the new render, and
+only those slots are read back from ``show servers state`` to confirm.
 
-Three HAProxy 2.6 facts shape the code (see ``lb-mechanics.md`` and ``server_state.c``):
+Four HAProxy 2.6 facts shape the code (see ``lb-mechanics.md``, ``server_state.c`` and
+docs/haproxy.md):
 
 - ``haproxy -c`` reads the ``server-state-file`` too, and every state it restores that
   differs from the config is a warning, which ``-dW`` makes fatal. ``validate`` therefore
@@ -24,12 +29,17 @@ Three HAProxy 2.6 facts shape the code (see ``lb-mechanics.md`` and ``server_sta
   about to be loaded, and every line that disagrees with it (address, port, maint/drain,
   weight) is dropped: the config wins, and only agreeing lines (health-check state) carry
   over. That is safe because the rendered file always holds the runtime membership.
+  A reload lbsync does not make (``systemctl reload haproxy``) dumps nothing first, so
+  after a runtime change the state file is emptied: it would disagree with the config.
+- Servers without an ``id`` are numbered in quadratic time per backend: ``haproxy -c`` on
+  one 20,000-slot backend takes ~3.5 s, ~0.4 s with explicit ids (the template sets them).
 - ``show proc``'s ``failed`` counter resets to 0 after a successful reload; a reload is
   confirmed by a worker with 0 reloads that was not there before.
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import itertools
 import math
@@ -41,7 +51,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -68,6 +78,8 @@ SOCKET_TIMEOUT = 5.0
 POLL_INTERVAL = 0.02
 MAX_CLI_LINE = 8000  # bytes of ";"-joined commands sent in one admin-socket session
 ID_MARKER = "lbsync-id="
+EMPTY_STATE = "1\n"  # a server-state file with no servers (version 1)
+_RECENT = 4  # snapshots whose slots are remembered for runtime diffs
 
 # srv_admin_state bits (include/haproxy/server-t.h)
 FMAINT = 0x01
@@ -81,7 +93,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]*$")
 _SAFE_BALANCE = re.compile(r"^[a-z][a-z_-]*(\([A-Za-z0-9_.-]+\))?$")
 _BALANCE_ALIASES = {"least_conn": "leastconn", "round_robin": "roundrobin", "ip_hash": "source"}
 _LISTEN = re.compile(r"^(?:(?P<host>\*|[0-9.]+|\[[0-9A-Fa-f:.]+\]):)?(?P<port>\d{1,5})$")
-_STATE_FILE_LINE = re.compile(r'^(\s*server-state-file\s+)("[^"]*"|\S+)', re.MULTILINE)
+_STATE_FILE_LINE = re.compile(r'[ \t]*(server-state-file[ \t]+)("[^"]*"|\S+)')
 _SECTIONS = frozenset(
     {
         "global", "defaults", "frontend", "backend", "listen", "peers", "resolvers",
@@ -119,6 +131,11 @@ class Slot(NamedTuple):
     @property
     def disabled(self) -> bool:
         return Want.of(self).admin == "maint"
+
+    @property
+    def number(self) -> int:
+        """The slot's number, ``N`` of ``sN``: rendered as the server's ``id``."""
+        return int(self.name[1:])
 
     @property
     def id(self) -> str | None:
@@ -179,6 +196,8 @@ class RuntimeServer(NamedTuple):
 
 
 def _host_matches(server: RuntimeServer, host: str) -> bool:
+    if server.addr == host:  # the usual case; parse only to compare spellings (IPv6)
+        return True
     ip = _ip(host)
     if ip is None:
         return server.fqdn.lower() == host.lower()
@@ -209,6 +228,20 @@ class _Pool:
     configured: int | None
     held: dict[str, int]  # instance id -> slot index (0-based)
     seeded: bool = False  # read back from the live config: adopt the setting as it is
+    service: Service | None = None  # what ``assigned`` was computed for
+    assigned: Assigned | None = None
+    free: list[int] = field(default_factory=list)  # heap of free slot indexes
+
+
+class Assigned(NamedTuple):
+    """A backend's slots, and the same slots in blocks of ``BLOCK`` for cached rendering.
+
+    A slot or block that did not change since the previous assignment is the very same
+    object, so "what changed" is an identity comparison, block by block.
+    """
+
+    slots: tuple[Slot, ...]
+    blocks: tuple[tuple[Slot, ...], ...]
 
 
 class SlotTable:
@@ -218,42 +251,43 @@ class SlotTable:
     snapshot twice changes nothing. An instance keeps its slot while it exists; new
     instances (in id order) take the lowest free slots. A pool only grows, when its
     instances no longer fit, or follows a changed ``slots`` setting. An unchanged
-    ``Service`` object (snapshots share them) gets its previous slots back at no cost.
+    ``Service`` object (snapshots share them) gets its previous slots back at no cost; a
+    changed one costs a pass over its instances, and only the slots whose instance changed
+    are new objects (same size) — the rest, and every untouched block, are reused.
     """
 
     def __init__(self) -> None:
         self._pools: dict[str, _Pool] = {}
-        self._last: dict[str, tuple[Service, int | None, tuple[Slot, ...]]] = {}
 
     def seed(self, service: str, size: int, held: Mapping[str, int]) -> None:
         """Adopt what a previous lbsync rendered (read back from the live config)."""
         self._pools[service] = _Pool(size, None, dict(held), seeded=True)
 
     def assign(self, service: Service, configured: int | None) -> tuple[Slot, ...]:
-        last = self._last.get(service.name)
-        if last is not None and last[0] is service and last[1] == configured:
-            return last[2]
+        return self.assigned(service, configured).slots
+
+    def assigned(self, service: Service, configured: int | None) -> Assigned:
+        pool = self._pools.get(service.name)
+        if (
+            pool is not None
+            and pool.service is service
+            and pool.configured == configured
+            and pool.assigned is not None
+        ):
+            return pool.assigned
+        previous = pool.assigned if pool is not None else None
         pool = self._resize(service, configured)
-        present = {inst.id: inst for inst in service.instances}
-        held = {i: idx for i, idx in pool.held.items() if i in present and idx < pool.size}
-        taken = set(held.values())
-        free = (idx for idx in range(pool.size) if idx not in taken)
-        for inst in service.instances:
-            if inst.id not in held:
-                held[inst.id] = next(free)
-        pool.held = held
-        slots = _free_slots(pool.size)
-        for iid, idx in held.items():
-            slots[idx] = _new_slot(Slot, (slots[idx].name, present[iid]))
-        result = tuple(slots)
-        self._last[service.name] = (service, configured, result)
-        return result
+        if previous is not None and len(previous.slots) == pool.size:
+            pool.assigned = _update(pool, service, previous)
+        else:
+            pool.assigned = _rebuild(pool, service)
+        pool.service = service
+        return pool.assigned
 
     def forget_except(self, services: Iterable[str]) -> None:
         keep = set(services)
         for name in [n for n in self._pools if n not in keep]:
             del self._pools[name]
-            self._last.pop(name, None)
 
     def _resize(self, service: Service, configured: int | None) -> _Pool:
         count = len(service.instances)
@@ -268,6 +302,97 @@ class SlotTable:
         return pool
 
 
+BLOCK = 256  # slots per render block: a change re-renders its block, not the backend
+
+
+def _rebuild(pool: _Pool, service: Service) -> Assigned:
+    """Assign from the pool's memory alone (first time, or the pool changed size)."""
+    present = {inst.id: inst for inst in service.instances}
+    held = {i: idx for i, idx in pool.held.items() if i in present and idx < pool.size}
+    taken = set(held.values())
+    pool.free = [idx for idx in range(pool.size) if idx not in taken]  # sorted: a heap
+    for inst in service.instances:
+        if inst.id not in held:
+            held[inst.id] = heapq.heappop(pool.free)
+    pool.held = held
+    slots = _free_slots(pool.size)
+    for iid, idx in held.items():
+        slots[idx] = _new_slot(Slot, (slots[idx].name, present[iid]))
+    blocks = tuple(tuple(slots[k : k + BLOCK]) for k in range(0, len(slots), BLOCK))
+    return Assigned(tuple(slots), blocks)
+
+
+def _update(pool: _Pool, service: Service, previous: Assigned) -> Assigned:
+    """The same result as ``_rebuild``, touching only the slots whose instance changed."""
+    held, free = pool.held, pool.free
+    gone, arrived = _instance_changes(pool.service, service)
+    slots = list(previous.slots)
+    changed: set[int] = set()
+    for iid in gone:
+        idx = held.pop(iid)
+        slots[idx] = _free_slot(idx)
+        heapq.heappush(free, idx)
+        changed.add(idx)
+    for inst in arrived:  # in id order: newcomers take the lowest free slots
+        idx = held.get(inst.id, -1)
+        if idx < 0:
+            idx = held[inst.id] = heapq.heappop(free)
+        slots[idx] = _new_slot(Slot, (slots[idx].name, inst))
+        changed.add(idx)
+    blocks = list(previous.blocks)
+    for b in {idx // BLOCK for idx in changed}:
+        blocks[b] = tuple(slots[b * BLOCK : (b + 1) * BLOCK])
+    return Assigned(tuple(slots), tuple(blocks))
+
+
+def _instance_changes(before: Service | None, after: Service) -> tuple[list[str], list[Instance]]:
+    """(ids gone, instances new or changed, in id order) from ``before`` to ``after``.
+
+    Both are sorted by id; with the same ids in the same places (the usual case: a
+    weight, state or address changed) this is one pass of pairwise comparisons.
+    """
+    old = before.instances if before is not None else ()
+    new = after.instances
+    if len(old) == len(new):
+        arrived = []
+        for a, b in zip(old, new, strict=True):
+            if a is b or _same_instance(a, b):
+                continue
+            if a.id != b.id:
+                break  # ids moved: an add and a remove; take the general way
+            arrived.append(b)
+        else:
+            return [], arrived
+    present = {i.id: i for i in old}
+    ids = {i.id for i in new}
+    gone = [i.id for i in old if i.id not in ids]
+    arrived = []
+    for inst in new:
+        prev = present.get(inst.id)
+        if prev is None or not (prev is inst or _same_instance(prev, inst)):
+            arrived.append(inst)
+    return gone, arrived
+
+
+def _same_instance(a: Instance, b: Instance) -> bool:
+    """``a == b`` for these frozen models, ~4x faster than pydantic's ``__eq__``."""
+    return type(a) is type(b) and a.__dict__ == b.__dict__
+
+
+def changed_slots(before: Assigned, after: Assigned) -> list[int] | None:
+    """Indexes of the slots that are not the same object in both; None if the sizes differ."""
+    if len(before.slots) != len(after.slots):
+        return None
+    found: list[int] = []
+    for b, (old, new) in enumerate(zip(before.blocks, after.blocks, strict=True)):
+        if old is not new:
+            base = b * BLOCK
+            found.extend(
+                base + i for i, (x, y) in enumerate(zip(old, new, strict=True)) if x is not y
+            )
+    return found
+
+
 _FREE: list[Slot] = []
 _new_slot = tuple.__new__  # Slot(...) without NamedTuple's keyword-handling wrapper: 2x faster
 
@@ -277,6 +402,12 @@ def _free_slots(size: int) -> list[Slot]:
     while len(_FREE) < size:
         _FREE.append(Slot(f"s{len(_FREE) + 1}"))
     return _FREE[:size]
+
+
+def _free_slot(idx: int) -> Slot:
+    if idx >= len(_FREE):
+        _free_slots(idx + 1)
+    return _FREE[idx]
 
 
 # --- parsing HAProxy's config and CLI output ------------------------------------------
@@ -472,7 +603,12 @@ class HaproxyDriver(Driver):
         self._slots = SlotTable()
         self._seeded = False
         self._warned: set[tuple[str, str, str]] = set()
-        self._keys_memo: tuple[Snapshot, dict[str, str]] | None = None
+        # Slots per backend for the last few snapshots rendered (identity-keyed): the base
+        # a runtime update diffs against is the one rendered for the applied snapshot.
+        self._recent: list[tuple[Snapshot, dict[str, Assigned]]] = []
+        # Backends this driver changed over the admin socket since the last reload.
+        self._runtime: dict[str, Assigned] = {}
+        self._settings: dict[str, tuple[Service, str, str | None]] = {}
 
     # -- template context ---------------------------------------------------------------
 
@@ -480,28 +616,51 @@ class HaproxyDriver(Driver):
         """Slots, balance and bind per service, and the socket/state paths of the target.
 
         Idempotent for the same snapshot; the slot memory it updates is what
-        ``runtime_update`` applies next.
+        ``runtime_update`` applies next. ``slot_blocks[name]`` holds the same slots in
+        blocks that stay the same objects while unchanged (for ``{% cache %}``).
         """
-        slots = self._assign(snapshot)
+        assigned = self._assign(snapshot)
+        settings = {n: self._service_settings(s) for n, s in snapshot.services.items()}
         return {
-            "slots": slots,
-            "balance": {n: self._balance(s) for n, s in snapshot.services.items()},
-            "bind": {
-                n: bind for n, s in snapshot.services.items() if (bind := self._bind(s)) is not None
-            },
+            "slots": {n: a.slots for n, a in assigned.items()},
+            "slot_blocks": {n: a.blocks for n, a in assigned.items()},
+            "balance": {n: balance for n, (balance, _) in settings.items()},
+            "bind": {n: bind for n, (_, bind) in settings.items() if bind is not None},
             "admin_socket": _str_or_none(self.target.admin_socket),
             "state_file": _str_or_none(self.target.state_file),
         }
 
-    def _assign(self, snapshot: Snapshot) -> dict[str, tuple[Slot, ...]]:
+    def _assign(self, snapshot: Snapshot) -> dict[str, Assigned]:
+        if self._recent and self._recent[-1][0] is snapshot:
+            return self._recent[-1][1]
         if not self._seeded:
             self._seed_from(self.target.config)
             self._seeded = True
-        self._slots.forget_except(snapshot.services)
-        return {
-            name: self._slots.assign(service, self._configured_slots(service))
+        if not self._recent or self._recent[-1][0].services.keys() != snapshot.services.keys():
+            self._slots.forget_except(snapshot.services)
+            for name in [n for n in self._settings if n not in snapshot.services]:
+                del self._settings[name]
+        assigned = {
+            name: self._slots.assigned(service, self._configured_slots(service))
             for name, service in snapshot.services.items()
         }
+        self._recent = [*self._recent[-(_RECENT - 1) :], (snapshot, assigned)]
+        return assigned
+
+    def _assigned_for(self, snapshot: Snapshot) -> dict[str, Assigned] | None:
+        """The slots rendered for ``snapshot``, if it is one of the last few rendered."""
+        return next((a for s, a in reversed(self._recent) if s is snapshot), None)
+
+    def _service_settings(self, service: Service) -> tuple[str, str | None]:
+        """(balance, bind) of a service, derived once per ``Service`` object."""
+        memo = self._settings.get(service.name)
+        if memo is None or memo[0] is not service:
+            memo = self._settings[service.name] = (
+                service,
+                self._balance(service),
+                self._bind(service),
+            )
+        return memo[1], memo[2]
 
     def _seed_from(self, config: Path) -> None:
         """Take slot assignments from the live config, so a restarted lbsync renders the
@@ -627,6 +786,7 @@ class HaproxyDriver(Driver):
         its pid means nothing here, and signalling it could hit an unrelated process.
         """
         started = time.monotonic()
+        self._runtime.clear()  # from now on HAProxy holds what the config on disk says
         before = self._processes(ReloadFailed)
         saved = self._save_server_state()
         how = "signal" if before["master_started"] is not None else "master_cli"
@@ -801,88 +961,158 @@ class HaproxyDriver(Driver):
     def runtime_update(self, old: Snapshot | None, new: Snapshot) -> bool:
         """Apply a membership-only change over the admin socket; False = reload instead.
 
-        The comparison that decides *what to send* is between the slots and HAProxy's
-        actual state (``show servers state``), not ``old``: a round that failed earlier,
-        a rollback or a restart cannot leave the two out of step for long.
+        What to send comes from the slots that changed between what the runtime holds
+        (the slots rendered for ``old``, or what this driver last sent, since the last
+        reload) and the slots for ``new``: a change costs the slots it touches, not the
+        backend. Every touched slot is then read back from ``show servers state``; one
+        that did not converge is corrected from what HAProxy actually reports, once, and
+        the update is declined (→ reload, where the config wins) if it still disagrees.
+        Without the slots for ``old`` (a restarted lbsync), whole backends are compared.
         """
         started = time.monotonic()
         try:
-            changed = self._runtime_backends(old, new)
-            slots = self._assign(new)
-            sent = self._apply(changed, slots)
+            plans = self._runtime_plans(old, new)
+            sent = self._apply(plans)
         except _Decline as why:
             log.info("haproxy.runtime_update", target=self.name, applied=False, reason=str(why))
             return False
+        for plan in plans:
+            self._runtime[plan.backend] = plan.after
+        self._forget_server_state()
         log.info(
             "haproxy.runtime_update",
             target=self.name,
             applied=True,
-            backends=changed,
+            backends=[p.backend for p in plans],
+            slots=sum(len(p.touched or ()) for p in plans),
             commands=sent,
             ms=round((time.monotonic() - started) * 1000, 2),
         )
         return True
 
-    def _runtime_backends(self, old: Snapshot | None, new: Snapshot) -> list[str]:
-        """The backends whose membership changed; _Decline if anything else did."""
+    def _runtime_plans(self, old: Snapshot | None, new: Snapshot) -> list[_Plan]:
+        """The backends to change and their touched slots; _Decline if anything else did."""
         if not self.target.runtime or self.target.admin_socket is None:
             raise _Decline("runtime mode is off")
         if old is None:
             raise _Decline("no applied snapshot to compare with")
-        if set(old.services) != set(new.services):
+        if old.services.keys() != new.services.keys():
             raise _Decline("a backend appeared or disappeared")
-        if self._other_keys(old) != self._other_keys(new):
+        if _other_keys_changed(old, new):
             raise _Decline("keys outside the instance schema changed")
-        changed = [n for n, s in new.services.items() if not _same(old.services[n], s)]
-        if not changed:
+        now = self._assign(new)
+        names = [n for n, s in new.services.items() if not _same(old.services[n], s)]
+        names += [
+            n
+            for n, held in self._runtime.items()
+            if now.get(n, held) is not held and n not in names
+        ]
+        if not names:
             raise _Decline("no membership change (the template or something else changed)")
-        for name in changed:
-            why = _not_runtime(old.services[name], new.services[name])
+        rendered = self._assigned_for(old) or {}
+        plans = []
+        for name in names:
+            before, after = old.services[name], new.services[name]
+            if before.settings != after.settings:
+                raise _Decline(f"{name}: settings changed")
+            base = self._runtime.get(name) or rendered.get(name)
+            plans.append(self._backend_plan(name, base, now[name], before, after))
+        return plans
+
+    def _backend_plan(
+        self, name: str, base: Assigned | None, after: Assigned, old: Service, new: Service
+    ) -> _Plan:
+        if base is None:  # compare the whole backend with HAProxy's state
+            why = _meta_changed(old, new)
             if why:
                 raise _Decline(f"{name}: {why}")
-        return changed
+            return _Plan(name, after, None, None)
+        touched = changed_slots(base, after)
+        if touched is None:
+            grown = len(after.slots) > len(base.slots)
+            why = "slots exhausted" if grown else "the slot pool differs"
+            raise _Decline(
+                f"{name}: {why} (runtime {len(base.slots)}, rendered {len(after.slots)})"
+            )
+        moved = []
+        for idx in touched:
+            was, now = base.slots[idx].instance, after.slots[idx].instance
+            if was is not None and now is not None and was.id == now.id and was.meta != now.meta:
+                raise _Decline(f"{name}: instance {now.id}: meta changed")
+            if Want.of(base.slots[idx]) != Want.of(after.slots[idx]):
+                moved.append(idx)
+        return _Plan(name, after, base, moved)
 
-    def _other_keys(self, snapshot: Snapshot) -> dict[str, str]:
-        """Raw keys a template might read besides registrations and health marks (the
-        last result is kept: this round's ``new`` is the next round's ``old``)."""
-        if self._keys_memo is None or self._keys_memo[0] is not snapshot:
-            other = {k: v for k, v in snapshot.keys.items() if not _is_membership_key(k)}
-            self._keys_memo = (snapshot, other)
-        return self._keys_memo[1]
-
-    def _apply(self, backends: list[str], slots: Mapping[str, tuple[Slot, ...]]) -> int:
-        groups: list[tuple[int, str]] = []
+    def _apply(self, plans: list[_Plan]) -> int:
+        """Send the commands, read the touched slots back; one correction, then give up."""
+        batch: list[tuple[int, str]] = []
         try:
-            for name in backends:
-                groups.extend(self._plan(name, slots[name]))
-            if not groups:
-                return 0
-            for line in _batches(cmd for _, cmd in sorted(groups, key=lambda g: g[0])):
-                self._admin().query(line)
-            for name in backends:
-                if self._plan(name, slots[name]):
-                    raise _Decline(f"{name}: the runtime state did not converge")
+            for plan in plans:
+                if plan.base is None:
+                    state = self._server_state(plan)
+                    plan.touched = [
+                        idx
+                        for idx, slot in enumerate(plan.after.slots)
+                        if not state.server(idx, slot.name).matches(Want.of(slot))
+                    ]
+                    batch += _corrections(plan, state, plan.touched)
+                else:
+                    assert plan.touched is not None
+                    batch += [_transition(plan, idx) for idx in plan.touched]
+            sent = 0
+            for _attempt in range(2):
+                for line in _batches(cmd for _, cmd in sorted(batch, key=lambda c: c[0])):
+                    self._admin().query(line)
+                sent += len(batch)
+                batch = []
+                for plan in plans:
+                    if plan.touched:
+                        state = self._server_state(plan)
+                        wrong = [
+                            idx
+                            for idx in plan.touched
+                            if not state.server(idx, plan.after.slots[idx].name).matches(
+                                Want.of(plan.after.slots[idx])
+                            )
+                        ]
+                        batch += _corrections(plan, state, wrong)
+                if not batch:
+                    return sent
         except DriverError as err:
             raise _Decline(f"admin socket: {err}") from err
-        return len(groups)
+        raise _Decline("the runtime state did not converge")
 
-    def _plan(self, backend: str, slots: tuple[Slot, ...]) -> list[tuple[int, str]]:
-        """(priority, commands) per slot that differs: ups first, then drains, then maints,
-        so a backend never runs out of servers while one instance replaces another."""
-        answer = self._admin().query(f"show servers state {backend}")
-        runtime = {server.name: server for server in servers_state(answer)}
-        if set(runtime) != {slot.name for slot in slots}:
-            if not runtime:
-                raise _Decline(f"{backend}: not in the running HAProxy")
-            why = "slots exhausted" if len(slots) > len(runtime) else "the slot pool differs"
-            raise _Decline(f"{backend}: {why} (runtime {len(runtime)}, rendered {len(slots)})")
-        plan = []
-        for slot in slots:
-            want, have = Want.of(slot), runtime[slot.name]
-            if not have.matches(want):
-                commands = _commands(f"{backend}/{slot.name}", have, want)
-                plan.append((_PRIORITY[want.admin], "; ".join(commands)))
-        return plan
+    def _server_state(self, plan: _Plan) -> _BackendState:
+        """``show servers state <backend>``; _Decline unless it has exactly our slots."""
+        answer = self._admin().query(f"show servers state {plan.backend}")
+        state = _BackendState(plan.backend, answer)
+        if state.count != len(plan.after.slots):
+            if not state.count:
+                raise _Decline(f"{plan.backend}: not in the running HAProxy")
+            grown = len(plan.after.slots) > state.count
+            why = "slots exhausted" if grown else "the slot pool differs"
+            raise _Decline(
+                f"{plan.backend}: {why} (runtime {state.count}, rendered {len(plan.after.slots)})"
+            )
+        return state
+
+    def _forget_server_state(self) -> None:
+        """After a runtime change the state file disagrees with the config on disk, and a
+        reload that lbsync does not make (``systemctl reload haproxy``) would let it bring
+        freed slots back. Empty it; lbsync's own reloads dump a fresh one first."""
+        path = self.target.state_file
+        if path is None:
+            return
+        try:
+            if path.stat().st_size <= len(EMPTY_STATE):
+                return
+            _write_atomically(path, EMPTY_STATE)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning(
+                "haproxy.state_file_stale", target=self.name, path=str(path), error=str(exc)
+            )
 
     def _admin(self) -> Cli:
         assert self.target.admin_socket is not None
@@ -891,6 +1121,101 @@ class HaproxyDriver(Driver):
             target=self.name,
             timeout=min(self.target.command_timeout, SOCKET_TIMEOUT),
         )
+
+
+@dataclass
+class _Plan:
+    """One backend of a runtime update: its new slots, the slots the runtime holds (None:
+    unknown, compare with HAProxy's state) and the indexes of the slots to change."""
+
+    backend: str
+    after: Assigned
+    base: Assigned | None
+    touched: list[int] | None
+
+
+class _BackendState:
+    """``show servers state <backend>``, read lazily: HAProxy lists a backend's servers in
+    config order, so slot ``s<N>`` is normally line N and only that line is parsed."""
+
+    def __init__(self, backend: str, answer: str) -> None:
+        self.backend = backend
+        lines = answer.split("\n")
+        start = next((n for n, ln in enumerate(lines) if ln.startswith("# be_id")), None)
+        self.header = lines[start][1:].split() if start is not None else []
+        self.rows = lines[start + 1 :] if start is not None else []
+        while self.rows and not self.rows[-1]:
+            self.rows.pop()
+        self._by_name: dict[str, RuntimeServer] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def server(self, idx: int, name: str) -> RuntimeServer:
+        if idx < len(self.rows):
+            found = _state_row(self.header, self.rows[idx])
+            if found is not None and found.name == name and found.backend == self.backend:
+                return found
+        if self._by_name is None:
+            text = "\n".join(["# " + " ".join(self.header), *self.rows])
+            self._by_name = {s.name: s for s in servers_state(text)}
+        found = self._by_name.get(name)
+        if found is None:
+            raise _Decline(f"{self.backend}/{name}: not in the running HAProxy")
+        return found
+
+
+def _state_row(header: list[str], line: str) -> RuntimeServer | None:
+    fields = line.split()
+    if len(fields) != len(header):
+        return None
+    try:
+        be, srv, addr, fqdn, port, admin, weight = (fields[header.index(c)] for c in _STATE_COLUMNS)
+    except ValueError:
+        return None
+    if not (port.isdigit() and admin.isdigit() and weight.isdigit()):
+        return None
+    row = (be, srv, addr, fqdn, int(port), int(admin), int(weight), line)
+    return _new_server(RuntimeServer, row)
+
+
+def _corrections(plan: _Plan, state: _BackendState, indexes: list[int]) -> list[tuple[int, str]]:
+    """Commands taking each of these slots from what HAProxy reports to what it should be."""
+    out = []
+    for idx in indexes:
+        slot = plan.after.slots[idx]
+        want = Want.of(slot)
+        commands = _commands(f"{plan.backend}/{slot.name}", state.server(idx, slot.name), want)
+        out.append((_PRIORITY[want.admin], "; ".join(commands)))
+    return out
+
+
+def _transition(plan: _Plan, idx: int) -> tuple[int, str]:
+    """Commands taking slot ``idx`` from what the runtime was set to hold to the new want.
+
+    Conservative where HAProxy's representation depends on history (a draining server is
+    weight 0 after a reload but ``state drain`` after a runtime change): leaving drain
+    always sets the weight. The read-back catches anything else.
+    """
+    assert plan.base is not None
+    slot = plan.after.slots[idx]
+    key = f"{plan.backend}/{slot.name}"
+    was, want = Want.of(plan.base.slots[idx]), Want.of(slot)
+    commands = []
+    if want.admin == "maint" and was.admin != "maint":
+        commands.append(f"set server {key} state maint")
+    if (was.host, was.port) != (want.host, want.port):
+        if _ip(want.host) is None:
+            raise _Decline(f"{key}: {want.host} is a hostname; the runtime API needs an IP")
+        commands.append(f"set server {key} addr {want.host} port {want.port}")
+    if want.admin != "drain" and (was.admin == "drain" or was.weight != want.weight):
+        commands.append(f"set weight {key} {want.weight}")
+    if want.admin == "ready" and was.admin != "ready":
+        commands.append(f"set server {key} state ready")
+    if want.admin == "drain" and was.admin != "drain":
+        commands.append(f"set server {key} state drain")
+    return _PRIORITY[want.admin], "; ".join(commands)
 
 
 def _commands(key: str, have: RuntimeServer, want: Want) -> list[str]:
@@ -928,16 +1253,22 @@ def _same(a: Service, b: Service) -> bool:
     return a is b or a == b
 
 
-def _not_runtime(old: Service, new: Service) -> str | None:
-    """Why ``old → new`` needs more than the runtime API, or None."""
-    if old.settings != new.settings:
-        return "settings changed"
+def _meta_changed(old: Service, new: Service) -> str | None:
+    """An instance present on both sides whose meta changed (a template may render it)."""
     before = {i.id: i for i in old.instances}
     for inst in new.instances:
         prev = before.get(inst.id)
         if prev is not None and prev.meta != inst.meta:
             return f"instance {inst.id}: meta changed"
     return None
+
+
+def _other_keys_changed(old: Snapshot, new: Snapshot) -> bool:
+    """A raw key a template might read, other than registrations and health marks, differs
+    (a set difference of the two key maps: C speed, ~1 ms at 10,000 keys)."""
+    if old.keys is new.keys:
+        return False
+    return any(not _is_membership_key(key) for key, _ in old.keys.items() ^ new.keys.items())
 
 
 def _is_membership_key(key: str) -> bool:
@@ -973,6 +1304,19 @@ def _str_or_none(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
+def _state_file_directives(text: str) -> list[re.Match[str]]:
+    """Every ``server-state-file`` directive, found with ``str.find`` first: the regex
+    alone walks every line start of a 20,000-server config (~13 ms; this, ~1 ms)."""
+    found = []
+    at = text.find("server-state-file")
+    while at >= 0:
+        match = _STATE_FILE_LINE.match(text, text.rfind("\n", 0, at) + 1)
+        if match is not None and match.start(2) > at:
+            found.append(match)
+        at = text.find("server-state-file", max(at + 1, match.end() if match else 0))
+    return found
+
+
 class _checkable_copy:
     """The staged main config, or a copy beside it whose ``server-state-file`` points at a
     neutral (empty, version-1) state file; both temporary files are removed on exit."""
@@ -988,10 +1332,15 @@ class _checkable_copy:
             raise ValidationFailed(
                 f"cannot read the staged config: {exc.strerror}", command=[str(self.main)]
             ) from exc
-        if not _STATE_FILE_LINE.search(text):
+        directives = _state_file_directives(text)
+        if not directives:
             return self.main
-        neutral = self._temp(".state", "1\n")
-        return self._temp(".cfg", _STATE_FILE_LINE.sub(lambda m: m[1] + str(neutral), text))
+        neutral = self._temp(".state", EMPTY_STATE)
+        parts, last = [], 0
+        for value in directives:
+            parts += [text[last : value.start(2)], str(neutral)]
+            last = value.end(2)
+        return self._temp(".cfg", "".join([*parts, text[last:]]))
 
     def _temp(self, suffix: str, text: str) -> Path:
         fd, name = tempfile.mkstemp(

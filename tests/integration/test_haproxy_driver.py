@@ -1,8 +1,8 @@
 """The HAProxy driver against a real HAProxy 2.6 (Debian), loopback only.
 
-Configs are rendered from the stock template the way the pipeline does it: a plain Jinja2
-Environment with the renderer's options, ``services``/``snapshot`` plus the driver's
-``template_context``. Tests wait for states (``wait_for``), never for fixed times.
+Configs are rendered from the stock template the way the pipeline does it: lbsync's
+``Renderer`` (with its ``{% cache %}`` blocks) plus the driver's ``template_context``.
+Tests wait for states (``wait_for``), never for fixed times.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jinja2
 import pytest
 import structlog.testing
 
@@ -36,21 +35,14 @@ from tests.harness.net import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
-_ENV = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)),
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
-)
+_RENDERER = Renderer()
 
 
 # --- helpers ---------------------------------------------------------------------------
 
 
 def render(driver: HaproxyDriver, snapshot: Snapshot) -> str:
-    context = {"services": snapshot.services, "snapshot": snapshot}
-    return _ENV.get_template(TEMPLATE.name).render(**context, **driver.template_context(snapshot))
+    return _RENDERER.render(TEMPLATE, snapshot, driver.template_context(snapshot)).decode()
 
 
 def write_config(driver: HaproxyDriver, snapshot: Snapshot) -> None:
@@ -373,6 +365,34 @@ def test_runtime_membership_survives_a_forced_reload(
         f"s{n}": "maint" for n in range(4, 17)
     }
     assert len(servers_state(haproxy.state_file.read_text())) == 16  # all agreed: all kept
+
+
+def test_a_reload_lbsync_does_not_make_keeps_the_runtime_membership(
+    haproxy: HaproxyServer, backends: list[Backend]
+) -> None:
+    """``systemctl reload haproxy`` after runtime changes: no state dump first. The state
+    file from lbsync's last reload still says b2 holds s2 (added at runtime: loaded
+    ``disabled``, then set ready), and HAProxy would take that over the config."""
+    b1, b2, _ = backends
+    driver = make_driver(haproxy)
+    first = snap(1, service("web", haproxy.port, inst(b1)))
+    start(haproxy, driver, first)
+    second = snap(2, service("web", haproxy.port, inst(b1), inst(b2)))
+    write_config(driver, second)
+    assert driver.runtime_update(first, second)
+    reload_and_verify(driver)  # dumps the state: s2 = b2, ready
+    serves(haproxy.port, {"b1", "b2"})
+
+    third = snap(3, service("web", haproxy.port, inst(b1)))
+    write_config(driver, third)
+    assert driver.runtime_update(second, third)
+    serves(haproxy.port, {"b1"})
+    loads = haproxy.loads()
+    os.kill(haproxy.master_pid(), signal.SIGUSR2)  # what Debian's unit does on reload
+    wait_for(lambda: haproxy.loads() > loads, what="the external reload")
+
+    serves(haproxy.port, {"b1"})
+    assert haproxy.servers("web")["s2"].admin == "maint"
 
 
 def test_a_reload_does_not_bring_back_a_slot_freed_in_the_same_round(

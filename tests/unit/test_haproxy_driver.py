@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
-import jinja2
 import pytest
 import structlog.testing
 
 from lbsync.config import HaproxyTarget, TemplateSettings
 from lbsync.drivers.base import StagedConfig
 from lbsync.drivers.haproxy import (
+    BLOCK,
+    Assigned,
     HaproxyDriver,
     RuntimeServer,
     Slot,
     SlotTable,
     Want,
+    _BackendState,
     _commands,
+    _Plan,
+    _transition,
+    changed_slots,
     config_servers,
     parse_show_proc,
     pool_size,
@@ -25,6 +31,7 @@ from lbsync.drivers.haproxy import (
 )
 from lbsync.errors import ValidationFailed
 from lbsync.model import Instance, Service, Snapshot, State
+from lbsync.render import Renderer
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "haproxy" / "haproxy.cfg.j2"
 HEADER = (
@@ -78,15 +85,11 @@ def target(tmp_path: Path, **overrides: object) -> HaproxyTarget:
 
 
 def render(driver: HaproxyDriver, snapshot: Snapshot) -> str:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    context = {"services": snapshot.services, "snapshot": snapshot}
-    return env.get_template(TEMPLATE.name).render(**context, **driver.template_context(snapshot))
+    """As the pipeline renders: lbsync's Renderer (with ``{% cache %}``), the driver's extras."""
+    return RENDERER.render(TEMPLATE, snapshot, driver.template_context(snapshot)).decode()
+
+
+RENDERER = Renderer()
 
 
 def holders(slots: tuple[Slot, ...]) -> dict[str, str]:
@@ -139,6 +142,59 @@ def test_the_slots_setting_sizes_the_pool_and_a_forgotten_service_starts_over() 
     assert holders(table.assign(svc("web", inst("b")), None)) == {"s1": "b"}
 
 
+def test_incremental_assignment_is_the_rule_and_reuses_what_did_not_change() -> None:
+    """Random churn: every assignment equals the documented rule (keep your slot, newcomers
+    in id order take the lowest free ones, grow when full), the blocks are the slots, and
+    a slot or block whose content did not change is the very same object as before."""
+    rng = random.Random(7)
+    table = SlotTable()
+    held: dict[str, int] = {}
+    size = 0
+    members = {f"i{n:03d}": inst(f"i{n:03d}", weight=1) for n in range(300)}
+    before = None
+    for _step in range(60):
+        for iid in rng.sample(sorted(members), 3):
+            del members[iid]
+        for _ in range(rng.choice([0, 3, 6])):
+            iid = f"i{rng.randrange(10_000):04d}"
+            members[iid] = inst(iid)
+        for iid in rng.sample(sorted(members), 2):
+            members[iid] = inst(iid, weight=rng.randrange(1, 5), state=rng.choice(["up", "drain"]))
+        service = svc("web", *members.values())
+        after = table.assigned(service, None)
+
+        held = {i: s for i, s in held.items() if i in members}
+        if len(members) > size:
+            size = pool_size(len(members), None)
+        free = sorted(set(range(size)) - set(held.values()))
+        for iid in sorted(members):
+            if iid not in held:
+                held[iid] = free.pop(0)
+        assert holders(after.slots) == {f"s{s + 1}": i for i, s in held.items()}
+        assert all(s.instance is None or s.instance == members[s.instance.id] for s in after.slots)
+        assert tuple(s for block in after.blocks for s in block) == after.slots
+        if before is not None and len(before.slots) == len(after.slots):
+            for old, new in zip(before.slots, after.slots, strict=True):
+                assert (old is new) == (old == new)
+            for old_block, new_block in zip(before.blocks, after.blocks, strict=True):
+                assert (old_block is new_block) == (old_block == new_block)
+        before = after
+
+
+def test_a_change_to_one_instance_touches_one_slot_and_one_block() -> None:
+    table = SlotTable()
+    members = [inst(f"i{n:04d}") for n in range(1000)]
+    first = table.assigned(svc("web", *members), None)
+    members[600] = inst("i0600", weight=7)
+    second = table.assigned(svc("web", *members), None)
+    assert len(first.blocks) == 2000 // BLOCK + 1
+    pairs = zip(first.blocks, second.blocks, strict=True)
+    assert [n for n, (a, b) in enumerate(pairs) if a is not b] == [600 // BLOCK]
+    assert changed_slots(first, second) == [600]
+    grown = table.assigned(svc("web", *members, *(inst(f"j{n:04d}") for n in range(1001))), None)
+    assert changed_slots(second, grown) is None  # the pool grew: not a runtime change
+
+
 def test_slot_rendering_values() -> None:
     assert (Slot("s1").address, Slot("s1").weight, Slot("s1").disabled) == ("127.0.0.1:1", 1, True)
     draining = Slot("s2", inst("a", weight=5, state="drain"))
@@ -161,7 +217,7 @@ def test_a_restarted_driver_renders_the_same_bytes(tmp_path: Path) -> None:
     for snapshot in churn:
         text = render(first, snapshot)
     (tmp_path / "haproxy.cfg").write_text(text)
-    assert "s2 10.0.0.1:8000 weight 0  # lbsync-id=e" in text  # e took b's old slot
+    assert "s2 10.0.0.1:8000 id 2 weight 0  # lbsync-id=e" in text  # e took b's old slot
 
     restarted = HaproxyDriver(target(tmp_path))
     assert render(restarted, churn[-1]) == text
@@ -298,6 +354,42 @@ def test_commands_take_a_slot_in_and_out_of_service() -> None:
     assert _commands(key, serving, drain) == ["set server web/s1 state drain"]
     assert runtime(8, "10.0.0.1", 8000, 3).matches(drain)
     assert _commands(key, runtime(8, "10.0.0.1", 8000, 3), up) == ["set server web/s1 state ready"]
+
+
+def test_transitions_from_what_the_runtime_was_set_to() -> None:
+    up = Slot("s1", inst("a", weight=3))
+    draining = Slot("s1", inst("a", weight=3, state="drain"))
+    moved = Slot("s1", inst("a", port=9000, weight=3))
+    free = Slot("s1")
+
+    def transition(before: Slot, after: Slot) -> list[str]:
+        base, now = (Assigned((s,), ((s,),)) for s in (before, after))
+        return _transition(_Plan("web", now, base, [0]), 0)[1].split("; ")
+
+    assert transition(free, up) == [
+        "set server web/s1 addr 10.0.0.1 port 8000",
+        "set weight web/s1 3",
+        "set server web/s1 state ready",
+    ]
+    assert transition(up, draining) == ["set server web/s1 state drain"]
+    # Leaving drain always sets the weight: after a reload a draining server is weight 0.
+    assert transition(draining, up) == ["set weight web/s1 3", "set server web/s1 state ready"]
+    assert transition(up, moved) == ["set server web/s1 addr 10.0.0.1 port 9000"]
+    assert transition(up, free) == [
+        "set server web/s1 state maint",
+        "set server web/s1 addr 127.0.0.1 port 1",
+        "set weight web/s1 1",
+    ]
+
+
+def test_backend_state_reads_the_slot_line_and_copes_with_another_order() -> None:
+    lines = [state_line(f"s{n}", "10.0.0.1", 8000 + n, 0, 1) for n in (1, 2, 3)]
+    state = _BackendState("web", HEADER + "\n".join(lines) + "\n\n")
+    assert state.count == 3
+    assert state.server(1, "s2").port == 8002
+    shuffled = _BackendState("web", HEADER + "\n".join(reversed(lines)) + "\n")
+    assert shuffled.server(0, "s1").port == 8001
+    assert shuffled.server(2, "s3").port == 8003
 
 
 def test_runtime_update_declines_what_it_cannot_do(tmp_path: Path) -> None:
