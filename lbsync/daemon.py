@@ -454,9 +454,14 @@ class Daemon:
 
     def _stop_source(self) -> None:
         self._source_stop.set()
-        if self._source_thread is not None:
-            self._source_thread.join(timeout=5)
-        if self._source is not None:
+        thread = self._source_thread
+        if thread is not None:
+            # a hung etcd call runs out its timeout; then the source returns
+            thread.join(timeout=self.settings.etcd.timeout + 2)
+        if thread is not None and thread.is_alive():
+            # never close its channels under it: gRPC crashes on that race
+            log.warning("source.stop_timeout", timeout_s=self.settings.etcd.timeout)
+        elif self._source is not None:
             self._source.close()
         self._source = self._source_thread = None
         self._messages = queue.Queue()

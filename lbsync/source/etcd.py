@@ -551,30 +551,17 @@ class EtcdSource:
         a loss it resumes from the last event's revision + 1, so no event is lost or
         repeated; when that revision has been compacted it emits a fresh ``SourceReset``.
         A failure never produces a reset. An exception raised by ``emit`` propagates.
+
+        After ``stop`` it returns within ``settings.timeout`` even when a call is hung: the
+        call runs out. Channels are never closed from another thread to cut it short:
+        gRPC's core crashes (SIGSEGV) when a channel is closed while a stub is created on it.
         """
         self._stop = stop
-        done = threading.Event()
-        guard = threading.Thread(
-            target=self._disconnect_on_stop,
-            args=(stop, done),
-            name="lbsync-etcd-stop",
-            daemon=True,
-        )
-        guard.start()
         try:
             self._supervise(emit, stop)
         finally:
-            done.set()
-            guard.join()
             self._disconnect()
             self._stop = None
-
-    def _disconnect_on_stop(self, stop: threading.Event, done: threading.Event) -> None:
-        """Cancel in-flight calls when ``stop`` is set, so a hung read cannot delay exit."""
-        while not done.is_set():
-            if stop.wait(_POLL):
-                self._disconnect()
-                return
 
     def _supervise(self, emit: Callable[[SourceMessage], None], stop: threading.Event) -> None:
         backoff = _Backoff()
