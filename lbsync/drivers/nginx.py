@@ -170,7 +170,7 @@ class NginxDriver(Driver):
         master = self._master()
         try:
             created = master.create_time()
-            old = tuple(sorted(c.pid for c in master.children()))
+            old = tuple(sorted(c.pid for c in _children(master)))
         except psutil.Error as exc:
             raise ReloadFailed(f"nginx master {master.pid} vanished", target=self.name) from exc
         details: dict[str, Any] = {
@@ -318,7 +318,7 @@ def _new_workers(master: psutil.Process, old: set[int]) -> list[int]:
     """Worker children not in the old generation and not already shutting down."""
     fresh = []
     try:
-        children = master.children()
+        children = _children(master)
     except psutil.Error:
         return []
     for child in children:
@@ -331,3 +331,23 @@ def _new_workers(master: psutil.Process, old: set[int]) -> list[int]:
         if "worker process" in title and "shutting down" not in title:
             fresh.append(child.pid)
     return fresh
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    """The direct children of a single-threaded process (the nginx master).
+
+    Linux lists them in ``/proc/<pid>/task/<pid>/children`` (one small read, ~0.07 ms);
+    psutil's ``children()`` reads every process's stat file instead (~3.7 ms with ~90
+    processes, more on a busy host), and verify polls it. Falls back to psutil where the
+    file is missing (kernels without CONFIG_PROC_CHILDREN).
+    """
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children", encoding="ascii") as handle:
+            pids = handle.read().split()
+    except OSError:
+        return proc.children()
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found.append(psutil.Process(int(pid)))
+    return found

@@ -72,7 +72,8 @@ def test_endpoints_report_the_daemon_state(
     assert metric(text, 'lbsync_rounds_total{action="reloaded",target="nginx-test"}') >= 1
     assert metric(text, 'lbsync_instances{service="app",state="up"}') == 1
     assert metric(text, "lbsync_etcd_connected") == 1
-    assert metric(text, "lbsync_rejected_values_total") == 1
+    # counters are process-wide: other tests in this pytest process may have added to them
+    assert metric(text, "lbsync_rejected_values_total") >= 1
     assert 'lbsync_event_to_apply_seconds_bucket{le="0.001",target="nginx-test"}' in text
 
     status, body = get(f"{base}/status")
