@@ -1,0 +1,1 @@
+"""lbsync benchmarks: ``python -m bench all`` or ``python -m bench <name>`` (see __main__)."""
