@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from tests.harness.net import wait_for
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -99,6 +103,73 @@ def only_served_by(port: int, expected: set[str], requests: int = 12) -> bool:
             return False
         names.add(body)
     return names == expected
+
+
+@dataclass
+class KeepAliveLoad:
+    """One keep-alive HTTP client, bounded in time and in requests.
+
+    Records (start, end, body) of every successful request, so a test can tell which
+    backend set answered after a given moment, and every failure (errors and non-200s).
+    """
+
+    port: int
+    max_seconds: float = 10.0
+    max_requests: int = 200_000
+    done: list[tuple[float, float, str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def ok(self) -> int:
+        return len(self.done)
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        conn = self._connect()
+        try:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                if self.ok + len(self.failures) >= self.max_requests:
+                    return
+                conn = self._one(conn)
+        finally:
+            conn.close()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def _one(self, conn: http.client.HTTPConnection) -> http.client.HTTPConnection:
+        began = time.monotonic()
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            body = response.read().decode(errors="replace")
+        except (OSError, http.client.HTTPException) as exc:
+            self.failures.append(repr(exc))
+            conn.close()
+            return self._connect()
+        if response.status == 200:
+            self.done.append((began, time.monotonic(), body))
+        else:
+            self.failures.append(f"{response.status} {body[:80]!r}")
+        return conn
+
+    def progressed(self, since: int, by: int = 5) -> bool:
+        return self.ok >= since + by or bool(self.failures)
+
+
+@contextlib.contextmanager
+def keep_alive_load(port: int, max_seconds: float) -> Iterator[KeepAliveLoad]:
+    """A ``KeepAliveLoad`` running in a thread for the ``with`` block (at most max_seconds)."""
+    load = KeepAliveLoad(port, max_seconds=max_seconds)
+    thread = threading.Thread(target=load.run, name="keep-alive-load", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: load.ok > 0 or load.failures, what="the load to start")
+        yield load
+    finally:
+        load.stop.set()
+        thread.join(timeout=30)
 
 
 @pytest.fixture

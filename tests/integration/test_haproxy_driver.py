@@ -7,17 +7,11 @@ Tests wait for states (``wait_for``), never for fixed times.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import http.client
 import os
 import signal
 import socket
 import subprocess
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -29,7 +23,7 @@ from lbsync.errors import ListenConflict, ReloadFailed, ValidationFailed, Verify
 from lbsync.model import Instance, Service, SettingValue, Snapshot, State
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
-from tests.harness.backends import Backend, served_names
+from tests.harness.backends import Backend, keep_alive_load, served_names
 from tests.harness.haproxy import HAPROXY, TEMPLATE, HaproxyServer
 from tests.harness.net import free_port, wait_for
 
@@ -238,63 +232,6 @@ def test_a_dead_master_fails_verify_and_reload(
 # --- runtime path ------------------------------------------------------------------------
 
 
-@dataclass
-class KeepAliveLoad:
-    """One keep-alive HTTP client, bounded in time and in requests; counts failures."""
-
-    port: int
-    max_seconds: float = 10.0
-    max_requests: int = 200_000
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        conn = self._connect()
-        try:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                if self.ok + len(self.failures) >= self.max_requests:
-                    return
-                conn = self._one(conn)
-        finally:
-            conn.close()
-
-    def _connect(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-
-    def _one(self, conn: http.client.HTTPConnection) -> http.client.HTTPConnection:
-        try:
-            conn.request("GET", "/")
-            response = conn.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self.failures.append(repr(exc))
-            conn.close()
-            return self._connect()
-        if response.status == 200:
-            self.ok += 1
-        else:
-            self.failures.append(f"{response.status} {body[:80]!r}")
-        return conn
-
-    def progressed(self, since: int, by: int = 5) -> bool:
-        return self.ok >= since + by or bool(self.failures)
-
-
-@contextlib.contextmanager
-def keep_alive_load(port: int) -> Iterator[KeepAliveLoad]:
-    load = KeepAliveLoad(port)
-    thread = threading.Thread(target=load.run, name="keep-alive-load", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: load.ok > 0 or load.failures, what="the load to start")
-        yield load
-    finally:
-        load.stop.set()
-        thread.join(timeout=15)
-
-
 # b1 stays up throughout; b2 and b3 cycle through states with coprime periods, so every
 # step changes something and the combinations vary.
 _B2 = ["absent", "up", "up:3", "drain", "down"]
@@ -324,7 +261,7 @@ def test_100_runtime_changes_under_keep_alive_load_need_no_reload(
     serves(haproxy.port, _serving(_membership(0, backends)))
     before = generation(haproxy)
 
-    with keep_alive_load(haproxy.port) as load:
+    with keep_alive_load(haproxy.port, max_seconds=10.0) as load:
         for step in range(1, 101):
             members = _membership(step, backends)
             new = snap(step, service("web", haproxy.port, *members))

@@ -8,15 +8,13 @@ fixed times; "no reload" is checked by master and worker pids and by the error l
 from __future__ import annotations
 
 import bisect
-import contextlib
 import functools
 import http.client
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,7 @@ from lbsync.model import Instance, Service, Snapshot, State
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
 from lbsync.source.etcd import EtcdWriter
-from tests.harness.backends import Backend, http_get
+from tests.harness.backends import Backend, http_get, keep_alive_load
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import free_port, wait_for
 from tests.harness.nginx import NGINX, NginxServer
@@ -131,55 +129,6 @@ def rig(nginx_lua_server: NginxServer, tmp_path: Path) -> Rig:
 # --- 100 changes under load ------------------------------------------------------------
 
 
-@dataclass
-class KeepAliveLoad:
-    """One keep-alive client; records (start, end, body) of every request, and failures."""
-
-    port: int
-    max_seconds: float = 120.0
-    done: list[tuple[float, float, str]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                began = time.monotonic()
-                try:
-                    conn.request("GET", "/")
-                    response = conn.getresponse()
-                    body = response.read().decode(errors="replace")
-                except (OSError, http.client.HTTPException) as exc:
-                    self.failures.append(repr(exc))
-                    conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                    continue
-                if response.status != 200:
-                    self.failures.append(f"{response.status} {body[:80]!r}")
-                else:
-                    self.done.append((began, time.monotonic(), body))
-        finally:
-            conn.close()
-
-    def progressed(self, since: int, by: int = 5) -> bool:
-        return len(self.done) >= since + by or bool(self.failures)
-
-
-@contextlib.contextmanager
-def keep_alive_load(port: int) -> Iterator[KeepAliveLoad]:
-    load = KeepAliveLoad(port)
-    thread = threading.Thread(target=load.run, name="keep-alive-load", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: load.done or load.failures, what="the load to start")
-        yield load
-    finally:
-        load.stop.set()
-        thread.join(timeout=30)
-
-
 # b1 stays up; b2 and b3 cycle with coprime periods, so every step changes b3 at least
 # and the combinations vary (b2 goes through weight 3, drain and down).
 _B2 = ["absent", "up", "up:3", "drain", "down"]
@@ -227,7 +176,7 @@ def test_100_membership_changes_under_keep_alive_load_need_no_reload(
     before = rig.generation()
     pushes: list[tuple[float, float, frozenset[str]]] = [(0.0, 0.0, _up(_membership(0, backends)))]
 
-    with keep_alive_load(rig.server.port) as load:
+    with keep_alive_load(rig.server.port, max_seconds=120.0) as load:
         for step in range(1, 101):
             members = _membership(step, backends)
             began = time.monotonic()
