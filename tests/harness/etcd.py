@@ -34,7 +34,7 @@ import pytest
 
 from lbsync.config import EtcdSettings
 from lbsync.model import SourceEvents, SourceMessage, SourceReset, SourceStatus
-from lbsync.source.etcd import EtcdSource
+from lbsync.source.etcd import EtcdSource, EtcdWriter
 from tests.harness.net import free_port, wait_for
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -646,3 +646,10 @@ def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.kill()
+
+
+@pytest.fixture
+def writer(etcd: EtcdServer) -> Iterator[EtcdWriter]:
+    """Writes to ``etcd`` under the default prefix, as registrations and health marks do."""
+    with EtcdWriter(EtcdSettings(endpoints=[etcd.endpoint], prefix="/lbsync")) as w:
+        yield w

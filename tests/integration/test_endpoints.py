@@ -13,10 +13,11 @@ import pytest
 from lbsync.config import EtcdSettings, Settings
 from lbsync.source.etcd import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
+from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import wait_for
 from tests.harness.nginx import NginxServer
-from tests.integration.test_pipeline_nginx import RunningDaemon, instance, key, settings_for
+from tests.integration.test_pipeline_nginx import instance, key, settings_for
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ import functools
 import http.client
 import shutil
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
 from lbsync.source.etcd import EtcdWriter
 from tests.harness.backends import Backend, http_get, keep_alive_load
+from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import free_port, wait_for
 from tests.harness.nginx import NGINX, NginxServer
@@ -487,23 +487,10 @@ def test_a_lua_error_in_a_custom_template_block_is_caught_with_its_line(
 P = "/lbsync"
 
 
-class RunningDaemon:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
-        self.thread.start()
-
-    def caught_up(self, writer: EtcdWriter) -> str | None:
-        """The action of a round that ran on etcd's latest revision, if one did."""
-        latest = self.daemon.health.outcomes.get("nginx-test")
-        if latest is None or latest.revision < writer.revision():
-            return None
-        return latest.action
-
-    def stop(self) -> None:
-        self.daemon.flags.stop = True
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive(), "daemon did not stop"
+def round_on_latest(running: RunningDaemon, writer: EtcdWriter) -> str | None:
+    """Wait for a round on etcd's latest revision; its action."""
+    wait_for(lambda: running.caught_up(writer), what="a round")
+    return running.outcome()
 
 
 def test_the_daemon_pushes_membership_from_etcd_and_repushes_after_a_restart(
@@ -534,14 +521,14 @@ def test_the_daemon_pushes_membership_from_etcd_and_repushes_after_a_restart(
         running = RunningDaemon(Daemon(settings))
         try:
             # the first round has no applied snapshot to compare with: a reload
-            assert wait_for(lambda: running.caught_up(writer), what="a round") == "reloaded"
+            assert round_on_latest(running, writer) == "reloaded"
             wait_for(lambda: len(server.worker_pids()) == 1, what="the old worker to exit")
             before = server.master_pid(), server.worker_pids()
             for backend in (b2, b3):
                 writer.put(key(backend.name), f"127.0.0.1:{backend.port}")
-                assert wait_for(lambda: running.caught_up(writer), what="a round") == "runtime"
+                assert round_on_latest(running, writer) == "runtime"
             writer.delete(key("b1"))
-            assert wait_for(lambda: running.caught_up(writer), what="a round") == "runtime"
+            assert round_on_latest(running, writer) == "runtime"
             assert set(names(server.port, 6)) == {"b2", "b3"}
             assert (server.master_pid(), server.worker_pids()) == before
             assert server.reconfigurations() == 1

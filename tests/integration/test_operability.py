@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from lbsync.config import EtcdSettings
 from lbsync.http import StatusServer
 from lbsync.source.etcd import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
+from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import free_port, wait_for
 from tests.harness.nginx import NginxServer
-from tests.integration.test_pipeline_nginx import RunningDaemon, instance, key, settings_for
+from tests.integration.test_pipeline_nginx import instance, key, settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -144,12 +144,6 @@ def test_register_refuses_a_bad_value_without_touching_etcd(
     assert done.stderr.startswith("lbsync: ")
     assert "Traceback" not in done.stderr
     assert etcd.dump(P) == {}
-
-
-@pytest.fixture
-def writer(etcd: EtcdServer) -> Iterator[EtcdWriter]:
-    with EtcdWriter(EtcdSettings(endpoints=[etcd.endpoint], prefix=P)) as w:
-        yield w
 
 
 def test_mark_down_takes_the_instance_out_of_nginx_and_up_brings_it_back(

@@ -10,22 +10,20 @@ reports the same master and workers, and the master logged no further ``Loading 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lbsync.config import EtcdSettings, Settings, settings_from_dict
-from lbsync.daemon import Daemon
+from lbsync.config import Settings, settings_from_dict
 from lbsync.drivers.haproxy import HaproxyDriver, config_servers
 from lbsync.errors import ValidationFailed
 from lbsync.model import Service, Snapshot
-from lbsync.pipeline import Outcome
 from lbsync.render import Renderer
 from lbsync.source.etcd import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
+from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
 from tests.harness.haproxy import TEMPLATE, HaproxyServer
 from tests.harness.net import free_port, wait_for
@@ -74,49 +72,6 @@ def bootstrap(haproxy: HaproxyServer, services: dict[str, int]) -> None:
         Renderer().render(TEMPLATE, snapshot, driver.template_context(snapshot))
     )
     haproxy.start()
-
-
-class RunningDaemon:
-    """``lbsync.daemon.Daemon`` in a thread; every round's outcomes are recorded in order."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.daemon = Daemon(settings)
-        self.outcomes: list[Outcome] = []
-        for pipeline in self.daemon.pipelines:
-            pipeline.apply = self._recording(pipeline.apply)  # type: ignore[method-assign]
-        self.thread = threading.Thread(target=self.daemon.run, name="daemon", daemon=True)
-        self.thread.start()
-
-    def _recording(self, apply: Callable[[Snapshot], Outcome]) -> Callable[[Snapshot], Outcome]:
-        def recorded(snapshot: Snapshot) -> Outcome:
-            outcome = apply(snapshot)
-            self.outcomes.append(outcome)
-            return outcome
-
-        return recorded
-
-    def latest(self, target: str = HAPROXY) -> Outcome | None:
-        return self.daemon.health.outcomes.get(target)
-
-    def caught_up(self, writer: EtcdWriter, *targets: str) -> bool:
-        """Every target has finished a round on etcd's latest revision."""
-        revision = writer.revision()
-        found = [self.latest(t) for t in targets or (HAPROXY,)]
-        return all(o is not None and o.revision >= revision for o in found)
-
-    def actions(self, since: int = 0, target: str = HAPROXY) -> list[str]:
-        return [o.action for o in self.outcomes[since:] if o.target == target]
-
-    def stop(self) -> None:
-        self.daemon.flags.stop = True
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive(), "daemon did not stop"
-
-
-@pytest.fixture
-def writer(etcd: EtcdServer) -> Iterator[EtcdWriter]:
-    with EtcdWriter(EtcdSettings(endpoints=[etcd.endpoint], prefix=P)) as w:
-        yield w
 
 
 @pytest.fixture

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lbsync.cli import main as cli
-from lbsync.config import EtcdSettings, Settings, settings_from_dict
-from lbsync.daemon import Daemon
+from lbsync.config import Settings, settings_from_dict
 from lbsync.source.etcd import EtcdWriter
 from tests.harness.backends import Backend, http_get, only_served_by
+from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import wait_for
 from tests.harness.nginx import UPSTREAMS_TEMPLATE, NginxServer
@@ -56,33 +55,6 @@ def config_file(settings: Settings, path: Path) -> Path:
         f'[[target.template]]\nsrc = "{template.src}"\ndest = "{template.dest}"\n'
     )
     return path
-
-
-class RunningDaemon:
-    def __init__(self, settings: Settings) -> None:
-        self.daemon = Daemon(settings)
-        self.thread = threading.Thread(target=self.daemon.run, name="daemon", daemon=True)
-        self.thread.start()
-
-    def outcome(self) -> str | None:
-        latest = self.daemon.health.outcomes.get("nginx-test")
-        return latest.action if latest else None
-
-    def caught_up(self, writer: EtcdWriter) -> bool:
-        """A round has finished on etcd's latest revision."""
-        latest = self.daemon.health.outcomes.get("nginx-test")
-        return latest is not None and latest.revision >= writer.revision()
-
-    def stop(self) -> None:
-        self.daemon.flags.stop = True
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive(), "daemon did not stop"
-
-
-@pytest.fixture
-def writer(etcd: EtcdServer) -> Iterator[EtcdWriter]:
-    with EtcdWriter(EtcdSettings(endpoints=[etcd.endpoint], prefix=P)) as w:
-        yield w
 
 
 @pytest.fixture

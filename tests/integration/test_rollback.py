@@ -4,28 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lbsync.config import EtcdSettings
 from lbsync.source.etcd import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
+from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import wait_for
 from tests.harness.nginx import NginxServer
-from tests.integration.test_pipeline_nginx import RunningDaemon, instance, key, settings_for
+from tests.integration.test_pipeline_nginx import instance, key, settings_for
 
 pytestmark = pytest.mark.integration
 
 P = "/lbsync"
-
-
-@pytest.fixture
-def writer(etcd: EtcdServer) -> Iterator[EtcdWriter]:
-    with EtcdWriter(EtcdSettings(endpoints=[etcd.endpoint], prefix=P)) as w:
-        yield w
 
 
 def test_dead_lb_master_restores_last_known_good_files(

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from lbsync.config import EtcdSettings
 from lbsync.source.etcd import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
 from tests.harness.etcd import EtcdServer
@@ -26,12 +25,6 @@ P = "/lbsync"
 @pytest.fixture
 def config(etcd: EtcdServer, nginx_server: NginxServer, tmp_path: Path) -> Path:
     return config_file(settings_for(etcd, nginx_server, tmp_path / "state"), tmp_path / "l.toml")
-
-
-@pytest.fixture
-def writer(etcd: EtcdServer) -> Iterator[EtcdWriter]:
-    with EtcdWriter(EtcdSettings(endpoints=[etcd.endpoint], prefix=P)) as w:
-        yield w
 
 
 @pytest.fixture
