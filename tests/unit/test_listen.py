@@ -11,6 +11,7 @@ import pytest
 
 from lbsync.drivers.listen import (
     ListenAddress,
+    NginxFiles,
     check_listen,
     haproxy_listens,
     nginx_listens,
@@ -64,6 +65,40 @@ def test_nginx_listens_follows_includes_and_only_reads_server_blocks(tmp_path: P
         "127.0.0.1:8001",
         "127.0.0.1:8002",
     ]
+
+
+def test_nginx_files_reuse_what_is_unchanged_and_notice_any_edit(tmp_path: Path) -> None:
+    files = NginxFiles()
+    site = tmp_path / "site.conf"
+    site.write_text("server { listen 127.0.0.1:8001; }\n")
+    main = tmp_path / "nginx.conf"
+    main.write_text("http { include site.conf; }\n")
+    assert [str(a) for a in nginx_listens(main, files)] == ["127.0.0.1:8001"]
+    first = files.statements(site)
+
+    assert files.statements(site) is first  # same bytes: not tokenized again
+    site.write_text("server { listen 127.0.0.1:8002; }\n")  # same size, same inode
+    assert [str(a) for a in nginx_listens(main, files)] == ["127.0.0.1:8002"]
+
+
+def test_nginx_files_match_content_across_paths_and_sweep_what_went_unread(
+    tmp_path: Path,
+) -> None:
+    files = NginxFiles()
+    staged, live = tmp_path / "staged.conf", tmp_path / "live.conf"
+    staged.write_text("server { listen 8001; }\n")
+    parsed = files.statements(staged)
+    files.sweep()
+    live.write_bytes(staged.read_bytes())  # what was staged is live in the next round
+
+    assert files.statements(live) is parsed
+    files.sweep()
+    files.sweep()  # nothing read in between: everything forgotten
+    other = tmp_path / "other.conf"
+    other.write_bytes(live.read_bytes())
+    again = files.statements(other)
+    assert again == parsed
+    assert again is not parsed
 
 
 @pytest.mark.parametrize(
