@@ -40,7 +40,7 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),  # one write per event
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (grpc, pyetcd) go to the same stream, warnings up.

@@ -43,6 +43,7 @@ import structlog
 
 from lbsync.drivers.base import StagedConfig
 from lbsync.errors import StageError
+from lbsync.fileio import read_bytes, write_all
 
 log = structlog.get_logger("lbsync.stage")
 
@@ -360,9 +361,7 @@ class _Stager:
                 self.write_rendered(dest, data)
                 return
             new = self.rewrite(data)
-            view = memoryview(new)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, new)
             if os.fstat(fd).st_size > len(new):  # only then: a truncate costs a journal write
                 os.ftruncate(fd, len(new))
         except OSError as exc:
@@ -436,9 +435,7 @@ def _create(path: Path, data: bytes, mode: int) -> None:
     """A new file (never an existing inode: it may be shared with a live file)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
@@ -481,7 +478,7 @@ class SwapRecord:
 def current_bytes(path: Path) -> bytes | None:
     """The file's bytes now (through symlinks), None if it does not exist."""
     try:
-        return Path(path).read_bytes()
+        return read_bytes(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -625,8 +622,10 @@ def _write_backup_file(backup: Path, previous: bytes) -> None:
         backup.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=backup.parent, prefix=f".{backup.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(previous)
+            try:
+                write_all(fd, previous)
+            finally:
+                os.close(fd)
             os.replace(tmp, backup)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -683,13 +682,14 @@ def _in_place(path: Path, data: bytes, mode: int, why: OSError) -> None:
 
 def _fill(fd: int, data: bytes, mode: int, old: os.stat_result | None) -> None:
     """Write, set mode (and owner of the file it replaces), fsync, close."""
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
+    try:
+        write_all(fd, data)
         os.fchmod(fd, mode)
         if old is not None:
             _chown(fd, old)
         os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _chown(fd: int, old: os.stat_result) -> None:
@@ -705,9 +705,7 @@ def _write_in_place(path: Path, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, mode)
     try:
         os.ftruncate(fd, 0)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fchmod(fd, mode)
         os.fsync(fd)
     finally:

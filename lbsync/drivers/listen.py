@@ -34,6 +34,7 @@ import structlog
 
 from lbsync.drivers.lua import strip_lua_blocks
 from lbsync.errors import ListenConflict
+from lbsync.fileio import read_bytes
 
 log = structlog.get_logger("lbsync.drivers.listen")
 
@@ -96,7 +97,7 @@ class NginxFiles:
     def statements(self, path: Path) -> tuple[Statement, ...] | None:
         """The file's statements; None if it cannot be read."""
         try:
-            data = path.read_bytes()
+            data = read_bytes(path)
         except OSError as exc:
             log.debug("listen.unreadable", path=str(path), error=exc.strerror)
             return None

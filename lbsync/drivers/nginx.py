@@ -31,6 +31,7 @@ from lbsync.drivers.listen import NginxFiles, check_listen, nginx_listens
 from lbsync.drivers.lua import check_lua, luajit_available
 from lbsync.drivers.nginx_runtime import RuntimeSync
 from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
+from lbsync.fileio import read_bytes, read_tail
 from lbsync.model import Snapshot
 from lbsync.stage import EXTERNAL_DIR
 
@@ -86,7 +87,7 @@ class NginxDriver(Driver):
         configs = {}
         for dest, path in staged.files.items():
             try:
-                data = path.read_bytes()
+                data = read_bytes(path)
             except OSError as exc:
                 raise ValidationFailed(
                     f"cannot read the staged file {path}: {exc.strerror}", command=[str(path)]
@@ -190,7 +191,7 @@ class NginxDriver(Driver):
         """The master named by the pid file; ``ReloadFailed`` naming the file otherwise."""
         path = self.target.pid_file
         try:
-            pid = int(Path(path).read_text().strip())
+            pid = int(read_bytes(path).strip())
         except FileNotFoundError as exc:
             raise ReloadFailed(
                 f"pid file {path} does not exist (nginx not running?)", target=self.name
@@ -294,11 +295,7 @@ class NginxDriver(Driver):
         if self.target.error_log is None or offset is None:
             return []
         try:
-            with open(self.target.error_log, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                start = offset if size >= offset else 0
-                handle.seek(max(start, size - _LOG_TAIL_BYTES))
-                data = handle.read()
+            data = read_tail(self.target.error_log, offset, _LOG_TAIL_BYTES)
         except OSError:
             return []
         return data.decode(errors="replace").splitlines()

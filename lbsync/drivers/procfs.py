@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from lbsync.fileio import read_bytes
+
 
 @dataclass(frozen=True)
 class ProcStat:
@@ -36,8 +38,7 @@ class ProcStat:
 def stat(pid: int) -> ProcStat | None:
     """The process's stat line, or None when there is no such process."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read()
+        raw = read_bytes(f"/proc/{pid}/stat")
     except OSError:
         return None
     # "pid (name) state ppid ...": the name may hold spaces and parentheses.
@@ -52,8 +53,7 @@ def stat(pid: int) -> ProcStat | None:
 def title(pid: int) -> str | None:
     """The process's command line as one string (what nginx retitles), None if gone."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            raw = handle.read()
+        raw = read_bytes(f"/proc/{pid}/cmdline")
     except OSError:
         return None
     return raw.replace(b"\0", b" ").strip().decode(errors="replace")
@@ -62,8 +62,7 @@ def title(pid: int) -> str | None:
 def children(pid: int) -> list[int]:
     """The pids of a single-threaded process's direct children (an LB master)."""
     try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
-            return [int(child) for child in handle.read().split()]
+        return [int(child) for child in read_bytes(f"/proc/{pid}/task/{pid}/children").split()]
     except FileNotFoundError:
         if not psutil.pid_exists(pid):
             return []
