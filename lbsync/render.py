@@ -94,9 +94,15 @@ class RawKeys:
         }
 
 
+_Entry = tuple[object, tuple[object, ...], str]  # key, the values compared by ==, output
+
+
 class CacheExtension(jinja2.ext.Extension):
     """``{% cache key %}body{% endcache %}``: the body's output, kept while ``key`` is the
     same object (``is``) as in the previous render of the same template.
+
+    ``{% cache key, a, b %}``: also while ``a`` and ``b`` are equal (``==``) to what they
+    were, for the little a block depends on besides its key (a target's settings).
 
     Entries hold their key, so an id cannot be reused while cached; only the entries used
     by the latest successful render of a template are kept (``begin``/``commit``).
@@ -106,23 +112,29 @@ class CacheExtension(jinja2.ext.Extension):
 
     def __init__(self, environment: jinja2.Environment) -> None:
         super().__init__(environment)
-        self._entries: dict[str | None, dict[tuple[int, int], tuple[object, str]]] = {}
-        self._fresh: dict[str | None, dict[tuple[int, int], tuple[object, str]]] | None = None
+        self._entries: dict[str | None, dict[tuple[int, int], _Entry]] = {}
+        self._fresh: dict[str | None, dict[tuple[int, int], _Entry]] | None = None
 
     def parse(self, parser: Parser) -> nodes.Node:
         lineno = next(parser.stream).lineno
         key = parser.parse_expression()
+        also: list[nodes.Expr] = []
+        while parser.stream.skip_if("comma"):
+            also.append(parser.parse_expression())
         body = parser.parse_statements(("name:endcache",), drop_needle=True)
-        args = [key, nodes.Const(parser.name), nodes.Const(lineno)]
+        args = [key, nodes.Tuple(also, "load"), nodes.Const(parser.name), nodes.Const(lineno)]
         return nodes.CallBlock(self.call_method("_cached", args), [], [], body).set_lineno(lineno)
 
-    def _cached(self, key: object, name: str | None, lineno: int, caller: Any) -> str:
+    def _cached(
+        self, key: object, also: tuple[object, ...], name: str | None, lineno: int, caller: Any
+    ) -> str:
         slot = (lineno, id(key))
         hit = self._entries.get(name, {}).get(slot)
-        output: str = hit[1] if hit is not None and hit[0] is key else caller()
+        if hit is None or hit[0] is not key or hit[1] != also:
+            hit = (key, also, caller())
         if self._fresh is not None:
-            self._fresh.setdefault(name, {})[slot] = (key, output)
-        return output
+            self._fresh.setdefault(name, {})[slot] = hit
+        return hit[2]
 
     def begin(self) -> None:
         self._fresh = {}

@@ -119,6 +119,27 @@ def test_cache_block_is_reused_while_its_key_is_the_same_object(
     assert Renderer(sandbox=sandbox).render(src, catalog.snapshot(), extra) == second
 
 
+def test_cache_block_with_more_values_is_reused_only_while_they_are_equal(
+    tmp_path: Path,
+) -> None:
+    src = write(
+        tmp_path,
+        "t.j2",
+        "{% for s in services.values() %}{% cache s, s.name in marked %}"
+        "{{ s.name }}{{ count(s.name) }}{% if s.name in marked %}*{% endif %};"
+        "{% endcache %}{% endfor %}",
+    )
+    snapshot = snapshot_from(CATALOG)
+    renderer = Renderer()
+    calls, extra = _counting()
+
+    assert renderer.render(src, snapshot, {**extra, "marked": ["web"]}) == b"api;web*;"
+    assert renderer.render(src, snapshot, {**extra, "marked": ("web",)}) == b"api;web*;"
+    assert calls == {"api": 1, "web": 1}  # equal values: both blocks reused
+    assert renderer.render(src, snapshot, {**extra, "marked": []}) == b"api;web;"
+    assert calls == {"api": 1, "web": 2}  # web's value changed: only web re-rendered
+
+
 def test_failed_render_keeps_no_cache_entries(tmp_path: Path) -> None:
     src = write(tmp_path, "t.j2", CACHED + "{{ boom() }}")
     renderer = Renderer()
