@@ -26,6 +26,7 @@ from typing import Any
 from bench import env, report
 from lbsync.catalog import Catalog
 from lbsync.config import NginxTarget
+from lbsync.drivers.base import StagedConfig
 from lbsync.drivers.nginx import NginxDriver
 from lbsync.logging import configure_logging
 from lbsync.model import KeyValue
@@ -92,7 +93,7 @@ def measure(instances: int, reps: int) -> dict[str, Any]:
                 pass
 
         def listen_only() -> None:
-            driver._check_new_listens(nginx.conf)
+            driver._check_new_listens(StagedConfig(root=nginx.etc, main=nginx.conf, files={}))
 
         runs: dict[str, list[float]] = {"plain": [], "check": [], "stage": [], "listen": []}
         funcs = {"plain": plain, "check": check, "stage": stage_only, "listen": listen_only}

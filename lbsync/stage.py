@@ -35,8 +35,9 @@ import stat
 import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -136,7 +137,8 @@ class StagingArea:
             tree = self._rebuild(rendered, fingerprint)
         else:
             self._rewrite(rendered)
-        yield tree
+        assert self._stager is not None
+        yield replace(tree, contents=MappingProxyType(dict(self._stager.contents)))
 
     def _rebuild(self, rendered: Mapping[Path, bytes], before: object) -> StagedConfig:
         self.close()
@@ -222,7 +224,8 @@ def _build(
         stager.mirror_tree()
     files = {dest: stager.write_rendered(dest, data) for dest, data in rendered.items()}
     main = None if config is None else stage_dir / Path(os.path.abspath(config)).name
-    return StagedConfig(root=stage_dir, main=main, files=files), stager
+    contents = MappingProxyType(dict(stager.contents))
+    return StagedConfig(root=stage_dir, main=main, files=files, contents=contents), stager
 
 
 def _check_root(root: Path, stage_dir: Path) -> None:
@@ -266,6 +269,7 @@ class _Stager:
             needles += [live.encode(), os.path.dirname(live).encode()]
         self.needles = tuple(needles)
         self.hardlinks = True
+        self.contents: dict[Path, bytes] = {}  # staged rendered file → the bytes in it
 
     # --- paths -------------------------------------------------------------------------
 
@@ -330,7 +334,10 @@ class _Stager:
                 # Never write through a link that leads out of the staging tree (a live file).
                 raise StageError("staged path leads out of the staging directory", path=str(path))
             path.unlink(missing_ok=True)  # may be a hard link to the live file: replace it
-            _create(path, self.rewrite(data), DEFAULT_MODE)
+            self.contents.pop(path, None)
+            new = self.rewrite(data)
+            _create(path, new, DEFAULT_MODE)
+            self.contents[path] = new
         except OSError as exc:
             raise StageError(
                 f"cannot write the staged file: {exc.strerror}", path=str(path)
@@ -361,9 +368,11 @@ class _Stager:
                 self.write_rendered(dest, data)
                 return
             new = self.rewrite(data)
+            self.contents.pop(path, None)
             write_all(fd, new)
             if os.fstat(fd).st_size > len(new):  # only then: a truncate costs a journal write
                 os.ftruncate(fd, len(new))
+            self.contents[path] = new
         except OSError as exc:
             raise StageError(
                 f"cannot write the staged file: {exc.strerror}", path=str(path)

@@ -24,12 +24,14 @@ class StagedConfig:
 
     ``main`` is where the target's main config (``config`` in lbsync.toml) sits in the
     staged tree, rewritten so that it reads staged files, never live ones; ``files`` maps
-    each destination path to its staged copy.
+    each destination path to its staged copy, and ``contents`` each staged copy to the
+    bytes written there (so a driver need not read back what was just written).
     """
 
     root: Path
     main: Path | None
     files: Mapping[Path, Path]
+    contents: Mapping[Path, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

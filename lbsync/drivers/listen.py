@@ -24,7 +24,7 @@ import glob
 import os
 import re
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -86,21 +86,30 @@ class NginxFiles:
     A driver walks the live and the staged config every round. The two trees hold the
     same files but for the rendered ones, and the file staged in one round is the live
     one in the next; tokenizing everything again cost 1.2 to 3.1 ms a round, reading the
-    files and comparing bytes costs a tenth of that. ``sweep()`` after each check drops
-    what that check did not read, so old staged trees are not kept.
+    files and comparing bytes costs a tenth of that. ``given()`` names files whose bytes
+    the caller already holds (the staged rendered files): those are not read back.
+    ``sweep()`` after each check drops what that check did not read, so old staged trees
+    are not kept.
     """
 
     def __init__(self) -> None:
         self._known: dict[str, tuple[bytes, tuple[Statement, ...]]] = {}
         self._read: set[str] = set()
+        self._given: Mapping[Path, bytes] = {}
+
+    def given(self, contents: Mapping[Path, bytes]) -> None:
+        """Until the next ``sweep()``, take these files' bytes from ``contents``."""
+        self._given = contents
 
     def statements(self, path: Path) -> tuple[Statement, ...] | None:
         """The file's statements; None if it cannot be read."""
-        try:
-            data = read_bytes(path)
-        except OSError as exc:
-            log.debug("listen.unreadable", path=str(path), error=exc.strerror)
-            return None
+        data = self._given.get(path)
+        if data is None:
+            try:
+                data = read_bytes(path)
+            except OSError as exc:
+                log.debug("listen.unreadable", path=str(path), error=exc.strerror)
+                return None
         key = str(path)
         self._read.add(key)
         known = self._known.get(key)
@@ -116,6 +125,7 @@ class NginxFiles:
         """Forget the files not read since the last sweep."""
         self._known = {k: v for k, v in self._known.items() if k in self._read}
         self._read = set()
+        self._given = {}
 
     def _same_content(self, data: bytes) -> tuple[Statement, ...] | None:
         for known, parsed in self._known.values():

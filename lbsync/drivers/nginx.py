@@ -80,14 +80,14 @@ class NginxDriver(Driver):
             raise ValidationFailed("no main config was staged", command=[self.target.binary])
         self._run_check(staged)
         self._check_lua(staged)
-        self._check_new_listens(staged.main)
+        self._check_new_listens(staged)
 
     def _check_lua(self, staged: StagedConfig) -> None:
         """Compile the Lua module (runtime mode) and every Lua block of the rendered files."""
         configs = {}
         for dest, path in staged.files.items():
             try:
-                data = read_bytes(path)
+                data = staged.contents.get(path) or read_bytes(path)
             except OSError as exc:
                 raise ValidationFailed(
                     f"cannot read the staged file {path}: {exc.strerror}", command=[str(path)]
@@ -146,11 +146,13 @@ class NginxDriver(Driver):
         text = text.replace(f"{root}/{EXTERNAL_DIR}/", "/")
         return text.replace(root, os.path.dirname(os.path.abspath(self.target.config)))
 
-    def _check_new_listens(self, staged_main: Path) -> None:
+    def _check_new_listens(self, staged: StagedConfig) -> None:
+        assert staged.main is not None
+        self._listen_files.given(staged.contents)
         live = set(nginx_listens(self.target.config, self._listen_files))
-        staged = nginx_listens(staged_main, self._listen_files)
+        wanted = nginx_listens(staged.main, self._listen_files)
         self._listen_files.sweep()
-        new = [a for a in dict.fromkeys(staged) if a not in live]
+        new = [a for a in dict.fromkeys(wanted) if a not in live]
         if not new:
             return
         log.info("nginx.new_listens", target=self.name, addresses=[str(a) for a in new])

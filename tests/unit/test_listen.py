@@ -101,6 +101,19 @@ def test_nginx_files_match_content_across_paths_and_sweep_what_went_unread(
     assert again is not parsed
 
 
+def test_nginx_files_take_given_bytes_instead_of_reading(tmp_path: Path) -> None:
+    files = NginxFiles()
+    site = tmp_path / "site.conf"
+    site.write_text("server { listen 8001; }\n")
+    main = tmp_path / "nginx.conf"
+    main.write_text("http { include site.conf; }\n")
+
+    files.given({site: b"server { listen 8002; }\n"})  # what was just written there
+    assert [str(a) for a in nginx_listens(main, files)] == ["0.0.0.0:8002"]
+    files.sweep()  # given only until the sweep
+    assert [str(a) for a in nginx_listens(main, files)] == ["0.0.0.0:8001"]
+
+
 @pytest.mark.parametrize(
     ("spec", "params", "expected"),
     [

@@ -395,6 +395,8 @@ def _staged_root(area: stage.StagingArea, rendered: dict[Path, bytes]) -> Path:
     with area.staged(rendered) as tree:
         for dest, data in rendered.items():
             assert tree.files[dest].read_bytes() == data
+        # what the driver is handed instead of reading the staged files back
+        assert {p: p.read_bytes() for p in tree.files.values()} == tree.contents
         return tree.root
 
 
