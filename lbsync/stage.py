@@ -19,7 +19,8 @@ fsync of the directory. Where a rename is impossible (a bind-mounted single file
 ``EBUSY``/``EXDEV``; or no temp file can be created next to it, as in a read-only
 directory) an existing file is rewritten in place and fsynced. The previous bytes are
 kept in the ``SwapRecord`` (what ``restore`` uses) and as a file under ``backup_dir``
-(last-known-good, for operators; not fsynced, it is a convenience copy).
+(last-known-good, for operators; not fsynced, it is a convenience copy): the replaced
+file itself, hard-linked there before the rename, where the filesystems allow it.
 """
 
 from __future__ import annotations
@@ -465,6 +466,9 @@ class SwapEntry:
     previous: bytes | None
     backup: Path | None
     mode: int | None = None  # the previous file's mode, put back by restore
+    # The previous file itself, hard-linked next to ``backup`` before the swap: ``settle``
+    # renames it into place instead of writing the bytes again.
+    previous_link: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -538,7 +542,9 @@ def settle(record: SwapRecord) -> None:
     while record.unsettled:
         entry = record.unsettled.pop(0)
         try:
-            if entry.backup is not None and entry.previous is not None:
+            if entry.backup is not None and entry.previous_link is not None:
+                os.replace(entry.previous_link, entry.backup)
+            elif entry.backup is not None and entry.previous is not None:
                 _write_backup_file(entry.backup, entry.previous)
             _fsync_dir(entry.path.parent)
         except (OSError, StageError) as exc:
@@ -570,12 +576,38 @@ def _swap_one(
     if previous == data:
         return None
     old_mode = _mode_of(path) if previous is not None else None
+    link = None
+    backup: Path | None
     if settle_later and previous is not None:
-        backup: Path | None = _backup_path(backup_dir, dest)  # written by settle()
+        backup = _backup_path(backup_dir, dest)  # put in place by settle()
+        link = _link_previous(path, backup)
     else:
         backup = _write_backup(backup_dir, dest, previous)
-    _replace_file(path, data, mode, sync_dir=not settle_later)
-    return SwapEntry(path=path, previous=previous, backup=backup, mode=old_mode)
+    renamed = _replace_file(path, data, mode, sync_dir=not settle_later)
+    if link is not None and not renamed:  # written in place: the link holds the new bytes
+        _unlink_quietly(link)
+        link = None
+    return SwapEntry(path, previous, backup, old_mode, link)
+
+
+def _link_previous(path: Path, backup: Path) -> Path | None:
+    """Hard-link the file about to be replaced next to its backup; None where impossible
+    (another filesystem, protected_hardlinks): ``settle`` then copies the bytes. A link
+    writes no data: no 370 KB copy per round (bench rounds)."""
+    link = backup.with_name(f".{backup.name}.lbsync-previous")
+    try:
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        _unlink_quietly(link)  # left over from a crash
+        os.link(path, link)
+    except OSError as exc:
+        log.debug("stage.backup_not_linked", path=str(path), reason=exc.strerror)
+        return None
+    return link
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _restore_one(entry: SwapEntry) -> None:
@@ -643,11 +675,12 @@ def _write_backup_file(backup: Path, previous: bytes) -> None:
         raise StageError(f"cannot write the backup: {exc.strerror}", path=str(backup)) from exc
 
 
-def _replace_file(path: Path, data: bytes, mode: int | None, *, sync_dir: bool = True) -> None:
+def _replace_file(path: Path, data: bytes, mode: int | None, *, sync_dir: bool = True) -> bool:
     """Atomically replace ``path`` with ``data``; in-place write where rename is impossible.
 
     The data is fsynced before the rename; ``sync_dir`` also fsyncs the directory after it
-    (what makes the rename itself durable; ``settle`` does it when deferred)."""
+    (what makes the rename itself durable; ``settle`` does it when deferred). True if
+    renamed, False if written in place."""
     try:
         old = os.stat(path)
     except FileNotFoundError:
@@ -662,7 +695,7 @@ def _replace_file(path: Path, data: bytes, mode: int | None, *, sync_dir: bool =
         if old is None or exc.errno not in _NO_TEMP_FILE:
             raise StageError(f"cannot create a temp file: {exc.strerror}", path=str(path)) from exc
         _in_place(path, data, final_mode, exc)
-        return
+        return False
     try:
         _fill(fd, data, final_mode, old)
         try:
@@ -671,9 +704,10 @@ def _replace_file(path: Path, data: bytes, mode: int | None, *, sync_dir: bool =
             if exc.errno not in _RENAME_IMPOSSIBLE:
                 raise
             _in_place(path, data, final_mode, exc)
-        else:
-            if sync_dir:
-                _fsync_dir(path.parent)
+            return False
+        if sync_dir:
+            _fsync_dir(path.parent)
+        return True
     except OSError as exc:
         raise StageError(f"cannot replace: {exc.strerror or exc}", path=str(path)) from exc
     finally:

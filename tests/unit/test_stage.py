@@ -480,6 +480,7 @@ def test_settle_later_writes_the_backup_and_syncs_the_dir_in_settle(
     dest = tmp_path / "conf.d" / "upstreams.conf"
     dest.parent.mkdir()
     dest.write_bytes(b"old\n")
+    old_inode = dest.stat().st_ino
     new = tmp_path / "conf.d" / "new.conf"
     backups = tmp_path / "backup"
     synced: list[Path] = []
@@ -501,12 +502,38 @@ def test_settle_later_writes_the_backup_and_syncs_the_dir_in_settle(
     assert synced == []
     stage.settle(record)
     assert backup.read_bytes() == b"old\n"
+    assert backup.stat().st_ino == old_inode, "the replaced file itself, linked: no copy"
+    assert [p.name for p in backup.parent.iterdir()] == [backup.name]
     assert synced == [new.parent, dest.parent]
     stage.settle(record)  # once only
     assert len(synced) == 2
     stage.restore(record)  # restore works from the record, settled or not
     assert dest.read_bytes() == b"old\n"
     assert not new.exists()
+
+
+@pytest.mark.parametrize("why", ["in place", "no link"])
+def test_settle_later_copies_the_backup_when_it_cannot_keep_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    dest = tmp_path / "upstreams.conf"
+    dest.write_bytes(b"old\n")
+    if why == "in place":  # a bind-mounted file: the old inode gets the new bytes
+        _fail_replace_for(monkeypatch, dest, errno.EBUSY)
+    else:  # state_dir on another filesystem
+
+        def cross_device(*_args: object) -> None:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+        monkeypatch.setattr(stage.os, "link", cross_device)
+
+    record = stage.swap_in({dest: b"new\n"}, tmp_path / "backup", settle_later=True)
+    stage.settle(record)
+
+    backup = tmp_path / "backup" / str(dest).lstrip("/")
+    assert dest.read_bytes() == b"new\n"
+    assert backup.read_bytes() == b"old\n"
+    assert [p.name for p in backup.parent.iterdir()] == [backup.name]
 
 
 def test_settle_logs_a_failed_backup_instead_of_raising(tmp_path: Path) -> None:
