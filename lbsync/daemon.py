@@ -17,6 +17,7 @@ for ``guard.hold`` or for ``lbsync confirm`` (a touch of ``<state_dir>/confirm``
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import queue
 import signal
@@ -225,10 +226,7 @@ class Daemon:
             self._changed_at = self._clock()
         if isinstance(message, SourceReset):
             self.catalog.reset(message)
-            # The catalog is long-lived: move it out of the collector's way, or full
-            # collections (30-40 ms at 10k instances) land in the middle of rounds.
-            gc.collect()
-            gc.freeze()
+            settle_memory()
             self.health.synced = True
             self.scheduler.changed()
             log.info("catalog.reset", revision=message.revision, keys=len(message.kvs))
@@ -489,3 +487,29 @@ def _outcome_document(outcome: Outcome) -> dict[str, object]:
         "error": str(outcome.error) if outcome.error else None,
         "ms": dict(outcome.durations),
     }
+
+
+def settle_memory() -> None:
+    """After a full load of the catalog, which is long-lived from then on.
+
+    Moves it out of the cyclic collector's way (full collections over it, 30-40 ms at
+    10,000 instances, used to land in the middle of rounds), then hands the heap that
+    the load freed (the etcd response, its protobuf objects, the raw values) back to the
+    system: glibc keeps it otherwise, 3.5 MB of RSS at 10,000 instances (bench scale).
+    """
+    gc.collect()
+    gc.freeze()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``; None elsewhere (musl has none)."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()

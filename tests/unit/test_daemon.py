@@ -1,5 +1,6 @@
 """The daemon's failure semantics, end to end through real files with a fake etcd and LB."""
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lbsync import daemon as daemon_module
 from lbsync.cli import main as cli
 from lbsync.config import Settings, settings_from_dict
 from lbsync.daemon import Daemon, etcd_source
@@ -357,3 +359,32 @@ def test_sighup_with_unreadable_etcd_files_keeps_the_old_config(
     before = daemon.settings
     daemon.reconfigure()
     assert daemon.settings is before
+
+
+def test_settle_memory_freezes_what_is_loaded_and_trims_the_heap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(daemon_module, "_malloc_trim", lambda pad: trims.append(pad) or 1)
+    before = gc.get_freeze_count()
+    loaded = [[n] for n in range(1000)]
+
+    daemon_module.settle_memory()
+
+    assert gc.get_freeze_count() >= before + len(loaded)
+    assert trims == [0]
+    assert daemon_module._find_malloc_trim() is not None, "glibc has malloc_trim"
+    gc.unfreeze()
+
+
+def test_a_full_load_settles_memory(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(daemon_module, "settle_memory", lambda: calls.append(1))
+    run = Running(make_settings(tmp_path), source, driver)
+    try:
+        first_round_applied(run)
+        assert calls == [1]
+    finally:
+        run.stop()
