@@ -44,7 +44,10 @@ from lbsync.scheduler import Clock, Guard, Scheduler
 
 log = structlog.get_logger("lbsync.daemon")
 
-_TICK = 0.2  # longest the loop blocks before it looks at its flags again
+# Longest the loop blocks before it looks at its flags again: how late a SIGTERM or SIGHUP
+# is acted on. Each wake-up costs CPU even when idle (a timed wait is ~75 us of system
+# time on a VM); with the source's and the HTTP server's, 0.2 s made 5.3 ms/s idle.
+_TICK = 0.5
 _STUCK = 30.0  # /healthz fails when the loop has not turned for this long
 _PERSIST_EVERY = 5.0  # seconds between saves of the last applied catalog
 CONFIRM_FILE = "confirm"

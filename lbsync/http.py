@@ -170,7 +170,7 @@ class StatusServer:
             ) from exc
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.2},
+            kwargs={"poll_interval": 0.5},  # how late stop() returns; a wake-up each
             name="lbsync-http",
             daemon=True,
         )

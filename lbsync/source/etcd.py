@@ -63,8 +63,9 @@ BACKOFF_INITIAL = 0.1
 # within 2 s of etcd being healthy). With a 5 s cap, an 8 s outage converged in up to
 # 4.1 s; with 1 s, in at most 0.8 s. At many LB hosts, put a gRPC proxy in between.
 BACKOFF_CAP = 1.0
-# How often blocking loops look at the stop event; bounds how late run() returns.
-_POLL = 0.1
+# How often blocking loops look at the stop event; bounds how late run() returns
+# (and costs a wake-up each time, even when idle: see daemon._TICK).
+_POLL = 0.5
 _MAX_MESSAGE = 256 * 1024 * 1024  # a 100k-key prefix is ~11.5 MB; leave ample room
 _REPEAT_WARNING = 30.0  # seconds between two warnings about one run of failed attempts
 
