@@ -49,7 +49,13 @@ log = structlog.get_logger("lbsync.daemon")
 # time on a VM); with the source's and the HTTP server's, 0.2 s made 5.3 ms/s idle.
 _TICK = 0.5
 _STUCK = 30.0  # /healthz fails when the loop has not turned for this long
-_PERSIST_EVERY = 5.0  # seconds between saves of the last applied catalog
+# The last applied catalog is saved once changes pause (_PERSIST_QUIET s without an
+# applied round), at most every _PERSIST_EVERY s, and at least every _PERSIST_LATEST s
+# while changes keep coming: a save is ~13 ms of CPU at 10,000 instances, and only a
+# restart while etcd is down reads it.
+_PERSIST_EVERY = 5.0
+_PERSIST_QUIET = 1.0
+_PERSIST_LATEST = 30.0
 CONFIRM_FILE = "confirm"
 
 
@@ -130,7 +136,7 @@ class Daemon:
         self.pipelines = self._build_pipelines(settings)
         self._admitted: Snapshot | None = None
         self._unsaved = False
-        self._saved_at = clock()
+        self._saved_at = self._applied_at = clock()
         self._changed_at: float | None = None  # first change not yet applied
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
@@ -207,7 +213,8 @@ class Daemon:
         self._admitted = snapshot
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
-        self._unsaved = self._unsaved or all(o.ok for o in outcomes)
+        if all(o.ok for o in outcomes):
+            self._unsaved, self._applied_at = True, self._clock()
         if self.health.synced and not self.health.ready_notified:
             # READY after the first round from etcd whatever its outcome: a failing template
             # must not make systemd kill and restart lbsync in a loop (the LB is untouched
@@ -328,7 +335,7 @@ class Daemon:
         )
 
     def _save_last_good(self, *, force: bool = False) -> None:
-        due = force or self._clock() - self._saved_at >= _PERSIST_EVERY
+        due = force or last_good_due(self._clock(), self._saved_at, self._applied_at)
         if not (self._unsaved and due and self._admitted is not None and self.health.synced):
             return
         try:
@@ -491,6 +498,14 @@ def _outcome_document(outcome: Outcome) -> dict[str, object]:
         "ms": dict(outcome.durations),
     }
 
+
+
+def last_good_due(now: float, saved_at: float, applied_at: float) -> bool:
+    """Whether an unsaved catalog should be saved now (see ``_PERSIST_*``)."""
+    since_save = now - saved_at
+    if since_save >= _PERSIST_LATEST:
+        return True
+    return since_save >= _PERSIST_EVERY and now - applied_at >= _PERSIST_QUIET
 
 def settle_memory() -> None:
     """After a full load of the catalog, which is long-lived from then on.

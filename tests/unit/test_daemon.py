@@ -388,3 +388,19 @@ def test_a_full_load_settles_memory(
         assert calls == [1]
     finally:
         run.stop()
+
+
+@pytest.mark.parametrize(
+    ("now", "saved_at", "applied_at", "due"),
+    [
+        (104.0, 100.0, 90.0, False),  # saved 4 s ago: not yet
+        (106.0, 100.0, 105.5, False),  # 6 s, but a change 0.5 s ago: wait for the pause
+        (106.0, 100.0, 104.9, True),  # 6 s, and quiet for 1.1 s
+        (129.0, 100.0, 128.9, False),  # changes keep coming: not before 30 s
+        (130.0, 100.0, 129.9, True),  # ... but then, whatever
+    ],
+)
+def test_last_good_is_saved_when_changes_pause_or_after_30_s(
+    now: float, saved_at: float, applied_at: float, due: bool
+) -> None:
+    assert daemon_module.last_good_due(now, saved_at, applied_at) is due
