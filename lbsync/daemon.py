@@ -499,13 +499,13 @@ def _outcome_document(outcome: Outcome) -> dict[str, object]:
     }
 
 
-
 def last_good_due(now: float, saved_at: float, applied_at: float) -> bool:
     """Whether an unsaved catalog should be saved now (see ``_PERSIST_*``)."""
     since_save = now - saved_at
     if since_save >= _PERSIST_LATEST:
         return True
     return since_save >= _PERSIST_EVERY and now - applied_at >= _PERSIST_QUIET
+
 
 def settle_memory() -> None:
     """After a full load of the catalog, which is long-lived from then on.

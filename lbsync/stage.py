@@ -408,8 +408,10 @@ class _Stager:
 
     def rewrite(self, data: bytes) -> bytes:
         """``data`` with live paths pointed at the staged tree; ``data`` itself if none."""
-        if b"\0" in data[:8192] or not any(n in data for n in self.needles):
-            return data  # binary, or nothing to rewrite: the common case, kept cheap
+        if b"\0" in data[:8192] or b"/" not in data or not any(n in data for n in self.needles):
+            # binary, or nothing to rewrite: the common case, kept cheap. "/" first: one
+            # memchr, where each needle is a slower substring search (0.2 ms on 370 KB)
+            return data
         new = _PATH_TOKEN.sub(self._replace, data)
         return data if new == data else new
 
@@ -528,7 +530,7 @@ def swap_in(
         if entry is not None:
             done.append(entry)
     if done:
-        log.info("stage.swapped", files=[str(e.path) for e in done])
+        log.debug("stage.swapped", files=[str(e.path) for e in done])  # apply.* says it too
     unsettled = list(done) if settle_later else []
     return SwapRecord(tuple(done), Path(backup_dir), unsettled)
 

@@ -135,7 +135,7 @@ class NginxFiles:
 
 
 def _nginx_parse(data: bytes) -> tuple[Statement, ...]:
-    if b"listen" not in data and b"include" not in data:
+    if not _mentions_listen_or_include(data):
         # Nothing for us, and an included file holds only balanced blocks (nginx parses
         # it on its own): skip tokenizing it. A 10,000-server upstreams file would
         # otherwise cost ~100 ms.
@@ -148,6 +148,23 @@ def _nginx_parse(data: bytes) -> tuple[Statement, ...]:
         for kind, words in _nginx_statements(text)
         if kind != ";" or words[0] in ("include", "listen")
     )
+
+
+def _mentions_listen_or_include(data: bytes) -> bool:
+    """``b"listen" in data or b"include" in data``, faster on a rendered upstream list.
+
+    Both words have an "l", rare there (server lines, weights, ``down``): finding each
+    "l" is a memchr, where each substring search costs ~0.25 ms on 370 KB. Past a few
+    dozen "l"s, the plain searches.
+    """
+    at = data.find(b"l")
+    for _ in range(64):
+        if at < 0:
+            return False
+        if data.startswith(b"listen", at) or (at >= 3 and data.startswith(b"include", at - 3)):
+            return True
+        at = data.find(b"l", at + 1)
+    return b"listen" in data or b"include" in data
 
 
 class _NginxWalker:

@@ -250,7 +250,7 @@ class NginxDriver(Driver):
             fresh = _new_workers(master.pid, set(details["old_workers"]))
             if fresh:
                 self._reload_seconds = time.time() - ticket.started_at
-                log.info("nginx.reloaded", target=self.name, master_pid=master.pid, workers=fresh)
+                log.debug("nginx.reloaded", target=self.name, master_pid=master.pid, workers=fresh)
                 if self.runtime is not None:
                     self.runtime.after_reload(details)
                 return

@@ -12,6 +12,7 @@ import pytest
 from lbsync.drivers.listen import (
     ListenAddress,
     NginxFiles,
+    _mentions_listen_or_include,
     check_listen,
     haproxy_listens,
     nginx_listens,
@@ -65,6 +66,23 @@ def test_nginx_listens_follows_includes_and_only_reads_server_blocks(tmp_path: P
         "127.0.0.1:8001",
         "127.0.0.1:8002",
     ]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"include x;",
+        b"listen 80;",
+        b"server 10.0.0.1:80 weight=1;\n" * 1000 + b"server { listen 81; }",
+        b"# lbsync, all, full, l\n" * 100 + b"include more.conf;",  # past 64 "l"s
+        b"# lbsync, all, full, l\n" * 100,
+        b"liste includ lis incl",
+        b"xxinclude",
+    ],
+)
+def test_mentions_listen_or_include_agrees_with_plain_search(data: bytes) -> None:
+    assert _mentions_listen_or_include(data) is (b"listen" in data or b"include" in data)
 
 
 def test_nginx_files_reuse_what_is_unchanged_and_notice_any_edit(tmp_path: Path) -> None:
