@@ -188,22 +188,33 @@ class StagingArea:
         if not all(_is_within(real, root) or _is_within(real, real_root) for _, real in dests):
             return None
         skip = {path for pair in dests for path in pair}
-        entries: list[tuple[object, ...]] = []
         try:
-            for dirpath, dirs, names in os.walk(root):
-                dirs.sort()
-                info = os.lstat(dirpath)  # a directory's mtime changes with every swap
-                entries.append((dirpath, info.st_ino, info.st_mode))
-                for name in sorted(names + [d for d in dirs if os.path.islink(dirpath + "/" + d)]):
-                    path = os.path.join(dirpath, name)
-                    if path in skip:
-                        continue
-                    info = os.lstat(path)
-                    stamp = (info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-                    entries.append((path, info.st_ino, info.st_mode, *stamp))
+            return (real_root, dests, _tree_stamp(root, skip))
         except OSError:
             return None
-        return (real_root, dests, tuple(entries))
+
+
+def _tree_stamp(root: str, skip: set[str]) -> tuple[tuple[object, ...], ...]:
+    """Every entry under ``root`` (but ``skip``), one lstat each, in a fixed order.
+
+    Directories: (path, inode, mode); their mtimes change with every swap. Everything
+    else, symlinks included: (path, inode, mode, size, mtime, ctime).
+    """
+    info = os.lstat(root)
+    entries: list[tuple[object, ...]] = [(root, info.st_ino, info.st_mode)]
+    pending = [root]
+    while pending:
+        with os.scandir(pending.pop()) as listing:
+            found = sorted(listing, key=lambda entry: entry.name)
+        for entry in found:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                entries.append((entry.path, info.st_ino, info.st_mode))
+                pending.append(entry.path)
+            elif entry.path not in skip:
+                stamp = (info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+                entries.append((entry.path, info.st_ino, info.st_mode, *stamp))
+    return tuple(entries)
 
 
 def _sans_ctime(fingerprint: object) -> object:
@@ -271,6 +282,8 @@ class _Stager:
         self.needles = tuple(needles)
         self.hardlinks = True
         self.contents: dict[Path, bytes] = {}  # staged rendered file → the bytes in it
+        # destination → (staged path, device, inode) of the file write_rendered created
+        self._own: dict[Path, tuple[Path, int, int]] = {}
 
     # --- paths -------------------------------------------------------------------------
 
@@ -336,9 +349,11 @@ class _Stager:
                 raise StageError("staged path leads out of the staging directory", path=str(path))
             path.unlink(missing_ok=True)  # may be a hard link to the live file: replace it
             self.contents.pop(path, None)
+            self._own.pop(dest, None)
             new = self.rewrite(data)
-            _create(path, new, DEFAULT_MODE)
+            device, inode = _create(path, new, DEFAULT_MODE)
             self.contents[path] = new
+            self._own[dest] = (path, device, inode)
         except OSError as exc:
             raise StageError(
                 f"cannot write the staged file: {exc.strerror}", path=str(path)
@@ -349,21 +364,24 @@ class _Stager:
         """Rewrite a staged rendered file in place when it is this tree's own inode.
 
         ``write_rendered`` made it (unlink + create: the mirror may have hard-linked the live
-        file there); a file with one link and no symlink on the way is ours alone, so
-        writing over it cannot touch a live file, and it saves creating an inode per round.
-        Anything else goes through ``write_rendered``.
+        file there) and noted its device and inode; the file opened here is written over
+        only if it is still that inode with one link: ours alone, so writing over it cannot
+        touch a live file, whatever happened to the path. That saves creating an inode per
+        round, and resolving the path (a ``realpath`` is an lstat per component). Anything
+        else goes through ``write_rendered``.
         """
-        path = self.staged_dest(dest)
+        own = self._own.get(dest)
         try:
-            inside = _is_within(os.path.realpath(path.parent), os.path.realpath(self.stage_dir))
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW) if inside else -1
+            fd = -1 if own is None else os.open(own[0], os.O_WRONLY | os.O_NOFOLLOW)
         except OSError:
             fd = -1
-        if fd < 0:
+        if own is None or fd < 0:
             self.write_rendered(dest, data)
             return
+        path = own[0]
         try:
-            if os.fstat(fd).st_nlink != 1:
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != own[1:] or info.st_nlink != 1:
                 os.close(fd)
                 fd = -1
                 self.write_rendered(dest, data)
@@ -443,12 +461,15 @@ class _Stager:
         return str(mirror / name)
 
 
-def _create(path: Path, data: bytes, mode: int) -> None:
-    """A new file (never an existing inode: it may be shared with a live file)."""
+def _create(path: Path, data: bytes, mode: int) -> tuple[int, int]:
+    """A new file (never an existing inode: it may be shared with a live file); returns
+    its device and inode."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         write_all(fd, data)
         os.fchmod(fd, mode)
+        info = os.fstat(fd)
+        return info.st_dev, info.st_ino
     finally:
         os.close(fd)
 

@@ -569,3 +569,14 @@ def test_staging_area_overwrites_only_its_own_inode(tmp_path: Path) -> None:
     with area.staged({dest: b"three\n"}):
         assert staged.read_bytes() == b"three\n"
     assert dest.read_bytes() == b"live\n"
+    # A staged directory swapped for a link to the live one (renamed away, so the live
+    # files it hard-links keep their ctimes and the tree is reused): the file found at
+    # the staged path is not the inode staging created, and the path is refused.
+    staged.parent.rename(staged.parent.with_name("moved"))
+    staged.parent.symlink_to(dest.parent)
+    with (
+        pytest.raises(StageError, match="leads out of the staging directory"),
+        area.staged({dest: b"four\n"}),
+    ):
+        pass
+    assert dest.read_bytes() == b"live\n"
