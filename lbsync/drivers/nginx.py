@@ -27,7 +27,7 @@ from lbsync.commands import run_command
 from lbsync.config import NginxTarget
 from lbsync.drivers import procfs
 from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
-from lbsync.drivers.listen import NginxFiles, check_listen, nginx_listens
+from lbsync.drivers.listen import NginxFiles, check_listen, mentions, nginx_listens
 from lbsync.drivers.lua import check_lua, luajit_available
 from lbsync.drivers.nginx_runtime import RuntimeSync
 from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
@@ -92,7 +92,7 @@ class NginxDriver(Driver):
                 raise ValidationFailed(
                     f"cannot read the staged file {path}: {exc.strerror}", command=[str(path)]
                 ) from exc
-            if b"_by_lua_block" in data:  # decoding 370 KB costs more than this search
+            if mentions(data, b"_by_lua_block", 2):  # "y": rare in server lists
                 configs[str(dest)] = data.decode("utf-8", errors="surrogateescape")
         modules = self.runtime.modules() if self.runtime is not None else []
         if not (configs or modules):

@@ -12,9 +12,9 @@ import pytest
 from lbsync.drivers.listen import (
     ListenAddress,
     NginxFiles,
-    _mentions_listen_or_include,
     check_listen,
     haproxy_listens,
+    mentions,
     nginx_listens,
     parse_haproxy_bind,
     parse_nginx_listen,
@@ -79,10 +79,12 @@ def test_nginx_listens_follows_includes_and_only_reads_server_blocks(tmp_path: P
         b"# lbsync, all, full, l\n" * 100,
         b"liste includ lis incl",
         b"xxinclude",
+        b"y_by_lua_bloc; access_by_lua_block {",
     ],
 )
-def test_mentions_listen_or_include_agrees_with_plain_search(data: bytes) -> None:
-    assert _mentions_listen_or_include(data) is (b"listen" in data or b"include" in data)
+@pytest.mark.parametrize(("word", "anchor"), [(b"listen", 0), (b"include", 3), (b"_by_lua", 2)])
+def test_mentions_agrees_with_plain_search(data: bytes, word: bytes, anchor: int) -> None:
+    assert mentions(data, word, anchor) is (word in data)
 
 
 def test_nginx_files_reuse_what_is_unchanged_and_notice_any_edit(tmp_path: Path) -> None:
