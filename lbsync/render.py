@@ -95,6 +95,7 @@ class RawKeys:
 
 
 _Entry = tuple[object, tuple[object, ...], str]  # key, the values compared by ==, output
+_LOOKUP_FILTER = "_lbsync_cache_lookup"
 
 
 class CacheExtension(jinja2.ext.Extension):
@@ -106,6 +107,11 @@ class CacheExtension(jinja2.ext.Extension):
 
     Entries hold their key, so an id cannot be reused while cached; only the entries used
     by the latest successful render of a template are kept (``begin``/``commit``).
+
+    The tag compiles to ``{% set held = key | lookup(...) %}{% if held is none %}{% call
+    fill(...) %}body{% endcall %}{% else %}{{ held }}{% endif %}``: a hit is one filter
+    call, which Jinja makes directly, where a function call or a call block goes through
+    ``Context.call`` and a new macro (~6 us a block: 6 ms for 1,000 services).
     """
 
     tags = {"cache"}  # noqa: RUF012  (the type jinja2 declares)
@@ -114,27 +120,47 @@ class CacheExtension(jinja2.ext.Extension):
         super().__init__(environment)
         self._entries: dict[str | None, dict[tuple[int, int], _Entry]] = {}
         self._fresh: dict[str | None, dict[tuple[int, int], _Entry]] | None = None
+        environment.filters[_LOOKUP_FILTER] = self._lookup
 
-    def parse(self, parser: Parser) -> nodes.Node:
+    def parse(self, parser: Parser) -> list[nodes.Node]:
         lineno = next(parser.stream).lineno
         key = parser.parse_expression()
         also: list[nodes.Expr] = []
         while parser.stream.skip_if("comma"):
             also.append(parser.parse_expression())
         body = parser.parse_statements(("name:endcache",), drop_needle=True)
-        args = [key, nodes.Tuple(also, "load"), nodes.Const(parser.name), nodes.Const(lineno)]
-        return nodes.CallBlock(self.call_method("_cached", args), [], [], body).set_lineno(lineno)
+        where = [nodes.Tuple(also, "load"), nodes.Const(parser.name), nodes.Const(lineno)]
+        held = f"_lbsync_cache_{lineno}"
+        lookup = nodes.Filter(key, _LOOKUP_FILTER, where, [], None, None)
+        missing = nodes.Test(nodes.Name(held, "load"), "none", [], [], None, None)
+        fill = nodes.CallBlock(self.call_method("_fill", [key, *where]), [], [], body)
+        reuse = nodes.Output([nodes.Name(held, "load")])
+        return [
+            nodes.Assign(nodes.Name(held, "store"), lookup).set_lineno(lineno),
+            nodes.If(missing, [fill], [], [reuse]).set_lineno(lineno),
+        ]
 
-    def _cached(
-        self, key: object, also: tuple[object, ...], name: str | None, lineno: int, caller: Any
-    ) -> str:
+    def _lookup(
+        self, key: object, also: tuple[object, ...], name: str | None, lineno: int
+    ) -> str | None:
+        """The block's output from the previous render if it still holds, else None."""
         slot = (lineno, id(key))
         hit = self._entries.get(name, {}).get(slot)
         if hit is None or hit[0] is not key or hit[1] != also:
-            hit = (key, also, caller())
-        if self._fresh is not None:
-            self._fresh.setdefault(name, {})[slot] = hit
+            return None
+        self._keep(name, slot, hit)
         return hit[2]
+
+    def _fill(
+        self, key: object, also: tuple[object, ...], name: str | None, lineno: int, caller: Any
+    ) -> str:
+        entry = (key, also, str(caller()))
+        self._keep(name, (lineno, id(key)), entry)
+        return entry[2]
+
+    def _keep(self, name: str | None, slot: tuple[int, int], entry: _Entry) -> None:
+        if self._fresh is not None:
+            self._fresh.setdefault(name, {})[slot] = entry
 
     def begin(self) -> None:
         self._fresh = {}

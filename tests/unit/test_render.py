@@ -140,6 +140,19 @@ def test_cache_block_with_more_values_is_reused_only_while_they_are_equal(
     assert calls == {"api": 1, "web": 2}  # web's value changed: only web re-rendered
 
 
+def test_cache_block_outside_a_loop(tmp_path: Path) -> None:
+    src = write(
+        tmp_path, "t.j2", "{% cache snapshot %}[{{ count('top') }}{{ revision }}]{% endcache %}"
+    )
+    snapshot = snapshot_from(CATALOG)
+    renderer = Renderer(sandbox=True)
+    calls, extra = _counting()
+
+    assert renderer.render(src, snapshot, extra) == b"[1]"
+    assert renderer.render(src, snapshot, extra) == b"[1]"
+    assert calls == {"top": 1}
+
+
 def test_failed_render_keeps_no_cache_entries(tmp_path: Path) -> None:
     src = write(tmp_path, "t.j2", CACHED + "{{ boom() }}")
     renderer = Renderer()
