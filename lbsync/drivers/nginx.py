@@ -27,7 +27,13 @@ from lbsync.commands import run_command
 from lbsync.config import NginxTarget
 from lbsync.drivers import procfs
 from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
-from lbsync.drivers.listen import NginxFiles, check_listen, mentions, nginx_listens
+from lbsync.drivers.listen import (
+    NginxFiles,
+    check_listen,
+    may_add_listens,
+    mentions,
+    nginx_listens,
+)
 from lbsync.drivers.lua import check_lua, luajit_available
 from lbsync.drivers.nginx_runtime import RuntimeSync
 from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
@@ -147,7 +153,16 @@ class NginxDriver(Driver):
         return text.replace(root, os.path.dirname(os.path.abspath(self.target.config)))
 
     def _check_new_listens(self, staged: StagedConfig) -> None:
+        """Probe every listen address of the staged config that the live one lacks.
+
+        Only the rendered files differ between the two trees (the rest is mirrored), so
+        when none of them has a ``listen`` or an ``include`` (a list of upstreams), no
+        address can be new and neither tree is walked.
+        """
         assert staged.main is not None
+        rendered = [staged.contents.get(path) for path in staged.files.values()]
+        if all(data is not None and not may_add_listens(data) for data in rendered):
+            return
         self._listen_files.given(staged.contents)
         live = set(nginx_listens(self.target.config, self._listen_files))
         wanted = nginx_listens(staged.main, self._listen_files)

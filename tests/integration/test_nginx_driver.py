@@ -13,6 +13,7 @@ import pytest
 
 from lbsync import stage
 from lbsync.config import CommandTarget, NginxTarget, TemplateSettings
+from lbsync.drivers import nginx as nginx_driver
 from lbsync.drivers.command import CommandDriver
 from lbsync.drivers.listen import check_listen, nginx_listens
 from lbsync.drivers.nginx import NginxDriver
@@ -204,6 +205,26 @@ def test_new_free_listen_address_passes(nginx_server: NginxServer, tmp_path: Pat
     rendered = {nginx_server.conf_d / "new-site.conf": _site(f"127.0.0.1:{free_port()}")}
     with stage.staged(target, rendered, tmp_path / "work") as tree:
         NginxDriver(target).validate(tree)
+
+
+def test_rendered_upstreams_alone_cannot_add_a_listen_address(
+    nginx_server: NginxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def walked(*_args: object) -> list[object]:
+        raise AssertionError("no rendered file has a listen or include: nothing to walk")
+
+    monkeypatch.setattr(nginx_driver, "nginx_listens", walked)
+    target = nginx_server.target()
+    rendered = {nginx_server.conf_d / "upstreams.conf": b"upstream app { server 10.0.0.1:80; }\n"}
+    with stage.staged(target, rendered, tmp_path / "work") as tree:
+        NginxDriver(target).validate(tree)
+
+    rendered = {nginx_server.conf_d / "new-site.conf": _site(f"127.0.0.1:{free_port()}")}
+    with (
+        stage.staged(target, rendered, tmp_path / "work2") as tree,
+        pytest.raises(AssertionError, match="nothing to walk"),
+    ):
+        NginxDriver(target).validate(tree)  # a listen: walked
 
 
 def test_nginx_own_listeners_are_not_a_conflict(nginx_server: NginxServer, tmp_path: Path) -> None:
