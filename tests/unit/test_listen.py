@@ -87,12 +87,18 @@ def test_mentions_agrees_with_plain_search(data: bytes, word: bytes, anchor: int
     assert mentions(data, word, anchor) is (word in data)
 
 
+def _main_including_site(directory: Path, listen: str) -> tuple[Path, Path]:
+    """``nginx.conf`` including ``site.conf``, which has one server on ``listen``."""
+    site = directory / "site.conf"
+    site.write_text(f"server {{ listen {listen}; }}\n")
+    main = directory / "nginx.conf"
+    main.write_text("http { include site.conf; }\n")
+    return main, site
+
+
 def test_nginx_files_reuse_what_is_unchanged_and_notice_any_edit(tmp_path: Path) -> None:
     files = NginxFiles()
-    site = tmp_path / "site.conf"
-    site.write_text("server { listen 127.0.0.1:8001; }\n")
-    main = tmp_path / "nginx.conf"
-    main.write_text("http { include site.conf; }\n")
+    main, site = _main_including_site(tmp_path, "127.0.0.1:8001")
     assert [str(a) for a in nginx_listens(main, files)] == ["127.0.0.1:8001"]
     first = files.statements(site)
 
@@ -123,10 +129,7 @@ def test_nginx_files_match_content_across_paths_and_sweep_what_went_unread(
 
 def test_nginx_files_take_given_bytes_instead_of_reading(tmp_path: Path) -> None:
     files = NginxFiles()
-    site = tmp_path / "site.conf"
-    site.write_text("server { listen 8001; }\n")
-    main = tmp_path / "nginx.conf"
-    main.write_text("http { include site.conf; }\n")
+    main, site = _main_including_site(tmp_path, "8001")
 
     files.given({site: b"server { listen 8002; }\n"})  # what was just written there
     assert [str(a) for a in nginx_listens(main, files)] == ["0.0.0.0:8002"]
