@@ -25,15 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import env, report
+from bench import env, inprocess, report
 from lbsync import stage
-from lbsync.catalog import Catalog
-from lbsync.config import GuardSettings, NginxTarget
-from lbsync.drivers.nginx import NginxDriver
+from lbsync.config import GuardSettings
 from lbsync.logging import configure_logging
-from lbsync.model import KeyEvent, KeyValue, SourceEvents
+from lbsync.model import KeyEvent, SourceEvents
 from lbsync.pipeline import TargetPipeline
-from lbsync.render import Renderer
 from lbsync.scheduler import judge
 
 # (row label, owner, object attribute path); indented labels are part of the one above.
@@ -66,26 +63,6 @@ def _wrap(acc: collections.Counter[str], obj: Any, name: str, label: str) -> Non
     setattr(obj, name, timed)
 
 
-def _pipeline(root: Path, nginx: env.Nginx, instances: int) -> tuple[Catalog, TargetPipeline]:
-    target = NginxTarget.model_validate(
-        {
-            "name": "nginx",
-            "driver": "nginx",
-            "template": [{"src": env.TEMPLATE, "dest": nginx.upstreams}],
-            "config": nginx.conf,
-            "pid_file": nginx.pid_file,
-            "binary": env.NGINX,
-            "prefix": nginx.dir,
-            "error_log": nginx.error_log,
-        }
-    )
-    keys = env.filler(instances - 1)
-    keys[env.instance_key("probe", "p1")] = env.instance_value("127.0.0.1", 9)
-    catalog = Catalog(env.PREFIX)
-    catalog.load((KeyValue(key=k, value=v.encode(), mod_revision=1) for k, v in keys.items()), 1)
-    return catalog, TargetPipeline(target, NginxDriver(target), Renderer(), root / "state")
-
-
 def _instrument(acc: collections.Counter[str], pipeline: TargetPipeline) -> None:
     driver = pipeline.driver
     labels = [label for label, _ in ROWS]
@@ -107,7 +84,7 @@ def measure(instances: int, rounds: int) -> dict[str, Any]:
     try:
         nginx.configure_front({"probe": env.free_port()})
         nginx.start()
-        catalog, pipeline = _pipeline(root, nginx, instances)
+        catalog, pipeline = inprocess.nginx_pipeline(root, nginx, instances)
         previous = catalog.snapshot()
         pipeline.apply(previous)
         acc: collections.Counter[str] = collections.Counter()

@@ -23,14 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import env, report
-from lbsync.catalog import Catalog
-from lbsync.config import NginxTarget
+from bench import env, inprocess, report
 from lbsync.drivers.nginx import NginxDriver
 from lbsync.logging import configure_logging
-from lbsync.model import KeyValue
 from lbsync.pipeline import Plan, TargetPipeline
-from lbsync.render import Renderer
 
 TARGET_OVERHEAD = 0.20
 
@@ -38,23 +34,7 @@ TARGET_OVERHEAD = 0.20
 def build(root: Path, instances: int) -> tuple[env.Nginx, TargetPipeline, Plan]:
     nginx = env.Nginx(root / "front")
     nginx.configure_front({"probe": env.free_port()})
-    target = NginxTarget.model_validate(
-        {
-            "name": "nginx",
-            "driver": "nginx",
-            "template": [{"src": env.TEMPLATE, "dest": nginx.upstreams}],
-            "config": nginx.conf,
-            "pid_file": nginx.pid_file,
-            "binary": env.NGINX,
-            "prefix": nginx.dir,
-            "error_log": nginx.error_log,
-        }
-    )
-    keys = env.filler(instances - 1)
-    keys[env.instance_key("probe", "p1")] = env.instance_value("127.0.0.1", 9)
-    catalog = Catalog(env.PREFIX)
-    catalog.load((KeyValue(key=k, value=v.encode(), mod_revision=1) for k, v in keys.items()), 1)
-    pipeline = TargetPipeline(target, NginxDriver(target), Renderer(), root / "state")
+    catalog, pipeline = inprocess.nginx_pipeline(root, nginx, instances)
     plan = pipeline.plan(catalog.snapshot())
     for dest, data in plan.rendered.items():
         dest.write_bytes(data)  # the live tree holds the same bytes: same config for both
