@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from lbsync.model import Instance, State
 from tests.harness.net import wait_for
 
 
@@ -179,3 +180,30 @@ def backends() -> Iterator[list[Backend]]:
     yield started
     for backend in started:
         backend.stop()
+
+
+# --- instances on these backends ------------------------------------------------------------
+
+
+def inst(backend: Backend, state: str = "up", weight: int = 1) -> Instance:
+    """An instance named after ``backend`` and pointing at it."""
+    return Instance(
+        id=backend.name, host="127.0.0.1", port=backend.port, weight=weight, state=State(state)
+    )
+
+
+# b1 stays up; b2 and b3 cycle with coprime periods, so every step changes b3 at least and
+# the combinations vary (b2 goes through weight 3, drain and down).
+_B2 = ["absent", "up", "up:3", "drain", "down"]
+_B3 = ["absent", "up", "drain"]
+
+
+def membership(step: int, backends: list[Backend]) -> tuple[Instance, ...]:
+    """Step ``step`` of a membership cycle over three backends (the runtime-mode tests)."""
+    b1, b2, b3 = backends
+    members = [inst(b1)]
+    for backend, cycle in ((b2, _B2), (b3, _B3)):
+        state, _, weight = cycle[step % len(cycle)].partition(":")
+        if state != "absent":
+            members.append(inst(backend, state, int(weight or 1)))
+    return tuple(members)

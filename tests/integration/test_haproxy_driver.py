@@ -23,7 +23,7 @@ from lbsync.errors import ListenConflict, ReloadFailed, ValidationFailed, Verify
 from lbsync.model import Instance, Service, SettingValue, Snapshot, State
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
-from tests.harness.backends import Backend, keep_alive_load, served_names
+from tests.harness.backends import Backend, inst, keep_alive_load, membership, served_names
 from tests.harness.haproxy import HAPROXY, TEMPLATE, HaproxyServer
 from tests.harness.net import free_port, wait_for
 
@@ -42,12 +42,6 @@ def render(driver: HaproxyDriver, snapshot: Snapshot) -> str:
 def write_config(driver: HaproxyDriver, snapshot: Snapshot) -> None:
     """Render and write the live config (what the pipeline's swap does)."""
     driver.target.config.write_text(render(driver, snapshot))
-
-
-def inst(backend: Backend, state: str = "up", weight: int = 1) -> Instance:
-    return Instance(
-        id=backend.name, host="127.0.0.1", port=backend.port, weight=weight, state=State(state)
-    )
 
 
 def service(name: str, port: int, *instances: Instance, **settings: SettingValue) -> Service:
@@ -232,22 +226,6 @@ def test_a_dead_master_fails_verify_and_reload(
 # --- runtime path ------------------------------------------------------------------------
 
 
-# b1 stays up throughout; b2 and b3 cycle through states with coprime periods, so every
-# step changes something and the combinations vary.
-_B2 = ["absent", "up", "up:3", "drain", "down"]
-_B3 = ["absent", "up", "drain"]
-
-
-def _membership(step: int, backends: list[Backend]) -> tuple[Instance, ...]:
-    b1, b2, b3 = backends
-    members = [inst(b1)]
-    for backend, cycle in ((b2, _B2), (b3, _B3)):
-        state, _, weight = cycle[step % len(cycle)].partition(":")
-        if state != "absent":
-            members.append(inst(backend, state, int(weight or 1)))
-    return tuple(members)
-
-
 def _serving(members: tuple[Instance, ...]) -> set[str]:
     return {i.id for i in members if i.up}
 
@@ -256,14 +234,14 @@ def test_100_runtime_changes_under_keep_alive_load_need_no_reload(
     haproxy: HaproxyServer, backends: list[Backend]
 ) -> None:
     driver = make_driver(haproxy)
-    old = snap(0, service("web", haproxy.port, *_membership(0, backends)))
+    old = snap(0, service("web", haproxy.port, *membership(0, backends)))
     start(haproxy, driver, old)
-    serves(haproxy.port, _serving(_membership(0, backends)))
+    serves(haproxy.port, _serving(membership(0, backends)))
     before = generation(haproxy)
 
     with keep_alive_load(haproxy.port, max_seconds=10.0) as load:
         for step in range(1, 101):
-            members = _membership(step, backends)
+            members = membership(step, backends)
             new = snap(step, service("web", haproxy.port, *members))
             write_config(driver, new)
             assert driver.runtime_update(old, new), f"step {step} fell back to a reload"
@@ -304,7 +282,7 @@ def test_runtime_membership_survives_a_forced_reload(
     assert len(servers_state(haproxy.state_file.read_text())) == 16  # all agreed: all kept
 
 
-def test_a_reload_lbsync_does_not_make_keeps_the_runtime_membership(
+def test_a_reload_lbsync_does_not_make_keeps_the_runtimemembership(
     haproxy: HaproxyServer, backends: list[Backend]
 ) -> None:
     """``systemctl reload haproxy`` after runtime changes: no state dump first. The state

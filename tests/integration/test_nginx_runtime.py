@@ -25,11 +25,11 @@ from lbsync.drivers.base import driver_for
 from lbsync.drivers.nginx import NginxDriver
 from lbsync.drivers.nginx_runtime import LUA_DIR, ControlClient, ControlState
 from lbsync.errors import ValidationFailed, VerifyFailed
-from lbsync.model import Instance, Service, Snapshot, State
+from lbsync.model import Instance, Service, Snapshot
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
 from lbsync.source.etcd import EtcdWriter
-from tests.harness.backends import Backend, http_get, keep_alive_load
+from tests.harness.backends import Backend, http_get, inst, keep_alive_load, membership
 from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import free_port, wait_for
@@ -41,12 +41,6 @@ SETTINGS = {"keepalive": 8}  # upstream keep-alive on: rendered after the balanc
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def inst(backend: Backend, state: str = "up", weight: int = 1) -> Instance:
-    return Instance(
-        id=backend.name, host="127.0.0.1", port=backend.port, weight=weight, state=State(state)
-    )
 
 
 def dead(port: int, name: str = "dead") -> Instance:
@@ -129,22 +123,6 @@ def rig(nginx_lua_server: NginxServer, tmp_path: Path) -> Rig:
 # --- 100 changes under load ------------------------------------------------------------
 
 
-# b1 stays up; b2 and b3 cycle with coprime periods, so every step changes b3 at least
-# and the combinations vary (b2 goes through weight 3, drain and down).
-_B2 = ["absent", "up", "up:3", "drain", "down"]
-_B3 = ["absent", "up", "drain"]
-
-
-def _membership(step: int, backends: list[Backend]) -> tuple[Instance, ...]:
-    b1, b2, b3 = backends
-    members = [inst(b1)]
-    for backend, cycle in ((b2, _B2), (b3, _B3)):
-        state, _, weight = cycle[step % len(cycle)].partition(":")
-        if state != "absent":
-            members.append(inst(backend, state, int(weight or 1)))
-    return tuple(members)
-
-
 def _up(members: tuple[Instance, ...]) -> frozenset[str]:
     return frozenset(i.id for i in members if i.up)
 
@@ -172,13 +150,13 @@ def _misrouted(
 def test_100_membership_changes_under_keep_alive_load_need_no_reload(
     rig: Rig, backends: list[Backend]
 ) -> None:
-    start(rig, snap(1, app(*_membership(0, backends))))
+    start(rig, snap(1, app(*membership(0, backends))))
     before = rig.generation()
-    pushes: list[tuple[float, float, frozenset[str]]] = [(0.0, 0.0, _up(_membership(0, backends)))]
+    pushes: list[tuple[float, float, frozenset[str]]] = [(0.0, 0.0, _up(membership(0, backends)))]
 
     with keep_alive_load(rig.server.port, max_seconds=120.0) as load:
         for step in range(1, 101):
-            members = _membership(step, backends)
+            members = membership(step, backends)
             began = time.monotonic()
             rig.apply(snap(step + 1, app(*members)), "runtime")
             pushes.append((began, time.monotonic(), _up(members)))
@@ -194,7 +172,7 @@ def test_100_membership_changes_under_keep_alive_load_need_no_reload(
     assert rig.server.reconfigurations() == 0
     assert rig.state().services == {"app": 101}
     # the file on disk says the same as nginx's pushed list (a restart would agree)
-    assert rig.pipeline.plan(snap(101, app(*_membership(100, backends)))).changed == {}
+    assert rig.pipeline.plan(snap(101, app(*membership(100, backends)))).changed == {}
 
 
 def test_upstream_keepalive_follows_the_balancer_so_nginx_keeps_it_on(rig: Rig) -> None:
