@@ -46,8 +46,10 @@ log = structlog.get_logger("lbsync.drivers.nginx")
 _POLL_FIRST = 0.005
 _POLL_MAX = 0.05
 # verify's first look comes after this share of how long the last reload took to show new
-# workers (20-45 ms measured here, whatever the config's size); each look costs CPU.
+# workers (20-45 ms measured here, whatever the config's size); each look costs CPU. At
+# most _FIRST_LOOK_MAX: one slow reload must not hold up the rounds after it.
 _FIRST_LOOK_SHARE = 0.8
+_FIRST_LOOK_MAX = 0.1
 _LOG_TAIL_LINES = 20
 _LOG_TAIL_BYTES = 64 * 1024
 
@@ -251,8 +253,7 @@ class NginxDriver(Driver):
         """
         details = ticket.details
         deadline = time.monotonic() + self.target.verify_timeout
-        first = max(_POLL_FIRST, _FIRST_LOOK_SHARE * self._reload_seconds)
-        time.sleep(min(first, self.target.verify_timeout))
+        time.sleep(min(first_look(self._reload_seconds), self.target.verify_timeout))
         pause = _POLL_FIRST
         while True:
             master = self._same_master(details)
@@ -317,6 +318,11 @@ class NginxDriver(Driver):
             return []
         return data.decode(errors="replace").splitlines()
 
+
+
+def first_look(last_reload_seconds: float) -> float:
+    """How long verify waits before its first look, given what the last reload took."""
+    return min(max(_POLL_FIRST, _FIRST_LOOK_SHARE * last_reload_seconds), _FIRST_LOOK_MAX)
 
 def _new_workers(master: int, old: set[int]) -> list[int]:
     """Worker children not in the old generation and not already shutting down."""
