@@ -319,10 +319,10 @@ class NginxDriver(Driver):
         return data.decode(errors="replace").splitlines()
 
 
-
 def first_look(last_reload_seconds: float) -> float:
     """How long verify waits before its first look, given what the last reload took."""
     return min(max(_POLL_FIRST, _FIRST_LOOK_SHARE * last_reload_seconds), _FIRST_LOOK_MAX)
+
 
 def _new_workers(master: int, old: set[int]) -> list[int]:
     """Worker children not in the old generation and not already shutting down."""
