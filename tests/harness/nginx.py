@@ -205,6 +205,13 @@ class NginxServer:
                     workers.append(child.pid)
         return sorted(workers)
 
+    def settled(self) -> bool:
+        """No worker of an earlier generation is left: after a reload, old workers keep
+        accepting new connections for a while and answer them with the old config, so a
+        one-shot traffic check is only sound once they are gone."""
+        master = self._running_master()
+        return master is not None and old_workers_gone(master.pid)
+
     def _running_master(self) -> psutil.Process | None:
         try:
             pid = int(self.pid_file.read_text().strip())
@@ -237,6 +244,19 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
         return proc.children()
     except psutil.Error:
         return []
+
+
+def old_workers_gone(master_pid: int) -> bool:
+    """None of the nginx master's children is a worker of an earlier generation."""
+    try:
+        children = psutil.Process(master_pid).children()
+    except psutil.Error:
+        return False
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if "shutting down" in " ".join(child.cmdline()):
+                return False
+    return True
 
 
 def process_gone(proc: psutil.Process) -> bool:

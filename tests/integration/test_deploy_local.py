@@ -33,7 +33,7 @@ from tests.harness import miniyaml
 from tests.harness.backends import Backend, only_served_by
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import free_port, port_open, wait_for
-from tests.harness.nginx import NGINX
+from tests.harness.nginx import NGINX, old_workers_gone
 
 pytestmark = pytest.mark.integration
 
@@ -226,7 +226,10 @@ def test_the_compose_stack_works_outside_containers(
 
     registers["web-3"].send_signal(signal.SIGTERM)  # docker compose stop web-3-register
     assert registers["web-3"].wait(timeout=15) == 0
-    wait_for(lambda: front({"b1"}), what="web-3 out once its sidecar stopped")
+    wait_for(
+        lambda: front({"b1"}) and old_workers_gone(nginx.pid),
+        what="web-3 out once its sidecar stopped (and the old workers gone)",
+    )
 
     status = subprocess.run(
         [LBSYNC, *tour_command("status"), "-c", config],

@@ -120,7 +120,7 @@ def test_hostile_values_never_reach_nginx_conf_and_cause_no_reload(
     daemon: RunningDaemon, writer: EtcdWriter, live: NginxServer, backends: list[Backend]
 ) -> None:
     writer.put(key("app", "instances", "good"), instance(backends[0]))
-    wait_for(lambda: serving(live.port, {"b1"}), what="good instance served")
+    wait_for(lambda: serving(live.port, {"b1"}) and live.settled(), what="good instance served")
     workers = live.worker_pids()
     rendered = (live.conf_d / "upstreams.conf").read_text()
 
@@ -179,7 +179,7 @@ def test_nginx_check_failure_leaves_files_and_nginx_untouched(
     writer.put(key("app", "instances", "b1"), instance(backends[0]))
     running = RunningDaemon(settings_for(etcd, live, tmp_path / "state", template))
     try:
-        wait_for(lambda: serving(live.port, {"b1"}), what="b1 served")
+        wait_for(lambda: serving(live.port, {"b1"}) and live.settled(), what="b1 served")
         before = (live.conf_d / "upstreams.conf").read_bytes()
         workers = live.worker_pids()
         writer.put(f"{P}/services/app/settings", '{"broken": true}')

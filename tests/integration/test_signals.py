@@ -86,7 +86,10 @@ def test_sigterm_exits_zero_after_the_current_round(
 ) -> None:
     proc, log = daemon
     writer.put(key("app", "instances", "b1"), instance(backends[0]))
-    wait_for(lambda: only_served_by(nginx_server.port, {"b1"}), what="b1 served")
+    wait_for(
+        lambda: only_served_by(nginx_server.port, {"b1"}) and nginx_server.settled(),
+        what="b1 served, the placeholder's workers gone",
+    )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert '"daemon.stopped"' in log.read_text()
