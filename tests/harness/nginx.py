@@ -193,7 +193,12 @@ class NginxServer:
         return master.pid
 
     def worker_pids(self) -> list[int]:
-        """Current-generation workers (not the ones shutting down)."""
+        """Current-generation workers: the newest ``worker process`` (the configs run one).
+
+        Titles alone can't tell: on a reload the master starts the new workers, sleeps
+        100 ms (ngx_master_process_cycle), and only then tells the old ones to quit, so for
+        that long the old worker still has its plain title (and accepts connections).
+        """
         master = self._running_master()
         if master is None:
             return []
@@ -202,8 +207,8 @@ class NginxServer:
             with contextlib.suppress(psutil.Error):
                 title = " ".join(child.cmdline())
                 if "worker process" in title and "shutting down" not in title:
-                    workers.append(child.pid)
-        return sorted(workers)
+                    workers.append((child.create_time(), child.pid))
+        return [pid for _, pid in sorted(workers)[-1:]]
 
     def settled(self) -> bool:
         """No worker of an earlier generation is left: after a reload, old workers keep
@@ -249,9 +254,9 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
 def old_workers_gone(master_pid: int, worker_processes: int = 1) -> bool:
     """The nginx master's only children are its ``worker_processes`` current workers.
 
-    Counting matters: for a moment after a reload an old worker still has its plain
-    ``worker process`` title, before it retitles itself ``shutting down`` (seen in CI).
-    The test configs run one worker and no cache processes.
+    Counting matters: for 100 ms after a reload the old worker still has its plain
+    ``worker process`` title (see ``NginxServer.worker_pids``; seen in CI). The test
+    configs run one worker and no cache processes.
     """
     try:
         children = psutil.Process(master_pid).children()

@@ -500,7 +500,7 @@ def test_the_daemon_pushes_membership_from_etcd_and_repushes_after_a_restart(
         try:
             # the first round has no applied snapshot to compare with: a reload
             assert round_on_latest(running, writer) == "reloaded"
-            wait_for(lambda: len(server.worker_pids()) == 1, what="the old worker to exit")
+            wait_for(server.settled, what="the old worker to exit")
             before = server.master_pid(), server.worker_pids()
             for backend in (b2, b3):
                 writer.put(key(backend.name), f"127.0.0.1:{backend.port}")
