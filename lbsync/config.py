@@ -64,8 +64,6 @@ class Section(BaseModel):
 
 
 class EtcdSettings(Section):
-    """Where the catalog lives: the etcd cluster and the key prefix lbsync watches."""
-
     endpoints: list[str] = ["http://127.0.0.1:2379"]
     """etcd client URLs (`http://host:port`, `https://host:port`, or `host:port`, which
     means TLS when `ca_file` is set); with several, lbsync fails over between them."""
@@ -118,8 +116,6 @@ class EtcdSettings(Section):
 
 
 class WaitSettings(Section):
-    """How a burst of etcd changes is coalesced into one render-and-reload round."""
-
     min: Duration = 0.05
     """Quiescence: a round starts once changes have stopped for this long..."""
     max: Duration = 1.0
@@ -279,8 +275,6 @@ Target = Annotated[NginxTarget | HaproxyTarget | CommandTarget, Field(discrimina
 
 
 class RenderSettings(Section):
-    """How templates are rendered (docs/templates.md)."""
-
     sandbox: bool = False
     """Render in Jinja2's SandboxedEnvironment (about 7x slower), for template
     repositories shared with people who must not run code as lbsync."""
@@ -303,8 +297,6 @@ class GuardSettings(Section):
 
 
 class HttpSettings(Section):
-    """lbsync's own HTTP endpoint: /metrics, /healthz, /readyz, /status."""
-
     listen: str | None = Field(default=None, examples=["127.0.0.1:9274"])
     """`address:port` to serve on; off when unset. It has no authentication: keep it on
     loopback or a management network."""
@@ -315,15 +307,15 @@ class HttpSettings(Section):
 
 class Settings(Section):
     etcd: EtcdSettings = EtcdSettings()
-    """The etcd cluster and prefix."""
+    """Where the catalog lives: the etcd cluster and the key prefix lbsync watches."""
     wait: WaitSettings = WaitSettings()
-    """Coalescing of change bursts."""
+    """How a burst of etcd changes is coalesced into one render-and-reload round."""
     render: RenderSettings = RenderSettings()
-    """Template rendering."""
+    """How templates are rendered (docs/templates.md)."""
     guard: GuardSettings = GuardSettings()
-    """Holds for updates that remove too much at once."""
+    """Hold updates that would take too much out of rotation at once."""
     http: HttpSettings = HttpSettings()
-    """The metrics and health endpoint."""
+    """lbsync's own HTTP endpoint: /metrics, /healthz, /readyz, /status."""
     state_dir: Path = Path("/var/lib/lbsync")
     """lbsync's own directory: staging trees, last-known-good copies, the saved catalog;
     one daemon per directory."""
