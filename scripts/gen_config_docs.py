@@ -387,11 +387,17 @@ Every setting outside the arrays of tables can be overridden by an `LBSYNC_…` 
 """
 
 
+def anchor(heading: str) -> str:
+    """The fragment GitHub gives a heading: ``[[target]]` with `driver = "nginx"``` →
+    ``target-with-driver--nginx``."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
 def render() -> str:
     """The whole of docs/configuration.md, from the models as they are now."""
     top = Place(toml_path=(), header="", env=True)
-    lines = [INTRO, *section(config.Settings, top, "Top level")]
-    lines += [
+    body = [
+        *section(config.Settings, top, "Top level"),
         "## A complete lbsync.toml",
         "",
         f"`{EXAMPLE_CONFIG.relative_to(REPO)}`, which `lbsync check` accepts as it is:",
@@ -400,7 +406,8 @@ def render() -> str:
         EXAMPLE_CONFIG.read_text(encoding="utf-8").rstrip("\n"),
         "```",
     ]
-    return "\n".join(lines) + "\n"
+    contents = [f"- [{h[3:]}](#{anchor(h[3:])})" for h in body if h.startswith("## ")]
+    return "\n".join([INTRO, "## Contents", "", *contents, "", *body]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,11 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else ""
         if current != text:
-            print(f"{OUTPUT.relative_to(REPO)} is stale: run scripts/gen_config_docs.py")
+            print(f"{OUTPUT} is stale: run scripts/gen_config_docs.py")
             return 1
         return 0
     OUTPUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUTPUT.relative_to(REPO)}")
+    print(f"wrote {OUTPUT}")
     return 0
 
 

@@ -172,3 +172,14 @@ def test_a_field_without_a_description_stops_the_generator() -> None:
 def test_durations_are_written_as_a_person_would(seconds: float, text: str) -> None:
     assert gen.duration_text(seconds) == text
     assert config.parse_duration(text) == pytest.approx(seconds)
+
+
+def test_check_mode_reports_a_stale_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert gen.main(["--check"]) == 0
+    stale = tmp_path / "configuration.md"
+    stale.write_text(DOC.read_text(encoding="utf-8").replace("etcd", "etcd3", 1))
+    monkeypatch.setattr(gen, "OUTPUT", stale)
+    assert gen.main(["--check"]) == 1
+    assert "run scripts/gen_config_docs.py" in capsys.readouterr().out
