@@ -85,7 +85,7 @@ def _bare_type_name(annotation: object, metadata: list[Any]) -> str:
         return " or ".join(names)
     if origin is Literal:
         return " or ".join(f"`{json.dumps(a)}`" for a in args)
-    if origin is list:
+    if origin in (list, tuple, set, frozenset):
         return f"list of {_plural(_bare_type_name(args[0], []))}"
     if origin is dict:
         key, value = (_bare_type_name(a, []) for a in args)
@@ -94,7 +94,9 @@ def _bare_type_name(annotation: object, metadata: list[Any]) -> str:
         return "table"
     if isinstance(annotation, type) and annotation in _SCALAR_TYPES:
         return _SCALAR_TYPES[annotation]
-    raise TypeError(f"gen_config_docs: no reader's name for the type {annotation!r}")
+    raise TypeError(
+        f"gen_config_docs: no reader's name for the type {annotation!r}: add one to type_name"
+    )
 
 
 def _plural(name: str) -> str:
@@ -256,8 +258,14 @@ def _array_models(field: FieldInfo) -> list[type[BaseModel]] | None:
     return models or None
 
 
-def nested_sections(model: type[BaseModel], place: Place) -> Iterator[str]:
+def nested_sections(
+    model: type[BaseModel], place: Place, only: set[str] | None = None
+) -> Iterator[str]:
+    """A section for each of the model's fields that is a table or an array of tables
+    (those named in ``only``, when given)."""
     for name, field in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
         key = key_of(name, field)
         path = (*place.toml_path, key)
         if (table := _table_model(field)) is not None:
@@ -294,12 +302,10 @@ def tagged_union(models: list[type[BaseModel]], place: Place, field: FieldInfo) 
         labelled = Place(place.toml_path, place.header, env=False, label=names[model])
         yield from field_entry(tag, model.model_fields[tag], labelled)
         for name, info in own.items():
-            yield from field_entry(name, info, labelled)
-    for name, info in base.model_fields.items():
-        if (inner := _array_models(info)) is not None and len(inner) == 1:
-            path = (*place.toml_path, key_of(name, info))
-            header = f"[[{'.'.join(path)}]]"
-            yield from section(inner[0], Place(path, header, env=False), f"`{header}`", info)
+            if not _nested(info):
+                yield from field_entry(name, info, labelled)
+        yield from nested_sections(model, labelled, {n for n, f in own.items() if _nested(f)})
+    yield from nested_sections(base, place)
 
 
 def _tag_field(models: list[type[BaseModel]]) -> str:
