@@ -170,6 +170,7 @@ def _nginx_accepts(rendered: str, directory: Path) -> subprocess.CompletedProces
     conf.write_text(
         ("user root;\n" if os.geteuid() == 0 else "")
         + f"pid {directory}/nginx.pid;\n"
+        + f"error_log {directory}/error.log;\n"
         + "events { worker_connections 64; }\n"
         + "http {\n"
         + f"{temp}"
