@@ -138,7 +138,8 @@ class TemplateSettings(Section):
     """Where the rendered file goes (absolute): written atomically, only when its bytes
     change, after the target's whole config passed the check."""
     mode: int | None = Field(default=None, examples=[0o644])
-    """File mode of `dest` (TOML: `0o644`); unset keeps the existing file's mode."""
+    """File mode of `dest`, usually written in octal (`mode = 0o644`, which TOML reads as
+    420); unset keeps the existing file's mode."""
 
     @field_validator("dest")
     @classmethod
