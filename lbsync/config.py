@@ -56,21 +56,38 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    # Attribute docstrings become field descriptions: docs/configuration.md is generated
+    # from them (scripts/gen_config_docs.py).
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, use_attribute_docstrings=True
+    )
 
 
 class EtcdSettings(Section):
     endpoints: list[str] = ["http://127.0.0.1:2379"]
+    """etcd client URLs (`http://host:port`, `https://host:port`, or `host:port`, which
+    means TLS when `ca_file` is set); with several, lbsync fails over between them."""
     prefix: str = "/lbsync"
+    """The key prefix: services live under `<prefix>/services/...`, and template
+    functions (`getv`, `ls`...) see the keys under it. Starts with `/`, does not end
+    with one."""
     timeout: Duration = 5.0
-    # A watch that delivers neither an event nor a progress notification for this long
-    # is treated as broken and reconnected (a stalled server otherwise hangs it forever).
+    """How long one etcd request may take."""
     silence_deadline: Duration = 15.0
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    user: str | None = None
-    password_file: Path | None = None
+    """A watch that delivers neither an event nor a progress notification for this long
+    is treated as broken and reconnected (a stalled server otherwise hangs it forever)."""
+    ca_file: Path | None = Field(default=None, examples=["/etc/lbsync/etcd-ca.pem"])
+    """PEM file of the CA that signed the etcd servers' certificates; setting it turns
+    on TLS for endpoints written without a scheme."""
+    cert_file: Path | None = Field(default=None, examples=["/etc/lbsync/etcd-client.pem"])
+    """Client certificate (PEM) for TLS client authentication; goes with `key_file`."""
+    key_file: Path | None = Field(default=None, examples=["/etc/lbsync/etcd-client-key.pem"])
+    """Private key (PEM) of `cert_file`."""
+    user: str | None = Field(default=None, examples=["lbsync"])
+    """etcd user name for password authentication; goes with `password_file`."""
+    password_file: Path | None = Field(default=None, examples=["/etc/lbsync/etcd-password"])
+    """File holding the etcd password (one line), so that it appears neither in the
+    config file nor in the environment."""
 
     @field_validator("endpoints")
     @classmethod
@@ -100,8 +117,11 @@ class EtcdSettings(Section):
 
 class WaitSettings(Section):
     min: Duration = 0.05
+    """Quiescence: a round starts once changes have stopped for this long..."""
     max: Duration = 1.0
+    """...but never later than this after the first change of a burst."""
     min_interval: Duration = 0.0
+    """At least this long between the starts of two rounds."""
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> WaitSettings:
@@ -111,9 +131,15 @@ class WaitSettings(Section):
 
 
 class TemplateSettings(Section):
-    src: Path
-    dest: Path
-    mode: int | None = None
+    src: Path = Field(examples=["templates/nginx/upstreams.conf.j2"])
+    """The Jinja2 template (relative paths: against the config file's directory);
+    `{% include %}` and `{% import %}` resolve next to it."""
+    dest: Path = Field(examples=["/etc/nginx/conf.d/lbsync-upstreams.conf"])
+    """Where the rendered file goes (absolute): written atomically, only when its bytes
+    change, after the target's whole config passed the check."""
+    mode: int | None = Field(default=None, examples=[0o644])
+    """File mode of `dest`, usually written in octal (`mode = 0o644`, which TOML reads as
+    420); unset keeps the existing file's mode."""
 
     @field_validator("dest")
     @classmethod
@@ -127,32 +153,54 @@ Command = Annotated[list[str], BeforeValidator(lambda v: v.split() if isinstance
 
 
 class TargetBase(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", examples=["web-lb"])
+    """The target's name, unique in the file: in logs, metrics and `--target`."""
     templates: list[TemplateSettings] = Field(alias="template", min_length=1)
+    """The files this target renders (`[[target.template]]`, at least one); one round
+    reloads the target at most once, however many of them changed."""
     command_timeout: Duration = 30.0
+    """Time limit for each command lbsync runs for this target (config check, reload
+    command)."""
     verify_timeout: Duration = 10.0
+    """After a reload, how long the LB has to show that it took the new config before
+    lbsync restores the last-known-good files (nginx, haproxy; a command target's
+    verdict is its reload command's exit status)."""
 
 
 class NginxTarget(TargetBase):
     driver: Literal["nginx"]
+    """Selects the nginx driver: `nginx -t` on the staged tree, SIGHUP to the master,
+    new workers confirmed from `/proc`."""
     config: Path = Path("/etc/nginx/nginx.conf")
+    """nginx's main config: the whole tree it includes is validated, with this target's
+    rendered files in place."""
     pid_file: Path = Path("/run/nginx.pid")
+    """The pid file of the nginx master that gets the SIGHUP."""
     binary: str = "nginx"
-    # nginx's -p: where relative paths in nginx.conf (logs, pid) resolve. None = built-in.
-    prefix: Path | None = None
-    error_log: Path | None = None
-    # Runtime mode (docs/nginx-runtime.md): membership changes go to a Lua balancer through
-    # a loopback control endpoint, with no reload; needs nginx's Lua module.
+    """The nginx executable, for `nginx -t`."""
+    prefix: Path | None = Field(default=None, examples=["/etc/nginx"])
+    """nginx's `-p`: where relative paths in nginx.conf (logs, pid) resolve; unset:
+    nginx's built-in prefix."""
+    error_log: Path | None = Field(default=None, examples=["/var/log/nginx/error.log"])
+    """nginx's error log: an `[emerg]` logged there after the signal fails the reload
+    at once instead of after `verify_timeout`."""
     runtime: bool = False
-    # The control location, as lbsync reaches it and as the template renders it.
+    """Runtime mode (docs/nginx-runtime.md): membership changes go to a Lua balancer
+    through a loopback control endpoint, with no reload; needs nginx's Lua module."""
     control_url: str = "http://127.0.0.1:8089/lbsync/"
+    """Runtime mode: the control location, as lbsync reaches it and as the template
+    renders it (plain http, a loopback IP, a port, a path ending in `/`)."""
     control_timeout: Duration = 2.0
-    # How often lbsync asks nginx which peer lists it holds (to notice a restart).
+    """Runtime mode: time limit for one request to the control endpoint."""
     poll_interval: Duration = 1.0
-    # Where nginx loads lbsync's Lua module from (None: the copy shipped in the package).
-    lua_dir: Path | None = None
-    # The LuaJIT interpreter used to check Lua before a reload (Debian: package luajit2).
+    """Runtime mode: how often lbsync asks nginx which peer lists it holds (to notice a
+    restart)."""
+    lua_dir: Path | None = Field(default=None, examples=["/usr/share/lbsync/lua"])
+    """Runtime mode: where nginx loads lbsync's Lua module from (absolute); unset: the
+    copy shipped in the package."""
     luajit: str = "luajit"
+    """The LuaJIT interpreter that checks Lua in rendered files before a reload (`nginx
+    -t` never runs Lua; Debian: package luajit2)."""
 
     @field_validator("control_url")
     @classmethod
@@ -182,21 +230,46 @@ _SAFE_PATH = re.compile(r"^[^\"'\\;{}\s$]+$")
 
 class HaproxyTarget(TargetBase):
     driver: Literal["haproxy"]
+    """Selects the HAProxy driver (docs/haproxy.md): `haproxy -c` on the staged config,
+    master-worker reload, membership changes over the runtime API."""
     config: Path = Path("/etc/haproxy/haproxy.cfg")
+    """HAProxy's config file, validated as a whole with this target's rendered files in
+    place (also read at start to keep the server slots of a previous run)."""
     pid_file: Path = Path("/run/haproxy.pid")
+    """The pid file of the HAProxy master (`haproxy -W -p`): SIGUSR2 reloads it."""
     binary: str = "haproxy"
-    master_socket: Path | None = None
-    admin_socket: Path | None = None
+    """The HAProxy executable, for `haproxy -c`."""
+    master_socket: Path | None = Field(default=None, examples=["/run/haproxy/master.sock"])
+    """The master CLI socket (`haproxy -W -S <path>`): `show proc` confirms reloads,
+    and a master that is not a local process (a sidecar) is reloaded through it."""
+    admin_socket: Path | None = Field(default=None, examples=["/run/haproxy/admin.sock"])
+    """The runtime API socket (`stats socket ... level admin`), for membership changes
+    without a reload; templates get it as `admin_socket`."""
     runtime: bool = True
-    state_file: Path | None = None
+    """Apply membership-only changes over `admin_socket` instead of reloading (needs
+    `admin_socket`)."""
+    state_file: Path | None = Field(default=None, examples=["/var/lib/haproxy/server-state"])
+    """HAProxy's `server-state-file`: saved before each reload so servers keep their
+    state across it; templates get it as `state_file`."""
 
 
 class CommandTarget(TargetBase):
     driver: Literal["command"]
-    config: Path | None = None
-    check_command: Command | None = None
-    reload_command: Command
+    """Selects the command driver, confd-style, for any other program: a check command
+    on the staged files, then a reload command."""
+    config: Path | None = Field(default=None, examples=["/etc/mylb/mylb.conf"])
+    """The program's main config, when the rendered files are parts of a larger tree
+    that must be staged and checked as a whole."""
+    check_command: Command | None = Field(default=None, examples=[["mylb", "--check", "{staged}"]])
+    """Validates the staged files before they replace the live ones; a non-zero exit
+    refuses the change. `{staged}`: the staged copy of the first template's file;
+    `{staged_root}`: the staged tree. Unset: no check."""
+    reload_command: Command = Field(examples=[["systemctl", "reload", "mylb"]])
+    """Run after the files are swapped in; a non-zero exit restores the last-known-good
+    files."""
     shell: bool = False
+    """Run the commands through `/bin/sh -c` (placeholders shell-quoted) instead of
+    directly."""
 
 
 Target = Annotated[NginxTarget | HaproxyTarget | CommandTarget, Field(discriminator="driver")]
@@ -204,33 +277,52 @@ Target = Annotated[NginxTarget | HaproxyTarget | CommandTarget, Field(discrimina
 
 class RenderSettings(Section):
     sandbox: bool = False
+    """Render in Jinja2's SandboxedEnvironment (about 7x slower), for template
+    repositories shared with people who must not run code as lbsync."""
 
 
 class GuardSettings(Section):
     """Hold updates that would take too much out of rotation at once (see scheduler.Guard)."""
 
     max_removed_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
-    # Fewer removals than this never trip the fraction rule: instances die one at a time
-    # in normal life; the guard is for mass removals.
+    """Hold an update that would take more than this fraction of a service's instances
+    out of rotation at once (a monitoring outage, a wiped prefix)."""
     min_removed: int = Field(default=2, ge=1)
-    min_instances: dict[str, int] = {}
+    """Fewer removals than this never trip the fraction rule: instances die one at a time
+    in normal life; the guard is for mass removals."""
+    min_instances: dict[str, int] = Field(default={}, examples=[{"web": 2, "api": 3}])
+    """Per service: hold an update that would leave fewer usable instances than this."""
     hold: Duration = 30.0
+    """A held update is applied anyway once it has persisted this long (or at once with
+    `lbsync confirm`)."""
 
 
 class HttpSettings(Section):
-    listen: str | None = None  # e.g. "127.0.0.1:9274"; off when unset
-    # /readyz fails once etcd has been unreachable (or the saved catalog is) this stale.
+    listen: str | None = Field(default=None, examples=["127.0.0.1:9274"])
+    """`address:port` to serve on; off when unset. It has no authentication: keep it on
+    loopback or a management network."""
     max_staleness: Duration = 300.0
+    """/readyz fails once etcd has been unreachable (or the saved catalog is) this
+    stale."""
 
 
 class Settings(Section):
     etcd: EtcdSettings = EtcdSettings()
+    """Where the catalog lives: the etcd cluster and the key prefix lbsync watches."""
     wait: WaitSettings = WaitSettings()
+    """How a burst of etcd changes is coalesced into one render-and-reload round."""
     render: RenderSettings = RenderSettings()
+    """How templates are rendered (docs/templates.md)."""
     guard: GuardSettings = GuardSettings()
+    """Hold updates that would take too much out of rotation at once."""
     http: HttpSettings = HttpSettings()
+    """lbsync's own HTTP endpoint: /metrics, /healthz, /readyz, /status."""
     state_dir: Path = Path("/var/lib/lbsync")
+    """lbsync's own directory: staging trees, last-known-good copies, the saved catalog;
+    one daemon per directory."""
     targets: list[Target] = Field(alias="target", min_length=1)
+    """The load balancers (or other programs) lbsync drives on this host, each a
+    `[[target]]` with its `driver`; at least one."""
     # Where the file came from, for messages; not part of the file.
     source_path: Path | None = Field(None, exclude=True)
 
