@@ -153,6 +153,9 @@ class NginxTarget(TargetBase):
     lua_dir: Path | None = None
     # The LuaJIT interpreter used to check Lua before a reload (Debian: package luajit2).
     luajit: str = "luajit"
+    # The control endpoint's secret: lbsync creates it (0600) if missing, nginx's master
+    # reads it at every config load (docs/nginx-runtime.md, "Authentication").
+    control_token_file: Path = Path("/var/lib/lbsync/nginx-control.token")
 
     @field_validator("control_url")
     @classmethod
@@ -169,6 +172,15 @@ class NginxTarget(TargetBase):
     def _lua_dir_is_absolute(cls, path: Path | None) -> Path | None:
         if path is not None and (not path.is_absolute() or not _SAFE_PATH.match(str(path))):
             raise ValueError(f"lua_dir must be an absolute path without quotes, got {str(path)!r}")
+        return path
+
+    @field_validator("control_token_file")
+    @classmethod
+    def _token_file_is_absolute(cls, path: Path) -> Path:
+        if not path.is_absolute() or not _SAFE_PATH.fullmatch(str(path)):
+            raise ValueError(
+                f"control_token_file must be an absolute path without quotes, got {str(path)!r}"
+            )
         return path
 
 

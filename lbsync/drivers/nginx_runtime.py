@@ -18,7 +18,11 @@ What this module decides and does (``NginxDriver`` calls it):
   for the new generation to answer and pushes every upstream.
 - **tick** (called from the daemon's loop): every ``poll_interval``, GET the control
   endpoint; a generation lbsync did not push to (nginx restarted or reloaded by someone
-  else) or a missing upstream gets a full re-push.
+  else) or a missing upstream gets a full re-push. An upstream whose revision or peer list
+  differs from what lbsync last pushed there was changed by someone else: that is logged
+  as ``runtime.tampered``, counted, and repaired by a forced push.
+- **authentication**: every request carries the token of ``control_token`` (a 0600 file
+  lbsync creates, which nginx's master reads when it loads the config).
 
 Between a restart and the re-push nothing is wrong, only static: the static lists are the
 rendered files, which lbsync writes on every change, runtime or not.
@@ -31,14 +35,16 @@ import ipaddress
 import json
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from lbsync import metrics
 from lbsync.config import NginxTarget
+from lbsync.drivers.control_token import load_or_create
 from lbsync.drivers.lua import lua_modules
 from lbsync.errors import DriverError
 from lbsync.model import Service, Snapshot
@@ -52,6 +58,7 @@ _WAIT_FIRST = 0.005
 _WAIT_MAX = 0.05
 _UNREACHABLE_GRACE = 0.2  # after a verified reload, how long a refused control port may last
 _MEMBERSHIP_KEY_PARTS = 4  # "", "services", <service>, "instances"|"health", <id>
+TOKEN_HEADER = "X-Lbsync-Token"
 
 
 class _Decline(Exception):
@@ -61,10 +68,11 @@ class _Decline(Exception):
 @dataclass(frozen=True)
 class ControlState:
     """What the control endpoint says it holds: the current generation and, for it, the
-    revision of each pushed upstream."""
+    revision and the peer list (as pushed, see ``peers``) of each pushed upstream."""
 
     generation: str
     services: Mapping[str, int]
+    peers: Mapping[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ class ControlClient:
     the previous generation after a reload.
     """
 
-    def __init__(self, url: str, *, timeout: float, target: str) -> None:
+    def __init__(self, url: str, *, timeout: float, target: str, token: Callable[[], str]) -> None:
         parts = urllib.parse.urlsplit(url)
         self.url = url
         self.host = parts.hostname or "127.0.0.1"
@@ -92,6 +100,7 @@ class ControlClient:
         self.path = parts.path
         self.timeout = timeout
         self.target = target
+        self.token = token
 
     def state(self) -> ControlState:
         status, body = self._request("GET", self.path)
@@ -99,17 +108,23 @@ class ControlClient:
             raise self._error("GET", status, body)
         try:
             generation = str(body["generation"])
-            services = {
-                str(name): int(info["revision"]) for name, info in dict(body["services"]).items()
-            }
-        except (KeyError, TypeError, ValueError) as exc:
+            held = dict(body["services"])
+            services = {str(name): int(info["revision"]) for name, info in held.items()}
+            lists = {str(name): _peer_list(info.get("peers")) for name, info in held.items()}
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise DriverError(
-                f"control endpoint {self.url}: unexpected answer {body!r}", target=self.target
+                f"control endpoint {self.url}: unexpected answer {body!r:.300}", target=self.target
             ) from exc
-        return ControlState(generation, services)
+        return ControlState(generation, services, lists)
 
-    def push(self, service: str, revision: int, peers: list[dict[str, Any]]) -> PushResult:
-        payload = {"revision": revision, "peers": peers}
+    def push(
+        self, service: str, revision: int, peers: list[dict[str, Any]], *, force: bool = False
+    ) -> PushResult:
+        """Store ``peers`` for ``service``; ``force`` stores them whatever revision nginx
+        holds (a repair), otherwise an older revision is refused (StalePush)."""
+        payload: dict[str, Any] = {"revision": revision, "peers": peers}
+        if force:
+            payload["force"] = True
         status, body = self._request("POST", f"{self.path}services/{service}", payload)
         if status == 409:
             raise StalePush(
@@ -125,7 +140,11 @@ class ControlClient:
         self, method: str, path: str, payload: object | None = None
     ) -> tuple[int, dict[str, Any]]:
         data = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
-        headers = {"Connection": "close", "Accept": "application/json"}
+        headers = {
+            "Connection": "close",
+            "Accept": "application/json",
+            TOKEN_HEADER: self.token(),
+        }
         if data is not None:
             headers["Content-Type"] = "application/json"
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
@@ -182,6 +201,14 @@ def peers(service: Service) -> list[dict[str, Any]]:
     ]
 
 
+def _peer_list(raw: object) -> list[dict[str, Any]]:
+    """A peer list from the control endpoint; Lua's JSON encoder writes an empty one as
+    ``{}``. Anything else that is not a list is kept as found, to show in the event."""
+    if raw is None or raw == {}:
+        return []
+    return raw if isinstance(raw, list) else [{"unexpected": raw}]
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -224,10 +251,18 @@ class RuntimeSync:
     def __init__(self, target: NginxTarget) -> None:
         self.target = target
         self.client = ControlClient(
-            target.control_url, timeout=target.control_timeout, target=target.name
+            target.control_url,
+            timeout=target.control_timeout,
+            target=target.name,
+            token=self.token,
         )
         self.lua_dir = target.lua_dir or LUA_DIR
+        self._token: str | None = None
         self._generation: str | None = None  # the generation our last full sync went to
+        # what lbsync last pushed per upstream, in that generation: (revision, peers)
+        self._pushed: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+        self._tampered = 0
+        self._last_tampered: dict[str, Any] | None = None
         self._loaded: Snapshot | None = None  # what nginx's pushed lists were last set to
         self._pending: Snapshot | None = None  # what the coming reload loads
         self._next_poll = 0.0
@@ -243,6 +278,21 @@ class RuntimeSync:
         """When ``tick`` next asks nginx (``time.monotonic()`` clock)."""
         return self._next_poll
 
+    def token(self) -> str:
+        """The control token, read (or created) on first use: not at construction, so a
+        driver can be built without touching the file system. Raises DriverError."""
+        if self._token is None:
+            self._token = load_or_create(self.target.control_token_file, target=self.name)
+        return self._token
+
+    def status(self) -> dict[str, Any]:
+        """For the daemon's /status: is the control endpoint answering, and tampering."""
+        return {
+            "control_reachable": self._reachable,
+            "tampered": self._tampered,
+            "last_tampered": self._last_tampered,
+        }
+
     # -- template ---------------------------------------------------------------------
 
     def template_context(self, snapshot: Snapshot) -> dict[str, Any]:
@@ -253,6 +303,7 @@ class RuntimeSync:
                 "dict_size": DICT_SIZE,
                 "control_listen": parts.netloc,
                 "control_location": parts.path,
+                "token_file": str(self.target.control_token_file),
                 "upstreams": tuple(n for n, s in snapshot.services.items() if lua_balanced(s)),
             }
         }
@@ -312,7 +363,9 @@ class RuntimeSync:
         generation = None
         try:
             for name in names:
-                result = self.client.push(name, snapshot.revision, peers(snapshot.services[name]))
+                pushed = peers(snapshot.services[name])
+                result = self.client.push(name, snapshot.revision, pushed)
+                self._pushed[name] = (snapshot.revision, pushed)
                 generation = result.generation
             if generation is not None and generation != self._generation:
                 self._sync_all(snapshot)
@@ -326,11 +379,15 @@ class RuntimeSync:
         """Push every upstream the balancer drives; remember the generation. Raises
         DriverError (a stale upstream is skipped: nginx already holds newer data)."""
         generation = None
+        self._pushed = {}
         for name, service in snapshot.services.items():
             if not (lua_balanced(service) and pushable(service)):
                 continue
+            pushed = peers(service)
+            # expected from now on even if refused as stale: tick repairs what differs
+            self._pushed[name] = (snapshot.revision, pushed)
             try:
-                generation = self.client.push(name, snapshot.revision, peers(service)).generation
+                generation = self.client.push(name, snapshot.revision, pushed).generation
             except StalePush as err:
                 log.info(
                     "nginx.runtime_push_stale", target=self.name, upstream=name, error=str(err)
@@ -430,7 +487,41 @@ class RuntimeSync:
         missing = sorted(name for name in _expected(snapshot) if name not in state.services)
         if missing:
             return self._resync(snapshot, reason=f"missing upstreams {missing}")
-        return True
+        return self._repair(state)
+
+    def _repair(self, state: ControlState) -> bool:
+        """Push back, forced, every upstream whose revision or peers differ from what lbsync
+        pushed: only a holder of the token can have changed them (another lbsync, or
+        someone who read the token file). One ``runtime.tampered`` event per upstream."""
+        ok = True
+        for name, (revision, pushed) in list(self._pushed.items()):
+            found_revision, found = state.services.get(name), state.peers.get(name)
+            if found_revision is None or (found_revision, found) == (revision, pushed):
+                continue  # missing upstreams are re-pushed above
+            self._tampered += 1
+            self._last_tampered = {
+                "upstream": name,
+                "expected_revision": revision,
+                "found_revision": found_revision,
+                "at": time.time(),
+            }
+            metrics.runtime_tampered(self.name)
+            log.warning(
+                "runtime.tampered",
+                target=self.name,
+                upstream=name,
+                expected_revision=revision,
+                found_revision=found_revision,
+                expected_peers=_addresses(pushed),
+                found_peers=_addresses(found or []),
+                security=True,
+            )
+            try:
+                self.client.push(name, revision, pushed, force=True)
+            except DriverError as err:
+                log.warning("nginx.runtime_repair_failed", target=self.name, error=str(err))
+                ok = False
+        return ok
 
     def _note_reachable(self, reachable: bool, error: str | None) -> None:
         if reachable == self._reachable:
@@ -451,6 +542,14 @@ class RuntimeSync:
     def modules(self) -> list[Path]:
         """The Lua files nginx loads (checked before every reload)."""
         return lua_modules(self.lua_dir)
+
+
+def _addresses(peer_list: list[dict[str, Any]]) -> list[str]:
+    """Peers as ``host:port/state/weight`` for an event (bounded: a list can be long)."""
+    return [
+        f"{p.get('host')}:{p.get('port')}/{p.get('state')}/{p.get('weight')}"
+        for p in peer_list[:20]
+    ]
 
 
 def _expected(snapshot: Snapshot) -> Iterable[str]:

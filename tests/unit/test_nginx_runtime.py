@@ -70,6 +70,7 @@ class FakeControl:
         self.held: dict[str, tuple[str, int, list[dict[str, Any]]]] = {}
         self.up = True
         self.pushes: list[tuple[str, int]] = []
+        self.forced: list[str] = []
         self.gets = 0
 
     def restart(self, generation: str) -> None:
@@ -78,12 +79,22 @@ class FakeControl:
     def state(self) -> ControlState:
         self.gets += 1
         self._reachable()
-        services = {n: rev for n, (gen, rev, _) in self.held.items() if gen == self.generation}
-        return ControlState(self.generation, services)
+        held = {n: (rev, p) for n, (gen, rev, p) in self.held.items() if gen == self.generation}
+        return ControlState(
+            self.generation,
+            {n: rev for n, (rev, _) in held.items()},
+            {n: list(p) for n, (_, p) in held.items()},
+        )
 
-    def push(self, service: str, revision: int, peer_list: list[dict[str, Any]]) -> PushResult:
+    def push(
+        self, service: str, revision: int, peer_list: list[dict[str, Any]], *, force: bool = False
+    ) -> PushResult:
         self._reachable()
         self.pushes.append((service, revision))
+        if force:
+            self.forced.append(service)
+            self.held[service] = (self.generation, revision, peer_list)
+            return PushResult(True, self.generation)
         gen, held, _ = self.held.get(service, ("", -1, []))
         if gen == self.generation and revision < held:
             raise StalePush(f"stale {revision} < {held}", target="web")
@@ -231,7 +242,8 @@ def test_after_a_reload_the_snapshot_it_loaded_is_pushed_to_the_new_generation()
     assert details["control_push"] is grown
     fake.restart("g3")
     runtime.after_reload(details)
-    assert fake.state() == ControlState("g3", {"api": 12, "app": 12, "new": 12})
+    assert fake.state().services == {"api": 12, "app": 12, "new": 12}
+    assert fake.state().generation == "g3"
 
 
 def test_after_a_reload_a_silent_endpoint_is_logged_not_raised() -> None:
@@ -285,6 +297,44 @@ def test_tick_reports_an_unreachable_endpoint_once() -> None:
     fake.up = True
     assert runtime.tick(BASE, now=2.0)
     assert fake.state().services == {"api": 10, "app": 10}
+
+
+def test_tick_repairs_peers_or_revisions_someone_else_pushed() -> None:
+    runtime, fake = sync()
+    runtime.tick(BASE, now=0.0)
+    expected = fake.held["app"][2]
+    foreign = [{"id": "x", "host": "10.9.9.9", "port": 4444, "weight": 1, "state": "up"}]
+    fake.held["app"] = ("g1", 99, foreign)  # a higher revision and a foreign peer
+    fake.held["api"] = ("g1", 10, [*fake.held["api"][2], *foreign])  # same revision
+    fake.pushes.clear()
+
+    with structlog.testing.capture_logs() as events:
+        assert runtime.tick(BASE, now=1.0)
+    found = [e for e in events if e["event"] == "runtime.tampered"]
+    tampered = sorted((e["upstream"], e["found_revision"], e["found_peers"]) for e in found)
+    assert tampered == [
+        ("api", 10, ["10.0.0.1:8000/up/1", "10.9.9.9:4444/up/1"]),
+        ("app", 99, ["10.9.9.9:4444/up/1"]),
+    ]
+    assert all(e["log_level"] == "warning" and e["security"] for e in found)
+    assert sorted(fake.forced) == ["api", "app"]
+    assert fake.held["app"] == ("g1", 10, expected)  # back at lbsync's revision
+    assert runtime.status()["tampered"] == 2
+
+    with structlog.testing.capture_logs() as events:  # repaired: nothing more to say
+        assert runtime.tick(BASE, now=2.0)
+    assert not [e for e in events if e["event"] == "runtime.tampered"]
+
+
+def test_a_runtime_push_is_what_the_next_tick_expects() -> None:
+    runtime, fake = sync()
+    runtime.tick(BASE, now=0.0)
+    new = snap(11, svc("app", inst("a"), inst("d")), BASE.services["api"])
+    assert runtime.update(BASE, new)
+    with structlog.testing.capture_logs() as events:
+        assert runtime.tick(new, now=1.0)
+    assert fake.forced == []
+    assert not [e for e in events if e["event"] == "runtime.tampered"]
 
 
 def test_the_driver_without_runtime_mode_does_none_of_this() -> None:
@@ -353,6 +403,12 @@ def test_lua_dir_must_be_absolute_and_plain() -> None:
         target(lua_dir='/opt/"lua')
 
 
+@pytest.mark.parametrize("path", ["relative/token", '/var/lib/"x', "/var/lib/a b", "/a\n/b"])
+def test_the_token_file_must_be_absolute_and_plain(path: str) -> None:
+    with pytest.raises(ValueError, match="control_token_file"):
+        target(control_token_file=path)
+
+
 # --- templates ---------------------------------------------------------------------------------
 
 
@@ -374,6 +430,8 @@ def test_the_runtime_template_adds_the_lua_side_and_keeps_the_static_lists() -> 
     assert render(UPSTREAMS, snapshot, False, renderer) == plain
 
     assert f'lua_package_path "{LUA_DIR}/?.lua;;";' in text
+    token_file = "/var/lib/lbsync/nginx-control.token"
+    assert f'require("lbsync.runtime").init("{token_file}")' in text
     assert "lua_shared_dict lbsync 16m;" in text
     for line in ("listen 127.0.0.1:8089;", "location /lbsync/ {", "allow 127.0.0.1;", "deny all;"):
         assert line in text
