@@ -30,13 +30,12 @@ rendered files, which lbsync writes on every change, runtime or not.
 
 from __future__ import annotations
 
-import http.client
+import functools
 import ipaddress
-import json
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from lbsync import metrics
 from lbsync.config import NginxTarget
 from lbsync.drivers.control_token import load_or_create
 from lbsync.drivers.lua import lua_modules
+from lbsync.drivers.nginx_control import ControlClient, ControlState, StalePush, digest
 from lbsync.errors import DriverError
 from lbsync.model import Service, Snapshot
 
@@ -58,119 +58,10 @@ _WAIT_FIRST = 0.005
 _WAIT_MAX = 0.05
 _UNREACHABLE_GRACE = 0.2  # after a verified reload, how long a refused control port may last
 _MEMBERSHIP_KEY_PARTS = 4  # "", "services", <service>, "instances"|"health", <id>
-TOKEN_HEADER = "X-Lbsync-Token"
 
 
 class _Decline(Exception):
     """This change cannot go through the control endpoint; the reason is logged."""
-
-
-@dataclass(frozen=True)
-class ControlState:
-    """What the control endpoint says it holds: the current generation and, for it, the
-    revision and the peer list (as pushed, see ``peers``) of each pushed upstream."""
-
-    generation: str
-    services: Mapping[str, int]
-    peers: Mapping[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PushResult:
-    applied: bool  # False: nginx already held this revision (idempotent)
-    generation: str
-
-
-class StalePush(DriverError):
-    """nginx holds a newer revision of this upstream than the one pushed."""
-
-
-class ControlClient:
-    """One-request-per-connection JSON client for the control location.
-
-    ``Connection: close`` on purpose: a kept-alive connection could stay with a worker of
-    the previous generation after a reload.
-    """
-
-    def __init__(self, url: str, *, timeout: float, target: str, token: Callable[[], str]) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.url = url
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
-        self.path = parts.path
-        self.timeout = timeout
-        self.target = target
-        self.token = token
-
-    def state(self) -> ControlState:
-        status, body = self._request("GET", self.path)
-        if status != 200:
-            raise self._error("GET", status, body)
-        try:
-            generation = str(body["generation"])
-            held = dict(body["services"])
-            services = {str(name): int(info["revision"]) for name, info in held.items()}
-            lists = {str(name): _peer_list(info.get("peers")) for name, info in held.items()}
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise DriverError(
-                f"control endpoint {self.url}: unexpected answer {body!r:.300}", target=self.target
-            ) from exc
-        return ControlState(generation, services, lists)
-
-    def push(
-        self, service: str, revision: int, peers: list[dict[str, Any]], *, force: bool = False
-    ) -> PushResult:
-        """Store ``peers`` for ``service``; ``force`` stores them whatever revision nginx
-        holds (a repair), otherwise an older revision is refused (StalePush)."""
-        payload: dict[str, Any] = {"revision": revision, "peers": peers}
-        if force:
-            payload["force"] = True
-        status, body = self._request("POST", f"{self.path}services/{service}", payload)
-        if status == 409:
-            raise StalePush(
-                f"nginx holds revision {body.get('revision')} of {service!r}, newer than "
-                f"{revision}",
-                target=self.target,
-            )
-        if status != 200:
-            raise self._error(f"POST services/{service}", status, body)
-        return PushResult(bool(body.get("applied")), str(body.get("generation")))
-
-    def _request(
-        self, method: str, path: str, payload: object | None = None
-    ) -> tuple[int, dict[str, Any]]:
-        data = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
-        headers = {
-            "Connection": "close",
-            "Accept": "application/json",
-            TOKEN_HEADER: self.token(),
-        }
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        try:
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise DriverError(
-                f"control endpoint {self.url} unreachable: {getattr(exc, 'strerror', None) or exc}",
-                target=self.target,
-            ) from exc
-        finally:
-            conn.close()
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            body = {"error": raw[:200].decode(errors="replace")}
-        return response.status, body if isinstance(body, dict) else {"answer": body}
-
-    def _error(self, what: str, status: int, body: Mapping[str, Any]) -> DriverError:
-        reason = body.get("error") or body.get("answer") or ""
-        return DriverError(
-            f"control endpoint {self.url}: {what} answered {status} {reason}".rstrip(),
-            target=self.target,
-        )
 
 
 # --- what the Lua side can do ----------------------------------------------------------
@@ -199,14 +90,6 @@ def peers(service: Service) -> list[dict[str, Any]]:
         for i in service.instances
         if not i.down
     ]
-
-
-def _peer_list(raw: object) -> list[dict[str, Any]]:
-    """A peer list from the control endpoint; Lua's JSON encoder writes an empty one as
-    ``{}``. Anything else that is not a list is kept as found, to show in the event."""
-    if raw is None or raw == {}:
-        return []
-    return raw if isinstance(raw, list) else [{"unexpected": raw}]
 
 
 def _is_ip(host: str) -> bool:
@@ -259,8 +142,8 @@ class RuntimeSync:
         self.lua_dir = target.lua_dir or LUA_DIR
         self._token: str | None = None
         self._generation: str | None = None  # the generation our last full sync went to
-        # what lbsync last pushed per upstream, in that generation: (revision, peers)
-        self._pushed: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+        # what lbsync last pushed per upstream, in that generation: revision, peers, digest
+        self._pushed: dict[str, _Pushed] = {}
         self._tampered = 0
         self._last_tampered: dict[str, Any] | None = None
         self._loaded: Snapshot | None = None  # what nginx's pushed lists were last set to
@@ -365,7 +248,7 @@ class RuntimeSync:
             for name in names:
                 pushed = peers(snapshot.services[name])
                 result = self.client.push(name, snapshot.revision, pushed)
-                self._pushed[name] = (snapshot.revision, pushed)
+                self._pushed[name] = _Pushed(snapshot.revision, pushed)
                 generation = result.generation
             if generation is not None and generation != self._generation:
                 self._sync_all(snapshot)
@@ -385,7 +268,7 @@ class RuntimeSync:
                 continue
             pushed = peers(service)
             # expected from now on even if refused as stale: tick repairs what differs
-            self._pushed[name] = (snapshot.revision, pushed)
+            self._pushed[name] = _Pushed(snapshot.revision, pushed)
             try:
                 generation = self.client.push(name, snapshot.revision, pushed).generation
             except StalePush as err:
@@ -494,34 +377,43 @@ class RuntimeSync:
         pushed: only a holder of the token can have changed them (another lbsync, or
         someone who read the token file). One ``runtime.tampered`` event per upstream."""
         ok = True
-        for name, (revision, pushed) in list(self._pushed.items()):
-            found_revision, found = state.services.get(name), state.peers.get(name)
-            if found_revision is None or (found_revision, found) == (revision, pushed):
+        for name, pushed in list(self._pushed.items()):
+            found_revision = state.services.get(name)
+            if found_revision is None:
                 continue  # missing upstreams are re-pushed above
-            self._tampered += 1
-            self._last_tampered = {
-                "upstream": name,
-                "expected_revision": revision,
-                "found_revision": found_revision,
-                "at": time.time(),
-            }
-            metrics.runtime_tampered(self.name)
-            log.warning(
-                "runtime.tampered",
-                target=self.name,
-                upstream=name,
-                expected_revision=revision,
-                found_revision=found_revision,
-                expected_peers=_addresses(pushed),
-                found_peers=_addresses(found or []),
-                security=True,
-            )
+            if (found_revision, state.digests.get(name)) == (pushed.revision, pushed.digest):
+                continue
+            self._report_tampered(name, pushed, found_revision)
             try:
-                self.client.push(name, revision, pushed, force=True)
+                self.client.push(name, pushed.revision, pushed.peers, force=True)
             except DriverError as err:
                 log.warning("nginx.runtime_repair_failed", target=self.name, error=str(err))
                 ok = False
         return ok
+
+    def _report_tampered(self, name: str, pushed: _Pushed, found_revision: int) -> None:
+        try:
+            found: list[str] | str = _addresses(self.client.held(name))
+        except DriverError as err:
+            found = f"unknown ({err})"
+        self._tampered += 1
+        self._last_tampered = {
+            "upstream": name,
+            "expected_revision": pushed.revision,
+            "found_revision": found_revision,
+            "at": time.time(),
+        }
+        metrics.runtime_tampered(self.name)
+        log.warning(
+            "runtime.tampered",
+            target=self.name,
+            upstream=name,
+            expected_revision=pushed.revision,
+            found_revision=found_revision,
+            expected_peers=_addresses(pushed.peers),
+            found_peers=found,
+            security=True,
+        )
 
     def _note_reachable(self, reachable: bool, error: str | None) -> None:
         if reachable == self._reachable:
@@ -544,10 +436,24 @@ class RuntimeSync:
         return lua_modules(self.lua_dir)
 
 
+@dataclass(frozen=True)
+class _Pushed:
+    """One upstream as lbsync last pushed it (what ``tick`` expects nginx to hold)."""
+
+    revision: int
+    peers: list[dict[str, Any]]
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return digest(self.peers)
+
+
 def _addresses(peer_list: list[dict[str, Any]]) -> list[str]:
     """Peers as ``host:port/state/weight`` for an event (bounded: a list can be long)."""
     return [
         f"{p.get('host')}:{p.get('port')}/{p.get('state')}/{p.get('weight')}"
+        if isinstance(p, dict)
+        else repr(p)[:100]
         for p in peer_list[:20]
     ]
 

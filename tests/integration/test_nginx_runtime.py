@@ -24,7 +24,8 @@ from lbsync.config import EtcdSettings, Settings
 from lbsync.daemon import Daemon
 from lbsync.drivers.base import driver_for
 from lbsync.drivers.nginx import NginxDriver
-from lbsync.drivers.nginx_runtime import LUA_DIR, ControlClient, ControlState
+from lbsync.drivers.nginx_control import ControlClient, ControlState, digest
+from lbsync.drivers.nginx_runtime import LUA_DIR, peers
 from lbsync.errors import ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, Snapshot
 from lbsync.pipeline import TargetPipeline
@@ -346,9 +347,11 @@ def test_tampering_with_the_token_is_found_by_the_poll_and_repaired(
     rig: Rig, backends: list[Backend]
 ) -> None:
     b1, b2, foreign = backends
-    start(rig, snap(5, app(inst(b1), inst(b2))))
+    applied = snap(5, app(inst(b1), inst(b2)))
+    start(rig, applied)
     runtime = rig.driver.runtime
     assert runtime is not None
+    assert rig.state().digests == {"app": digest(peers(applied.services["app"]))}  # as Lua has it
     tampered = metrics.REGISTRY.get_sample_value(
         "lbsync_runtime_tampered_total", {"target": "nginx-test"}
     )

@@ -40,8 +40,9 @@
 --
 -- Control API (JSON):
 --   GET  <location>                  -> {"generation": "...", "services": {"app": {"revision": 12,
---                                       "peers": [...], "up": 2}}}
+--                                       "digest": "<sha1>", "peers": 3, "up": 2}}}
 --                                       (only lists pushed for the current generation)
+--   GET  <location>services/<name>   -> {"revision": 12, "digest": "...", "peers": [...]}, or 404
 --   POST <location>services/<name>   {"revision": 12, "peers": [{"id": "i1", "host": "10.0.0.5",
 --                                       "port": 8080, "weight": 1, "state": "up"|"drain"}],
 --                                       "force": true (optional: store whatever is held)}
@@ -51,9 +52,11 @@
 --       -> 400 {"error": "..."}          malformed; 507 when the shared dict is full
 --       -> 403 {"error": "..."}          no token, a wrong token, or none loaded
 --
--- The shared dict holds, per service, "p:<name>" (the peer list as JSON) and "v:<name>"
--- ("<generation>|<revision>"); each worker keeps the decoded list and the smooth weighted
--- round robin state, and re-reads the list only when "v:<name>" changes.
+-- The shared dict holds, per service, "p:<name>" (the peer list as JSON), "d:<name>" (its
+-- digest, see digest()) and "v:<name>" ("<generation>|<revision>"); each worker keeps the
+-- decoded list and the smooth weighted round robin state, and re-reads the list only when
+-- "v:<name>" changes. lbsync compares revision and digest with what it pushed at every
+-- poll, so a list changed by anyone else is found without sending whole lists each time.
 
 local bit = require("bit")
 local cjson = require("cjson.safe")
@@ -64,6 +67,7 @@ local tonumber, tostring, type, pairs, ipairs = tonumber, tostring, type, pairs,
 local math = math
 local str_find, str_sub, str_match, str_format = string.find, string.sub, string.match, string.format
 local str_byte, bor, bxor = string.byte, bit.bor, bit.bxor
+local tbl_concat = table.concat
 
 local DICT_NAME = "lbsync"
 local CURRENT_KEY = "lbsync:generation"
@@ -331,6 +335,24 @@ local function checked_peers(peers)
     return out
 end
 
+-- SHA-1 (hex) of the checked peers, each field length-prefixed so no two lists share an
+-- encoding; lbsync computes the same over what it pushed (nginx_runtime.digest).
+local function digest(peers)
+    local parts = {}
+    for i, peer in ipairs(peers) do
+        local fields = { peer.id or "", peer.host, str_format("%d", peer.port),
+            str_format("%d", peer.weight), peer.state }
+        for j, field in ipairs(fields) do
+            fields[j] = #field .. ":" .. field
+        end
+        parts[i] = tbl_concat(fields, ",")
+    end
+    local raw = ngx.sha1_bin(tbl_concat(parts, "\n"))
+    return (raw:gsub(".", function(c)
+        return str_format("%02x", str_byte(c))
+    end))
+end
+
 local function request_body()
     ngx.req.read_body()
     local data = ngx.req.get_body_data()
@@ -393,6 +415,9 @@ local function push(service)
     -- The list first, then the tag that makes workers read it.
     local ok, err = dict:safe_set("p:" .. service, cjson.encode(peers))
     if ok then
+        ok, err = dict:safe_set("d:" .. service, digest(peers))
+    end
+    if ok then
         ok, err = dict:safe_set("v:" .. service, current_gen .. "|" .. str_format("%d", revision))
     end
     dict:delete(held)
@@ -414,13 +439,25 @@ local function status()
                 local entry = current(name) or {}
                 services[name] = {
                     revision = revision,
-                    peers = cjson.decode(dict:get("p:" .. name) or ""), -- as stored, for lbsync to compare
+                    digest = dict:get("d:" .. name),
+                    peers = entry.peers and #entry.peers or nil,
                     up = entry.up,
                 }
             end
         end
     end
     return reply(200, { generation = current_gen, worker_generation = generation, services = services })
+end
+
+-- One upstream's list as stored, for lbsync to show what it found when a digest differs.
+local function held(service)
+    local current_gen = dict:get(CURRENT_KEY) or generation
+    local gen, revision = split_tag(dict:get("v:" .. service) or "")
+    if gen ~= current_gen then
+        return reply(404, { error = "no list pushed for " .. service .. " in this generation" })
+    end
+    local peers = cjson.decode(dict:get("p:" .. service) or "")
+    return reply(200, { revision = revision, digest = dict:get("d:" .. service), peers = peers })
 end
 
 -- Constant time in the secret's content: no early exit on the first differing byte.
@@ -448,10 +485,13 @@ function _M.control()
     if method == "GET" and not service then
         return status()
     end
+    if method == "GET" and service and #service <= 63 then
+        return held(service)
+    end
     if method == "POST" and service and #service <= 63 then
         return push(service)
     end
-    return reply(404, { error = "GET <location> or POST <location>services/<name>" })
+    return reply(404, { error = "GET <location>, GET or POST <location>services/<name>" })
 end
 
 return _M
