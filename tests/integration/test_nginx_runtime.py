@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import functools
 import http.client
+import json
 import shutil
 import subprocess
 import time
@@ -611,5 +612,33 @@ def test_the_daemon_pushes_membership_from_etcd_and_repushes_after_a_restart(
                 lambda: control.state().services == {"app": revision},
                 what="the re-push after the restart",
             )
+
+            # someone who read the token pushes a removed instance back: the poll repairs it
+            hijack = {
+                "revision": revision + 1000,
+                "peers": [{"host": "127.0.0.1", "port": b1.port}],
+            }
+            status, _ = _request(
+                server.control_port,
+                "/lbsync/services/app",
+                json.dumps(hijack).encode(),
+                token=server.control_token(),
+            )
+            assert status == 200
+            wait_for(lambda: control.state().services == {"app": revision}, what="the repair")
+            assert set(names(server.port, 6)) == {"b2", "b3"}
+            runtime = running.daemon.status_document()["runtime"]
+            assert runtime == {
+                "nginx-test": {
+                    "control_reachable": True,
+                    "tampered": 1,
+                    "last_tampered": {
+                        "upstream": "app",
+                        "expected_revision": revision,
+                        "found_revision": revision + 1000,
+                        "at": pytest.approx(time.time(), abs=60),
+                    },
+                }
+            }
         finally:
             running.stop()
