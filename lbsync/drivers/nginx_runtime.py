@@ -57,6 +57,7 @@ STATIC_BALANCE = frozenset({"least_conn", "ip_hash", "random"})  # not done by t
 _WAIT_FIRST = 0.005
 _WAIT_MAX = 0.05
 _UNREACHABLE_GRACE = 0.2  # after a verified reload, how long a refused control port may last
+_OLD_WORKERS_GRACE = 1.0  # after a reload, how long pushes refused by old workers are retried
 _MEMBERSHIP_KEY_PARTS = 4  # "", "services", <service>, "instances"|"health", <id>
 
 
@@ -325,16 +326,25 @@ class RuntimeSync:
         if snapshot is None:
             self._generation = None  # nothing to push yet; tick pushes what is applied
             return
-        self._resync(snapshot, reason="reload")
+        # The old workers still accept for a moment, with the token they loaded: after a
+        # token change (rotation, or nginx started before the file existed) they refuse.
+        self._resync(snapshot, reason="reload", retry_for=_OLD_WORKERS_GRACE)
 
-    def _resync(self, snapshot: Snapshot, *, reason: str) -> bool:
+    def _resync(self, snapshot: Snapshot, *, reason: str, retry_for: float = 0.0) -> bool:
+        """Push every upstream; on failure retry (bounded) for ``retry_for`` seconds."""
         started = time.monotonic()
-        try:
-            generation = self._sync_all(snapshot)
-        except DriverError as err:
-            self._generation = None
-            log.warning("nginx.runtime_resync_failed", target=self.name, error=str(err))
-            return False
+        pause = _WAIT_FIRST
+        while True:
+            try:
+                generation = self._sync_all(snapshot)
+                break
+            except DriverError as err:
+                if time.monotonic() - started >= retry_for:
+                    self._generation = None
+                    log.warning("nginx.runtime_resync_failed", target=self.name, error=str(err))
+                    return False
+            time.sleep(pause)
+            pause = min(pause * 2, _WAIT_MAX)
         log.info(
             "nginx.runtime_resync",
             target=self.name,

@@ -392,6 +392,30 @@ def test_tampering_with_the_token_is_found_by_the_poll_and_repaired(
     assert set(names(rig.server.port, 4)) == {"b2"}
 
 
+def test_nginx_started_without_a_token_refuses_all_until_the_first_change_reloads(
+    rig: Rig, backends: list[Backend]
+) -> None:
+    b1, b2, _ = backends
+    first = snap(1, app(inst(b1)))
+    for dest, data in rig.pipeline.plan(first).rendered.items():
+        dest.write_bytes(data)
+    rig.server.start()  # no token file yet: nginx serves, its endpoint refuses everything
+    assert set(names(rig.server.port, 3)) == {"b1"}
+    rig.apply(first, "unchanged")
+    runtime = rig.driver.runtime
+    assert runtime is not None
+    assert not runtime.tick(rig.pipeline.applied, now=runtime.next_poll)  # token created now
+    status, body = _request(rig.server.control_port, "/lbsync/", token=rig.server.control_token())
+    assert (status, "no control token loaded" in body) == (403, True)
+
+    rig.apply(snap(2, app(inst(b1), inst(b2))), "reloaded")  # the push is refused: reload
+    wait_for(rig.server.settled, what="the old worker (without the token) to exit")
+    assert runtime.tick(rig.pipeline.applied, now=runtime.next_poll)
+    assert rig.state().services == {"app": 2}  # the reloaded master read the token
+    rig.apply(snap(3, app(inst(b2))), "runtime")
+    assert set(names(rig.server.port, 4)) == {"b2"}
+
+
 # --- reloads, restarts, fallbacks ------------------------------------------------------------
 
 

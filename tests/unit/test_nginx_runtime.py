@@ -66,6 +66,7 @@ class FakeControl:
         self.up = True
         self.pushes: list[tuple[str, int]] = []
         self.forced: list[str] = []
+        self.refuse_pushes = 0  # refuse this many pushes (old workers with another token)
         self.gets = 0
 
     def restart(self, generation: str) -> None:
@@ -91,6 +92,9 @@ class FakeControl:
         self, service: str, revision: int, peer_list: list[dict[str, Any]], *, force: bool = False
     ) -> PushResult:
         self._reachable()
+        if self.refuse_pushes:
+            self.refuse_pushes -= 1
+            raise DriverError("POST answered 403 missing or wrong X-Lbsync-Token", target="web")
         self.pushes.append((service, revision))
         if force:
             self.forced.append(service)
@@ -245,6 +249,19 @@ def test_after_a_reload_the_snapshot_it_loaded_is_pushed_to_the_new_generation()
     runtime.after_reload(details)
     assert fake.state().services == {"api": 12, "app": 12, "new": 12}
     assert fake.state().generation == "g3"
+
+
+def test_after_a_reload_pushes_refused_by_old_workers_are_retried() -> None:
+    runtime, fake = sync()
+    runtime.tick(BASE, now=0.0)
+    details = runtime.before_reload()
+    fake.restart("g2")
+    fake.refuse_pushes = 2
+    with structlog.testing.capture_logs() as events:
+        runtime.after_reload(details)
+    assert [e["event"] for e in events] == ["nginx.runtime_resync"]
+    assert fake.state().services == {"api": 10, "app": 10}
+    assert fake.refuse_pushes == 0
 
 
 def test_after_a_reload_a_silent_endpoint_is_logged_not_raised() -> None:
