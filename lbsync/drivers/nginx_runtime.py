@@ -21,7 +21,7 @@ What this module decides and does (``NginxDriver`` calls it):
   else) or a missing upstream gets a full re-push. An upstream whose revision or peer list
   differs from what lbsync last pushed there was changed by someone else: that is logged
   as ``runtime.tampered``, counted, and repaired by a forced push.
-- **authentication**: every request carries the token of ``control_token`` (a 0600 file
+- **authentication**: every request carries the token in ``control_token_file`` (a 0600 file
   lbsync creates, which nginx's master reads when it loads the config).
 
 Between a restart and the re-push nothing is wrong, only static: the static lists are the

@@ -104,9 +104,9 @@ local function read_token(path)
     end
     local data = file:read(TOKEN_LENGTH + 2) or ""
     file:close()
-    local value = str_match(data, "^(%x+)\n?$")
+    local value = str_match(data, "^([0-9a-f]+)\n?$")
     if not value or #value ~= TOKEN_LENGTH then
-        return nil, path .. ": not " .. TOKEN_LENGTH .. " hex digits"
+        return nil, path .. ": not " .. TOKEN_LENGTH .. " lowercase hex digits"
     end
     return value
 end
@@ -116,10 +116,10 @@ end
 -- runs Lua). An unreadable token does not fail the load (the static lists still serve);
 -- the control endpoint refuses every request until a reload reads a good one.
 function _M.init(token_file)
-    local err
-    token, err = read_token(token_file)
+    local why
+    token, why = read_token(token_file)
     if not token then
-        ngx.log(ngx.ERR, "lbsync: control endpoint refuses every request: no token: ", err)
+        ngx.log(ngx.ERR, "lbsync: control endpoint refuses every request: no token: ", why)
     end
     dict = shared_dict()
     local count, err = dict:incr(CYCLES_KEY, 1, 0)
@@ -336,7 +336,7 @@ local function checked_peers(peers)
 end
 
 -- SHA-1 (hex) of the checked peers, each field length-prefixed so no two lists share an
--- encoding; lbsync computes the same over what it pushed (nginx_runtime.digest).
+-- encoding; lbsync computes the same over what it pushed (nginx_control.digest).
 local function digest(peers)
     local parts = {}
     for i, peer in ipairs(peers) do
