@@ -76,7 +76,11 @@ def _lua_front(front: env.Nginx, sites: dict[str, int], backends: dict[str, int]
 def _runtime_target(lb: env.Lbsync, control_port: int) -> None:
     """Turn the target of lbsync's generated config into a runtime-mode target."""
     text = lb.config.read_text()
-    extra = f'runtime = true\ncontrol_url = "http://127.0.0.1:{control_port}/lbsync/"\n'
+    token = lb.config.parent / "control.token"
+    extra = (
+        f'runtime = true\ncontrol_url = "http://127.0.0.1:{control_port}/lbsync/"\n'
+        f'control_token_file = "{token}"\n'
+    )
     lb.config.write_text(text.replace("\n  [[target.template]]", f"{extra}\n  [[target.template]]"))
 
 

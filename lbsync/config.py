@@ -201,6 +201,10 @@ class NginxTarget(TargetBase):
     luajit: str = "luajit"
     """The LuaJIT interpreter that checks Lua in rendered files before a reload (`nginx
     -t` never runs Lua; Debian: package luajit2)."""
+    control_token_file: Path = Path("/var/lib/lbsync/nginx-control.token")
+    """Runtime mode: the control endpoint's secret. lbsync creates it (0600) if missing
+    and refuses a symlink, another owner or a mode wider than 0640; nginx's master reads
+    it at every config load (docs/nginx-runtime.md, "Authentication")."""
 
     @field_validator("control_url")
     @classmethod
@@ -217,6 +221,15 @@ class NginxTarget(TargetBase):
     def _lua_dir_is_absolute(cls, path: Path | None) -> Path | None:
         if path is not None and (not path.is_absolute() or not _SAFE_PATH.match(str(path))):
             raise ValueError(f"lua_dir must be an absolute path without quotes, got {str(path)!r}")
+        return path
+
+    @field_validator("control_token_file")
+    @classmethod
+    def _token_file_is_absolute(cls, path: Path) -> Path:
+        if not path.is_absolute() or not _SAFE_PATH.fullmatch(str(path)):
+            raise ValueError(
+                f"control_token_file must be an absolute path without quotes, got {str(path)!r}"
+            )
         return path
 
 

@@ -390,6 +390,11 @@ class Daemon:
             "targets": {
                 name: _outcome_document(o) for name, o in list(self.health.outcomes.items())
             },
+            "runtime": {
+                p.driver.name: status
+                for p in self.pipelines
+                if (status := p.driver.runtime_status()) is not None
+            },
         }
 
     def _start_http(self) -> None:

@@ -159,6 +159,12 @@ REJECTED_VALUES = Counter(
     "etcd values rejected as unusable or unsafe (dropped; the rest still renders).",
     registry=REGISTRY,
 )
+RUNTIME_TAMPERED = Counter(
+    "lbsync_runtime_tampered",
+    "Upstreams found changed in the LB's runtime state by someone else, then repaired.",
+    ["target"],
+    registry=REGISTRY,
+)
 ALERTS = Counter(
     "lbsync_alerts",
     "Situations that need a human, by kind: rollback, rollback_failed.",
@@ -178,6 +184,7 @@ def init_targets(targets: Iterable[str]) -> None:
         VALIDATION_FAILURES.labels(target)
         ROLLBACKS.labels(target)
         GUARD_HOLDS.labels(target)
+        RUNTIME_TAMPERED.labels(target)
 
 
 def record_outcome(outcome: Outcome) -> None:
@@ -246,6 +253,10 @@ def set_holding(holding: bool) -> None:
 
 def value_rejected() -> None:
     REJECTED_VALUES.inc()
+
+
+def runtime_tampered(target: str) -> None:
+    RUNTIME_TAMPERED.labels(target).inc()
 
 
 def alert(kind: str) -> None:

@@ -89,6 +89,10 @@ class Driver(abc.ABC):
         """
         return True
 
+    def runtime_status(self) -> Mapping[str, Any] | None:
+        """For the daemon's /status: the driver's runtime state (None: it keeps none)."""
+        return None
+
 
 DriverFactory = Callable[[Any], Driver]
 

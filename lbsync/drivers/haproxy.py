@@ -60,6 +60,7 @@ import structlog
 
 from lbsync.commands import run_command
 from lbsync.config import HaproxyTarget
+from lbsync.drivers import admin_commands as cmd
 from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
 from lbsync.drivers.listen import check_listen, haproxy_listens
 from lbsync.errors import DriverError, ReloadFailed, ValidationFailed, VerifyFailed
@@ -73,7 +74,7 @@ FREE_PORT = 1
 MIN_POOL = 16
 POOL_STEP = 16
 MAX_POOL = 100_000
-MAX_WEIGHT = 256  # HAProxy's limit for a server weight
+MAX_WEIGHT = cmd.MAX_WEIGHT  # HAProxy's limit for a server weight
 SOCKET_TIMEOUT = 5.0
 POLL_INTERVAL = 0.02
 MAX_CLI_LINE = 8000  # bytes of ";"-joined commands sent in one admin-socket session
@@ -1026,7 +1027,7 @@ class HaproxyDriver(Driver):
             why = _meta_changed(old, new)
             if why:
                 raise _Decline(f"{name}: {why}")
-            return _Plan(name, after, None, None)
+            return _Plan(name, after, None, None, self.name)
         touched = changed_slots(base, after)
         if touched is None:
             grown = len(after.slots) > len(base.slots)
@@ -1041,7 +1042,7 @@ class HaproxyDriver(Driver):
                 raise _Decline(f"{name}: instance {now.id}: meta changed")
             if Want.of(base.slots[idx]) != Want.of(after.slots[idx]):
                 moved.append(idx)
-        return _Plan(name, after, base, moved)
+        return _Plan(name, after, base, moved, self.name)
 
     def _apply(self, plans: list[_Plan]) -> int:
         """Send the commands, read the touched slots back; one correction, then give up."""
@@ -1084,7 +1085,7 @@ class HaproxyDriver(Driver):
 
     def _server_state(self, plan: _Plan) -> _BackendState:
         """``show servers state <backend>``; _Decline unless it has exactly our slots."""
-        answer = self._admin().query(f"show servers state {plan.backend}")
+        answer = self._admin().query(cmd.show_servers_state(plan.backend, target=self.name))
         state = _BackendState(plan.backend, answer)
         if state.count != len(plan.after.slots):
             if not state.count:
@@ -1126,12 +1127,14 @@ class HaproxyDriver(Driver):
 @dataclass
 class _Plan:
     """One backend of a runtime update: its new slots, the slots the runtime holds (None:
-    unknown, compare with HAProxy's state) and the indexes of the slots to change."""
+    unknown, compare with HAProxy's state), the indexes of the slots to change and the
+    target they belong to (named by the errors of refused commands)."""
 
     backend: str
     after: Assigned
     base: Assigned | None
     touched: list[int] | None
+    target: str
 
 
 class _BackendState:
@@ -1186,7 +1189,8 @@ def _corrections(plan: _Plan, state: _BackendState, indexes: list[int]) -> list[
     for idx in indexes:
         slot = plan.after.slots[idx]
         want = Want.of(slot)
-        commands = _commands(f"{plan.backend}/{slot.name}", state.server(idx, slot.name), want)
+        server = _Server(plan.backend, slot.name, plan.target)
+        commands = _commands(server, state.server(idx, slot.name), want)
         out.append((_PRIORITY[want.admin], "; ".join(commands)))
     return out
 
@@ -1200,41 +1204,58 @@ def _transition(plan: _Plan, idx: int) -> tuple[int, str]:
     """
     assert plan.base is not None
     slot = plan.after.slots[idx]
-    key = f"{plan.backend}/{slot.name}"
+    server = _Server(plan.backend, slot.name, plan.target)
     was, want = Want.of(plan.base.slots[idx]), Want.of(slot)
     commands = []
     if want.admin == "maint" and was.admin != "maint":
-        commands.append(f"set server {key} state maint")
+        commands.append(server.state("maint"))
     if (was.host, was.port) != (want.host, want.port):
-        if _ip(want.host) is None:
-            raise _Decline(f"{key}: {want.host} is a hostname; the runtime API needs an IP")
-        commands.append(f"set server {key} addr {want.host} port {want.port}")
+        commands.append(server.addr(want.host, want.port))
     if want.admin != "drain" and (was.admin == "drain" or was.weight != want.weight):
-        commands.append(f"set weight {key} {want.weight}")
+        commands.append(server.weight(want.weight))
     if want.admin == "ready" and was.admin != "ready":
-        commands.append(f"set server {key} state ready")
+        commands.append(server.state("ready"))
     if want.admin == "drain" and was.admin != "drain":
-        commands.append(f"set server {key} state drain")
+        commands.append(server.state("drain"))
     return _PRIORITY[want.admin], "; ".join(commands)
 
 
-def _commands(key: str, have: RuntimeServer, want: Want) -> list[str]:
+def _commands(server: _Server, have: RuntimeServer, want: Want) -> list[str]:
     """CLI commands taking one server from ``have`` to ``want``."""
     commands = []
     if want.admin == "maint" and have.admin != "maint":
-        commands.append(f"set server {key} state maint")
+        commands.append(server.state("maint"))
     if have.port != want.port or not _host_matches(have, want.host):
-        if _ip(want.host) is None:
-            raise _Decline(f"{key}: {want.host} is a hostname; the runtime API needs an IP")
-        commands.append(f"set server {key} addr {want.host} port {want.port}")
+        commands.append(server.addr(want.host, want.port))
     if want.admin != "drain" and have.uweight != want.weight:
-        commands.append(f"set weight {key} {want.weight}")
+        commands.append(server.weight(want.weight))
     forced = have.admin_bits & (FMAINT | FDRAIN)
     if want.admin == "ready" and (forced or have.uweight == 0):
-        commands.append(f"set server {key} state ready")
+        commands.append(server.state("ready"))
     if want.admin == "drain" and have.admin != "drain":
-        commands.append(f"set server {key} state drain")
+        commands.append(server.state("drain"))
     return commands
+
+
+class _Server(NamedTuple):
+    """One server's admin-socket commands, each built by ``admin_commands`` (which refuses
+    any argument outside its grammar with DriverError, so nothing is sent)."""
+
+    backend: str
+    name: str
+    target: str
+
+    def state(self, state: AdminState) -> str:
+        return cmd.set_server_state(self.backend, self.name, state, target=self.target)
+
+    def addr(self, host: str, port: int) -> str:
+        if _ip(host) is None:
+            key = f"{self.backend}/{self.name}"
+            raise _Decline(f"{key}: {host!r} is a hostname; the runtime API needs an IP")
+        return cmd.set_server_addr(self.backend, self.name, host, port, target=self.target)
+
+    def weight(self, weight: int) -> str:
+        return cmd.set_weight(self.backend, self.name, weight, target=self.target)
 
 
 def _batches(commands: Iterable[str]) -> Iterator[str]:

@@ -80,12 +80,22 @@ class NginxDriver(Driver):
         """Runtime mode: every ``poll_interval``, re-push if nginx lost the pushed lists."""
         return True if self.runtime is None else self.runtime.tick(applied)
 
+    def runtime_status(self) -> Mapping[str, Any] | None:
+        """Runtime mode: control endpoint reachability and tampering found (and repaired)."""
+        return None if self.runtime is None else self.runtime.status()
+
     # --- validate ----------------------------------------------------------------------
 
     def validate(self, staged: StagedConfig) -> None:
-        """``nginx -t`` on the staged main config, the Lua check, the listen pre-check."""
+        """``nginx -t`` on the staged main config, the Lua check, the listen pre-check.
+
+        Runtime mode: the control token file exists (created if missing, DriverError if
+        unsafe) before any config that makes nginx's master read it can be loaded.
+        """
         if staged.main is None:
             raise ValidationFailed("no main config was staged", command=[self.target.binary])
+        if self.runtime is not None:
+            self.runtime.token()
         self._run_check(staged)
         self._check_lua(staged)
         self._check_new_listens(staged)

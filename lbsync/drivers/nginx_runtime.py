@@ -18,7 +18,11 @@ What this module decides and does (``NginxDriver`` calls it):
   for the new generation to answer and pushes every upstream.
 - **tick** (called from the daemon's loop): every ``poll_interval``, GET the control
   endpoint; a generation lbsync did not push to (nginx restarted or reloaded by someone
-  else) or a missing upstream gets a full re-push.
+  else) or a missing upstream gets a full re-push. An upstream whose revision or peer list
+  differs from what lbsync last pushed there was changed by someone else: that is logged
+  as ``runtime.tampered``, counted, and repaired by a forced push.
+- **authentication**: every request carries the token in ``control_token_file`` (a 0600 file
+  lbsync creates, which nginx's master reads when it loads the config).
 
 Between a restart and the re-push nothing is wrong, only static: the static lists are the
 rendered files, which lbsync writes on every change, runtime or not.
@@ -26,9 +30,8 @@ rendered files, which lbsync writes on every change, runtime or not.
 
 from __future__ import annotations
 
-import http.client
+import functools
 import ipaddress
-import json
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -38,8 +41,11 @@ from typing import Any
 
 import structlog
 
+from lbsync import metrics
 from lbsync.config import NginxTarget
+from lbsync.drivers.control_token import load_or_create
 from lbsync.drivers.lua import lua_modules
+from lbsync.drivers.nginx_control import ControlClient, ControlState, StalePush, digest
 from lbsync.errors import DriverError
 from lbsync.model import Service, Snapshot
 
@@ -51,107 +57,12 @@ STATIC_BALANCE = frozenset({"least_conn", "ip_hash", "random"})  # not done by t
 _WAIT_FIRST = 0.005
 _WAIT_MAX = 0.05
 _UNREACHABLE_GRACE = 0.2  # after a verified reload, how long a refused control port may last
+_OLD_WORKERS_GRACE = 1.0  # after a reload, how long pushes refused by old workers are retried
 _MEMBERSHIP_KEY_PARTS = 4  # "", "services", <service>, "instances"|"health", <id>
 
 
 class _Decline(Exception):
     """This change cannot go through the control endpoint; the reason is logged."""
-
-
-@dataclass(frozen=True)
-class ControlState:
-    """What the control endpoint says it holds: the current generation and, for it, the
-    revision of each pushed upstream."""
-
-    generation: str
-    services: Mapping[str, int]
-
-
-@dataclass(frozen=True)
-class PushResult:
-    applied: bool  # False: nginx already held this revision (idempotent)
-    generation: str
-
-
-class StalePush(DriverError):
-    """nginx holds a newer revision of this upstream than the one pushed."""
-
-
-class ControlClient:
-    """One-request-per-connection JSON client for the control location.
-
-    ``Connection: close`` on purpose: a kept-alive connection could stay with a worker of
-    the previous generation after a reload.
-    """
-
-    def __init__(self, url: str, *, timeout: float, target: str) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.url = url
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
-        self.path = parts.path
-        self.timeout = timeout
-        self.target = target
-
-    def state(self) -> ControlState:
-        status, body = self._request("GET", self.path)
-        if status != 200:
-            raise self._error("GET", status, body)
-        try:
-            generation = str(body["generation"])
-            services = {
-                str(name): int(info["revision"]) for name, info in dict(body["services"]).items()
-            }
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DriverError(
-                f"control endpoint {self.url}: unexpected answer {body!r}", target=self.target
-            ) from exc
-        return ControlState(generation, services)
-
-    def push(self, service: str, revision: int, peers: list[dict[str, Any]]) -> PushResult:
-        payload = {"revision": revision, "peers": peers}
-        status, body = self._request("POST", f"{self.path}services/{service}", payload)
-        if status == 409:
-            raise StalePush(
-                f"nginx holds revision {body.get('revision')} of {service!r}, newer than "
-                f"{revision}",
-                target=self.target,
-            )
-        if status != 200:
-            raise self._error(f"POST services/{service}", status, body)
-        return PushResult(bool(body.get("applied")), str(body.get("generation")))
-
-    def _request(
-        self, method: str, path: str, payload: object | None = None
-    ) -> tuple[int, dict[str, Any]]:
-        data = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
-        headers = {"Connection": "close", "Accept": "application/json"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        try:
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise DriverError(
-                f"control endpoint {self.url} unreachable: {getattr(exc, 'strerror', None) or exc}",
-                target=self.target,
-            ) from exc
-        finally:
-            conn.close()
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            body = {"error": raw[:200].decode(errors="replace")}
-        return response.status, body if isinstance(body, dict) else {"answer": body}
-
-    def _error(self, what: str, status: int, body: Mapping[str, Any]) -> DriverError:
-        reason = body.get("error") or body.get("answer") or ""
-        return DriverError(
-            f"control endpoint {self.url}: {what} answered {status} {reason}".rstrip(),
-            target=self.target,
-        )
 
 
 # --- what the Lua side can do ----------------------------------------------------------
@@ -224,10 +135,18 @@ class RuntimeSync:
     def __init__(self, target: NginxTarget) -> None:
         self.target = target
         self.client = ControlClient(
-            target.control_url, timeout=target.control_timeout, target=target.name
+            target.control_url,
+            timeout=target.control_timeout,
+            target=target.name,
+            token=self.token,
         )
         self.lua_dir = target.lua_dir or LUA_DIR
+        self._token: str | None = None
         self._generation: str | None = None  # the generation our last full sync went to
+        # what lbsync last pushed per upstream, in that generation: revision, peers, digest
+        self._pushed: dict[str, _Pushed] = {}
+        self._tampered = 0
+        self._last_tampered: dict[str, Any] | None = None
         self._loaded: Snapshot | None = None  # what nginx's pushed lists were last set to
         self._pending: Snapshot | None = None  # what the coming reload loads
         self._next_poll = 0.0
@@ -243,6 +162,21 @@ class RuntimeSync:
         """When ``tick`` next asks nginx (``time.monotonic()`` clock)."""
         return self._next_poll
 
+    def token(self) -> str:
+        """The control token, read (or created) on first use: not at construction, so a
+        driver can be built without touching the file system. Raises DriverError."""
+        if self._token is None:
+            self._token = load_or_create(self.target.control_token_file, target=self.name)
+        return self._token
+
+    def status(self) -> dict[str, Any]:
+        """For the daemon's /status: is the control endpoint answering, and tampering."""
+        return {
+            "control_reachable": self._reachable,
+            "tampered": self._tampered,
+            "last_tampered": self._last_tampered,
+        }
+
     # -- template ---------------------------------------------------------------------
 
     def template_context(self, snapshot: Snapshot) -> dict[str, Any]:
@@ -253,6 +187,7 @@ class RuntimeSync:
                 "dict_size": DICT_SIZE,
                 "control_listen": parts.netloc,
                 "control_location": parts.path,
+                "token_file": str(self.target.control_token_file),
                 "upstreams": tuple(n for n, s in snapshot.services.items() if lua_balanced(s)),
             }
         }
@@ -312,7 +247,9 @@ class RuntimeSync:
         generation = None
         try:
             for name in names:
-                result = self.client.push(name, snapshot.revision, peers(snapshot.services[name]))
+                pushed = peers(snapshot.services[name])
+                result = self.client.push(name, snapshot.revision, pushed)
+                self._pushed[name] = _Pushed(snapshot.revision, pushed)
                 generation = result.generation
             if generation is not None and generation != self._generation:
                 self._sync_all(snapshot)
@@ -326,11 +263,15 @@ class RuntimeSync:
         """Push every upstream the balancer drives; remember the generation. Raises
         DriverError (a stale upstream is skipped: nginx already holds newer data)."""
         generation = None
+        self._pushed = {}
         for name, service in snapshot.services.items():
             if not (lua_balanced(service) and pushable(service)):
                 continue
+            pushed = peers(service)
+            # expected from now on even if refused as stale: tick repairs what differs
+            self._pushed[name] = _Pushed(snapshot.revision, pushed)
             try:
-                generation = self.client.push(name, snapshot.revision, peers(service)).generation
+                generation = self.client.push(name, snapshot.revision, pushed).generation
             except StalePush as err:
                 log.info(
                     "nginx.runtime_push_stale", target=self.name, upstream=name, error=str(err)
@@ -385,16 +326,25 @@ class RuntimeSync:
         if snapshot is None:
             self._generation = None  # nothing to push yet; tick pushes what is applied
             return
-        self._resync(snapshot, reason="reload")
+        # The old workers still accept for a moment, with the token they loaded: after a
+        # token change (rotation, or nginx started before the file existed) they refuse.
+        self._resync(snapshot, reason="reload", retry_for=_OLD_WORKERS_GRACE)
 
-    def _resync(self, snapshot: Snapshot, *, reason: str) -> bool:
+    def _resync(self, snapshot: Snapshot, *, reason: str, retry_for: float = 0.0) -> bool:
+        """Push every upstream; on failure retry (bounded) for ``retry_for`` seconds."""
         started = time.monotonic()
-        try:
-            generation = self._sync_all(snapshot)
-        except DriverError as err:
-            self._generation = None
-            log.warning("nginx.runtime_resync_failed", target=self.name, error=str(err))
-            return False
+        pause = _WAIT_FIRST
+        while True:
+            try:
+                generation = self._sync_all(snapshot)
+                break
+            except DriverError as err:
+                if time.monotonic() - started >= retry_for:
+                    self._generation = None
+                    log.warning("nginx.runtime_resync_failed", target=self.name, error=str(err))
+                    return False
+            time.sleep(pause)
+            pause = min(pause * 2, _WAIT_MAX)
         log.info(
             "nginx.runtime_resync",
             target=self.name,
@@ -430,7 +380,50 @@ class RuntimeSync:
         missing = sorted(name for name in _expected(snapshot) if name not in state.services)
         if missing:
             return self._resync(snapshot, reason=f"missing upstreams {missing}")
-        return True
+        return self._repair(state)
+
+    def _repair(self, state: ControlState) -> bool:
+        """Push back, forced, every upstream whose revision or peers differ from what lbsync
+        pushed: only a holder of the token can have changed them (another lbsync, or
+        someone who read the token file). One ``runtime.tampered`` event per upstream."""
+        ok = True
+        for name, pushed in list(self._pushed.items()):
+            found_revision = state.services.get(name)
+            if found_revision is None:
+                continue  # missing upstreams are re-pushed above
+            if (found_revision, state.digests.get(name)) == (pushed.revision, pushed.digest):
+                continue
+            self._report_tampered(name, pushed, found_revision)
+            try:
+                self.client.push(name, pushed.revision, pushed.peers, force=True)
+            except DriverError as err:
+                log.warning("nginx.runtime_repair_failed", target=self.name, error=str(err))
+                ok = False
+        return ok
+
+    def _report_tampered(self, name: str, pushed: _Pushed, found_revision: int) -> None:
+        try:
+            found: list[str] | str = _addresses(self.client.held(name))
+        except DriverError as err:
+            found = f"unknown ({err})"
+        self._tampered += 1
+        self._last_tampered = {
+            "upstream": name,
+            "expected_revision": pushed.revision,
+            "found_revision": found_revision,
+            "at": time.time(),
+        }
+        metrics.runtime_tampered(self.name)
+        log.warning(
+            "runtime.tampered",
+            target=self.name,
+            upstream=name,
+            expected_revision=pushed.revision,
+            found_revision=found_revision,
+            expected_peers=_addresses(pushed.peers),
+            found_peers=found,
+            security=True,
+        )
 
     def _note_reachable(self, reachable: bool, error: str | None) -> None:
         if reachable == self._reachable:
@@ -451,6 +444,28 @@ class RuntimeSync:
     def modules(self) -> list[Path]:
         """The Lua files nginx loads (checked before every reload)."""
         return lua_modules(self.lua_dir)
+
+
+@dataclass(frozen=True)
+class _Pushed:
+    """One upstream as lbsync last pushed it (what ``tick`` expects nginx to hold)."""
+
+    revision: int
+    peers: list[dict[str, Any]]
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return digest(self.peers)
+
+
+def _addresses(peer_list: list[dict[str, Any]]) -> list[str]:
+    """Peers as ``host:port/state/weight`` for an event (bounded: a list can be long)."""
+    return [
+        f"{p.get('host')}:{p.get('port')}/{p.get('state')}/{p.get('weight')}"
+        if isinstance(p, dict)
+        else repr(p)[:100]
+        for p in peer_list[:20]
+    ]
 
 
 def _expected(snapshot: Snapshot) -> Iterable[str]:

@@ -128,12 +128,22 @@ class NginxServer:
         if self.lua:
             fields["runtime"] = True
             fields["control_url"] = self.control_url
+            fields["control_token_file"] = self.control_token_file
         fields.update(overrides)
         return NginxTarget.model_validate(fields)
 
     @property
     def control_url(self) -> str:
         return f"http://127.0.0.1:{self.control_port}/lbsync/"
+
+    @property
+    def control_token_file(self) -> Path:
+        """Where lbsync keeps the control token (created by lbsync on first use)."""
+        return self.dir / "control.token"
+
+    def control_token(self) -> str:
+        """The token, read as a root attacker (or a test) could read it."""
+        return self.control_token_file.read_text().strip()
 
     def reconfigurations(self) -> int:
         """How many times the master re-read its config (SIGHUP) since it started."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import functools
 import http.client
+import json
 import shutil
 import subprocess
 import time
@@ -19,11 +20,13 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
+from lbsync import metrics
 from lbsync.config import EtcdSettings, Settings
 from lbsync.daemon import Daemon
 from lbsync.drivers.base import driver_for
 from lbsync.drivers.nginx import NginxDriver
-from lbsync.drivers.nginx_runtime import LUA_DIR, ControlClient, ControlState
+from lbsync.drivers.nginx_control import ControlClient, ControlState, digest
+from lbsync.drivers.nginx_runtime import LUA_DIR, peers
 from lbsync.errors import ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, Snapshot
 from lbsync.pipeline import TargetPipeline
@@ -67,7 +70,9 @@ class Rig:
 
     @property
     def control(self) -> ControlClient:
-        return ControlClient(self.server.control_url, timeout=5, target="test")
+        return ControlClient(
+            self.server.control_url, timeout=5, target="test", token=self.server.control_token
+        )
 
     def state(self) -> ControlState:
         return self.control.state()
@@ -88,11 +93,19 @@ def make_rig(server: NginxServer, state_dir: Path, **overrides: object) -> Rig:
     return Rig(server, driver, pipeline)
 
 
+def write_first_config(rig: Rig, snapshot: Snapshot) -> None:
+    """The files lbsync renders, and the control token that validation creates (nginx's
+    master reads it when it starts)."""
+    for dest, data in rig.pipeline.plan(snapshot).rendered.items():
+        dest.write_bytes(data)
+    assert rig.driver.runtime is not None
+    rig.driver.runtime.token()
+
+
 def start(rig: Rig, snapshot: Snapshot) -> None:
     """Render the first config as lbsync would, start nginx, then let lbsync take over
     (an unchanged round, and the tick that pushes every upstream)."""
-    for dest, data in rig.pipeline.plan(snapshot).rendered.items():
-        dest.write_bytes(data)
+    write_first_config(rig, snapshot)
     rig.server.start()
     rig.apply(snapshot, "unchanged")
     assert rig.driver.tick(rig.pipeline.applied)
@@ -249,10 +262,21 @@ def test_only_dead_peers_give_nginxs_own_502(rig: Rig) -> None:
 # --- control endpoint ----------------------------------------------------------------------
 
 
-def _post(port: int, path: str, body: bytes, source: str = "127.0.0.1") -> tuple[int, str]:
+def _request(
+    port: int,
+    path: str,
+    body: bytes | None = None,
+    *,
+    token: str | None,
+    source: str = "127.0.0.1",
+) -> tuple[int, str]:
+    """POST ``body`` (GET without one), with ``X-Lbsync-Token: token`` unless None."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["X-Lbsync-Token"] = token
     try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        conn.request("GET" if body is None else "POST", path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read().decode()
     finally:
@@ -266,6 +290,7 @@ def test_the_control_endpoint_refuses_stale_ignores_equal_and_checks_input(
     start(rig, snap(5, app(inst(b1))))
     port, path = rig.server.control_port, "/lbsync/services/app"
     peer = f'{{"host": "127.0.0.1", "port": {b2.port}}}'
+    _post = functools.partial(_request, token=rig.server.control_token())
 
     assert _post(port, path, f'{{"revision": 4, "peers": [{peer}]}}'.encode())[0] == 409
     status, body = _post(port, path, f'{{"revision": 5, "peers": [{peer}]}}'.encode())
@@ -293,9 +318,102 @@ def test_the_control_endpoint_refuses_stale_ignores_equal_and_checks_input(
 def test_the_control_endpoint_answers_loopback_127_0_0_1_only(rig: Rig) -> None:
     start(rig, snap(1, app(dead(free_port()))))
     path = "/lbsync/services/app"
-    status, _ = _post(rig.server.control_port, path, b'{"revision": 9, "peers": []}', "127.0.0.2")
+    body = b'{"revision": 9, "peers": []}'
+    token = rig.server.control_token()
+    status, _ = _request(rig.server.control_port, path, body, token=token, source="127.0.0.2")
     assert status == 403
     assert rig.state().services == {"app": 1}
+
+
+def test_a_push_without_the_token_or_with_a_wrong_one_is_refused(
+    rig: Rig, backends: list[Backend]
+) -> None:
+    b1, foreign, _ = backends
+    start(rig, snap(5, app(inst(b1))))
+    port, path = rig.server.control_port, "/lbsync/services/app"
+    hijack = f'{{"revision": 999, "peers": [{{"host": "127.0.0.1", "port": {foreign.port}}}]}}'
+    token = rig.server.control_token()
+    wrong = "0" * 64 if token != "0" * 64 else "1" * 64
+    for attempt in (None, "", wrong, token[:-1], token + "0", token.upper()):
+        status, body = _request(port, path, hijack.encode(), token=attempt)
+        assert (status, "X-Lbsync-Token" in body) == (403, True), (attempt, body)
+        status, body = _request(port, "/lbsync/", token=attempt)  # the lists are not shown
+        assert (status, "peers" in body) == (403, False), (attempt, body)
+
+    assert rig.state().services == {"app": 5}
+    assert set(names(rig.server.port, 6)) == {"b1"}  # never the foreign port
+
+
+def test_tampering_with_the_token_is_found_by_the_poll_and_repaired(
+    rig: Rig, backends: list[Backend]
+) -> None:
+    b1, b2, foreign = backends
+    applied = snap(5, app(inst(b1), inst(b2)))
+    start(rig, applied)
+    runtime = rig.driver.runtime
+    assert runtime is not None
+    assert rig.state().digests == {"app": digest(peers(applied.services["app"]))}  # as Lua has it
+    tampered = metrics.REGISTRY.get_sample_value(
+        "lbsync_runtime_tampered_total", {"target": "nginx-test"}
+    )
+    # a root attacker reads the token file and pushes its own peer at a higher revision
+    hijack = f'{{"revision": 999, "peers": [{{"host": "127.0.0.1", "port": {foreign.port}}}]}}'
+    status, _ = _request(
+        rig.server.control_port,
+        "/lbsync/services/app",
+        hijack.encode(),
+        token=rig.server.control_token(),
+    )
+    assert status == 200
+    assert set(names(rig.server.port, 4)) == {foreign.name}  # the attack took effect
+
+    with structlog.testing.capture_logs() as events:
+        assert runtime.tick(rig.pipeline.applied, now=runtime.next_poll)
+    [event] = [e for e in events if e["event"] == "runtime.tampered"]
+    assert (event["upstream"], event["expected_revision"], event["found_revision"]) == (
+        "app",
+        5,
+        999,
+    )
+    assert event["found_peers"] == [f"127.0.0.1:{foreign.port}/up/1"]
+    assert sorted(event["expected_peers"]) == sorted(f"127.0.0.1:{b.port}/up/1" for b in (b1, b2))
+    assert (
+        metrics.REGISTRY.get_sample_value("lbsync_runtime_tampered_total", {"target": "nginx-test"})
+        == (tampered or 0) + 1
+    )
+    assert runtime.status()["tampered"] == 1
+
+    assert rig.state().services == {"app": 5}  # lbsync's revision again
+    assert set(names(rig.server.port, 6)) == {"b1", "b2"}
+    with structlog.testing.capture_logs() as events:  # repaired: the next poll is quiet
+        assert runtime.tick(rig.pipeline.applied, now=runtime.next_poll)
+    assert not [e for e in events if e["event"] == "runtime.tampered"]
+    rig.apply(snap(6, app(inst(b2))), "runtime")  # and lbsync's own pushes still work
+    assert set(names(rig.server.port, 4)) == {"b2"}
+
+
+def test_nginx_started_without_a_token_refuses_all_until_the_first_change_reloads(
+    rig: Rig, backends: list[Backend]
+) -> None:
+    b1, b2, _ = backends
+    first = snap(1, app(inst(b1)))
+    for dest, data in rig.pipeline.plan(first).rendered.items():
+        dest.write_bytes(data)
+    rig.server.start()  # no token file yet: nginx serves, its endpoint refuses everything
+    assert set(names(rig.server.port, 3)) == {"b1"}
+    rig.apply(first, "unchanged")
+    runtime = rig.driver.runtime
+    assert runtime is not None
+    assert not runtime.tick(rig.pipeline.applied, now=runtime.next_poll)  # token created now
+    status, body = _request(rig.server.control_port, "/lbsync/", token=rig.server.control_token())
+    assert (status, "no control token loaded" in body) == (403, True)
+
+    rig.apply(snap(2, app(inst(b1), inst(b2))), "reloaded")  # the push is refused: reload
+    wait_for(rig.server.settled, what="the old worker (without the token) to exit")
+    assert runtime.tick(rig.pipeline.applied, now=runtime.next_poll)
+    assert rig.state().services == {"app": 2}  # the reloaded master read the token
+    rig.apply(snap(3, app(inst(b2))), "runtime")
+    assert set(names(rig.server.port, 4)) == {"b2"}
 
 
 # --- reloads, restarts, fallbacks ------------------------------------------------------------
@@ -476,9 +594,7 @@ def test_the_daemon_pushes_membership_from_etcd_and_repushes_after_a_restart(
 ) -> None:
     b1, b2, b3 = backends
     server = nginx_lua_server
-    initial = make_rig(server, tmp_path / "s").pipeline.plan(snap(0, app()))
-    for dest, data in initial.rendered.items():
-        dest.write_bytes(data)
+    write_first_config(make_rig(server, tmp_path / "s"), snap(0, app()))
     server.start()
     target = server.target(poll_interval=0.5)
     settings = Settings.model_validate(
@@ -489,7 +605,9 @@ def test_the_daemon_pushes_membership_from_etcd_and_repushes_after_a_restart(
             "target": [target.model_dump(by_alias=True, mode="json")],
         }
     )
-    control = ControlClient(server.control_url, timeout=5, target="test")
+    control = ControlClient(
+        server.control_url, timeout=5, target="test", token=server.control_token
+    )
 
     def key(iid: str) -> str:
         return f"{P}/services/app/instances/{iid}"
@@ -518,5 +636,33 @@ def test_the_daemon_pushes_membership_from_etcd_and_repushes_after_a_restart(
                 lambda: control.state().services == {"app": revision},
                 what="the re-push after the restart",
             )
+
+            # someone who read the token pushes a removed instance back: the poll repairs it
+            hijack = {
+                "revision": revision + 1000,
+                "peers": [{"host": "127.0.0.1", "port": b1.port}],
+            }
+            status, _ = _request(
+                server.control_port,
+                "/lbsync/services/app",
+                json.dumps(hijack).encode(),
+                token=server.control_token(),
+            )
+            assert status == 200
+            wait_for(lambda: control.state().services == {"app": revision}, what="the repair")
+            assert set(names(server.port, 6)) == {"b2", "b3"}
+            runtime = running.daemon.status_document()["runtime"]
+            assert runtime == {
+                "nginx-test": {
+                    "control_reachable": True,
+                    "tampered": 1,
+                    "last_tampered": {
+                        "upstream": "app",
+                        "expected_revision": revision,
+                        "found_revision": revision + 1000,
+                        "at": pytest.approx(time.time(), abs=60),
+                    },
+                }
+            }
         finally:
             running.stop()

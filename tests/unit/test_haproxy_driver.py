@@ -21,6 +21,7 @@ from lbsync.drivers.haproxy import (
     _BackendState,
     _commands,
     _Plan,
+    _Server,
     _transition,
     changed_slots,
     config_servers,
@@ -335,7 +336,7 @@ def runtime(admin: int, addr: str = "127.0.0.1", port: int = 1, uweight: int = 1
 
 
 def test_commands_take_a_slot_in_and_out_of_service() -> None:
-    key = "web/s1"
+    key = _Server("web", "s1", "lb")
     up = Want("10.0.0.1", 8000, 3, "ready")
     assert _commands(key, runtime(5), up) == [
         "set server web/s1 addr 10.0.0.1 port 8000",
@@ -364,7 +365,7 @@ def test_transitions_from_what_the_runtime_was_set_to() -> None:
 
     def transition(before: Slot, after: Slot) -> list[str]:
         base, now = (Assigned((s,), ((s,),)) for s in (before, after))
-        return _transition(_Plan("web", now, base, [0]), 0)[1].split("; ")
+        return _transition(_Plan("web", now, base, [0], "lb"), 0)[1].split("; ")
 
     assert transition(free, up) == [
         "set server web/s1 addr 10.0.0.1 port 8000",

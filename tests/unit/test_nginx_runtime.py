@@ -3,6 +3,7 @@ against an in-memory control endpoint that follows the Lua side's rules, the tem
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,8 @@ from lbsync.config import NginxTarget, TemplateSettings
 from lbsync.drivers.listen import nginx_listens
 from lbsync.drivers.lua import _explain, _Source, lua_blocks, strip_lua_blocks
 from lbsync.drivers.nginx import NginxDriver
-from lbsync.drivers.nginx_runtime import (
-    LUA_DIR,
-    ControlState,
-    PushResult,
-    RuntimeSync,
-    StalePush,
-    peers,
-)
+from lbsync.drivers.nginx_control import ControlState, PushResult, StalePush, digest
+from lbsync.drivers.nginx_runtime import LUA_DIR, RuntimeSync, peers
 from lbsync.errors import ConfigError, DriverError
 from lbsync.model import Instance, Service, Snapshot, State
 from lbsync.render import Renderer
@@ -67,9 +62,11 @@ class FakeControl:
 
     def __init__(self) -> None:
         self.generation = "g1"
-        self.held: dict[str, tuple[str, int, list[dict[str, Any]]]] = {}
+        self.held_lists: dict[str, tuple[str, int, list[dict[str, Any]]]] = {}
         self.up = True
         self.pushes: list[tuple[str, int]] = []
+        self.forced: list[str] = []
+        self.refuse_pushes = 0  # refuse this many pushes (old workers with another token)
         self.gets = 0
 
     def restart(self, generation: str) -> None:
@@ -78,18 +75,37 @@ class FakeControl:
     def state(self) -> ControlState:
         self.gets += 1
         self._reachable()
-        services = {n: rev for n, (gen, rev, _) in self.held.items() if gen == self.generation}
-        return ControlState(self.generation, services)
+        held = {
+            n: (rev, p) for n, (gen, rev, p) in self.held_lists.items() if gen == self.generation
+        }
+        return ControlState(
+            self.generation,
+            {n: rev for n, (rev, _) in held.items()},
+            {n: digest(p) for n, (_, p) in held.items()},
+        )
 
-    def push(self, service: str, revision: int, peer_list: list[dict[str, Any]]) -> PushResult:
+    def held(self, service: str) -> list[dict[str, Any]]:
         self._reachable()
+        return self.held_lists[service][2]
+
+    def push(
+        self, service: str, revision: int, peer_list: list[dict[str, Any]], *, force: bool = False
+    ) -> PushResult:
+        self._reachable()
+        if self.refuse_pushes:
+            self.refuse_pushes -= 1
+            raise DriverError("POST answered 403 missing or wrong X-Lbsync-Token", target="web")
         self.pushes.append((service, revision))
-        gen, held, _ = self.held.get(service, ("", -1, []))
+        if force:
+            self.forced.append(service)
+            self.held_lists[service] = (self.generation, revision, peer_list)
+            return PushResult(True, self.generation)
+        gen, held, _ = self.held_lists.get(service, ("", -1, []))
         if gen == self.generation and revision < held:
             raise StalePush(f"stale {revision} < {held}", target="web")
         if gen == self.generation and revision == held:
             return PushResult(False, self.generation)
-        self.held[service] = (self.generation, revision, peer_list)
+        self.held_lists[service] = (self.generation, revision, peer_list)
         return PushResult(True, self.generation)
 
     def _reachable(self) -> None:
@@ -126,7 +142,7 @@ def test_a_membership_change_pushes_the_changed_upstream_once_synced() -> None:
     new = snap(11, svc("app", inst("a"), inst("b", state="drain"), inst("d")), BASE.services["api"])
     assert runtime.update(BASE, new)
     assert fake.pushes == [("app", 11)]
-    assert fake.held["app"][2] == [
+    assert fake.held_lists["app"][2] == [
         {"id": "a", "host": "10.0.0.1", "port": 8000, "weight": 1, "state": "up"},
         {"id": "b", "host": "10.0.0.1", "port": 8000, "weight": 1, "state": "drain"},
         {"id": "d", "host": "10.0.0.1", "port": 8000, "weight": 1, "state": "up"},
@@ -207,7 +223,7 @@ def test_an_unreachable_endpoint_or_a_stale_push_declines() -> None:
     fake.up = False
     assert "unreachable" in declined(runtime, BASE, new)
     fake.up = True
-    fake.held["app"] = (fake.generation, 99, [])
+    fake.held_lists["app"] = (fake.generation, 99, [])
     assert "stale" in declined(runtime, BASE, new)
 
 
@@ -231,7 +247,21 @@ def test_after_a_reload_the_snapshot_it_loaded_is_pushed_to_the_new_generation()
     assert details["control_push"] is grown
     fake.restart("g3")
     runtime.after_reload(details)
-    assert fake.state() == ControlState("g3", {"api": 12, "app": 12, "new": 12})
+    assert fake.state().services == {"api": 12, "app": 12, "new": 12}
+    assert fake.state().generation == "g3"
+
+
+def test_after_a_reload_pushes_refused_by_old_workers_are_retried() -> None:
+    runtime, fake = sync()
+    runtime.tick(BASE, now=0.0)
+    details = runtime.before_reload()
+    fake.restart("g2")
+    fake.refuse_pushes = 2
+    with structlog.testing.capture_logs() as events:
+        runtime.after_reload(details)
+    assert [e["event"] for e in events] == ["nginx.runtime_resync"]
+    assert fake.state().services == {"api": 10, "app": 10}
+    assert fake.refuse_pushes == 0
 
 
 def test_after_a_reload_a_silent_endpoint_is_logged_not_raised() -> None:
@@ -269,7 +299,7 @@ def test_tick_repushes_after_a_restart_and_a_missing_upstream() -> None:
     assert sorted(fake.pushes) == [("api", 10), ("app", 10)]
     assert events[-1]["reason"] == "nginx restarted or reloaded"
 
-    del fake.held["api"]
+    del fake.held_lists["api"]
     fake.pushes.clear()
     assert runtime.tick(BASE, now=3.0)
     assert ("api", 10) in fake.pushes
@@ -285,6 +315,56 @@ def test_tick_reports_an_unreachable_endpoint_once() -> None:
     fake.up = True
     assert runtime.tick(BASE, now=2.0)
     assert fake.state().services == {"api": 10, "app": 10}
+
+
+def test_tick_repairs_peers_or_revisions_someone_else_pushed() -> None:
+    runtime, fake = sync()
+    runtime.tick(BASE, now=0.0)
+    expected = fake.held_lists["app"][2]
+    foreign = [{"id": "x", "host": "10.9.9.9", "port": 4444, "weight": 1, "state": "up"}]
+    fake.held_lists["app"] = ("g1", 99, foreign)  # a higher revision and a foreign peer
+    fake.held_lists["api"] = ("g1", 10, [*fake.held_lists["api"][2], *foreign])  # same revision
+    fake.pushes.clear()
+
+    with structlog.testing.capture_logs() as events:
+        assert runtime.tick(BASE, now=1.0)
+    found = [e for e in events if e["event"] == "runtime.tampered"]
+    tampered = sorted((e["upstream"], e["found_revision"], e["found_peers"]) for e in found)
+    assert tampered == [
+        ("api", 10, ["10.0.0.1:8000/up/1", "10.9.9.9:4444/up/1"]),
+        ("app", 99, ["10.9.9.9:4444/up/1"]),
+    ]
+    assert all(e["log_level"] == "warning" and e["security"] for e in found)
+    assert sorted(fake.forced) == ["api", "app"]
+    assert fake.held_lists["app"] == ("g1", 10, expected)  # back at lbsync's revision
+    assert runtime.status()["tampered"] == 2
+
+    with structlog.testing.capture_logs() as events:  # repaired: nothing more to say
+        assert runtime.tick(BASE, now=2.0)
+    assert not [e for e in events if e["event"] == "runtime.tampered"]
+
+
+def test_the_digest_is_the_lua_sides_length_prefixed_encoding() -> None:
+    peer = {"id": "a", "host": "10.0.0.1", "port": 80, "weight": 2, "state": "up"}
+    encoded = b"1:a,8:10.0.0.1,2:80,1:2,2:up"
+    assert digest([peer]) == hashlib.sha1(encoded).hexdigest()
+    assert digest([peer, peer]) == hashlib.sha1(encoded + b"\n" + encoded).hexdigest()
+    assert digest([]) == hashlib.sha1(b"").hexdigest()
+    # moving text between fields changes the encoding
+    shifted = {**peer, "id": "a,8:10.0.0.1", "host": "10.0.0.1"}
+    assert digest([shifted]) != digest([peer])
+    assert digest([{**peer, "state": "drain"}]) != digest([peer])
+
+
+def test_a_runtime_push_is_what_the_next_tick_expects() -> None:
+    runtime, fake = sync()
+    runtime.tick(BASE, now=0.0)
+    new = snap(11, svc("app", inst("a"), inst("d")), BASE.services["api"])
+    assert runtime.update(BASE, new)
+    with structlog.testing.capture_logs() as events:
+        assert runtime.tick(new, now=1.0)
+    assert fake.forced == []
+    assert not [e for e in events if e["event"] == "runtime.tampered"]
 
 
 def test_the_driver_without_runtime_mode_does_none_of_this() -> None:
@@ -353,6 +433,12 @@ def test_lua_dir_must_be_absolute_and_plain() -> None:
         target(lua_dir='/opt/"lua')
 
 
+@pytest.mark.parametrize("path", ["relative/token", '/var/lib/"x', "/var/lib/a b", "/a\n/b"])
+def test_the_token_file_must_be_absolute_and_plain(path: str) -> None:
+    with pytest.raises(ValueError, match="control_token_file"):
+        target(control_token_file=path)
+
+
 # --- templates ---------------------------------------------------------------------------------
 
 
@@ -374,6 +460,8 @@ def test_the_runtime_template_adds_the_lua_side_and_keeps_the_static_lists() -> 
     assert render(UPSTREAMS, snapshot, False, renderer) == plain
 
     assert f'lua_package_path "{LUA_DIR}/?.lua;;";' in text
+    token_file = "/var/lib/lbsync/nginx-control.token"
+    assert f'require("lbsync.runtime").init("{token_file}")' in text
     assert "lua_shared_dict lbsync 16m;" in text
     for line in ("listen 127.0.0.1:8089;", "location /lbsync/ {", "allow 127.0.0.1;", "deny all;"):
         assert line in text

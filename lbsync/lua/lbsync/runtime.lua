@@ -6,14 +6,14 @@
 --   http {
 --     lua_package_path "<dir of this file's parent>/?.lua;;";   -- ";;" keeps resty.core
 --     lua_shared_dict lbsync 16m;
---     init_by_lua_block        { require("lbsync.runtime").init() }
+--     init_by_lua_block        { require("lbsync.runtime").init("<control token file>") }
 --     init_worker_by_lua_block { require("lbsync.runtime").init_worker() }
 --     upstream app {
 --       server 10.0.0.5:8080 weight=1;      -- static list: fallback, and what nginx -t needs
 --       balancer_by_lua_block { require("lbsync.runtime").balance("app") }
 --       keepalive 32;                       -- after the balancer, or keepalive is off
 --     }
---     server { listen 127.0.0.1:8089;       -- the control endpoint, loopback only
+--     server { listen 127.0.0.1:8089;       -- the control endpoint, loopback + token only
 --       location /lbsync/ { allow 127.0.0.1; allow ::1; deny all;
 --         content_by_lua_block { require("lbsync.runtime").control() } } }
 --     ... location / { access_by_lua_block { require("lbsync.runtime").access("app") }
@@ -30,20 +30,35 @@
 -- generation, finishing their last requests, follow the newest pushes rather than the
 -- static lists they loaded long ago.
 --
+-- Authentication. Any local process can reach a loopback port, so every request must
+-- carry the header "X-Lbsync-Token: <token>", compared in constant time with the token
+-- that init() read from the token file lbsync wrote (0600, 64 hex digits). init() runs in
+-- the master while it loads the config, before workers are forked and drop privileges,
+-- so the file need not be readable by nginx's worker user; workers inherit the value.
+-- A missing or wrong token answers 403 and changes nothing. Without a readable token file
+-- the endpoint refuses everything (logged at load); the file is re-read at every reload.
+--
 -- Control API (JSON):
---   GET  <location>                  -> {"generation": "...", "services": {"app": {"revision": 12, ...}}}
+--   GET  <location>                  -> {"generation": "...", "services": {"app": {"revision": 12,
+--                                       "digest": "<sha1>", "peers": 3, "up": 2}}}
 --                                       (only lists pushed for the current generation)
+--   GET  <location>services/<name>   -> {"revision": 12, "digest": "...", "peers": [...]}, or 404
 --   POST <location>services/<name>   {"revision": 12, "peers": [{"id": "i1", "host": "10.0.0.5",
---                                       "port": 8080, "weight": 1, "state": "up"|"drain"}]}
+--                                       "port": 8080, "weight": 1, "state": "up"|"drain"}],
+--                                       "force": true (optional: store whatever is held)}
 --       -> 200 {"applied": true}         stored
 --       -> 200 {"applied": false}        same revision as stored: nothing to do (idempotent)
---       -> 409 {"revision": <stored>}    older than what is stored: refused
+--       -> 409 {"revision": <stored>}    older than what is stored: refused (unless force)
 --       -> 400 {"error": "..."}          malformed; 507 when the shared dict is full
+--       -> 403 {"error": "..."}          no token, a wrong token, or none loaded
 --
--- The shared dict holds, per service, "p:<name>" (the peer list as JSON) and "v:<name>"
--- ("<generation>|<revision>"); each worker keeps the decoded list and the smooth weighted
--- round robin state, and re-reads the list only when "v:<name>" changes.
+-- The shared dict holds, per service, "p:<name>" (the peer list as JSON), "d:<name>" (its
+-- digest, see digest()) and "v:<name>" ("<generation>|<revision>"); each worker keeps the
+-- decoded list and the smooth weighted round robin state, and re-reads the list only when
+-- "v:<name>" changes. lbsync compares revision and digest with what it pushed at every
+-- poll, so a list changed by anyone else is found without sending whole lists each time.
 
+local bit = require("bit")
 local cjson = require("cjson.safe")
 local ngx_balancer = require("ngx.balancer")
 
@@ -51,6 +66,8 @@ local ngx = ngx
 local tonumber, tostring, type, pairs, ipairs = tonumber, tostring, type, pairs, ipairs
 local math = math
 local str_find, str_sub, str_match, str_format = string.find, string.sub, string.match, string.format
+local str_byte, bor, bxor = string.byte, bit.bor, bit.bxor
+local tbl_concat = table.concat
 
 local DICT_NAME = "lbsync"
 local CURRENT_KEY = "lbsync:generation"
@@ -58,12 +75,14 @@ local CYCLES_KEY = "lbsync:cycles"
 local MAX_WEIGHT = 65535
 local LOCK_TRIES = 1000 -- x 1 ms: how long a push waits for another push of the same service
 local NGX_BUSY = -3 -- from the balancer: "no live upstreams", nginx answers 502
+local TOKEN_LENGTH = 64 -- hex digits: 32 random bytes
 
 local _M = { _VERSION = "1" }
 
 local dict -- ngx.shared.lbsync
 local generation -- this config load's generation id (set in the master, inherited)
 local sequence -- its load count: generations order by it
+local token -- the control token, read by the master in init() (nil: refuse every request)
 local cache = {} -- per worker: service -> {tag = ..., peers = {...}, up = n} | {tag = ..., static = true}
 
 local function shared_dict()
@@ -74,9 +93,34 @@ local function shared_dict()
     return d
 end
 
--- init_by_lua: a fresh generation for this config load. A broken module fails here, so
--- the reload fails and the old workers keep serving (nginx -t never runs Lua).
-function _M.init()
+-- The token in ``path`` (64 hex digits, an optional newline), or nil and why.
+local function read_token(path)
+    if type(path) ~= "string" then
+        return nil, "no token file configured"
+    end
+    local file, err = io.open(path, "rb")
+    if not file then
+        return nil, err
+    end
+    local data = file:read(TOKEN_LENGTH + 2) or ""
+    file:close()
+    local value = str_match(data, "^([0-9a-f]+)\n?$")
+    if not value or #value ~= TOKEN_LENGTH then
+        return nil, path .. ": not " .. TOKEN_LENGTH .. " lowercase hex digits"
+    end
+    return value
+end
+
+-- init_by_lua: a fresh generation for this config load, and the control token. A broken
+-- module fails here, so the reload fails and the old workers keep serving (nginx -t never
+-- runs Lua). An unreadable token does not fail the load (the static lists still serve);
+-- the control endpoint refuses every request until a reload reads a good one.
+function _M.init(token_file)
+    local why
+    token, why = read_token(token_file)
+    if not token then
+        ngx.log(ngx.ERR, "lbsync: control endpoint refuses every request: no token: ", why)
+    end
     dict = shared_dict()
     local count, err = dict:incr(CYCLES_KEY, 1, 0)
     if not count then
@@ -291,6 +335,24 @@ local function checked_peers(peers)
     return out
 end
 
+-- SHA-1 (hex) of the checked peers, each field length-prefixed so no two lists share an
+-- encoding; lbsync computes the same over what it pushed (nginx_control.digest).
+local function digest(peers)
+    local parts = {}
+    for i, peer in ipairs(peers) do
+        local fields = { peer.id or "", peer.host, str_format("%d", peer.port),
+            str_format("%d", peer.weight), peer.state }
+        for j, field in ipairs(fields) do
+            fields[j] = #field .. ":" .. field
+        end
+        parts[i] = tbl_concat(fields, ",")
+    end
+    local raw = ngx.sha1_bin(tbl_concat(parts, "\n"))
+    return (raw:gsub(".", function(c)
+        return str_format("%02x", str_byte(c))
+    end))
+end
+
 local function request_body()
     ngx.req.read_body()
     local data = ngx.req.get_body_data()
@@ -340,7 +402,7 @@ local function push(service)
         return reply(503, { error = "another push of " .. service .. " is stuck" })
     end
     local stored_gen, stored = split_tag(dict:get("v:" .. service) or "")
-    if stored_gen == current_gen and stored then
+    if stored_gen == current_gen and stored and body.force ~= true then
         if revision < stored then
             dict:delete(held)
             return reply(409, { error = "stale revision", revision = stored, generation = current_gen })
@@ -352,6 +414,9 @@ local function push(service)
     end
     -- The list first, then the tag that makes workers read it.
     local ok, err = dict:safe_set("p:" .. service, cjson.encode(peers))
+    if ok then
+        ok, err = dict:safe_set("d:" .. service, digest(peers))
+    end
     if ok then
         ok, err = dict:safe_set("v:" .. service, current_gen .. "|" .. str_format("%d", revision))
     end
@@ -374,6 +439,7 @@ local function status()
                 local entry = current(name) or {}
                 services[name] = {
                     revision = revision,
+                    digest = dict:get("d:" .. name),
                     peers = entry.peers and #entry.peers or nil,
                     up = entry.up,
                 }
@@ -383,17 +449,49 @@ local function status()
     return reply(200, { generation = current_gen, worker_generation = generation, services = services })
 end
 
+-- One upstream's list as stored, for lbsync to show what it found when a digest differs.
+local function held(service)
+    local current_gen = dict:get(CURRENT_KEY) or generation
+    local gen, revision = split_tag(dict:get("v:" .. service) or "")
+    if gen ~= current_gen then
+        return reply(404, { error = "no list pushed for " .. service .. " in this generation" })
+    end
+    local peers = cjson.decode(dict:get("p:" .. service) or "")
+    return reply(200, { revision = revision, digest = dict:get("d:" .. service), peers = peers })
+end
+
+-- Constant time in the secret's content: no early exit on the first differing byte.
+local function same_secret(given, secret)
+    if type(given) ~= "string" or #given ~= #secret then
+        return false
+    end
+    local diff = 0
+    for i = 1, #secret do
+        diff = bor(diff, bxor(str_byte(given, i), str_byte(secret, i)))
+    end
+    return diff == 0
+end
+
 -- content_by_lua of the control location.
 function _M.control()
+    if not token then
+        return reply(403, { error = "no control token loaded: see nginx's error log" })
+    end
+    if not same_secret(ngx.var.http_x_lbsync_token, token) then
+        return reply(403, { error = "missing or wrong X-Lbsync-Token" })
+    end
     local method = ngx.req.get_method()
     local service = str_match(ngx.var.uri, "/services/([%w][%w_.%-]*)$")
     if method == "GET" and not service then
         return status()
     end
+    if method == "GET" and service and #service <= 63 then
+        return held(service)
+    end
     if method == "POST" and service and #service <= 63 then
         return push(service)
     end
-    return reply(404, { error = "GET <location> or POST <location>services/<name>" })
+    return reply(404, { error = "GET <location>, GET or POST <location>services/<name>" })
 end
 
 return _M
