@@ -114,6 +114,9 @@ class TemplateSettings(Section):
     src: Path
     dest: Path
     mode: int | None = None
+    # A dest that is a symlink is refused (a round fails, nothing written) unless this is
+    # set: then the file it leads to is replaced, in its own directory (README, "Files").
+    follow_symlinks: bool = False
 
     @field_validator("dest")
     @classmethod
