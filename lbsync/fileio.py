@@ -76,7 +76,8 @@ def open_dir(
 ) -> int:
     """A file descriptor of the directory ``path``; ``create``: made (parents too) when
     missing. ``follow_symlinks=False``: its last component must not be a symlink
-    (``ELOOP``; for directories lbsync makes itself); the path before it is the operator's.
+    (``ENOTDIR``; for directories lbsync makes itself); the path before it is the
+    operator's.
     """
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
