@@ -420,7 +420,7 @@ class _Stager:
         new = self.rewrite(data)
         if new is data and self.hardlinks:
             try:
-                os.link(live, staged)
+                os.link(live, staged, follow_symlinks=False)  # never a link's target
                 return
             except OSError as exc:  # another filesystem, protected_hardlinks, ...: copy
                 log.debug("stage.no_hardlinks", path=live, reason=exc.strerror)
