@@ -21,10 +21,11 @@ directory must not redirect lbsync's write to another file) unless its template 
 directory, the same way, and the operator's link is kept. Where a rename is impossible
 (a bind-mounted single file gives ``EBUSY``/``EXDEV``; or no temp file can be created
 next to it, as in a read-only directory) an existing file is rewritten in place
-(``O_NOFOLLOW``) and fsynced. The previous bytes are
-kept in the ``SwapRecord`` (what ``restore`` uses) and as a file under ``backup_dir``
-(last-known-good, for operators; not fsynced, it is a convenience copy): the replaced
-file itself, hard-linked there before the rename, where the filesystems allow it.
+(``O_NOFOLLOW``) and fsynced. The previous bytes are kept in the ``SwapRecord`` (what
+``restore`` uses) and as a file under ``backup_dir`` (last-known-good, for operators; not
+fsynced, it is a convenience copy): the replaced file itself, hard-linked there before
+the rename, where the filesystems allow it. ``backup_dir`` and the staging tree are
+under ``state_dir``, which only lbsync may write to (``config.prepare_state_dir``).
 """
 
 from __future__ import annotations
