@@ -18,7 +18,13 @@ import structlog
 from pydantic import ValidationError
 
 from lbsync import __version__
-from lbsync.config import EtcdSettings, Settings, load_settings, parse_duration
+from lbsync.config import (
+    EtcdSettings,
+    Settings,
+    load_settings,
+    parse_duration,
+    prepare_state_dir,
+)
 from lbsync.errors import ConfigError, LbsyncError
 from lbsync.logging import configure_logging
 from lbsync.model import State
@@ -145,7 +151,9 @@ def _etcd_settings(args: argparse.Namespace) -> EtcdSettings:
 def cmd_run(args: argparse.Namespace) -> int:
     from lbsync.daemon import Daemon
 
-    daemon = Daemon(_settings(args), config_path=args.config)
+    settings = _settings(args)
+    prepare_state_dir(settings)
+    daemon = Daemon(settings, config_path=args.config)
     daemon.install_signal_handlers()
     daemon.run()
     return EXIT_OK
@@ -156,6 +164,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.once:
+        prepare_state_dir(settings)
         outcomes = oneshot.apply_once(settings)
         for outcome in outcomes:
             print(f"{outcome.target}: {outcome.action} at revision {outcome.revision}")
@@ -228,7 +237,9 @@ def _key_value(item: str) -> tuple[str, str]:
 def cmd_confirm(args: argparse.Namespace) -> int:
     from lbsync import oneshot
 
-    path = oneshot.confirm_held(_settings(args))
+    settings = _settings(args)
+    prepare_state_dir(settings)
+    path = oneshot.confirm_held(settings)
     print(f"confirmed ({path}); the daemon applies the held update within a second")
     return EXIT_OK
 

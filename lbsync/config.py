@@ -11,9 +11,11 @@ resolved against the directory of the config file, so a config works from any cw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -140,6 +142,10 @@ class TemplateSettings(Section):
     mode: int | None = Field(default=None, examples=[0o644])
     """File mode of `dest`, usually written in octal (`mode = 0o644`, which TOML reads as
     420); unset keeps the existing file's mode."""
+    follow_symlinks: bool = False
+    """A `dest` that is a symlink is refused (the round fails, nothing is written) unless
+    this is set: then the file it leads to is replaced, in its own directory (README,
+    "Files")."""
 
     @field_validator("dest")
     @classmethod
@@ -358,6 +364,59 @@ class Settings(Section):
 
     def _where(self) -> str | None:
         return str(self.source_path) if self.source_path else None
+
+
+STATE_DIR_MODE = 0o750
+
+
+def prepare_state_dir(settings: Settings) -> Path:
+    """Make sure ``state_dir`` is lbsync's alone before anything is written there.
+
+    Created (parents too, as ``mkdir -p``; the directory itself 0750) when missing.
+    Refused (``ConfigError``) when it is a symlink, not a directory, owned by another user
+    than lbsync's effective uid, or group- or world-writable: whoever else could write
+    there could plant the files lbsync writes and reads back (the staging tree, backups,
+    the saved catalog, the confirm file). Symlinks in the path *before* it are the
+    operator's and followed.
+    """
+    path = settings.state_dir
+    try:
+        info = _lstat_or_create(path)
+    except OSError as exc:
+        raise _state_dir_error(settings, f"cannot create {path}: {exc.strerror}") from exc
+    euid = os.geteuid()
+    problem = None
+    if stat.S_ISLNK(info.st_mode):
+        problem = f"{path} is a symlink (to {os.readlink(path)!r}): give the real directory"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = f"{path} is not a directory"
+    elif info.st_uid != euid:
+        problem = (
+            f"{path} is owned by uid {info.st_uid}, not by lbsync's user (uid {euid}): "
+            f"chown it to uid {euid} or choose another state_dir"
+        )
+    elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = (
+            f"{path} is group- or world-writable (mode {stat.S_IMODE(info.st_mode):04o}): "
+            f"another user could plant files lbsync writes or reads; chmod go-w {path}"
+        )
+    if problem is not None:
+        raise _state_dir_error(settings, problem)
+    return path
+
+
+def _lstat_or_create(path: Path) -> os.stat_result:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another lbsync command made it meanwhile
+            os.mkdir(path, STATE_DIR_MODE)
+        return os.lstat(path)
+
+
+def _state_dir_error(settings: Settings, message: str) -> ConfigError:
+    return ConfigError(message, path=settings._where(), field="state_dir")
 
 
 def _first_duplicate(items: list[str]) -> str | None:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import queue
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -305,10 +307,12 @@ class Daemon:
         )
 
     def _confirmed_at(self) -> float:
+        """When ``lbsync confirm`` last touched its file; a symlink there counts for nothing."""
         try:
-            return (self.settings.state_dir / CONFIRM_FILE).stat().st_mtime
+            info = os.stat(self.settings.state_dir / CONFIRM_FILE, follow_symlinks=False)
         except OSError:
             return 0.0
+        return info.st_mtime if stat.S_ISREG(info.st_mode) else 0.0
 
     def _hold_may_end(self) -> bool:
         """A held update whose hold time is up, or that an operator has confirmed."""

@@ -3,16 +3,14 @@
 Saved as JSON in ``<state_dir>/last-applied.json``: the etcd revision, when it was saved,
 the prefix, and every raw key under the prefix. On load it becomes an ordinary
 ``SourceReset`` and goes through the catalog's validation like any read from etcd.
-Writes are atomic (temp file, fsync, rename), and throttled by the daemon: losing the
-latest save costs nothing but staleness.
+Writes are atomic (``fileio.atomic_write``: temp file, fsync, rename, never through a
+symlink), and throttled by the daemon: losing the latest save costs nothing but
+staleness. A symlink at the file's name is not read either (``lastgood.unreadable``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import structlog
 
 from lbsync.errors import StageError
-from lbsync.fileio import write_all
+from lbsync.fileio import atomic_write, opened_dir, read_bytes
 from lbsync.model import KeyValue, Snapshot, SourceReset
 
 log = structlog.get_logger("lbsync.lastgood")
@@ -45,23 +43,12 @@ def save(state_dir: Path, prefix: str, snapshot: Snapshot) -> Path:
         "prefix": prefix,
         "keys": dict(snapshot.keys),
     }
+    # dumps, not dump: dump to a file goes through the pure-Python encoder (12.7 vs
+    # 9.5 ms for 10,000 instances, every few seconds while changes flow).
+    encoded = json.dumps(data, separators=(",", ":")).encode()
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        # dumps, not dump: dump to a file goes through the pure-Python encoder (12.7 vs
-        # 9.5 ms for 10,000 instances, every few seconds while changes flow).
-        encoded = json.dumps(data, separators=(",", ":")).encode()
-        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".last-applied.")
-        try:
-            try:
-                write_all(fd, encoded)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with opened_dir(state_dir, create=True, follow_symlinks=False) as dir_fd:
+            atomic_write(dir_fd, FILENAME, encoded, mode=0o600, sync_dir=False)
     except OSError as exc:
         raise StageError(
             f"cannot save the last applied catalog: {exc.strerror}", path=str(path)
@@ -73,7 +60,7 @@ def load(state_dir: Path, prefix: str) -> Saved | None:
     """The saved catalog, or None when there is none, it is unreadable, or for another prefix."""
     path = state_dir / FILENAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_bytes(path, follow_symlinks=False))  # a symlink: ELOOP
         revision, saved_at, keys = int(data["revision"]), float(data["saved_at"]), data["keys"]
         if data["prefix"] != prefix:
             log.warning(

@@ -84,6 +84,7 @@ class TargetPipeline:
         self.backup_dir = state_dir / "backup" / target.name
         self.applied: Snapshot | None = None
         self._modes = {t.dest: t.mode for t in target.templates if t.mode is not None}
+        self._follow = frozenset(t.dest for t in target.templates if t.follow_symlinks)
 
     @property
     def name(self) -> str:
@@ -95,7 +96,10 @@ class TargetPipeline:
         rendered = {
             t.dest: self.renderer.render(t.src, snapshot, extra) for t in self.target.templates
         }
-        current = {dest: stage.current_bytes(dest) for dest in rendered}
+        current = {
+            dest: stage.current_bytes(dest, follow_symlinks=dest in self._follow)
+            for dest in rendered
+        }
         return Plan(self.name, snapshot, rendered, current)
 
     def check(self, plan: Plan) -> None:
@@ -129,7 +133,13 @@ class TargetPipeline:
             runtime_done = self.driver.runtime_update(self.applied, plan.snapshot)
         with _timed(timings, "swap"):
             # The backup copy and the directory fsync wait until the LB has its signal.
-            record = stage.swap_in(changed, self.backup_dir, modes=self._modes, settle_later=True)
+            record = stage.swap_in(
+                changed,
+                self.backup_dir,
+                modes=self._modes,
+                follow_symlinks=self._follow,
+                settle_later=True,
+            )
         if runtime_done:
             with _timed(timings, "settle"):
                 stage.settle(record)

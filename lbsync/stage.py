@@ -10,17 +10,22 @@ Destinations outside that directory are staged under ``<staged>/.lbsync-external
 path>`` and references to them (exact, or through a glob such as
 ``include /srv/lb/*.conf``) are rewritten the same way.
 
-Symlinks are followed the way the LB would follow them: a destination that is a symlink
-is written through (the operator's link is kept), and absolute links in the staged copy
+Symlinks in the staged copy are followed the way the LB would follow them: absolute links
 that point into the live tree are re-pointed into the staged copy.
 
-Swap: temp file in the destination directory, fsync, owner/mode copied, ``os.replace``,
-fsync of the directory. Where a rename is impossible (a bind-mounted single file gives
-``EBUSY``/``EXDEV``; or no temp file can be created next to it, as in a read-only
-directory) an existing file is rewritten in place and fsynced. The previous bytes are
-kept in the ``SwapRecord`` (what ``restore`` uses) and as a file under ``backup_dir``
-(last-known-good, for operators; not fsynced, it is a convenience copy): the replaced
-file itself, hard-linked there before the rename, where the filesystems allow it.
+Swap: relative to a descriptor of the destination's directory (``fileio.atomic_write``):
+temp file created ``O_EXCL|O_NOFOLLOW``, fsync, owner/mode copied, rename, fsync of the
+directory. A destination that is a symlink is refused (someone who can write to its
+directory must not redirect lbsync's write to another file) unless its template sets
+``follow_symlinks = true``: then the file the link leads to is replaced in its own
+directory, the same way, and the operator's link is kept. Where a rename is impossible
+(a bind-mounted single file gives ``EBUSY``/``EXDEV``; or no temp file can be created
+next to it, as in a read-only directory) an existing file is rewritten in place
+(``O_NOFOLLOW``) and fsynced. The previous bytes are kept in the ``SwapRecord`` (what
+``restore`` uses) and as a file under ``backup_dir`` (last-known-good, for operators; not
+fsynced, it is a convenience copy): the replaced file itself, hard-linked there before
+the rename, where the filesystems allow it. ``backup_dir`` and the staging tree are
+under ``state_dir``, which only lbsync may write to (``config.prepare_state_dir``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import shutil
 import stat
 import tempfile
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -45,14 +50,23 @@ import structlog
 
 from lbsync.drivers.base import StagedConfig
 from lbsync.errors import StageError
-from lbsync.fileio import read_bytes, write_all
+from lbsync.fileio import (
+    atomic_write,
+    fsync_dir,
+    open_dir,
+    opened_dir,
+    read_bytes,
+    write_all,
+    write_in_place,
+)
 
 log = structlog.get_logger("lbsync.stage")
 
 EXTERNAL_DIR = ".lbsync-external"
 DEFAULT_MODE = 0o644
-_RENAME_IMPOSSIBLE = frozenset({errno.EBUSY, errno.EXDEV})
-_NO_TEMP_FILE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+# An existing file is rewritten in place when it cannot be renamed over (a bind-mounted
+# single file: EBUSY/EXDEV) or no temp file can be created next to it (read-only dir).
+_IN_PLACE_INSTEAD = frozenset({errno.EBUSY, errno.EXDEV, errno.EROFS, errno.EACCES, errno.EPERM})
 _GLOB_CHARS = frozenset("*?[")
 # An absolute path token in a config file: starts with "/" at the start of a word, after a
 # quote, "=", ":" or an opening bracket, and runs to whitespace or config punctuation.
@@ -372,7 +386,7 @@ class _Stager:
         """
         own = self._own.get(dest)
         try:
-            fd = -1 if own is None else os.open(own[0], os.O_WRONLY | os.O_NOFOLLOW)
+            fd = -1 if own is None else os.open(own[0], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             fd = -1
         if own is None or fd < 0:
@@ -407,7 +421,7 @@ class _Stager:
         new = self.rewrite(data)
         if new is data and self.hardlinks:
             try:
-                os.link(live, staged)
+                os.link(live, staged, follow_symlinks=False)  # never a link's target
                 return
             except OSError as exc:  # another filesystem, protected_hardlinks, ...: copy
                 log.debug("stage.no_hardlinks", path=live, reason=exc.strerror)
@@ -464,7 +478,8 @@ class _Stager:
 def _create(path: Path, data: bytes, mode: int) -> tuple[int, int]:
     """A new file (never an existing inode: it may be shared with a live file); returns
     its device and inode."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
     try:
         write_all(fd, data)
         os.fchmod(fd, mode)
@@ -511,13 +526,19 @@ class SwapRecord:
         return tuple(e.path for e in self.entries)
 
 
-def current_bytes(path: Path) -> bytes | None:
-    """The file's bytes now (through symlinks), None if it does not exist."""
+def current_bytes(path: Path, *, follow_symlinks: bool = False) -> bytes | None:
+    """The file's bytes now, None if it does not exist.
+
+    A symlink at ``path`` is refused (``StageError`` naming its target) unless
+    ``follow_symlinks`` (the template's ``follow_symlinks = true``): then it is read
+    through."""
     try:
-        return read_bytes(path)
+        return read_bytes(path, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise _symlink_refused(path) from exc
         raise StageError(f"cannot read: {exc.strerror}", path=str(path)) from exc
 
 
@@ -526,14 +547,17 @@ def swap_in(
     backup_dir: Path,
     *,
     modes: Mapping[Path, int] | None = None,
+    follow_symlinks: Collection[Path] = (),
     settle_later: bool = False,
 ) -> SwapRecord:
     """Put every rendered file in place, atomically each, all or nothing across them.
 
     Files whose bytes are already on disk are left alone. ``modes`` forces a mode per
     destination (the template's ``mode``); otherwise the existing file's mode is kept and a
-    new file gets 0644. If any file fails, those already swapped are put back and
-    ``StageError`` is raised.
+    new file gets 0644. A destination that is a symlink is refused (``StageError``), but
+    for those in ``follow_symlinks``: their link is resolved and the file it leads to is
+    replaced in its own directory. If any file fails, those already swapped are put back
+    and ``StageError`` is raised.
 
     ``settle_later``: leave the backup copies and the fsync of each destination's
     directory to ``settle(record)``, so that a caller can signal the LB first. Neither
@@ -543,8 +567,9 @@ def swap_in(
     done: list[SwapEntry] = []
     for dest in sorted(rendered):
         mode = (modes or {}).get(dest)
+        path = Path(os.path.realpath(dest)) if dest in follow_symlinks else Path(dest)
         try:
-            entry = _swap_one(Path(dest), rendered[dest], Path(backup_dir), mode, settle_later)
+            entry = _swap_one(path, rendered[dest], Path(backup_dir), mode, settle_later)
         except StageError as err:
             _undo(done, err)
             raise
@@ -566,10 +591,11 @@ def settle(record: SwapRecord) -> None:
         entry = record.unsettled.pop(0)
         try:
             if entry.backup is not None and entry.previous_link is not None:
-                os.replace(entry.previous_link, entry.backup)
+                os.replace(entry.previous_link, entry.backup)  # never follows either name
             elif entry.backup is not None and entry.previous is not None:
                 _write_backup_file(entry.backup, entry.previous)
-            _fsync_dir(entry.path.parent)
+            with opened_dir(entry.path.parent) as dir_fd:
+                fsync_dir(dir_fd)
         except (OSError, StageError) as exc:
             log.error("stage.settle_failed", path=str(entry.path), error=str(exc))
 
@@ -592,36 +618,93 @@ def restore(record: SwapRecord) -> None:
 
 
 def _swap_one(
-    dest: Path, data: bytes, backup_dir: Path, mode: int | None, settle_later: bool = False
+    path: Path, data: bytes, backup_dir: Path, mode: int | None, settle_later: bool = False
 ) -> SwapEntry | None:
-    path = _resolve(dest)
-    previous = current_bytes(path)
-    if previous == data:
-        return None
-    old_mode = _mode_of(path) if previous is not None else None
-    link = None
-    backup: Path | None
-    if settle_later and previous is not None:
-        backup = _backup_path(backup_dir, dest)  # put in place by settle()
-        link = _link_previous(path, backup)
-    else:
-        backup = _write_backup(backup_dir, dest, previous)
-    renamed = _replace_file(path, data, mode, sync_dir=not settle_later)
+    """Swap one file, everything relative to its directory's descriptor: the name is
+    looked at once (``lstat``), read and replaced without ever following a symlink."""
+    with _directory_of(path) as dir_fd:
+        old = _lstat_regular(dir_fd, path)
+        previous = None if old is None else _read_at(dir_fd, path)
+        if previous == data:
+            return None
+        old_mode = None if old is None else stat.S_IMODE(old.st_mode)
+        link = None
+        backup: Path | None
+        if settle_later and previous is not None:
+            backup = _backup_path(backup_dir, path)  # put in place by settle()
+            link = _link_previous(dir_fd, path, backup)
+        else:
+            backup = _write_backup(backup_dir, path, previous)
+        renamed = _replace_at(dir_fd, path, data, mode, old, sync_dir=not settle_later)
     if link is not None and not renamed:  # written in place: the link holds the new bytes
         _unlink_quietly(link)
         link = None
     return SwapEntry(path, previous, backup, old_mode, link)
 
 
-def _link_previous(path: Path, backup: Path) -> Path | None:
+@contextlib.contextmanager
+def _directory_of(path: Path) -> Iterator[int]:
+    """The descriptor of ``path``'s directory (created when missing). The directory's
+    path is operator config, resolved like any path in lbsync.toml; only the file name in
+    it is never followed."""
+    try:
+        dir_fd = open_dir(path.parent, create=True)
+    except OSError as exc:
+        raise StageError(
+            f"cannot open the directory: {exc.strerror}", path=str(path.parent)
+        ) from exc
+    try:
+        yield dir_fd
+    finally:
+        os.close(dir_fd)
+
+
+def _lstat_regular(dir_fd: int, path: Path) -> os.stat_result | None:
+    """The file at ``path`` (None if there is none); a symlink there is refused."""
+    try:
+        info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StageError(f"cannot stat: {exc.strerror}", path=str(path)) from exc
+    if stat.S_ISLNK(info.st_mode):
+        raise _symlink_refused(path, dir_fd)
+    return info
+
+
+def _read_at(dir_fd: int, path: Path) -> bytes | None:
+    try:
+        return read_bytes(path.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # made a symlink since the lstat
+            raise _symlink_refused(path, dir_fd) from exc
+        raise StageError(f"cannot read: {exc.strerror}", path=str(path)) from exc
+
+
+def _symlink_refused(path: Path, dir_fd: int | None = None) -> StageError:
+    try:
+        target = os.readlink(path.name if dir_fd is not None else path, dir_fd=dir_fd)
+    except OSError:
+        return StageError("too many levels of symbolic links", path=str(path))
+    return StageError(
+        f"the destination is a symlink (to {target!r}); lbsync does not write through "
+        "a symlink unless the template sets follow_symlinks = true",
+        path=str(path),
+    )
+
+
+def _link_previous(dir_fd: int, path: Path, backup: Path) -> Path | None:
     """Hard-link the file about to be replaced next to its backup; None where impossible
     (another filesystem, protected_hardlinks): ``settle`` then copies the bytes. A link
-    writes no data: no 370 KB copy per round (bench rounds)."""
+    writes no data: no 370 KB copy per round (bench rounds). The link is made from the
+    name in ``dir_fd`` without following it; its new name is in lbsync's own state_dir."""
     link = backup.with_name(f".{backup.name}.lbsync-previous")
     try:
         backup.parent.mkdir(parents=True, exist_ok=True)
         _unlink_quietly(link)  # left over from a crash
-        os.link(path, link)
+        os.link(path.name, link, src_dir_fd=dir_fd, follow_symlinks=False)
     except OSError as exc:
         log.debug("stage.backup_not_linked", path=str(path), reason=exc.strerror)
         return None
@@ -634,14 +717,18 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def _restore_one(entry: SwapEntry) -> None:
-    if entry.previous is None:
+    path = entry.path
+    with _directory_of(path) as dir_fd:
+        if entry.previous is not None:
+            _replace_at(dir_fd, path, entry.previous, entry.mode, _lstat_regular(dir_fd, path))
+            return
         try:
-            entry.path.unlink(missing_ok=True)
-            _fsync_dir(entry.path.parent)
+            os.unlink(path.name, dir_fd=dir_fd)
+            fsync_dir(dir_fd)
+        except FileNotFoundError:
+            pass
         except OSError as exc:
-            raise StageError(f"cannot remove: {exc.strerror}", path=str(entry.path)) from exc
-    else:
-        _replace_file(entry.path, entry.previous, entry.mode)
+            raise StageError(f"cannot remove: {exc.strerror}", path=str(path)) from exc
 
 
 def _undo(done: list[SwapEntry], cause: StageError) -> None:
@@ -650,18 +737,6 @@ def _undo(done: list[SwapEntry], cause: StageError) -> None:
             _restore_one(entry)
         except StageError as err:
             log.critical("stage.undo_failed", cause=str(cause), error=str(err), **err.context())
-
-
-def _mode_of(path: Path) -> int | None:
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return None
-
-
-def _resolve(dest: Path) -> Path:
-    """Write through a symlinked destination so the operator's link is kept."""
-    return Path(os.path.realpath(dest)) if dest.is_symlink() else dest
 
 
 def _backup_path(backup_dir: Path, dest: Path) -> Path:
@@ -682,108 +757,49 @@ def _write_backup(backup_dir: Path, dest: Path, previous: bytes | None) -> Path 
 
 
 def _write_backup_file(backup: Path, previous: bytes) -> None:
+    """A convenience copy for operators: atomic, not fsynced, readable by lbsync only."""
     try:
-        backup.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=backup.parent, prefix=f".{backup.name}.", suffix=".tmp")
-        try:
-            try:
-                write_all(fd, previous)
-            finally:
-                os.close(fd)
-            os.replace(tmp, backup)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with opened_dir(backup.parent, create=True, follow_symlinks=False) as dir_fd:
+            atomic_write(dir_fd, backup.name, previous, mode=0o600, durable=False, sync_dir=False)
     except OSError as exc:
         raise StageError(f"cannot write the backup: {exc.strerror}", path=str(backup)) from exc
 
 
-def _replace_file(path: Path, data: bytes, mode: int | None, *, sync_dir: bool = True) -> bool:
-    """Atomically replace ``path`` with ``data``; in-place write where rename is impossible.
-
-    The data is fsynced before the rename; ``sync_dir`` also fsyncs the directory after it
-    (what makes the rename itself durable; ``settle`` does it when deferred). True if
-    renamed, False if written in place."""
-    try:
-        old = os.stat(path)
-    except FileNotFoundError:
-        old = None
-    except OSError as exc:
-        raise StageError(f"cannot stat: {exc.strerror}", path=str(path)) from exc
+def _replace_at(
+    dir_fd: int,
+    path: Path,
+    data: bytes,
+    mode: int | None,
+    old: os.stat_result | None,
+    *,
+    sync_dir: bool = True,
+) -> bool:
+    """Atomically replace ``path`` (``old``: what is there now) with ``data``; in-place
+    write where rename is impossible. The data is fsynced before the rename; ``sync_dir``
+    also fsyncs the directory after it (what makes the rename itself durable; ``settle``
+    does it when deferred). True if renamed, False if written in place."""
     final_mode = mode if mode is not None else stat.S_IMODE(old.st_mode) if old else DEFAULT_MODE
+    owner = None if old is None else (old.st_uid, old.st_gid)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.lbsync-", suffix=".tmp")
+        owner_kept = atomic_write(
+            dir_fd, path.name, data, mode=final_mode, owner=owner, sync_dir=sync_dir
+        )
     except OSError as exc:
-        if old is None or exc.errno not in _NO_TEMP_FILE:
-            raise StageError(f"cannot create a temp file: {exc.strerror}", path=str(path)) from exc
-        _in_place(path, data, final_mode, exc)
+        if old is None or exc.errno not in _IN_PLACE_INSTEAD:
+            raise StageError(f"cannot replace: {exc.strerror or exc}", path=str(path)) from exc
+        _in_place(dir_fd, path, data, final_mode, exc)
         return False
-    try:
-        _fill(fd, data, final_mode, old)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            if exc.errno not in _RENAME_IMPOSSIBLE:
-                raise
-            _in_place(path, data, final_mode, exc)
-            return False
-        if sync_dir:
-            _fsync_dir(path.parent)
-        return True
-    except OSError as exc:
-        raise StageError(f"cannot replace: {exc.strerror or exc}", path=str(path)) from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    if not owner_kept and owner is not None:
+        # Not root: the new file is ours. Worth a warning, not a failed round.
+        log.warning("stage.owner_not_kept", path=str(path), uid=owner[0], gid=owner[1])
+    return True
 
 
-def _in_place(path: Path, data: bytes, mode: int, why: OSError) -> None:
+def _in_place(dir_fd: int, path: Path, data: bytes, mode: int, why: OSError) -> None:
     log.info("stage.in_place", path=str(path), reason=errno.errorcode.get(why.errno or 0, "?"))
     try:
-        _write_in_place(path, data, mode)
+        write_in_place(dir_fd, path.name, data, mode)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _symlink_refused(path, dir_fd) from exc
         raise StageError(f"cannot write in place: {exc.strerror}", path=str(path)) from exc
-
-
-def _fill(fd: int, data: bytes, mode: int, old: os.stat_result | None) -> None:
-    """Write, set mode (and owner of the file it replaces), fsync, close."""
-    try:
-        write_all(fd, data)
-        os.fchmod(fd, mode)
-        if old is not None:
-            _chown(fd, old)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _chown(fd: int, old: os.stat_result) -> None:
-    try:
-        os.fchown(fd, old.st_uid, old.st_gid)
-    except PermissionError:
-        # Not root: the new file is ours. Worth a warning, not a failed round.
-        log.warning("stage.owner_not_kept", uid=old.st_uid, gid=old.st_gid)
-
-
-def _write_in_place(path: Path, data: bytes, mode: int) -> None:
-    """Rewrite the file's own inode (bind-mounted file): not atomic, but fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, mode)
-    try:
-        os.ftruncate(fd, 0)
-        write_all(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EBADF):  # filesystems without dir fsync
-            raise
-    finally:
-        os.close(fd)

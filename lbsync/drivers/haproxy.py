@@ -64,6 +64,7 @@ from lbsync.drivers import admin_commands as cmd
 from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
 from lbsync.drivers.listen import check_listen, haproxy_listens
 from lbsync.errors import DriverError, ReloadFailed, ValidationFailed, VerifyFailed
+from lbsync.fileio import atomic_write, opened_dir
 from lbsync.model import Instance, Service, Snapshot
 from lbsync.stage import EXTERNAL_DIR
 
@@ -1378,15 +1379,7 @@ class _checkable_copy:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(name, 0o644)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    """Temp file in the same directory, fsync, rename over ``path``; never through a
+    symlink (``fileio.atomic_write``)."""
+    with opened_dir(path.parent) as dir_fd:
+        atomic_write(dir_fd, path.name, text.encode("utf-8"), mode=0o644, sync_dir=False)

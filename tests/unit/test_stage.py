@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lbsync import stage
+from lbsync import fileio, stage
 from lbsync.errors import StageError
 
 # --- helpers -----------------------------------------------------------------------------
@@ -37,17 +37,23 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
 
 
+def _in(dir_fd: int | None, name: str) -> Path:
+    """The path ``name`` names relative to ``dir_fd`` (the cwd for None)."""
+    return Path(os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else ".") / name
+
+
 def _fail_replace_for(
     monkeypatch: pytest.MonkeyPatch, victim: Path, code: int
 ) -> Callable[..., None]:
-    real = os.replace
+    """Renames onto ``victim`` (by name, in its directory's descriptor) fail with ``code``."""
+    real = os.rename
 
-    def fake(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        if Path(dst) == victim:
-            raise OSError(code, os.strerror(code), str(dst))
-        real(src, dst)
+    def fake(src: str, dst: str, **dir_fds: int | None) -> None:
+        if _in(dir_fds.get("dst_dir_fd"), dst) == victim:
+            raise OSError(code, os.strerror(code), dst)
+        real(src, dst, **dir_fds)
 
-    monkeypatch.setattr(stage.os, "replace", fake)
+    monkeypatch.setattr(fileio.os, "rename", fake)
     return fake
 
 
@@ -287,19 +293,148 @@ def test_unchanged_file_is_not_rewritten(tmp_path: Path) -> None:
     assert dest.stat().st_ino == inode
 
 
-def test_symlinked_dest_is_written_through_and_the_link_kept(tmp_path: Path) -> None:
-    real = tmp_path / "available.conf"
+def test_symlinked_dest_is_written_through_when_followed_and_the_link_kept(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "available").mkdir()
+    real = tmp_path / "available" / "app.conf"
     real.write_bytes(b"old\n")
+    os.chmod(real, 0o640)
+    inode = real.stat().st_ino
     link = tmp_path / "enabled.conf"
     link.symlink_to(real)
 
-    record = stage.swap_in({link: b"new\n"}, tmp_path / "backup")
+    record = stage.swap_in({link: b"new\n"}, tmp_path / "backup", follow_symlinks={link})
 
     assert link.is_symlink()
+    assert os.readlink(link) == str(real)
     assert real.read_bytes() == b"new\n"
+    assert real.stat().st_ino != inode, "replaced by a rename in its own directory"
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640
+    assert _leftovers(real.parent) == []
+    assert _leftovers(tmp_path) == []
+    assert record.paths == (real,)
     stage.restore(record)
     assert real.read_bytes() == b"old\n"
     assert link.is_symlink()
+
+
+def _root_only_file(tmp_path: Path) -> tuple[Path, tuple[int, int, int, bytes]]:
+    """An unrelated file lbsync must never touch, and what it is now."""
+    victim = tmp_path / "elsewhere" / "shadow"
+    victim.parent.mkdir()
+    victim.write_bytes(b"root:secret\n")
+    os.chmod(victim, 0o600)
+    os.chown(victim, 0, 0)
+    return victim, _file_facts(victim)
+
+
+def _file_facts(path: Path) -> tuple[int, int, int, bytes]:
+    info = os.lstat(path)
+    return info.st_uid, stat.S_IMODE(info.st_mode), info.st_ino, path.read_bytes()
+
+
+@pytest.mark.parametrize("settle_later", [False, True])
+def test_symlinked_dest_is_refused_and_its_target_untouched(
+    tmp_path: Path, settle_later: bool
+) -> None:
+    victim, before = _root_only_file(tmp_path)
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    ok, planted = conf_d / "a.conf", conf_d / "upstreams.conf"
+    ok.write_bytes(b"old a\n")
+    os.chown(conf_d, 12345, 12345)  # a directory another user can write to
+    planted.symlink_to(victim)
+
+    with pytest.raises(StageError, match="is a symlink") as info:
+        stage.swap_in(
+            {ok: b"new a\n", planted: b"rendered\n"},
+            tmp_path / "backup",
+            settle_later=settle_later,
+        )
+
+    assert info.value.path == str(planted)
+    assert str(victim) in str(info.value), "the message names where the link leads"
+    assert _file_facts(victim) == before
+    assert planted.is_symlink()
+    assert ok.read_bytes() == b"old a\n", "all or nothing: the other file was put back"
+    assert _leftovers(conf_d) == []
+
+
+def test_current_bytes_refuses_a_symlink_unless_followed(tmp_path: Path) -> None:
+    victim, _ = _root_only_file(tmp_path)
+    link = tmp_path / "upstreams.conf"
+    link.symlink_to(victim)
+
+    with pytest.raises(StageError, match=f"is a symlink \\(to '{victim}'\\)"):
+        stage.current_bytes(link)
+    assert stage.current_bytes(link, follow_symlinks=True) == b"root:secret\n"
+
+
+def test_a_symlink_planted_at_a_temp_name_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim, before = _root_only_file(tmp_path)
+    dest = tmp_path / "upstreams.conf"
+    dest.write_bytes(b"old\n")
+    names = iter(["guessed", "guessed", "fresh"])
+    monkeypatch.setattr(fileio.secrets, "token_hex", lambda _n: next(names))
+    planted = tmp_path / ".upstreams.conf.lbsync-guessed.tmp"
+    planted.symlink_to(victim)
+
+    stage.swap_in({dest: b"new\n"}, tmp_path / "backup")
+
+    assert dest.read_bytes() == b"new\n"
+    assert not dest.is_symlink()
+    assert _file_facts(victim) == before
+    assert planted.is_symlink(), "skipped, not removed or followed"
+
+
+def test_a_symlink_planted_at_the_backup_names_is_not_followed(tmp_path: Path) -> None:
+    victim, before = _root_only_file(tmp_path)
+    dest = tmp_path / "live" / "upstreams.conf"
+    dest.parent.mkdir()
+    dest.write_bytes(b"old\n")
+    backups = tmp_path / "backup"
+    backup = backups / str(dest).lstrip("/")
+    backup.parent.mkdir(parents=True)
+    backup.symlink_to(victim)
+    previous_link = backup.with_name(f".{backup.name}.lbsync-previous")
+    previous_link.symlink_to(victim)
+
+    stage.settle(stage.swap_in({dest: b"new\n"}, backups, settle_later=True))
+    assert backup.read_bytes() == b"old\n"
+    assert not backup.is_symlink()
+    backup.unlink()
+    backup.symlink_to(victim)
+    stage.swap_in({dest: b"newer\n"}, backups)  # the copying path
+
+    assert backup.read_bytes() == b"new\n"
+    assert not backup.is_symlink()
+    assert _file_facts(victim) == before
+
+
+def test_in_place_write_does_not_follow_a_symlink_planted_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim, before = _root_only_file(tmp_path)
+    dest = tmp_path / "bind-mounted.conf"
+    dest.write_bytes(b"old\n")
+    real_rename = os.rename
+
+    def swapped_for_a_link(src: str, dst: str, **dir_fds: int | None) -> None:
+        if _in(dir_fds.get("dst_dir_fd"), dst) == dest:
+            dest.unlink()
+            dest.symlink_to(victim)
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), dst)
+        real_rename(src, dst, **dir_fds)
+
+    monkeypatch.setattr(fileio.os, "rename", swapped_for_a_link)
+
+    with pytest.raises(StageError, match="is a symlink"):
+        stage.swap_in({dest: b"new\n"}, tmp_path / "backup")
+
+    assert _file_facts(victim) == before
 
 
 @pytest.mark.parametrize("code", [errno.EBUSY, errno.EXDEV])
@@ -331,18 +466,20 @@ def test_no_temp_file_possible_falls_back_to_in_place_write(
 ) -> None:
     dest = tmp_path / "a.conf"
     dest.write_bytes(b"old\n")
-    real_mkstemp = stage.tempfile.mkstemp
+    inode = dest.stat().st_ino
+    real_create_temp = fileio._create_temp
 
-    def read_only_dir(*args: object, **kwargs: object) -> tuple[int, str]:
-        if kwargs.get("dir") == dest.parent:
+    def read_only_dir(dir_fd: int, name: str) -> tuple[int, str]:
+        if _in(dir_fd, name) == dest:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        return real_mkstemp(*args, **kwargs)  # type: ignore[call-overload, no-any-return]
+        return real_create_temp(dir_fd, name)
 
-    monkeypatch.setattr(stage.tempfile, "mkstemp", read_only_dir)
+    monkeypatch.setattr(fileio, "_create_temp", read_only_dir)
 
     stage.swap_in({dest: b"new\n"}, tmp_path / "backup")
 
     assert dest.read_bytes() == b"new\n"
+    assert dest.stat().st_ino == inode
 
 
 def test_failure_mid_way_restores_the_files_already_swapped(
@@ -484,13 +621,13 @@ def test_settle_later_writes_the_backup_and_syncs_the_dir_in_settle(
     new = tmp_path / "conf.d" / "new.conf"
     backups = tmp_path / "backup"
     synced: list[Path] = []
-    real_fsync_dir = stage._fsync_dir
+    real_fsync_dir = stage.fsync_dir
 
-    def fsync_dir(directory: Path) -> None:
-        synced.append(Path(directory))
-        real_fsync_dir(directory)
+    def fsync_dir(dir_fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{dir_fd}")))
+        real_fsync_dir(dir_fd)
 
-    monkeypatch.setattr(stage, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(stage, "fsync_dir", fsync_dir)
 
     record = stage.swap_in({dest: b"new\n", new: b"n\n"}, backups, settle_later=True)
 
@@ -522,7 +659,7 @@ def test_settle_later_copies_the_backup_when_it_cannot_keep_the_old_file(
         _fail_replace_for(monkeypatch, dest, errno.EBUSY)
     else:  # state_dir on another filesystem
 
-        def cross_device(*_args: object) -> None:
+        def cross_device(*_args: object, **_kwargs: object) -> None:
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
         monkeypatch.setattr(stage.os, "link", cross_device)
