@@ -22,6 +22,7 @@ request's line and headers together may not exceed ``MAX_REQUEST_HEAD`` bytes.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -128,11 +129,9 @@ class _Server(ThreadingHTTPServer):
     def _refuse(self, request: socket.socket, client_address: Any) -> None:
         """503 without blocking the accepting thread: a fresh socket's buffer takes it."""
         log.info("http.busy", client=str(client_address[0]))
-        try:
+        with contextlib.suppress(OSError):
             request.setblocking(False)
             request.send(_BUSY)
-        except OSError:
-            pass
         self.shutdown_request(request)
 
     def arm(self, connection: socket.socket) -> None:
@@ -155,11 +154,12 @@ class _Server(ThreadingHTTPServer):
     @staticmethod
     def _cut_off(connection: socket.socket) -> None:
         try:
-            peer = connection.getpeername()[0]
+            peer = str(connection.getpeername()[0])
+        except OSError:  # the peer is gone already; its thread sees that by itself
+            peer = "gone"
+        with contextlib.suppress(OSError):
             connection.shutdown(socket.SHUT_RDWR)
-        except OSError:  # the peer is gone already
-            return
-        log.info("http.request_timeout", client=str(peer))
+        log.info("http.request_timeout", client=peer)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.warning("http.connection_error", client=str(client_address[0]), exc_info=True)

@@ -275,7 +275,19 @@ def _answer(sock: socket.socket) -> bytes | None:
 def test_connections_beyond_the_limit_get_503_and_threads_stay_bounded() -> None:
     limit, opened = 3, 10
     srv = _bounded_server(max_connections=limit, request_timeout=120.0)
-    before = _handler_threads()
+    try:
+        before = _handler_threads()
+        _hold_every_slot(srv, limit=limit, opened=opened, handler_threads_before=before)
+        wait_for(lambda: _healthz_status(srv) == 200, what="/healthz once the idle clients left")
+        wait_for(lambda: _handler_threads() <= before, what="the handler threads to end")
+    finally:
+        srv.stop()
+
+
+def _hold_every_slot(
+    srv: StatusServer, *, limit: int, opened: int, handler_threads_before: int
+) -> None:
+    """Open ``opened`` idle connections: ``limit`` are served (and idle), the rest get 503."""
     idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(opened)]
     try:
         refused: set[int] = set()
@@ -290,14 +302,11 @@ def test_connections_beyond_the_limit_get_503_and_threads_stay_bounded() -> None
 
         wait_for(all_extra_refused, what=f"{opened - limit} connections refused")
         assert len(refused) == opened - limit
-        assert _handler_threads() - before <= limit
+        assert _handler_threads() - handler_threads_before <= limit
         assert _healthz_status(srv) in (503, None)  # every slot is held by an idle client
     finally:
         for sock in idle:
             sock.close()
-    wait_for(lambda: _healthz_status(srv) == 200, what="/healthz once the idle clients left")
-    wait_for(lambda: _handler_threads() <= before, what="the handler threads to end")
-    srv.stop()
 
 
 def test_a_dripping_client_is_cut_off_at_the_deadline_and_frees_its_slot() -> None:
