@@ -5,6 +5,13 @@ dict), ``healthy`` and ``ready`` (each ``(ok, reason)``). They are called from t
 threads, so they must only read state. A callable that raises gives that request a 500 and
 a log event; the server keeps serving.
 
+The endpoint is reachable by anyone on the host (or the network it listens on), so it is
+bounded: at most ``max_connections`` connections are served at once (one thread each; one
+more is answered 503 and closed by the accepting thread), each request must arrive and be
+answered within ``request_timeout`` seconds counted from when the connection is ready for
+it (a slowloris client that drips one byte at a time is cut off all the same), and a
+request's line and headers together may not exceed ``MAX_REQUEST_HEAD`` bytes.
+
 =========== ===================================================================
 ``/metrics`` Prometheus text (or OpenMetrics when asked) from ``metrics.REGISTRY``
 ``/healthz`` 200 ``ok`` / 503 reason — the process is alive and its loop turns
@@ -15,10 +22,13 @@ a log event; the server keeps serving.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +48,18 @@ StatusSource = Callable[[], dict[str, Any]]
 
 _INDEX = b"lbsync: /metrics /healthz /readyz /status\n"
 
+MAX_CONNECTIONS = 8
+"""Connections served at once: a scraper, a health checker and a human, with room to spare."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds a connection may take to send one request and read the answer (idle included)."""
+MAX_REQUEST_HEAD = 16 * 1024
+"""Bytes of request line plus headers; a scraper sends a few hundred."""
+
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 5\r\nConnection: close\r\n\r\nbusy\n"
+)
+
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """``"127.0.0.1:9274"``, ``"[::1]:9274"``, ``":9274"`` (all IPv4) or ``"host:0"``."""
@@ -55,12 +77,30 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them, each under a deadline.
+
+    Deadlines are enforced by ``service_actions``, which ``serve_forever`` calls every poll
+    interval: a connection past its deadline is shut down, which wakes its thread from any
+    read or write. No extra thread is needed for it.
+    """
+
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], app: StatusServer) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        app: StatusServer,
+        *,
+        max_connections: int,
+        request_timeout: float,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.app = app
+        self.request_timeout = request_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._deadlines: dict[socket.socket, float] = {}
+        self._deadlines_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -70,15 +110,115 @@ class _Server(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nobody else will give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        """503 without blocking the accepting thread: a fresh socket's buffer takes it."""
+        log.info("http.busy", client=str(client_address[0]))
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(_BUSY)
+        self.shutdown_request(request)
+
+    def arm(self, connection: socket.socket) -> None:
+        """Start (or restart, for the next request) ``connection``'s deadline."""
+        with self._deadlines_lock:
+            self._deadlines[connection] = time.monotonic() + self.request_timeout
+
+    def disarm(self, connection: socket.socket) -> None:
+        with self._deadlines_lock:
+            self._deadlines.pop(connection, None)
+
+    def service_actions(self) -> None:
+        now = time.monotonic()
+        with self._deadlines_lock:  # held while shutting down, so the socket is still open
+            for connection, deadline in list(self._deadlines.items()):
+                if now >= deadline:
+                    del self._deadlines[connection]
+                    self._cut_off(connection)
+
+    @staticmethod
+    def _cut_off(connection: socket.socket) -> None:
+        try:
+            peer = str(connection.getpeername()[0])
+        except OSError:  # the peer is gone already; its thread sees that by itself
+            peer = "gone"
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+        log.info("http.request_timeout", client=peer)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.warning("http.connection_error", client=str(client_address[0]), exc_info=True)
+
+
+class _HeadReader:
+    """``rfile`` for the handler: every request's line and headers share one byte budget.
+
+    The standard library bounds each line (64 KiB) and the header count (100), which still
+    lets one request hold megabytes; this bounds the whole head. Past the budget it raises
+    ``http.client.LineTooLong``, which the handler answers with 414 or 431.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self._left = MAX_REQUEST_HEAD
+
+    def reset(self) -> None:
+        self._left = MAX_REQUEST_HEAD
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._left <= 0:
+            raise http.client.LineTooLong(f"request head over {MAX_REQUEST_HEAD} bytes")
+        cap = self._left + 1 if limit < 0 else min(limit, self._left + 1)
+        line: bytes = self._raw.readline(cap)
+        self._left -= len(line)
+        if self._left < 0:
+            raise http.client.LineTooLong(f"request head over {MAX_REQUEST_HEAD} bytes")
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
-    timeout = 10  # a client that stalls mid-request does not hold a thread for ever
     server_version = "lbsync"
+    rfile: Any  # a _HeadReader once set up
+
+    def setup(self) -> None:
+        super().setup()
+        # Each read or write; the server's deadline bounds the request as a whole.
+        self.connection.settimeout(self.server.request_timeout)
+        self.rfile = _HeadReader(self.rfile)
+
+    def handle_one_request(self) -> None:
+        self.server.arm(self.connection)
+        self.rfile.reset()
+        try:
+            super().handle_one_request()
+        except http.client.LineTooLong:  # the request line alone used up the budget
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            self.close_connection = True
+
+    def finish(self) -> None:
+        self.server.disarm(self.connection)
+        super().finish()
 
     def do_GET(self) -> None:
         self._serve(body=True)
@@ -134,12 +274,16 @@ class StatusServer:
         healthy: Probe,
         ready: Probe,
         registry: CollectorRegistry = metrics.REGISTRY,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self.listen = listen
         self.status = status
         self.healthy = healthy
         self.ready = ready
         self.registry = registry
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
         self._address = parse_listen(listen)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -162,7 +306,12 @@ class StatusServer:
         if self._server is not None:
             return
         try:
-            self._server = _Server(self._address, self)
+            self._server = _Server(
+                self._address,
+                self,
+                max_connections=self.max_connections,
+                request_timeout=self.request_timeout,
+            )
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise ConfigError(

@@ -87,7 +87,7 @@ def mark(
     with EtcdWriter(settings) as writer:
         if state is State.UP and not reason:
             writer.delete(key)
-            return writer.revision()
+            return writer.revision(key)  # a monitor's role may cover its health keys only
         value = json.dumps({"status": state.value, "reason": reason, "by": by})
         try:
             parse_health(key, value.encode())

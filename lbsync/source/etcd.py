@@ -868,9 +868,11 @@ class EtcdWriter:
         """Drop history before ``revision``; waits until the compaction is applied."""
         self._call(lambda c: c.compact(revision, physical=True))
 
-    def revision(self) -> int:
-        """The store's current revision."""
-        return self._call(lambda c: int(c.get_response(b"\0", count_only=True).header.revision))
+    def revision(self, key: str | None = None) -> int:
+        """The store's current revision, from a count of ``key``: with etcd RBAC, name a key
+        the user may read (the default, the key NUL, is readable only with a wide grant)."""
+        probe = b"\0" if key is None else key.encode()
+        return self._call(lambda c: int(c.get_response(probe, count_only=True).header.revision))
 
     @property
     def endpoint(self) -> str:

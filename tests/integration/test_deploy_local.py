@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import pwd
 import re
@@ -273,12 +274,16 @@ def privileged_free_port() -> int:
     pytest.skip("no free port below 1024")
 
 
-def as_nobody(caps: list[str], *argv: str) -> subprocess.CompletedProcess[str]:
-    """``argv`` as user nobody with exactly ``caps`` (ambient + bounding), no new privs."""
+def as_nobody(
+    caps: list[str], *argv: str, group: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``argv`` as user nobody with exactly ``caps`` (ambient + bounding), no new privs,
+    and no supplementary group but ``group`` if given."""
     assert SETPRIV is not None
     wanted = "".join(",+" + cap.removeprefix("CAP_").lower() for cap in caps)
     options = [f"--{kind}=-all{wanted}" for kind in ("inh-caps", "ambient-caps", "bounding-set")]
-    drop = [SETPRIV, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--no-new-privs"]
+    groups = f"--groups={group}" if group else "--clear-groups"
+    drop = [SETPRIV, "--reuid=nobody", "--regid=nogroup", groups, "--no-new-privs"]
     return subprocess.run(
         [*drop, *options, *argv],
         capture_output=True,
@@ -363,6 +368,33 @@ def test_unit_capabilities_are_enough_and_each_is_needed(
         assert refused.returncode != 0, f"{cap} is not needed after all"
         assert reason in refused.stderr, refused.stderr
     assert set(caps) <= {"CAP_KILL", *reasons}, f"unexplained capabilities in the unit: {caps}"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or SETPRIV is None, reason="needs root and setpriv to drop to a user"
+)
+def test_group_ownership_can_replace_cap_dac_override(
+    debian_like_nginx: tuple[Path, Path],
+) -> None:
+    """docs/operations.md, "Without CAP_DAC_OVERRIDE": the pid file 0664 and the logs 0660
+    in a group lbsync is in (``adm`` here, Debian's log group) make ``nginx -t`` pass."""
+    root, conf = debian_like_nginx
+    try:
+        gid = grp.getgrnam("adm").gr_gid
+    except KeyError:
+        pytest.skip("no group adm")
+    caps = [cap for cap in unit_capabilities() if cap != "CAP_DAC_OVERRIDE"]
+    check = [NGINX, "-t", "-q", "-c", str(conf), "-e", str(root / "check" / "t.log")]
+    assert as_nobody(caps, *check, group="adm").returncode != 0  # Debian's modes: refused
+    for path, mode in [
+        (root / "run" / "nginx.pid", 0o664),
+        *[(log, 0o660) for log in (root / "log").iterdir()],
+    ]:
+        os.chown(path, -1, gid)
+        path.chmod(mode)
+    ok = as_nobody(caps, *check, group="adm")
+    assert ok.returncode == 0, ok.stderr
+    assert as_nobody(caps, *check).returncode != 0  # and it is the group that does it
 
 
 def test_unit_commands_run(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lbsync import metrics
 from lbsync.errors import ConfigError, ValidationFailed
-from lbsync.http import StatusServer
+from lbsync.http import MAX_REQUEST_HEAD, StatusServer
 from lbsync.pipeline import Outcome
 from lbsync.testing import snapshot_from
 from tests.harness.net import wait_for
@@ -236,3 +237,134 @@ def _starts(server: StatusServer) -> bool:
     except ConfigError:
         return False
     return True
+
+
+# --- limits: connections, deadlines, request size ----------------------------------------
+
+
+def _bounded_server(**limits: Any) -> StatusServer:
+    srv = StatusServer(
+        "127.0.0.1:0", status=dict, healthy=lambda: (True, ""), ready=lambda: (True, ""), **limits
+    )
+    srv.start()
+    return srv
+
+
+def _handler_threads() -> int:
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def _healthz_status(srv: StatusServer) -> int | None:
+    """The status of a fresh /healthz, or None when the connection was closed or reset."""
+    try:
+        return get(srv, "/healthz")[0]
+    except (ConnectionError, http.client.RemoteDisconnected):
+        return None
+
+
+def _answer(sock: socket.socket) -> bytes | None:
+    """What the server sent so far on ``sock`` (b"" once closed), None while it says nothing."""
+    if not select.select([sock], [], [], 0)[0]:
+        return None
+    try:
+        return sock.recv(4096)
+    except ConnectionError:
+        return b""
+
+
+def test_connections_beyond_the_limit_get_503_and_threads_stay_bounded() -> None:
+    limit, opened = 3, 10
+    srv = _bounded_server(max_connections=limit, request_timeout=120.0)
+    try:
+        before = _handler_threads()
+        _hold_every_slot(srv, limit=limit, opened=opened, handler_threads_before=before)
+        wait_for(lambda: _healthz_status(srv) == 200, what="/healthz once the idle clients left")
+        wait_for(lambda: _handler_threads() <= before, what="the handler threads to end")
+    finally:
+        srv.stop()
+
+
+def _hold_every_slot(
+    srv: StatusServer, *, limit: int, opened: int, handler_threads_before: int
+) -> None:
+    """Open ``opened`` idle connections: ``limit`` are served (and idle), the rest get 503."""
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(opened)]
+    try:
+        refused: set[int] = set()
+
+        def all_extra_refused() -> bool:
+            for n, sock in enumerate(idle):
+                answer = _answer(sock)
+                if answer is not None:
+                    assert answer.startswith(b"HTTP/1.1 503 ") or answer == b""
+                    refused.add(n)
+            return len(refused) >= opened - limit
+
+        wait_for(all_extra_refused, what=f"{opened - limit} connections refused")
+        assert len(refused) == opened - limit
+        assert _handler_threads() - handler_threads_before <= limit
+        assert _healthz_status(srv) in (503, None)  # every slot is held by an idle client
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_dripping_client_is_cut_off_at_the_deadline_and_frees_its_slot() -> None:
+    srv = _bounded_server(max_connections=1, request_timeout=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+            wait_for(lambda: _healthz_status(srv) != 200, what="the slow client to hold the slot")
+            cut_off = False
+            for _ in range(600):  # one byte per 0.1 s, well inside each read's own timeout
+                if select.select([slow], [], [], 0.1)[0]:
+                    cut_off = _answer(slow) == b""
+                    break
+                try:
+                    slow.send(b"x")
+                except ConnectionError:
+                    cut_off = True
+                    break
+            assert cut_off, "a client sending a byte every 0.1 s held its slot for a minute"
+        wait_for(lambda: _healthz_status(srv) == 200, what="/healthz after the cut-off")
+    finally:
+        srv.stop()
+
+
+def _raw_request(srv: StatusServer, head: bytes) -> bytes:
+    """Send ``head`` as is and read the answer until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(head)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    ("where", "status"), [("request line", b"414"), ("headers", b"431")], ids=["line", "headers"]
+)
+def test_a_request_head_over_the_budget_is_refused(
+    server: StatusServer, where: str, status: bytes
+) -> None:
+    # Exactly one byte over the budget, so the server has read all of it when it answers.
+    size = MAX_REQUEST_HEAD + 1
+    if where == "request line":
+        head = b"GET /" + b"a" * (size - 5)
+    else:
+        start = b"GET /healthz HTTP/1.1\r\n"
+        line = b"X-Pad: " + b"p" * 1000 + b"\r\n"
+        count = (size - len(start)) // len(line)
+        head = start + line * count
+        head += b"X-Last: " + b"q" * (size - len(head) - 8)
+    assert len(head) == size
+    answer = _raw_request(server, head)
+    assert answer.split(b" ", 2)[1] == status, answer[:200]
+    assert get(server, "/healthz")[0] == 200
+
+
+def test_a_request_head_just_under_the_budget_is_served(server: StatusServer) -> None:
+    start = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    pad = MAX_REQUEST_HEAD - len(start) - len(b"X-Pad: \r\n\r\n")
+    answer = _raw_request(server, start + b"X-Pad: " + b"p" * pad + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
