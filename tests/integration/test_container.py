@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -130,6 +131,30 @@ def test_image_runs_lbsync_as_non_root_and_keeps_nothing_of_the_build(images: st
     assert lines[2].startswith("lbsync "), done.stdout
     assert lines[3].startswith("nginx version: nginx/"), done.stdout
     assert len(lines) == 4, f"build-time files left in the image: {lines[4:]}"
+
+
+def proc_status(stack: podman.ComposeStack, service: str) -> dict[str, str]:
+    """/proc/<pid>/status of the service's main process, seen from the host."""
+    pid = stack.inspect(service, "{{.State.Pid}}")
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+@pytest.mark.parametrize("service", ["nginx", "lbsync", "web-1", "web-1-register"])
+def test_containers_run_unprivileged_on_a_read_only_root(
+    stack: podman.ComposeStack, service: str
+) -> None:
+    status = proc_status(stack, service)
+    assert status["Uid"].split()[:2] == ["10001", "10001"], status["Uid"]
+    assert int(status["CapEff"], 16) == 0, status["CapEff"]
+    assert int(status["CapBnd"], 16) == 0, status["CapBnd"]
+    assert status["NoNewPrivs"].strip() == "1"
+    assert stack.inspect(service, "{{.HostConfig.ReadonlyRootfs}}") == "true"
+    probe = stack.compose(
+        "exec", "-T", service, "sh", "-c", "touch /var/lib/lbsync-probe", check=False
+    )
+    assert probe.returncode != 0, "the root file system is writable"
+    assert "Read-only file system" in probe.stdout + probe.stderr
 
 
 def test_the_compose_tour(stack: podman.ComposeStack) -> None:
