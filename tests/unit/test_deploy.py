@@ -1,9 +1,10 @@
 """Static checks of what we ship for deployment: compose file, container, systemd unit, docs.
 
-No Docker engine runs here, so the compose file is checked by reading it: its services,
-volumes, PID sharing, that every ``lbsync`` command line in it parses with lbsync's own
-parser, and that the lbsync config it mounts loads and agrees with the mounts. The same
-commands are run outside containers in tests/integration/test_deploy_local.py.
+Here the compose file is checked by reading it: its services, volumes, PID sharing, that
+every ``lbsync`` command line in it parses with lbsync's own parser, and that the lbsync
+config it mounts loads and agrees with the mounts. The same commands are run outside
+containers in tests/integration/test_deploy_local.py, and the image and the compose stack
+for real, with podman, in tests/integration/test_container.py.
 """
 
 from __future__ import annotations
