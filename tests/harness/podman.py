@@ -230,18 +230,23 @@ def netns_get(netns: str, urls: Sequence[str]) -> list[str]:
 # --- the stack -------------------------------------------------------------------------
 
 
-class ComposeStack:
-    """``podman-compose -p <project>`` with the two compose files, in its own namespace."""
+def new_project_name() -> str:
+    """A compose project name no earlier run used; also the network namespace's name."""
+    return f"lbsyncct{secrets.token_hex(4)}"
 
-    def __init__(self, netns: str) -> None:
+
+class ComposeStack:
+    """``podman-compose -p <project>`` with the two compose files, in ``netns``."""
+
+    def __init__(self, project: str, netns: Path) -> None:
+        self.project = project
         self.netns = netns
-        self.project = f"lbsyncct{secrets.token_hex(3)}"
 
     @property
     def env(self) -> dict[str, str]:
         return {
             **podman_env(),
-            "LBSYNC_TEST_NETNS": f"/run/netns/{self.netns}",
+            "LBSYNC_TEST_NETNS": str(self.netns),
             "LBSYNC_TEST_PROJECT": self.project,
         }
 
@@ -264,7 +269,7 @@ class ComposeStack:
         return done.stdout.strip()
 
     def get(self, urls: Sequence[str]) -> list[str]:
-        return netns_get(self.netns, urls)
+        return netns_get(self.netns.name, urls)
 
     def leftovers(self) -> dict[str, list[str]]:
         """Containers, volumes and pods of this project that podman still has."""

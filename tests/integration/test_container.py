@@ -60,9 +60,9 @@ def images() -> str:
 
 @pytest.fixture(scope="module")
 def stack(images: str) -> Iterator[podman.ComposeStack]:
-    netns = f"lbsyncct-{os.getpid()}"
-    with podman.loopback_netns(netns):
-        stack = podman.ComposeStack(netns)
+    project = podman.new_project_name()
+    with podman.loopback_netns(project) as netns:
+        stack = podman.ComposeStack(project, netns)
         try:
             stack.compose("up", "-d", "--no-build", timeout=300)
             yield stack
