@@ -9,8 +9,8 @@ inside the lbsync container takes one out, stopping a registrar removes its back
 throughout (lbsync reloads it by signal through the shared PID namespace); ``down``
 leaves nothing behind.
 
-Costs (2 cores, shared): the first run makes the base image (debootstrap, ~1 min) and
-builds both images; later runs reuse the cached base and podman's layer cache.
+Costs (2 cores, shared): 2-3 min the first time (debootstrap of the base, both image
+builds); 20-45 s once the base is cached (docs/operations.md has the measurements).
 Needs root, podman, runc, debootstrap and podman-compose (scripts/setup.sh installs
 them); without them the test is skipped, except in CI, where it fails.
 """
