@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what lbsync's demo and tests need on a fresh Debian machine: etcd, nginx,
-# HAProxy (+ the nginx Lua module and wrk) from Debian's packages, and lbsync itself
-# with its dev tools into ./.venv. Safe to run again: it skips what is already there.
+# HAProxy (+ the nginx Lua module and wrk) and podman (+ runc, debootstrap: the container
+# test) from Debian's packages, and lbsync itself with its dev tools (podman-compose among
+# them) into ./.venv. Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,7 @@ APT_PACKAGES=(
   etcd-server etcd-client nginx haproxy wrk
   libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core lua-resty-lrucache lua-cjson
   luajit2 python3-venv
+  podman runc debootstrap uidmap slirp4netns fuse-overlayfs iproute2
 )
 
 as_root() {

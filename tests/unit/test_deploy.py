@@ -1,9 +1,10 @@
 """Static checks of what we ship for deployment: compose file, container, systemd unit, docs.
 
-No Docker engine runs here, so the compose file is checked by reading it: its services,
-volumes, PID sharing, that every ``lbsync`` command line in it parses with lbsync's own
-parser, and that the lbsync config it mounts loads and agrees with the mounts. The same
-commands are run outside containers in tests/integration/test_deploy_local.py.
+Here the compose file is checked by reading it: its services, volumes, PID sharing, that
+every ``lbsync`` command line in it parses with lbsync's own parser, and that the lbsync
+config it mounts loads and agrees with the mounts. The same commands are run outside
+containers in tests/integration/test_deploy_local.py, and the image and the compose stack
+for real, with podman, in tests/integration/test_container.py.
 """
 
 from __future__ import annotations
@@ -256,6 +257,10 @@ def test_dockerfile_lints() -> None:
     keywords = [k for k, _ in instructions]
     assert keywords[0] == "FROM" or keywords[:2] == ["ARG", "FROM"]
     base = dict(instructions)["FROM"]
+    if base == "${BASE_IMAGE}":  # a build argument, defaulting to the image users pull
+        default = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.M)
+        assert default, "BASE_IMAGE has no default"
+        base = default.group(1)
     assert base.startswith("python:3.11-slim")
     users = [rest for k, rest in instructions if k == "USER"]
     assert users
