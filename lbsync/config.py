@@ -131,6 +131,10 @@ class TargetBase(Section):
     templates: list[TemplateSettings] = Field(alias="template", min_length=1)
     command_timeout: Duration = 30.0
     verify_timeout: Duration = 10.0
+    # A render past this many bytes (all of the target's files) fails before staging: a
+    # value must not be able to fill the disk or stall the checker. 10,000 servers render
+    # to ~1 MiB, so the default leaves 64x headroom.
+    max_render_bytes: int = Field(default=64 * 2**20, ge=1024)
 
 
 class NginxTarget(TargetBase):

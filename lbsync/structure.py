@@ -1,0 +1,240 @@
+"""The second wall behind value validation: a value must not add structure to a render.
+
+What a template renders from etcd values is compared with what the *same* template
+renders from a benign twin of the same snapshot: every free-form string (hosts, ids,
+names, meta, health reasons, string settings, raw keys a template reads) with each
+character that can end or open a directive, a block, a comment, a quote or a line
+(``; { } # " ' \\`` `` ` ``, control characters) replaced by ``x``; every other character,
+and every typed value (state, port, weight, bools, numbers), kept. The template's
+control flow therefore stays the same, and anything that differs in structure between
+the two renders came from a value.
+
+Structure is counted per line, by the driver's ``line_shape``: for nginx the punctuation
+and the directive names that start statements (``include``, ``load_module``, ``}``...),
+for HAProxy the first keyword of each line (``program``, ``global``...). Lines the two
+renders share cancel out (``collections.Counter``, C speed), so a check costs the lines
+that differ. When no service and no raw key the render read holds such a character, the
+twin *is* the snapshot and the check costs nothing at all.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lbsync.config import TemplateSettings
+from lbsync.errors import RenderError, StructureViolation
+from lbsync.model import HealthMark, Instance, Service, SettingValue, Snapshot
+from lbsync.render import RawKeys, Renderer
+
+LineShape = Callable[[str], list[str]]
+"""One rendered line → the structural items it carries (directive names, punctuation)."""
+
+_UNSAFE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029;{}#\"'\\\\`]")
+
+
+def is_benign(text: str) -> bool:
+    return _UNSAFE.search(text) is None
+
+
+def neutral(text: str) -> str:
+    """``text`` with every structural character replaced by ``x`` (same length)."""
+    return _UNSAFE.sub("x", text)
+
+
+# --- line shapes, per LB ---------------------------------------------------------------
+
+_NGINX_TOKEN = re.compile(
+    r"""\s+|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|\#.*|[;{}"']|[^\s;{}"'\#][^\s;{}"']*"""
+)
+
+
+def nginx_line_shape(line: str) -> list[str]:
+    """Punctuation, comments, stray quotes, and the word that starts each statement."""
+    items: list[str] = []
+    starts = True  # a line may start a statement; a line-local view, the same for the twin
+    for match in _NGINX_TOKEN.finditer(line):
+        token = match.group()
+        first = token[0]
+        if first.isspace():
+            continue
+        if token in (";", "{", "}", '"', "'"):
+            items.append(token)
+            starts = token in (";", "{", "}")
+        elif first == "#":
+            items.append("#")
+            break
+        elif starts:
+            items.append(token if first not in "\"'" else "<quoted>")
+            starts = False
+    return items
+
+
+def haproxy_line_shape(line: str) -> list[str]:
+    """The keyword a line starts with (a section name or a section's directive)."""
+    words = line.split(None, 1)
+    if not words or words[0].startswith("#"):
+        return []
+    return [words[0]]
+
+
+def added_structure(real: str, twin: str, shape: LineShape) -> tuple[str, str] | None:
+    """(item, line) for the first structural item ``real`` has more of than ``twin``."""
+    real_lines, twin_lines = Counter(real.split("\n")), Counter(twin.split("\n"))
+    only_real, only_twin = real_lines - twin_lines, twin_lines - real_lines
+    have: Counter[str] = Counter()
+    for line, count in only_twin.items():
+        for item in shape(line):
+            have[item] += count
+    for line in only_real:
+        for item in shape(line):
+            if have[item] > 0:
+                have[item] -= 1
+            else:
+                return item, line
+    return None
+
+
+# --- benign twins ------------------------------------------------------------------------
+
+
+def _benign_service(service: Service) -> bool:
+    if not is_benign(service.name):
+        return False
+    for key, value in service.settings.items():
+        if not is_benign(key) or (isinstance(value, str) and not is_benign(value)):
+            return False
+    return all(_benign_instance(i) for i in service.instances)
+
+
+def _benign_instance(instance: Instance) -> bool:
+    texts = [instance.id, instance.host, *instance.meta.keys(), *instance.meta.values()]
+    if instance.health is not None:
+        texts += [instance.health.reason, instance.health.by]
+    return all(is_benign(t) for t in texts)
+
+
+def _twin_service(service: Service) -> Service:
+    settings: dict[str, SettingValue] = {
+        neutral(k): neutral(v) if isinstance(v, str) else v for k, v in service.settings.items()
+    }
+    return Service.model_construct(
+        name=neutral(service.name),
+        instances=tuple(_twin_instance(i) for i in service.instances),
+        settings=settings,
+    )
+
+
+def _twin_instance(instance: Instance) -> Instance:
+    health = instance.health
+    if health is not None:
+        health = HealthMark.model_construct(
+            status=health.status, reason=neutral(health.reason), by=neutral(health.by)
+        )
+    return instance.model_copy(
+        update={
+            "id": neutral(instance.id),
+            "host": neutral(instance.host),
+            "meta": {neutral(k): neutral(v) for k, v in instance.meta.items()},
+            "health": health,
+        }
+    )
+
+
+class WatchedKeys(RawKeys):
+    """Raw-key access for the real render; notes whether it read a non-benign value."""
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        super().__init__(keys)
+        self.read_unsafe = False
+
+    def _value(self, key: str) -> str:
+        value = super()._value(key)
+        if not self.read_unsafe and not is_benign(value):
+            self.read_unsafe = True
+        return value
+
+
+class NeutralKeys(RawKeys):
+    """Raw-key access for the twin render: every value read is neutralized."""
+
+    def _value(self, key: str) -> str:
+        return neutral(super()._value(key))
+
+
+class StructureCheck:
+    """Checks one target's renders against their benign twins.
+
+    Twins are kept per ``Service`` object (the catalog hands unchanged services over as
+    the same object), so a twin is built once per change and the render cache serves the
+    twin's blocks as it serves the real ones.
+    """
+
+    def __init__(
+        self, renderer: Renderer, templates: Sequence[TemplateSettings], shape: LineShape | None
+    ) -> None:
+        self.renderer = renderer
+        self.templates = templates
+        self.shape = shape
+        self._twins: dict[int, tuple[Service, Service]] = {}
+
+    def keys(self, snapshot: Snapshot) -> RawKeys:
+        """The raw-key access the real render must use, so ``check`` knows what it read."""
+        return WatchedKeys(snapshot.keys) if self.shape is not None else RawKeys(snapshot.keys)
+
+    def check(
+        self,
+        snapshot: Snapshot,
+        extra: Mapping[str, Any],
+        rendered: Mapping[Path, bytes],
+        raw: RawKeys,
+    ) -> None:
+        """Raise StructureViolation if a render holds structure its benign twin doesn't."""
+        if self.shape is None:
+            return
+        twin = self.twin(snapshot)
+        if twin is snapshot and not (isinstance(raw, WatchedKeys) and raw.read_unsafe):
+            return
+        neutral_keys = NeutralKeys(snapshot.keys)
+        for template in self.templates:
+            real = rendered[template.dest].decode("utf-8", errors="replace")
+            try:
+                benign = self.renderer.render(template.src, twin, extra, raw=neutral_keys)
+            except RenderError as err:
+                raise StructureViolation(
+                    f"the same snapshot with benign values does not render ({err.message})",
+                    template=str(template.src),
+                    file=str(template.dest),
+                    directive="",
+                ) from err
+            added = added_structure(real, benign.decode("utf-8", errors="replace"), self.shape)
+            if added is not None:
+                item, line = added
+                raise StructureViolation(
+                    f"a value added {item!r}, which the render of benign values lacks, in",
+                    template=str(template.src),
+                    file=str(template.dest),
+                    directive=line.strip(),
+                )
+
+    def twin(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` with every service replaced by its benign twin (itself if benign)."""
+        services: dict[str, Service] = {}
+        changed = False
+        fresh: dict[int, tuple[Service, Service]] = {}
+        for service in snapshot.services.values():
+            held = self._twins.get(id(service))
+            if held is None or held[0] is not service:
+                held = (service, service if _benign_service(service) else _twin_service(service))
+            fresh[id(service)] = held
+            services[held[1].name] = held[1]
+            changed = changed or held[1] is not service
+        self._twins = fresh
+        if not changed:
+            return snapshot
+        return Snapshot.model_construct(
+            revision=snapshot.revision, services=services, keys=snapshot.keys
+        )
