@@ -198,6 +198,9 @@ class TargetPipeline:
             if not suspects:
                 raise Unattributable("no service changed since the last applied round")
             culprits = isolation.find_culprits(suspects, failure, trial)
+            if self.applied is None and len(culprits) == len(suspects):
+                # nothing applied yet and nothing renders: never an empty config instead
+                raise Unattributable("every service fails and none was applied before")
             plan = self._attempt(isolation.compose(base, snapshot, culprits), scratch)
         except (Unattributable, RenderError, ValidationFailed) as why:
             log.warning("isolate.failed", target=self.name, reason=str(why))
