@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from itertools import compress, count
+from operator import ne
 from pathlib import Path
 from typing import Any
 
@@ -81,21 +83,71 @@ def haproxy_line_shape(line: str) -> list[str]:
     return [words[0]]
 
 
-def added_structure(real: str, twin: str, shape: LineShape) -> tuple[str, str] | None:
-    """(item, line) for the first structural item ``real`` has more of than ``twin``."""
-    real_lines, twin_lines = Counter(real.split("\n")), Counter(twin.split("\n"))
-    only_real, only_twin = real_lines - twin_lines, twin_lines - real_lines
+def added_structure(real: bytes, twin: bytes, shape: LineShape) -> tuple[str, str] | None:
+    """(item, line) for the first structural item ``real`` has more of than ``twin``.
+
+    Only the lines between the two renders' common head and tail are looked at (found by
+    bisection with ``bytes.startswith``/``endswith`` on a memoryview: memcmp, no copies),
+    and of those only the ones that differ (``map(ne, …)``) are shaped: pairwise when
+    both sides have as many lines (values changed, none added a line), else as counted
+    multisets.
+    """
+    if real == twin:
+        return None
+    real_lines, twin_lines = _differing_lines(real, twin)
+    if len(real_lines) == len(twin_lines):
+        for index in compress(count(), map(ne, real_lines, twin_lines)):
+            item = _extra_item(shape(real_lines[index]), shape(twin_lines[index]))
+            if item is not None:
+                return item, real_lines[index]
+        return None
+    only_real, only_twin = Counter(real_lines), Counter(twin_lines)
     have: Counter[str] = Counter()
-    for line, count in only_twin.items():
+    for line, times in (only_twin - only_real).items():
         for item in shape(line):
-            have[item] += count
-    for line in only_real:
+            have[item] += times
+    for line in only_real - only_twin:
         for item in shape(line):
             if have[item] > 0:
                 have[item] -= 1
             else:
                 return item, line
     return None
+
+
+def _differing_lines(real: bytes, twin: bytes) -> tuple[list[str], list[str]]:
+    """The lines of each render between the longest common head and tail of whole lines."""
+    view = memoryview(twin)
+    limit = min(len(real), len(twin))
+    head = _longest(lambda n: real.startswith(view[:n]), limit)
+    head = real.rfind(b"\n", 0, head) + 1  # back to the start of the line it ends in
+    tail = _longest(lambda n: real.endswith(view[len(twin) - n :]), limit - head)
+    if tail:
+        newline = real.find(b"\n", len(real) - tail)  # forward to a line inside the tail
+        tail = len(real) - newline - 1 if newline >= 0 else 0
+    middle_real = real[head : len(real) - tail].decode("utf-8", errors="replace")
+    middle_twin = twin[head : len(twin) - tail].decode("utf-8", errors="replace")
+    return middle_real.split("\n"), middle_twin.split("\n")
+
+
+def _longest(holds: Callable[[int], bool], limit: int) -> int:
+    """The largest n ≤ limit for which ``holds(n)`` (true up to some n, false past it)."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if holds(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _extra_item(real: list[str], twin: list[str]) -> str | None:
+    if real == twin:
+        return None
+    extra = Counter(real)
+    extra.subtract(twin)
+    return next((item for item in real if extra[item] > 0), None)
 
 
 # --- benign twins ------------------------------------------------------------------------
@@ -200,7 +252,6 @@ class StructureCheck:
             return
         neutral_keys = NeutralKeys(snapshot.keys)
         for template in self.templates:
-            real = rendered[template.dest].decode("utf-8", errors="replace")
             try:
                 benign = self.renderer.render(template.src, twin, extra, raw=neutral_keys)
             except RenderError as err:
@@ -210,7 +261,7 @@ class StructureCheck:
                     file=str(template.dest),
                     directive="",
                 ) from err
-            added = added_structure(real, benign.decode("utf-8", errors="replace"), self.shape)
+            added = added_structure(rendered[template.dest], benign, self.shape)
             if added is not None:
                 item, line = added
                 raise StructureViolation(

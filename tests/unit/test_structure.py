@@ -61,10 +61,26 @@ def test_neutral_replaces_structural_characters_only() -> None:
 
 def test_added_structure_counts_lines_not_just_kinds() -> None:
     """An injected ``include`` is found even though the template has one of its own."""
-    twin = "include mime.types;\nserver 10.0.0.9xinclude /etc/passwd;\n"
-    real = "include mime.types;\nserver 10.0.0.9;\ninclude /etc/passwd;\n"
+    twin = b"include mime.types;\nserver 10.0.0.9xinclude /etc/passwd;\n}\n"
+    real = b"include mime.types;\nserver 10.0.0.9;\ninclude /etc/passwd;\n}\n"
     assert added_structure(real, twin, nginx_line_shape) == ("include", "include /etc/passwd;")
     assert added_structure(twin, twin, nginx_line_shape) is None
+
+
+@pytest.mark.parametrize("where", [0, 500, 999])
+def test_added_structure_finds_one_changed_line_among_many(where: int) -> None:
+    lines = [f"    server 10.0.{n // 250}.{n % 250}:80;" for n in range(1000)]
+
+    def render(line: str) -> bytes:
+        changed = [*lines[:where], line, *lines[where + 1 :]]
+        return "\n".join(["upstream a {", *changed, "}", ""]).encode()
+
+    twin = render("    server 10.0.0.1:80x")
+    assert added_structure(render("    server 10.0.0.1:80 x"), twin, nginx_line_shape) is None
+    broken = "    server 10.0.0.1:80 x}"
+    assert added_structure(render(broken), twin, nginx_line_shape) == ("}", broken)
+    two_lines = render("    server 10.0.0.1:80\n}")
+    assert added_structure(two_lines, twin, nginx_line_shape) == ("}", "}")
 
 
 def checker(*names: str) -> StructureCheck:
@@ -111,7 +127,7 @@ def test_the_stock_templates_pass_with_structural_characters_in_a_reason() -> No
     ("host", "directive"),
     [
         ("10.0.0.9;\ninclude /etc/passwd", "include"),
-        ("10.0.0.9; } server { listen 9999", "}"),
+        ("10.0.0.9; } server { listen 9999", "server"),
         ("10.0.0.9 #", "#"),
     ],
 )
