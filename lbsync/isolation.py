@@ -22,8 +22,6 @@ service among 1,000 changed ones needs ~20)."""
 
 MAX_KEYS_SHOWN = 10
 
-EMPTY = Snapshot.model_construct(revision=0, services={}, keys={})
-
 
 @dataclass(frozen=True)
 class HeldService:

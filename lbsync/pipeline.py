@@ -140,13 +140,19 @@ class TargetPipeline:
         """
         timings: dict[str, float] = {}
         retried = self._release_changed(wanted)
-        snapshot = isolation.compose(self._base(), wanted, self.held)
+        snapshot = wanted
+        if self.held and self.applied is not None:  # held services: as last applied
+            snapshot = isolation.compose(self.applied, wanted, self.held)
         try:
             try:
                 plan = self._attempt(snapshot, timings)
             except (RenderError, ValidationFailed) as err:
+                if self.applied is None:
+                    # No last applied version to keep a failing service at, and leaving it
+                    # out could drop a service the LB serves from the files on disk.
+                    raise
                 with _timed(timings, "isolate"):
-                    plan = self._isolate(snapshot, err)
+                    plan = self._isolate(self.applied, snapshot, err)
             changed = plan.changed
             if not changed:
                 self.applied = plan.snapshot
@@ -157,10 +163,6 @@ class TargetPipeline:
             outcome = Outcome(self.name, wanted.revision, "failed", error=err)
         self._log_released(retried, outcome)
         return self._report(outcome, timings)
-
-    def _base(self) -> Snapshot:
-        """What a held service falls back to: the last applied snapshot (none: nothing)."""
-        return self.applied if self.applied is not None else isolation.EMPTY
 
     def _attempt(
         self, snapshot: Snapshot, timings: dict[str, float], *, always_check: bool = False
@@ -173,13 +175,11 @@ class TargetPipeline:
                 self.check(plan)
         return plan
 
-    def _isolate(self, snapshot: Snapshot, failure: LbsyncError) -> Plan:
+    def _isolate(self, base: Snapshot, snapshot: Snapshot, failure: LbsyncError) -> Plan:
         """The plan without the services whose change fails on its own; they are held back.
 
         Re-raises ``failure`` when the failure is nobody's in particular.
         """
-        base = self._base()
-        suspects = isolation.changed_services(base, snapshot)
         scratch: dict[str, float] = {}
 
         def trial(names: Iterable[str]) -> LbsyncError | None:
@@ -194,13 +194,11 @@ class TargetPipeline:
                 return err
             return None
 
+        suspects = isolation.changed_services(base, snapshot)
         try:
             if not suspects:
                 raise Unattributable("no service changed since the last applied round")
             culprits = isolation.find_culprits(suspects, failure, trial)
-            if self.applied is None and len(culprits) == len(suspects):
-                # nothing applied yet and nothing renders: never an empty config instead
-                raise Unattributable("every service fails and none was applied before")
             plan = self._attempt(isolation.compose(base, snapshot, culprits), scratch)
         except (Unattributable, RenderError, ValidationFailed) as why:
             log.warning("isolate.failed", target=self.name, reason=str(why))

@@ -205,7 +205,22 @@ def test_a_template_bug_fails_the_round_as_a_whole(tmp_path: Path) -> None:
     assert isinstance(outcome.error, RenderError)
     assert outcome.held == {}
     assert not dest.exists()
-    assert "reload" not in driver.calls
+    assert driver.calls == []
+
+
+def test_before_a_first_applied_round_nothing_is_held_or_left_out(tmp_path: Path) -> None:
+    """No last applied version to hold ``web`` at: leaving it out could drop it from an LB
+    that serves it from the files on disk, so the round fails whole."""
+    pipe, driver, dest = make_pipeline(tmp_path)
+    etcd = Etcd(START)
+
+    outcome = pipe.apply(etcd.put("/services/web/settings", {"div": 0}))
+
+    assert outcome.action == "failed"
+    assert "ZeroDivisionError" in str(outcome.error)
+    assert outcome.held == {}
+    assert not dest.exists()
+    assert driver.calls == []
 
 
 def test_a_checker_that_refuses_everything_holds_nobody(tmp_path: Path) -> None:
