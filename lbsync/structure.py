@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from itertools import compress, count
 from operator import ne
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lbsync.config import TemplateSettings
 from lbsync.errors import RenderError, StructureViolation
@@ -181,6 +181,8 @@ def _twin_service(service: Service) -> Service:
 
 
 def _twin_instance(instance: Instance) -> Instance:
+    if _benign_instance(instance):
+        return instance
     health = instance.health
     if health is not None:
         health = HealthMark.model_construct(
@@ -194,6 +196,27 @@ def _twin_instance(instance: Instance) -> Instance:
             "health": health,
         }
     )
+
+
+def _neutral_extra(value: object, twins: Mapping[int, Instance]) -> object:
+    """``value`` (a driver's template extras) with the instances in ``twins`` replaced by
+    their twins, through tuples, named tuples, lists and mappings; the rest as it is (an
+    unchanged container stays the same object, for the render cache)."""
+    if isinstance(value, Instance):
+        return twins.get(id(value), value)
+    if isinstance(value, tuple | list):
+        items = [_neutral_extra(item, twins) for item in value]
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        if isinstance(value, list):
+            return items
+        if hasattr(value, "_fields"):  # a named tuple (HAProxy's Slot)
+            return cast(Any, type(value))(*items)
+        return tuple(items)
+    if isinstance(value, Mapping):
+        pairs = {key: _neutral_extra(item, twins) for key, item in value.items()}
+        return value if all(pairs[k] is v for k, v in value.items()) else pairs
+    return value
 
 
 class WatchedKeys(RawKeys):
@@ -251,6 +274,10 @@ class StructureCheck:
         if twin is snapshot and not (isinstance(raw, WatchedKeys) and raw.read_unsafe):
             return
         neutral_keys = NeutralKeys(snapshot.keys)
+        instances = self._instance_twins(snapshot)
+        if instances:  # a driver's extras carry instances too (HAProxy's slots)
+            extra = dict(extra)
+            extra.update((k, _neutral_extra(v, instances)) for k, v in extra.items())
         for template in self.templates:
             try:
                 benign = self.renderer.render(template.src, twin, extra, raw=neutral_keys)
@@ -270,6 +297,17 @@ class StructureCheck:
                     file=str(template.dest),
                     directive=line.strip(),
                 )
+
+    def _instance_twins(self, snapshot: Snapshot) -> dict[int, Instance]:
+        """id of each instance of ``snapshot`` that has a different twin → that twin."""
+        twins: dict[int, Instance] = {}
+        for service in snapshot.services.values():
+            real, twin = self._twins[id(service)]
+            if twin is not real:
+                for old, new in zip(real.instances, twin.instances, strict=True):
+                    if new is not old:
+                        twins[id(old)] = new
+        return twins
 
     def twin(self, snapshot: Snapshot) -> Snapshot:
         """``snapshot`` with every service replaced by its benign twin (itself if benign)."""

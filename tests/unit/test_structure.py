@@ -136,3 +136,39 @@ def test_the_stock_upstreams_template_refuses_an_injected_host(host: str, direct
     with pytest.raises(StructureViolation, match=f"added '{directive}'") as caught:
         run_check(checker("upstreams.conf.j2"), snapshot)
     assert caught.value.file == "/etc/nginx/conf.d/upstreams.conf.j2"
+
+
+def test_the_stock_haproxy_template_refuses_a_program_section_through_its_slots(
+    tmp_path: Path,
+) -> None:
+    """The HAProxy template reads instances through the driver's slots, not ``services``:
+    the twin's extras carry the twin instances too."""
+    from lbsync.config import HaproxyTarget
+    from lbsync.drivers.haproxy import HaproxyDriver
+
+    src = STOCK.parent / "haproxy" / "haproxy.cfg.j2"
+    config = tmp_path / "haproxy.cfg"
+    target = HaproxyTarget.model_validate(
+        {
+            "name": "h",
+            "driver": "haproxy",
+            "config": str(config),
+            "template": [{"src": str(src), "dest": str(config)}],
+        }
+    )
+    driver = HaproxyDriver(target)
+    check = StructureCheck(Renderer(), target.templates, driver.line_shape())
+
+    def run(snapshot: Snapshot) -> None:
+        extra = driver.template_context(snapshot)
+        raw = check.keys(snapshot)
+        rendered = {config: check.renderer.render(src, snapshot, extra, raw=raw)}
+        check.check(snapshot, extra, rendered, raw)
+
+    mark = HealthMark(status=State.DRAIN, reason='said "no"; {retry} #3')
+    run(hostile(snapshot_from(CATALOG), Instance(id="c", host="10.0.0.3", port=80, health=mark)))
+    evil = Instance.model_construct(
+        id="d", host="10.0.0.4\nprogram pwn\n  command /bin/sh", port=80, weight=1
+    )
+    with pytest.raises(StructureViolation, match="added 'program'"):
+        run(hostile(snapshot_from(CATALOG), evil))
