@@ -5,16 +5,17 @@ renders from a benign twin of the same snapshot: every free-form string (hosts, 
 names, meta, health reasons, string settings, raw keys a template reads) with each
 character that can end or open a directive, a block, a comment, a quote or a line
 (``; { } # " ' \\`` `` ` ``, control characters) replaced by ``x``; every other character,
-and every typed value (state, port, weight, bools, numbers), kept. The template's
-control flow therefore stays the same, and anything that differs in structure between
-the two renders came from a value.
+and every typed value (state, port, weight, bools, numbers), kept; instances inside the
+driver's template extras (HAProxy's slots) are swapped for their twins too. The
+template's control flow therefore stays the same, and anything that differs in structure
+between the two renders came from a value.
 
 Structure is counted per line, by the driver's ``line_shape``: for nginx the punctuation
 and the directive names that start statements (``include``, ``load_module``, ``}``...),
-for HAProxy the first keyword of each line (``program``, ``global``...). Lines the two
-renders share cancel out (``collections.Counter``, C speed), so a check costs the lines
-that differ. When no service and no raw key the render read holds such a character, the
-twin *is* the snapshot and the check costs nothing at all.
+for HAProxy the first keyword of each line (``program``, ``global``...); the command
+driver has none. Only the lines between the renders' common head and tail, and of those
+only the ones that differ, are shaped. When no service and no raw key the render read
+holds such a character, the twin *is* the snapshot and there is nothing to compare.
 """
 
 from __future__ import annotations
