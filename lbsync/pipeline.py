@@ -161,7 +161,7 @@ class TargetPipeline:
                 outcome = self._swap_and_load(plan, changed, timings)
         except LbsyncError as err:
             outcome = Outcome(self.name, wanted.revision, "failed", error=err)
-        self._log_released(retried, outcome)
+        self._settle_retried(retried, outcome)
         return self._report(outcome, timings)
 
     def _attempt(
@@ -231,7 +231,10 @@ class TargetPipeline:
             del self.held[name]
         return retried
 
-    def _log_released(self, retried: Mapping[str, HeldService], outcome: Outcome) -> None:
+    def _settle_retried(self, retried: Mapping[str, HeldService], outcome: Outcome) -> None:
+        """After a round that retried held services: those not held again are released,
+        unless the round failed as a whole (then they stay listed, and are retried on the
+        next round since their data differs from what failed)."""
         if not outcome.ok:
             self.held.update((n, h) for n, h in retried.items() if n not in self.held)
             return
