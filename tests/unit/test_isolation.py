@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from lbsync import isolation
+from lbsync import isolation, metrics
 from lbsync.config import CommandTarget
 from lbsync.drivers.base import StagedConfig
 from lbsync.errors import (
@@ -93,7 +93,7 @@ def make_pipeline(
     dest = tmp_path / "out.conf"
     settings = CommandTarget.model_validate(
         {
-            "name": "lb",
+            "name": target.pop("target_name", "lb"),
             "driver": "command",
             "reload_command": ["true"],
             "template": [{"src": tmp_path / "t.j2", "dest": dest}],
@@ -180,6 +180,41 @@ def test_a_checker_refusal_caused_by_one_service_holds_only_that_one(tmp_path: P
     assert "refuse-me" not in dest.read_text()
     assert "10.0.1.2:80" in lines(dest)["api"]
     assert driver.calls[-2:] == ["reload", "verify"]
+
+
+def test_several_bad_services_among_many_changes_in_one_round(tmp_path: Path) -> None:
+    pipe, _driver, dest = make_pipeline(tmp_path, target_name="many")
+    services = {f"s{n}": {"instances": {"a": f"10.0.2.{n}:80"}} for n in range(8)}
+    etcd = Etcd({"services": services})
+    pipe.apply(etcd.snapshot())
+    events = [
+        KeyEvent(
+            kind="put", key=f"{P}/services/s{n}/instances/b", value=b"10.0.3.1:80", mod_revision=2
+        )
+        for n in range(8)
+    ]
+    for n, bad in ((1, {"div": 0}), (4, {"extra": "refuse-me"}), (6, {"div": 0})):
+        value = json.dumps(bad).encode()
+        events.append(
+            KeyEvent(kind="put", key=f"{P}/services/s{n}/settings", value=value, mod_revision=2)
+        )
+    etcd.fake.catalog.apply(SourceEvents(revision=2, events=tuple(events)))
+
+    outcome = pipe.apply(etcd.snapshot())
+
+    assert outcome.action == "reloaded"
+    assert sorted(outcome.held) == ["s1", "s4", "s6"]
+    assert isinstance(outcome.held["s4"].error, ValidationFailed)
+    assert isinstance(outcome.held["s6"].error, RenderError)
+    rendered = lines(dest)
+    for n in range(8):
+        applied = "10.0.3.1:80" in rendered[f"s{n}"]
+        assert applied is (n not in (1, 4, 6)), rendered[f"s{n}"]
+    assert metrics.REGISTRY.get_sample_value("lbsync_services_held", {"target": "many"}) is None
+    metrics.record_outcome(outcome)
+    assert metrics.REGISTRY.get_sample_value("lbsync_services_held", {"target": "many"}) == 3
+    holds = {"target": "many", "error": "RenderError"}
+    assert metrics.REGISTRY.get_sample_value("lbsync_service_holds_total", holds) == 2
 
 
 def test_a_new_service_that_fails_stays_absent(tmp_path: Path) -> None:
