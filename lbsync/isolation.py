@@ -22,6 +22,12 @@ service among 1,000 changed ones needs ~20)."""
 
 MAX_KEYS_SHOWN = 10
 
+RETRY_FIRST = 60.0
+RETRY_MAX = 3600.0
+"""A held service whose data did not change is tried again, at the first round after
+``RETRY_FIRST`` s, then after twice as long each time it fails again, up to ``RETRY_MAX``:
+what the checker refused may have been the environment (a missing file), not the value."""
+
 
 @dataclass(frozen=True)
 class HeldService:
@@ -36,9 +42,20 @@ class HeldService:
     error: LbsyncError
     keys: tuple[str, ...]  # the changed keys, relative to the prefix
     revision: int
+    attempt: int  # how many rounds in a row this very version failed
+    retry_at: float  # monotonic time after which it is tried again though unchanged
 
     def document(self) -> dict[str, object]:
-        return {"error": str(self.error), "keys": list(self.keys), "revision": self.revision}
+        return {
+            "error": str(self.error),
+            "keys": list(self.keys),
+            "revision": self.revision,
+            "attempt": self.attempt,
+        }
+
+
+def retry_delay(attempt: int) -> float:
+    return min(RETRY_FIRST * 2.0 ** min(attempt - 1, 16), RETRY_MAX)
 
 
 class Unattributable(Exception):

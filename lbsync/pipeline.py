@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -89,7 +89,15 @@ class Outcome:
 class TargetPipeline:
     """Applies snapshots to one target; remembers the last snapshot it applied."""
 
-    def __init__(self, target: Target, driver: Driver, renderer: Renderer, state_dir: Path) -> None:
+    def __init__(
+        self,
+        target: Target,
+        driver: Driver,
+        renderer: Renderer,
+        state_dir: Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.target = target
         self.driver = driver
         self.renderer = renderer
@@ -100,6 +108,7 @@ class TargetPipeline:
         self.held: dict[str, HeldService] = {}
         self.structure = StructureCheck(renderer, target.templates, driver.line_shape())
         self._modes = {t.dest: t.mode for t in target.templates if t.mode is not None}
+        self._clock = clock
 
     @property
     def name(self) -> str:
@@ -152,7 +161,7 @@ class TargetPipeline:
                     # out could drop a service the LB serves from the files on disk.
                     raise
                 with _timed(timings, "isolate"):
-                    plan = self._isolate(self.applied, snapshot, err)
+                    plan = self._isolate(self.applied, snapshot, err, retried)
             changed = plan.changed
             if not changed:
                 self.applied = plan.snapshot
@@ -175,7 +184,13 @@ class TargetPipeline:
                 self.check(plan)
         return plan
 
-    def _isolate(self, base: Snapshot, snapshot: Snapshot, failure: LbsyncError) -> Plan:
+    def _isolate(
+        self,
+        base: Snapshot,
+        snapshot: Snapshot,
+        failure: LbsyncError,
+        retried: Mapping[str, HeldService],
+    ) -> Plan:
         """The plan without the services whose change fails on its own; they are held back.
 
         Re-raises ``failure`` when the failure is nobody's in particular.
@@ -204,12 +219,22 @@ class TargetPipeline:
             log.warning("isolate.failed", target=self.name, reason=str(why))
             raise failure from None
         for name, error in culprits.items():
-            self._hold(name, base, snapshot, error)
+            self._hold(name, base, snapshot, error, retried.get(name))
         return plan
 
-    def _hold(self, name: str, base: Snapshot, snapshot: Snapshot, error: LbsyncError) -> None:
+    def _hold(
+        self,
+        name: str,
+        base: Snapshot,
+        snapshot: Snapshot,
+        error: LbsyncError,
+        before: HeldService | None,
+    ) -> None:
+        failed = snapshot.services.get(name)
+        attempt = before.attempt + 1 if before is not None and before.failed is failed else 1
+        retry_at = self._clock() + isolation.retry_delay(attempt)
         keys = isolation.changed_keys(base, snapshot, name)
-        held = HeldService(name, snapshot.services.get(name), error, keys, snapshot.revision)
+        held = HeldService(name, failed, error, keys, snapshot.revision, attempt, retry_at)
         self.held[name] = held
         metrics.service_held(self.name, type(error).__name__)
         log.error(
@@ -217,15 +242,18 @@ class TargetPipeline:
             **{**error.context(), "target": self.name, "service": name},
             keys=list(keys),
             revision=snapshot.revision,
+            attempt=attempt,
             error=str(error),
         )
 
     def _release_changed(self, wanted: Snapshot) -> dict[str, HeldService]:
-        """Stop holding the services whose data changed since they failed: retry them."""
+        """Stop holding the services whose data changed since they failed, or whose time
+        to be tried again has come (isolation.RETRY_FIRST): retry them this round."""
+        now = self._clock()
         retried = {
             name: held
             for name, held in self.held.items()
-            if wanted.services.get(name) is not held.failed
+            if wanted.services.get(name) is not held.failed or now >= held.retry_at
         }
         for name in retried:
             del self.held[name]

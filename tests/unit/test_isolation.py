@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +69,11 @@ class Etcd:
 class RefusingDriver(FakeDriver):
     """A checker that refuses any staged file holding ``refuse-me``."""
 
+    refuse = True
+
     def validate(self, staged: StagedConfig) -> None:
         super().validate(staged)
-        if any(b"refuse-me" in p.read_bytes() for p in staged.files.values()):
+        if self.refuse and any(b"refuse-me" in p.read_bytes() for p in staged.files.values()):
             raise ValidationFailed("check refused", command=["fake-check"], stderr="refuse-me")
 
 
@@ -87,6 +91,7 @@ def make_pipeline(
     tmp_path: Path,
     template: str = TEMPLATE,
     driver: FakeDriver | None = None,
+    clock: Callable[[], float] = time.monotonic,
     **target: object,
 ) -> tuple[TargetPipeline, FakeDriver, Path]:
     (tmp_path / "t.j2").write_text(template)
@@ -101,7 +106,8 @@ def make_pipeline(
         }
     )
     driver = driver or RefusingDriver(settings)
-    return TargetPipeline(settings, driver, Renderer(), tmp_path / "state"), driver, dest
+    pipe = TargetPipeline(settings, driver, Renderer(), tmp_path / "state", clock=clock)
+    return pipe, driver, dest
 
 
 def lines(path: Path) -> dict[str, str]:
@@ -150,6 +156,33 @@ def test_a_held_service_does_not_delay_a_later_change_and_is_not_retried(
     assert "isolate" not in outcome.durations  # web's unchanged data was not tried again
     assert len(driver.validated) == validations + 1
     assert set(outcome.held) == {"web"}
+
+
+def test_an_unchanged_held_service_is_retried_after_a_growing_delay(tmp_path: Path) -> None:
+    """What the checker refused may have been the environment: tried again after 60 s,
+    then 120 s, at the first round after that, never on every round."""
+    now = [1000.0]
+    pipe, driver, dest = make_pipeline(tmp_path, clock=lambda: now[0])
+    etcd = Etcd(START)
+    pipe.apply(etcd.snapshot())
+    pipe.apply(etcd.put("/services/web/settings", {"extra": "refuse-me"}))
+    assert (pipe.held["web"].attempt, pipe.held["web"].retry_at) == (1, 1060.0)
+
+    now[0] = 1059.0
+    assert (
+        "isolate" not in pipe.apply(etcd.put("/services/api/instances/b", "10.0.1.2:80")).durations
+    )
+    now[0] = 1060.0
+    retried = pipe.apply(etcd.put("/services/api/instances/c", "10.0.1.3:80"))
+    assert "isolate" in retried.durations
+    assert (retried.held["web"].attempt, retried.held["web"].retry_at) == (2, 1180.0)
+    assert "10.0.1.3:80" in lines(dest)["api"]
+
+    driver.refuse = False  # the environment was fixed
+    now[0] = 1180.0
+    fixed = pipe.apply(etcd.put("/services/api/instances/d", "10.0.1.4:80"))
+    assert fixed.held == {}
+    assert "refuse-me" in lines(dest)["web"]
 
 
 def test_a_held_service_recovers_when_its_data_is_fixed(tmp_path: Path) -> None:
