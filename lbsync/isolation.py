@@ -4,8 +4,9 @@ A round that fails to render, breaks the structural check or is refused by the L
 checker is tried again on compositions: the last applied snapshot plus some of the
 services that changed since (bisecting). A service whose change fails on its own is held
 back at its last applied version (or left out, if it was absent) and every other change
-applies in the same round. Composition reuses the ``Service`` objects of the two
-snapshots, so the render cache keeps hitting.
+applies in the same round; it is tried again when its data changes, or unchanged after a
+doubling delay. Composition reuses the ``Service`` objects of the two snapshots, so the
+render cache keeps hitting.
 """
 
 from __future__ import annotations
