@@ -171,6 +171,10 @@ class TargetBase(Section):
     """After a reload, how long the LB has to show that it took the new config before
     lbsync restores the last-known-good files (nginx, haproxy; a command target's
     verdict is its reload command's exit status)."""
+    max_render_bytes: int = Field(default=64 * 2**20, ge=1024)
+    """A render past this many bytes (all of the target's files together) fails before
+    staging: a value must not be able to fill the disk or stall the checker. 10,000
+    servers render to ~1 MiB, so the default leaves 64x headroom."""
 
 
 class NginxTarget(TargetBase):

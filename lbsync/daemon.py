@@ -505,6 +505,7 @@ def _outcome_document(outcome: Outcome) -> dict[str, object]:
         "files": list(outcome.files),
         "error": str(outcome.error) if outcome.error else None,
         "ms": dict(outcome.durations),
+        "held": {name: held.document() for name, held in outcome.held.items()},
     }
 
 

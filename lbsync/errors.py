@@ -10,6 +10,8 @@
     │   └── LeaseExpired             a lease could not be refreshed: it is gone with its keys
     ├── InvalidValue                 one etcd key's value is unusable (key, value, reason)
     ├── RenderError                  a template failed to load or render (template, line)
+    │   ├── RenderTooLarge           a target's render is past its size cap (size, cap)
+    │   └── StructureViolation       a value added a directive that benign values don't (file)
     ├── StageError                   staging, swapping or restoring files (path)
     ├── CommandError                 an external command failed or timed out (command, stderr)
     │   └── ValidationFailed         the LB's own checker refused the staged config
@@ -130,6 +132,35 @@ class RenderError(LbsyncError):
 
     def context(self) -> dict[str, object]:
         return {"template": self.template, "line": self.line}
+
+
+class RenderTooLarge(RenderError):
+    """A target's rendered files add up to more than its ``max_render_bytes``."""
+
+    def __init__(self, *, template: str, size: int, cap: int) -> None:
+        super().__init__(
+            f"the target's render reached {size} bytes, past its cap of {cap} (max_render_bytes)",
+            template=template,
+        )
+        self.size = size
+        self.cap = cap
+
+    def context(self) -> dict[str, object]:
+        return {**super().context(), "size": self.size, "cap": self.cap}
+
+
+class StructureViolation(RenderError):
+    """A render holds a directive (or block, or section) that the same template does not
+    produce from benign values: a value broke out of its argument. Nothing is checked or
+    written; the service whose value did it is held back."""
+
+    def __init__(self, reason: str, *, template: str, file: str, directive: str) -> None:
+        super().__init__(f"{file}: {reason}: {directive!r}", template=template)
+        self.file = file
+        self.directive = directive
+
+    def context(self) -> dict[str, object]:
+        return {**super().context(), "file": self.file, "directive": _clip(self.directive, 200)}
 
 
 class StageError(LbsyncError):

@@ -126,6 +126,18 @@ EVENT_TO_APPLY = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+SERVICES_HELD = Gauge(
+    "lbsync_services_held",
+    "Services held at their last applied version because their own change fails.",
+    ["target"],
+    registry=REGISTRY,
+)
+SERVICE_HOLDS = Counter(
+    "lbsync_service_holds",
+    "Times a service's change was held back, by error class (RenderError, ...).",
+    ["target", "error"],
+    registry=REGISTRY,
+)
 INSTANCES = Gauge(
     "lbsync_instances",
     "Instances in the catalog per service and effective state (up, drain, down).",
@@ -185,6 +197,7 @@ def init_targets(targets: Iterable[str]) -> None:
         ROLLBACKS.labels(target)
         GUARD_HOLDS.labels(target)
         RUNTIME_TAMPERED.labels(target)
+        SERVICES_HELD.labels(target)
 
 
 def record_outcome(outcome: Outcome) -> None:
@@ -201,6 +214,7 @@ def record_outcome(outcome: Outcome) -> None:
         VALIDATION_FAILURES.labels(target).inc()
     if outcome.error is not None:
         ROUND_ERRORS.labels(target, type(outcome.error).__name__).inc()
+    SERVICES_HELD.labels(target).set(len(outcome.held))
     LAST_ROUND_SUCCESS.labels(target).set(1 if outcome.ok else 0)
     if outcome.ok:
         LAST_SUCCESS_TIME.labels(target).set(time.time())
@@ -241,6 +255,10 @@ def set_etcd(connected: bool, revision: int, synced_at: float | None) -> None:
     LAST_SYNC_REVISION.set(revision)
     if synced_at is not None:
         LAST_SYNC_TIME.set(synced_at)
+
+
+def service_held(target: str, error: str) -> None:
+    SERVICE_HOLDS.labels(target, error).inc()
 
 
 def guard_held(target: str) -> None:

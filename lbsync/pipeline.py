@@ -2,7 +2,10 @@
 
 This is where the failure semantics live:
 
-- a template error or a refused check changes nothing on disk and reloads nothing;
+- a template error, a structural violation (lbsync.structure), a render past the size cap
+  or a refused check changes nothing on disk and reloads nothing — unless it is one
+  service's change that fails on its own: then that service is held back at its last
+  applied version and every other change applies in the same round (lbsync.isolation);
 - an unchanged render (same bytes as on disk) writes nothing and reloads nothing;
 - a membership-only change goes through the driver's runtime API when it can (files are
   still validated and written, without a reload, so a later restart agrees);
@@ -15,19 +18,29 @@ from __future__ import annotations
 
 import difflib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import structlog
 
-from lbsync import metrics, stage
+from lbsync import isolation, metrics, stage
 from lbsync.config import Target
 from lbsync.drivers.base import Driver
-from lbsync.errors import DriverError, LbsyncError, ReloadFailed, VerifyFailed
+from lbsync.errors import (
+    DriverError,
+    LbsyncError,
+    ReloadFailed,
+    RenderError,
+    RenderTooLarge,
+    ValidationFailed,
+    VerifyFailed,
+)
+from lbsync.isolation import HeldService, Unattributable
 from lbsync.model import Snapshot
 from lbsync.render import Renderer
+from lbsync.structure import StructureCheck
 
 log = structlog.get_logger("lbsync.pipeline")
 
@@ -66,6 +79,7 @@ class Outcome:
     files: tuple[str, ...] = ()
     error: LbsyncError | None = None
     durations: Mapping[str, float] = field(default_factory=dict)
+    held: Mapping[str, HeldService] = field(default_factory=dict)  # services held back
 
     @property
     def ok(self) -> bool:
@@ -75,7 +89,15 @@ class Outcome:
 class TargetPipeline:
     """Applies snapshots to one target; remembers the last snapshot it applied."""
 
-    def __init__(self, target: Target, driver: Driver, renderer: Renderer, state_dir: Path) -> None:
+    def __init__(
+        self,
+        target: Target,
+        driver: Driver,
+        renderer: Renderer,
+        state_dir: Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.target = target
         self.driver = driver
         self.renderer = renderer
@@ -83,19 +105,34 @@ class TargetPipeline:
         self.staging = stage.StagingArea(target, self.workdir)
         self.backup_dir = state_dir / "backup" / target.name
         self.applied: Snapshot | None = None
+        self.held: dict[str, HeldService] = {}
+        self.structure = StructureCheck(renderer, target.templates, driver.line_shape())
         self._modes = {t.dest: t.mode for t in target.templates if t.mode is not None}
         self._follow = frozenset(t.dest for t in target.templates if t.follow_symlinks)
+        self._clock = clock
 
     @property
     def name(self) -> str:
         return self.target.name
 
     def plan(self, snapshot: Snapshot) -> Plan:
-        """Render every template of the target (raises RenderError) and read what's on disk."""
+        """Render every template of the target and read what's on disk.
+
+        Raises RenderError, RenderTooLarge past ``max_render_bytes``, StructureViolation
+        when a value added structure to a render.
+        """
         extra = self.driver.template_context(snapshot)
-        rendered = {
-            t.dest: self.renderer.render(t.src, snapshot, extra) for t in self.target.templates
-        }
+        raw = self.structure.keys(snapshot)
+        rendered: dict[Path, bytes] = {}
+        size = 0
+        for template in self.target.templates:
+            data = self.renderer.render(template.src, snapshot, extra, raw=raw)
+            size += len(data)
+            if size > self.target.max_render_bytes:
+                cap = self.target.max_render_bytes
+                raise RenderTooLarge(template=str(template.src), size=size, cap=cap)
+            rendered[template.dest] = data
+        self.structure.check(snapshot, extra, rendered, raw)
         current = {
             dest: stage.current_bytes(dest, follow_symlinks=dest in self._follow)
             for dest in rendered
@@ -107,22 +144,134 @@ class TargetPipeline:
         with self.staging.staged(plan.rendered) as tree:
             self.driver.validate(tree)
 
-    def apply(self, snapshot: Snapshot) -> Outcome:
-        """One full round. Never raises for LB-side failures: the outcome says what happened."""
+    def apply(self, wanted: Snapshot) -> Outcome:
+        """One full round. Never raises for LB-side failures: the outcome says what happened.
+
+        Services held back by an earlier round stay at their applied version until their
+        own data changes; a failure that one service's change causes holds that service
+        back and applies the rest.
+        """
         timings: dict[str, float] = {}
+        retried = self._release_changed(wanted)
+        snapshot = wanted
+        if self.held and self.applied is not None:  # held services: as last applied
+            snapshot = isolation.compose(self.applied, wanted, self.held)
         try:
-            with _timed(timings, "render"):
-                plan = self.plan(snapshot)
+            try:
+                plan = self._attempt(snapshot, timings)
+            except (RenderError, ValidationFailed) as err:
+                if self.applied is None:
+                    # No last applied version to keep a failing service at, and leaving it
+                    # out could drop a service the LB serves from the files on disk.
+                    raise
+                with _timed(timings, "isolate"):
+                    plan = self._isolate(self.applied, snapshot, err, retried)
             changed = plan.changed
             if not changed:
-                self.applied = snapshot
-                return self._report(Outcome(self.name, snapshot.revision, "unchanged"), timings)
+                self.applied = plan.snapshot
+                outcome = Outcome(self.name, wanted.revision, "unchanged")
+            else:
+                outcome = self._swap_and_load(plan, changed, timings)
+        except LbsyncError as err:
+            outcome = Outcome(self.name, wanted.revision, "failed", error=err)
+        self._settle_retried(retried, outcome)
+        return self._report(outcome, timings)
+
+    def _attempt(
+        self, snapshot: Snapshot, timings: dict[str, float], *, always_check: bool = False
+    ) -> Plan:
+        """Render and, when anything differs from disk, validate. Raises on failure."""
+        with _timed(timings, "render"):
+            plan = self.plan(snapshot)
+        if plan.changed or always_check:
             with _timed(timings, "validate"):
                 self.check(plan)
-            return self._report(self._swap_and_load(plan, changed, timings), timings)
-        except LbsyncError as err:
-            outcome = Outcome(self.name, snapshot.revision, "failed", error=err)
-            return self._report(outcome, timings)
+        return plan
+
+    def _isolate(
+        self,
+        base: Snapshot,
+        snapshot: Snapshot,
+        failure: LbsyncError,
+        retried: Mapping[str, HeldService],
+    ) -> Plan:
+        """The plan without the services whose change fails on its own; they are held back.
+
+        Re-raises ``failure`` when the failure is nobody's in particular.
+        """
+        scratch: dict[str, float] = {}
+
+        def trial(names: Iterable[str]) -> LbsyncError | None:
+            keep = set(suspects).difference(names)
+            # Without any change (what the LB runs) the checker must still agree: if it
+            # refuses that too, the checker or the LB is at fault, not a service.
+            everything_kept = len(keep) == len(suspects)
+            try:
+                composed = isolation.compose(base, snapshot, keep)
+                self._attempt(composed, scratch, always_check=everything_kept)
+            except (RenderError, ValidationFailed) as err:
+                return err
+            return None
+
+        suspects = isolation.changed_services(base, snapshot)
+        try:
+            if not suspects:
+                raise Unattributable("no service changed since the last applied round")
+            culprits = isolation.find_culprits(suspects, failure, trial)
+            plan = self._attempt(isolation.compose(base, snapshot, culprits), scratch)
+        except (Unattributable, RenderError, ValidationFailed) as why:
+            log.warning("isolate.failed", target=self.name, reason=str(why))
+            raise failure from None
+        for name, error in culprits.items():
+            self._hold(name, base, snapshot, error, retried.get(name))
+        return plan
+
+    def _hold(
+        self,
+        name: str,
+        base: Snapshot,
+        snapshot: Snapshot,
+        error: LbsyncError,
+        before: HeldService | None,
+    ) -> None:
+        failed = snapshot.services.get(name)
+        attempt = before.attempt + 1 if before is not None and before.failed is failed else 1
+        retry_at = self._clock() + isolation.retry_delay(attempt)
+        keys = isolation.changed_keys(base, snapshot, name)
+        held = HeldService(name, failed, error, keys, snapshot.revision, attempt, retry_at)
+        self.held[name] = held
+        metrics.service_held(self.name, type(error).__name__)
+        log.error(
+            "service.held",
+            **{**error.context(), "target": self.name, "service": name},
+            keys=list(keys),
+            revision=snapshot.revision,
+            attempt=attempt,
+            error=str(error),
+        )
+
+    def _release_changed(self, wanted: Snapshot) -> dict[str, HeldService]:
+        """Stop holding the services whose data changed since they failed, or whose time
+        to be tried again has come (isolation.RETRY_FIRST): retry them this round."""
+        now = self._clock()
+        retried = {
+            name: held
+            for name, held in self.held.items()
+            if wanted.services.get(name) is not held.failed or now >= held.retry_at
+        }
+        for name in retried:
+            del self.held[name]
+        return retried
+
+    def _settle_retried(self, retried: Mapping[str, HeldService], outcome: Outcome) -> None:
+        """After a round that retried held services: those not held again are released,
+        unless the round failed as a whole (then they stay listed, and are retried on the
+        next round since their data differs from what failed)."""
+        if not outcome.ok:
+            self.held.update((n, h) for n, h in retried.items() if n not in self.held)
+            return
+        for name in retried.keys() - self.held.keys():
+            log.info("service.released", target=self.name, service=name)
 
     def _swap_and_load(
         self, plan: Plan, changed: dict[Path, bytes], timings: dict[str, float]
@@ -183,6 +332,7 @@ class TargetPipeline:
             outcome.files,
             outcome.error,
             {k: round(v * 1000, 3) for k, v in timings.items()},
+            dict(self.held),
         )
         fields = {
             "target": self.name,
@@ -190,6 +340,8 @@ class TargetPipeline:
             "files": list(outcome.files),
             "ms": dict(outcome.durations),
         }
+        if outcome.held:
+            fields["held"] = sorted(outcome.held)
         if outcome.error is not None:
             err = outcome.error
             log.error(f"apply.{outcome.action}", **{**err.context(), **fields, "error": str(err)})

@@ -54,16 +54,20 @@ class RawKeys:
 
     def getv(self, key: str, default: str | None = None) -> str:
         if key in self._keys:
-            return self._keys[key]
+            return self._value(key)
         if default is not None:
             return default
         raise KeyError(f"getv: no key {key!r} under the prefix")
 
     def gets(self, pattern: str) -> list[dict[str, str]]:
-        return [{"key": k, "value": self._keys[k]} for k in self._match(pattern)]
+        return [{"key": k, "value": self._value(k)} for k in self._match(pattern)]
 
     def getvs(self, pattern: str) -> list[str]:
-        return [self._keys[k] for k in self._match(pattern)]
+        return [self._value(k) for k in self._match(pattern)]
+
+    def _value(self, key: str) -> str:
+        """Every value a template reads goes through here (see lbsync.structure)."""
+        return self._keys[key]
 
     def exists(self, key: str) -> bool:
         return key in self._keys
@@ -192,10 +196,16 @@ class Renderer:
             raise RenderError(f"cannot read: {exc.strerror}", template=str(src)) from exc
 
     def render(
-        self, src: Path, snapshot: Snapshot, extra: Mapping[str, Any] | None = None
+        self,
+        src: Path,
+        snapshot: Snapshot,
+        extra: Mapping[str, Any] | None = None,
+        *,
+        raw: RawKeys | None = None,
     ) -> bytes:
+        """``raw``: the raw-key access to give the template (default: the snapshot's keys)."""
         template = self.load(src)
-        context = template_context(snapshot, extra)
+        context = template_context(snapshot, extra, raw)
         cache = template.environment.extensions[CacheExtension.identifier]
         assert isinstance(cache, CacheExtension)
         cache.begin()
@@ -222,13 +232,15 @@ class Renderer:
         return env
 
 
-def template_context(snapshot: Snapshot, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def template_context(
+    snapshot: Snapshot, extra: Mapping[str, Any] | None = None, raw: RawKeys | None = None
+) -> dict[str, Any]:
     """What every template sees: ``services``, ``snapshot``, raw-key functions, driver extras."""
     context: dict[str, Any] = {
         "services": snapshot.services,
         "snapshot": snapshot,
         "revision": snapshot.revision,
-        **RawKeys(snapshot.keys).functions(),
+        **(raw or RawKeys(snapshot.keys)).functions(),
     }
     context.update(extra or {})
     return context

@@ -70,6 +70,12 @@ class Driver(abc.ABC):
         """Extra names for this target's templates (e.g. stable HAProxy slot assignments)."""
         return {}
 
+    def line_shape(self) -> Callable[[str], list[str]] | None:
+        """How to read the structure of one rendered line (see lbsync.structure), or None
+        for no structural check (the default: the command driver's format is the
+        operator's own, and only its checker knows what a directive is)."""
+        return None
+
     def runtime_update(self, old: Snapshot | None, new: Snapshot) -> bool:
         """Apply ``old → new`` without a reload if the LB can. True = done, no reload needed.
 

@@ -50,7 +50,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -67,6 +67,7 @@ from lbsync.errors import DriverError, ReloadFailed, ValidationFailed, VerifyFai
 from lbsync.fileio import atomic_write, opened_dir
 from lbsync.model import Instance, Service, Snapshot
 from lbsync.stage import EXTERNAL_DIR
+from lbsync.structure import haproxy_line_shape
 
 log = structlog.get_logger("lbsync.drivers.haproxy")
 
@@ -613,6 +614,9 @@ class HaproxyDriver(Driver):
         self._settings: dict[str, tuple[Service, str, str | None]] = {}
 
     # -- template context ---------------------------------------------------------------
+
+    def line_shape(self) -> Callable[[str], list[str]]:
+        return haproxy_line_shape
 
     def template_context(self, snapshot: Snapshot) -> Mapping[str, Any]:
         """Slots, balance and bind per service, and the socket/state paths of the target.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.fileio import read_bytes, read_tail
 from lbsync.model import Snapshot
 from lbsync.stage import EXTERNAL_DIR
+from lbsync.structure import nginx_line_shape
 
 log = structlog.get_logger("lbsync.drivers.nginx")
 
@@ -67,6 +68,9 @@ class NginxDriver(Driver):
         self._reload_seconds = 0.0  # signal → new workers seen, last time
 
     # --- template context and runtime mode -----------------------------------------------
+
+    def line_shape(self) -> Callable[[str], list[str]]:
+        return nginx_line_shape
 
     def template_context(self, snapshot: Snapshot) -> Mapping[str, Any]:
         """Runtime mode: ``nginx_runtime`` (Lua path, control listener, Lua upstreams)."""

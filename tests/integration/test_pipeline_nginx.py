@@ -184,12 +184,70 @@ def test_nginx_check_failure_leaves_files_and_nginx_untouched(
         workers = live.worker_pids()
         writer.put(f"{P}/services/app/settings", '{"broken": true}')
         writer.put(key("app", "instances", "b2"), instance(backends[1]))
-        wait_for(lambda: running.outcome() == "failed", what="nginx -t refusal")
-        error = str(running.daemon.health.outcomes["nginx-test"].error)
-        assert "no_such_directive" in error
+        wait_for(lambda: running.caught_up(writer), what="a round on the refused change")
+        latest = running.latest()
+        assert latest is not None
+        # app's own change is refused: app is held back at what nginx runs, nothing fails
+        assert latest.action == "unchanged"
+        assert "no_such_directive" in str(latest.held["app"].error)
         assert (live.conf_d / "upstreams.conf").read_bytes() == before
         assert live.worker_pids() == workers
         assert serving(live.port, {"b1"})
+    finally:
+        running.stop()
+
+
+POISONABLE = """\
+{% for s in services.values() %}
+upstream {{ s.name }} {
+{% for i in s.up %}
+    server {{ i.address }};
+{% else %}
+    server 127.0.0.1:1 down;
+{% endfor %}
+    # share {{ 100 // s.settings.get('div', 1) }}
+}
+{% endfor %}
+"""
+
+
+def test_a_poisoned_service_does_not_stop_another_services_health_mark(
+    etcd: EtcdServer,
+    writer: EtcdWriter,
+    live: NginxServer,
+    tmp_path: Path,
+    backends: list[Backend],
+) -> None:
+    """``div`` = 0 passes value validation but makes this template raise for that service."""
+    b1, b2, b3 = backends
+    template = tmp_path / "poisonable.conf.j2"
+    template.write_text(POISONABLE)
+    writer.put(key("app", "instances", "b1"), instance(b1))
+    writer.put(key("app", "instances", "b2"), instance(b2))
+    writer.put(key("other", "instances", "b3"), instance(b3))
+    running = RunningDaemon(settings_for(etcd, live, tmp_path / "state", template))
+    try:
+        wait_for(lambda: serving(live.port, {"b1", "b2"}), what="b1 and b2 served")
+        writer.put(f"{P}/services/other/settings", '{"div": 0}')
+        wait_for(lambda: running.caught_up(writer), what="a round on the poisoned service")
+        writer.put(key("app", "health", "b2"), '{"status": "down", "reason": "5xx"}')
+
+        wait_for(lambda: serving(live.port, {"b1"}), what="b2 out although 'other' fails")
+        wait_for(lambda: running.caught_up(writer), what="the daemon to catch up")
+        status = running.daemon.status_document()["targets"]["nginx-test"]
+        assert status["action"] in ("reloaded", "unchanged")
+        held = status["held"]["other"]
+        assert held["keys"] == ["/services/other/settings"]
+        assert "ZeroDivisionError" in held["error"]
+        assert "share 100" in (live.conf_d / "upstreams.conf").read_text()
+
+        writer.put(f"{P}/services/other/settings", '{"div": 4}')
+        wait_for(
+            lambda: "share 25" in (live.conf_d / "upstreams.conf").read_text(),
+            what="'other' applied once fixed",
+        )
+        wait_for(lambda: running.caught_up(writer), what="the daemon to catch up")
+        assert running.daemon.status_document()["targets"]["nginx-test"]["held"] == {}
     finally:
         running.stop()
 
