@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from lbsync.catalog import Catalog, parse_host, parse_registration
+from lbsync.catalog import Catalog
 from lbsync.errors import InvalidValue
 from lbsync.model import KeyEvent, KeyValue, SourceEvents, State
+from lbsync.values import parse_host, parse_registration
 
 P = "/lbsync"
 
