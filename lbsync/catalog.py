@@ -224,7 +224,7 @@ class Catalog:
 
 def _unexpected(exc: Exception) -> str:
     """The reason recorded for an exception the schema did not raise on purpose."""
-    return f"value could not be read ({type(exc).__name__}: {str(exc)[:120]})"
+    return f"value could not be read ({type(exc).__name__}: {str(exc)[:120]!r})"
 
 
 def _schema_place(relative: str) -> tuple[str, str, str] | None:
