@@ -38,7 +38,9 @@ MAX_KEEPALIVE = 10_000  # idle upstream connections per nginx worker
 MAX_SLOTS = 4096  # HAProxy server slots per backend a setting may ask for
 MAX_PLAIN_INT = 2**31 - 1  # unknown settings: integers in ±MAX_PLAIN_INT
 
-SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# Lower case only: nginx compares upstream names without case, so "Web" next to "web" is a
+# "duplicate upstream" that fails every round.
+SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
 SETTING_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 # Safe to place unquoted inside an nginx or HAProxy directive: no whitespace, no ; { } #,

@@ -260,3 +260,12 @@ def test_names_with_a_trailing_newline_are_not_services_or_ids(catalog: Catalog)
     assert set(snap.services) == {"api", "web"}
     assert [i.address for i in snap.services["web"].instances] == ["10.0.0.1:80", "10.0.0.2:8080"]
     assert snap.services["web"].settings == {}
+
+
+def test_service_names_are_lower_case_so_nginx_sees_no_duplicate_upstream(
+    catalog: Catalog,
+) -> None:
+    catalog.apply(
+        SourceEvents(revision=11, events=(put("/services/WEB/instances/a", "1.1.1.1:1", 11),))
+    )
+    assert set(catalog.snapshot().services) == {"api", "web"}
