@@ -96,29 +96,36 @@ def scalars() -> st.SearchStrategy[object]:
     return st.one_of(ints(), plain, hostile_text(plain), st.lists(plain, max_size=2))
 
 
-def hosts(resolvable_only: bool) -> st.SearchStrategy[str]:
-    """Half valid (IPs, localhost, with ``resolvable_only=False`` any DNS name), half not:
-    malformed addresses, IPv6 zone IDs carrying anything, injected IPs and names."""
-    v6 = st.ip_addresses(v=6).map(str)
+def valid_hosts(resolvable_only: bool) -> st.SearchStrategy[str]:
+    """IPs and localhost; with ``resolvable_only=False`` any DNS name too."""
     ips = st.one_of(
         st.ip_addresses(v=4).map(str),
-        v6,
+        st.ip_addresses(v=6).map(str),
         st.sampled_from(["127.0.0.1", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1"]),
     )
     names = st.sampled_from(["localhost", "LOCALHOST", "localhost."])
+    if not resolvable_only:
+        dns = st.from_regex(r"[a-z][a-z0-9-]{0,10}(\.[a-z]{1,5}){0,2}", fullmatch=True)
+        names = st.one_of(names, dns)
+    return st.one_of(ips, names)
+
+
+def bad_hosts(resolvable_only: bool) -> st.SearchStrategy[str]:
+    """Malformed addresses, IPv6 zone IDs carrying anything, injected IPs and names."""
     malformed = st.sampled_from(["999.1.1.1", "1.2.3", "1.2.3.4.5", "::1::", "[::1]", ""])
     zoned = st.builds(
         lambda ip, zone: f"{ip}%{zone}",
-        st.one_of(v6, st.just("::1"), st.just("fe80::1")),
+        st.one_of(st.ip_addresses(v=6).map(str), st.sampled_from(["::1", "::", "fe80::1"])),
         st.one_of(st.sampled_from(INJECTIONS), st.text(max_size=12)),
     )
-    hostile = st.one_of(zoned, hostile_text(st.one_of(ips, names)))
+    hostile = st.one_of(zoned, hostile_text(valid_hosts(True)))
     if resolvable_only:  # never a valid name other than localhost: no DNS query
         hostile = hostile.filter(lambda s: not DNS_ALPHABET.fullmatch(s.strip()))
-    else:
-        dns = st.from_regex(r"[a-z][a-z0-9-]{0,10}(\.[a-z]{1,5}){0,2}", fullmatch=True)
-        names = st.one_of(names, dns)
-    return st.one_of(ips, names, malformed, zoned, hostile)
+    return st.one_of(malformed, zoned, zoned, hostile)
+
+
+def hosts(resolvable_only: bool) -> st.SearchStrategy[str]:
+    return st.one_of(valid_hosts(resolvable_only), bad_hosts(resolvable_only))
 
 
 # --- value positions ------------------------------------------------------------------------
@@ -219,11 +226,7 @@ TOKEN_CHARS = "A-Za-z0-9_.:/@=+,%~-"
 
 
 def valid_instance_values() -> st.SearchStrategy[str]:
-    host = st.one_of(
-        st.ip_addresses(v=4).map(str),
-        st.ip_addresses(v=6).map(str),
-        st.sampled_from(["localhost", "LOCALHOST", "localhost.", "::1", "0.0.0.0"]),
-    )
+    host = valid_hosts(resolvable_only=True)
     token = st.from_regex(f"[{TOKEN_CHARS}]{{1,20}}", fullmatch=True)
     fields = st.fixed_dictionaries(
         {"host": host, "port": st.one_of(st.integers(1, 65535), st.sampled_from(["80", "65535"]))},
@@ -299,8 +302,13 @@ def hostile_puts(resolvable_only: bool) -> st.SearchStrategy[tuple[str, bytes]]:
         health_values(),
         setting_values(),
     )
+    bad_host = st.builds(
+        lambda s, i, h, p: (f"{P}/services/{s}/instances/{i}", encode({"host": h, "port": p})),
+        st.sampled_from(NAMES), st.sampled_from(IDS), bad_hosts(resolvable_only),
+        st.integers(1, 65535),
+    ).map(lambda kv: (kv[0], kv[1].encode("utf-8", "surrogatepass")))  # fmt: skip
     binary = st.tuples(st.just(f"{P}/services/web/instances/bytes"), st.binary(max_size=32))
-    return st.one_of(at_valid_keys, anywhere, binary)
+    return st.one_of(at_valid_keys, bad_host, anywhere, binary)
 
 
 def catalogs(resolvable_only: bool = True) -> st.SearchStrategy[list[tuple[str, bytes]]]:

@@ -4,7 +4,7 @@
 (b) whatever it accepts renders to a config that ``nginx -t`` / ``haproxy -c`` accepts;
 (c) and that config has the structure rendered from a benign catalog of the same shape.
 
-Bounded for CI: ``LBSYNC_FUZZ_EXAMPLES`` (default 40) examples per LB property, five times
+Bounded for CI: ``LBSYNC_FUZZ_EXAMPLES`` (default 80, ~20 s) examples per LB property, five times
 that for the catalog-only one; each example is a whole catalog of up to 30 puts, checked
 with one checker run. ``python -m bench fuzz --examples N`` runs it longer.
 """
@@ -23,7 +23,7 @@ from lbsync.model import KeyEvent, KeyValue, SourceEvents
 from tests.fuzz import lb
 from tests.fuzz.strategies import P, catalogs
 
-EXAMPLES = int(os.environ.get("LBSYNC_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("LBSYNC_FUZZ_EXAMPLES", "80"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
