@@ -1,9 +1,8 @@
 """``python -m bench fuzz [--examples N]``: the value fuzz suite (tests/fuzz), run longer.
 
 CI runs ``tests/fuzz`` with 80 examples per property; this runs the same properties with
-``--examples`` (default 2,000) through pytest, so a
-failure prints hypothesis's shrunk catalog exactly as in CI. Not part of ``bench all``: it
-measures nothing, it searches.
+``--examples`` (default 2,000) through pytest, so a failure prints hypothesis's shrunk
+catalog exactly as in CI. Not part of ``bench all``: it measures nothing, it searches.
 """
 
 from __future__ import annotations
