@@ -176,11 +176,8 @@ class Catalog:
         try:
             self._store(state, kind, iid, key, value)
         except Exception as exc:  # hostile input: recursion, overflow, unicode, type...
-            reason = exc.reason if isinstance(exc, InvalidValue) else _unexpected(exc)
-            whole = InvalidValue(key, value.decode("utf-8", errors="replace")[:256], reason)
             self._forget(state, kind, iid)
-            self._rejected[key] = whole
-            self._on_reject(whole)
+            self._reject(key, value, exc)
         return service
 
     def _store(self, state: _ServiceState, kind: str, iid: str, key: str, value: bytes) -> None:
@@ -189,7 +186,15 @@ class Catalog:
         elif kind == "health":
             state.health[iid] = parse_health(key, value)
         else:
-            state.settings = parse_settings(key, value)
+            state.settings, refused = parse_settings(key, value)
+            if refused is not None:  # the good settings stay: one rejection for the rest
+                self._reject(key, value, refused)
+
+    def _reject(self, key: str, value: bytes, exc: Exception) -> None:
+        reason = exc.reason if isinstance(exc, InvalidValue) else _unexpected(exc)
+        whole = InvalidValue(key, value.decode("utf-8", errors="replace")[:256], reason)
+        self._rejected[key] = whole
+        self._on_reject(whole)
 
     def _delete(self, key: str) -> str | None:
         relative = self._relative(key)

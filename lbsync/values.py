@@ -11,7 +11,8 @@ register itself). The rules, applied to every position of the key schema:
   refused wherever a number is expected;
 - hosts are IP literals without a zone ID, or RFC 1123 DNS names;
 - service settings are typed per known name (``KNOWN_SETTINGS``); an unknown setting is
-  passed to templates only as a plain token (``SAFE_TOKEN``), a bool or a bounded integer.
+  passed to templates only as a plain token (``SAFE_TOKEN``), a bool or a bounded integer;
+  a bad setting is dropped alone (and reported), the others of the key are kept.
 
 Every function raises ``InvalidValue`` only; the catalog turns anything else that might
 still escape into one as well (see ``Catalog._put``).
@@ -326,12 +327,23 @@ KNOWN_SETTINGS: Mapping[str, Callable[[str, object], SettingValue]] = {
 }
 
 
-def parse_settings(key: str, value: bytes) -> dict[str, SettingValue]:
+def parse_settings(key: str, value: bytes) -> tuple[dict[str, SettingValue], InvalidValue | None]:
+    """The settings that pass, and one error naming those that did not (or None).
+
+    A value that is not a JSON object raises. One bad setting drops that setting only: a
+    typo in ``balance`` must not also take away the service's ``listen``.
+    """
     data = decode_json_or_text(key, value)
     if not isinstance(data, dict):
         raise InvalidValue(key, data, "settings must be a JSON object")
     settings: dict[str, SettingValue] = {}
+    refused: list[str] = []
     for name, item in data.items():
-        token(key, name, SETTING_NAME, "setting names")
-        settings[name] = KNOWN_SETTINGS.get(name, parse_plain)(key, item)
-    return settings
+        try:
+            token(key, name, SETTING_NAME, "setting names")
+            settings[name] = KNOWN_SETTINGS.get(name, parse_plain)(key, item)
+        except InvalidValue as err:
+            refused.append(f"{name!r}: {err.reason}")
+    if not refused:
+        return settings, None
+    return settings, InvalidValue(key, data, "settings dropped: " + "; ".join(refused))

@@ -222,6 +222,7 @@ DEEP = "{" + '"a": {' * 3000 + "}" * 3001
         ("/services/web/settings", {"listen": 99999}),
         ("/services/web/settings", {"listen": "unix:/tmp/x.sock"}),
         ("/services/web/settings", {"balance": "least_conn\n"}),
+        ("/services/web/settings", {"web\n": 1}),
         ("/services/web/settings", DEEP),
     ],
 )
@@ -269,3 +270,17 @@ def test_service_names_are_lower_case_so_nginx_sees_no_duplicate_upstream(
         SourceEvents(revision=11, events=(put("/services/WEB/instances/a", "1.1.1.1:1", 11),))
     )
     assert set(catalog.snapshot().services) == {"api", "web"}
+
+
+def test_a_bad_setting_is_dropped_alone_and_reported_once(
+    catalog: Catalog, rejected: list[InvalidValue]
+) -> None:
+    value = {"listen": 8080, "balance": "nonsense", "keepalive": 1e30}
+    catalog.apply(SourceEvents(revision=11, events=(put("/services/web/settings", value, 11),)))
+    assert catalog.snapshot().services["web"].settings == {"listen": "8080"}
+    assert [err.key for err in rejected] == [f"{P}/services/web/settings"]
+    assert "'balance'" in rejected[0].reason
+    assert "'keepalive'" in rejected[0].reason
+    fixed = put("/services/web/settings", {"listen": 8080}, 12)
+    catalog.apply(SourceEvents(revision=12, events=(fixed,)))
+    assert not catalog.rejected

@@ -24,7 +24,11 @@ ZONE_INJECTION = "::1%eth0\n\nprogram pwn\n    command /bin/touch /tmp/lbsync-pw
 
 
 def settings(value: object) -> dict[str, object]:
-    return dict(parse_settings(K, json.dumps(value).encode()))
+    """The settings of ``value``; raises the error when a setting was dropped."""
+    parsed, refused = parse_settings(K, json.dumps(value).encode())
+    if refused is not None:
+        raise refused
+    return dict(parsed)
 
 
 def rejected(parse: object, value: bytes) -> InvalidValue:
@@ -179,7 +183,6 @@ def test_health_mark_with_reason_is_accepted() -> None:
 @pytest.mark.parametrize(
     "value",
     [
-        {"keepalive": 1e400},  # decoded as inf: OverflowError in the template before
         {"keepalive": 1e30},
         {"keepalive": 16.0},
         {"keepalive": True},
@@ -213,9 +216,27 @@ def test_health_mark_with_reason_is_accepted() -> None:
         {"": "a"},
     ],
 )
-def test_settings_are_typed_and_a_bad_one_rejects_the_key(value: dict[str, object]) -> None:
-    with pytest.raises(InvalidValue):
-        settings(value)
+def test_settings_are_typed_and_a_bad_one_is_dropped_alone(value: dict[str, object]) -> None:
+    parsed, refused = parse_settings(K, json.dumps({**value, "keep": "x"}).encode())
+    assert parsed == {"keep": "x"}
+    assert refused is not None
+    assert refused.key == K
+    assert repr(next(iter(value))) in refused.reason
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"keepalive": 1e400}',  # decoded as inf: OverflowError in the template before
+        b'{"slots": ' + b"1" * 5000 + b"}",
+        b"[1]",
+        b"16",
+        b'"x"',
+        b"{" + b'"a": {' * 10 + b"}" * 11,
+    ],
+)
+def test_settings_that_cannot_be_read_as_an_object_raise(value: bytes) -> None:
+    rejected(parse_settings, value)
 
 
 def test_settings_are_normalized() -> None:
