@@ -18,6 +18,8 @@ from lbsync.config import HaproxyTarget, TemplateSettings
 from lbsync.drivers.haproxy import HaproxyDriver
 from lbsync.model import Instance, Service, Snapshot
 from lbsync.render import Renderer
+from tests.harness.haproxy import HAPROXY
+from tests.harness.nginx import NGINX
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX_TEMPLATES = (
@@ -61,7 +63,7 @@ def check_nginx(workdir: Path, files: dict[str, str]) -> subprocess.CompletedPro
         f"{includes}"
         "}\n"
     )
-    argv = ["nginx", "-t", "-q", "-p", str(workdir), "-c", str(conf), "-e", f"{workdir}/error.log"]
+    argv = [NGINX, "-t", "-q", "-p", str(workdir), "-c", str(conf), "-e", f"{workdir}/error.log"]
     return subprocess.run(argv, capture_output=True, text=True, timeout=CHECK_TIMEOUT, check=False)
 
 
@@ -111,7 +113,7 @@ def render_haproxy(snapshot: Snapshot, workdir: Path) -> str:
 def check_haproxy(workdir: Path, text: str) -> subprocess.CompletedProcess[str]:
     config = workdir / "haproxy.cfg"
     config.write_text(text)
-    argv = ["haproxy", "-c", "-dW", "-f", str(config)]  # as the driver runs it
+    argv = [HAPROXY, "-c", "-dW", "-f", str(config)]  # as the driver runs it
     return subprocess.run(argv, capture_output=True, text=True, timeout=CHECK_TIMEOUT, check=False)
 
 
