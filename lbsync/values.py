@@ -78,7 +78,8 @@ def decode_json_or_text(key: str, value: bytes) -> object:
     stripped = text.strip()
     if stripped[:1] not in ("{", '"'):  # not "[": a bare "[::1]:80" is an address
         return no_control_chars(key, stripped)
-    if json_depth(stripped) > MAX_DEPTH:
+    brackets = stripped.count("{") + stripped.count("[")  # cheap: most values have 1 or 2
+    if brackets > MAX_DEPTH and json_depth(stripped) > MAX_DEPTH:
         raise InvalidValue(key, stripped[:64], f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
         return json.loads(
