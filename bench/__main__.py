@@ -15,6 +15,8 @@ BENCHES = ("latency", "burst", "scale", "rounds", "traffic", "startup", "validat
 # The runtime modes' benches, owned with their drivers (nginx Lua balancer, HAProxy
 # runtime API): part of ``all`` once they are in the tree.
 RUNTIME_BENCHES = ("nginx_runtime", "haproxy_runtime")
+# Run by name only, not by ``all``: they search rather than measure.
+ON_DEMAND = ("fuzz",)
 
 
 def _available() -> tuple[str, ...]:
@@ -35,8 +37,9 @@ def _available() -> tuple[str, ...]:
 
 def main(argv: list[str]) -> int:
     names = _available()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*names, "all"):
-        print(f"usage: python -m bench {{all,{','.join(names)}}} [options]", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*names, *ON_DEMAND, "all"):
+        usage = ",".join((*names, *ON_DEMAND))
+        print(f"usage: python -m bench {{all,{usage}}} [options]", file=sys.stderr)
         return 2
     chosen = names if argv[0] == "all" else (argv[0],)
     rest = argv[1:] if argv[0] != "all" else []

@@ -5,8 +5,8 @@ lease and keeps the lease alive, so the key vanishes within the TTL when the pro
 and at once when it is stopped. ``mark`` is what a monitoring system or an operator runs:
 it writes the health key that takes a sick instance out of rotation.
 
-Values are checked with the catalog's own parsers before they are written: what
-``register`` accepts, every lbsync will accept.
+Values are checked with the catalog's own parsers (``lbsync.values``) before they are
+written: what ``register`` accepts, every lbsync will accept.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from lbsync.catalog import (
+from lbsync.config import EtcdSettings
+from lbsync.errors import ConfigError, InvalidValue, SourceError
+from lbsync.model import State
+from lbsync.source.etcd import EtcdWriter, Lease
+from lbsync.values import (
     INSTANCE_ID,
     SERVICE_NAME,
     parse_health,
     parse_registration,
 )
-from lbsync.config import EtcdSettings
-from lbsync.errors import ConfigError, InvalidValue, SourceError
-from lbsync.model import State
-from lbsync.source.etcd import EtcdWriter, Lease
 
 log = structlog.get_logger("lbsync.registrar")
 
@@ -41,9 +41,9 @@ def health_key(prefix: str, service: str, instance: str) -> str:
 
 
 def _name(service: str, instance: str) -> str:
-    if not SERVICE_NAME.match(service):
+    if not SERVICE_NAME.fullmatch(service):
         raise ConfigError(f"service name {service!r} must match {SERVICE_NAME.pattern}")
-    if not INSTANCE_ID.match(instance):
+    if not INSTANCE_ID.fullmatch(instance):
         raise ConfigError(f"instance id {instance!r} must match {INSTANCE_ID.pattern}")
     return service
 

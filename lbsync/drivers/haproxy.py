@@ -68,6 +68,7 @@ from lbsync.fileio import atomic_write, opened_dir
 from lbsync.model import Instance, Service, Snapshot
 from lbsync.stage import EXTERNAL_DIR
 from lbsync.structure import haproxy_line_shape
+from lbsync.values import MAX_SLOTS
 
 log = structlog.get_logger("lbsync.drivers.haproxy")
 
@@ -75,7 +76,12 @@ FREE_HOST = "127.0.0.1"
 FREE_PORT = 1
 MIN_POOL = 16
 POOL_STEP = 16
-MAX_POOL = 100_000
+# A ``slots`` setting is honoured up to a power of two >= SLOTS_PER_INSTANCE x instances (at
+# least SLOTS_HEADROOM): one etcd writer cannot make a 4-instance service render 4,096
+# slots, and the cap moves only when the instance count doubles or halves (a resize is a
+# reload).
+SLOTS_PER_INSTANCE = 4
+SLOTS_HEADROOM = 256
 MAX_WEIGHT = cmd.MAX_WEIGHT  # HAProxy's limit for a server weight
 SOCKET_TIMEOUT = 5.0
 POLL_INTERVAL = 0.02
@@ -93,9 +99,9 @@ AdminState = Literal["ready", "drain", "maint"]
 _PRIORITY: dict[AdminState, int] = {"ready": 0, "drain": 1, "maint": 2}
 _SLOT_NAME = re.compile(r"s[1-9]\d*")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]*$")
-_SAFE_BALANCE = re.compile(r"^[a-z][a-z_-]*(\([A-Za-z0-9_.-]+\))?$")
+_SAFE_BALANCE = re.compile(r"[a-z][a-z_-]*(\([A-Za-z0-9_.-]+\))?")
 _BALANCE_ALIASES = {"least_conn": "leastconn", "round_robin": "roundrobin", "ip_hash": "source"}
-_LISTEN = re.compile(r"^(?:(?P<host>\*|[0-9.]+|\[[0-9A-Fa-f:.]+\]):)?(?P<port>\d{1,5})$")
+_LISTEN = re.compile(r"(?:(?P<host>\*|[0-9.]+|\[[0-9A-Fa-f:.]+\]):)?(?P<port>[0-9]{1,5})")
 _STATE_FILE_LINE = re.compile(r'[ \t]*(server-state-file[ \t]+)("[^"]*"|\S+)')
 _SECTIONS = frozenset(
     {
@@ -215,6 +221,12 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 # --- slot assignment -------------------------------------------------------------------
+
+
+def slots_cap(instances: int) -> int:
+    """The largest pool a ``slots`` setting may ask for, given the service's instances."""
+    wanted = SLOTS_PER_INSTANCE * instances
+    return max(SLOTS_HEADROOM, 1 << (wanted - 1).bit_length()) if wanted else SLOTS_HEADROOM
 
 
 def pool_size(instances: int, configured: int | None) -> int:
@@ -605,7 +617,7 @@ class HaproxyDriver(Driver):
         super().__init__(target)
         self._slots = SlotTable()
         self._seeded = False
-        self._warned: set[tuple[str, str, str]] = set()
+        self._warned: set[tuple[str, str, str, str]] = set()
         # Slots per backend for the last few snapshots rendered (identity-keyed): the base
         # a runtime update diffs against is the one rendered for the applied snapshot.
         self._recent: list[tuple[Snapshot, dict[str, Assigned]]] = []
@@ -687,16 +699,19 @@ class HaproxyDriver(Driver):
         if value is None:
             return None
         if isinstance(value, int | str) and not isinstance(value, bool):
-            number = int(value) if str(value).isdigit() else 0
-            if 1 <= number <= MAX_POOL:
-                return number
+            number = int(value) if str(value).isascii() and str(value).isdigit() else 0
+            if 1 <= number <= MAX_SLOTS:
+                cap = slots_cap(len(service.instances))
+                if number > cap:
+                    self._warn_setting(service.name, "slots", value, f"capped at {cap}")
+                return min(number, cap)
         self._warn_setting(service.name, "slots", value)
         return None
 
     def _balance(self, service: Service) -> str:
         value = str(service.settings.get("balance", "roundrobin"))
         value = _BALANCE_ALIASES.get(value, value)
-        if _SAFE_BALANCE.match(value):
+        if _SAFE_BALANCE.fullmatch(value):
             return value
         self._warn_setting(service.name, "balance", value)
         return "roundrobin"
@@ -705,22 +720,25 @@ class HaproxyDriver(Driver):
         value = service.settings.get("listen")
         if value is None:
             return None
-        match = _LISTEN.match(str(value)) if not isinstance(value, bool | float) else None
+        match = _LISTEN.fullmatch(str(value)) if not isinstance(value, bool | float) else None
         if match and 1 <= int(match["port"]) <= 65535:
             host = match["host"] or ""
             return f"{'' if host == '*' else host}:{int(match['port'])}"
         self._warn_setting(service.name, "listen", value)
         return None
 
-    def _warn_setting(self, service: str, key: str, value: object) -> None:
-        if (service, key, repr(value)) not in self._warned:
-            self._warned.add((service, key, repr(value)))
+    def _warn_setting(
+        self, service: str, key: str, value: object, outcome: str = "ignored"
+    ) -> None:
+        if (service, key, repr(value), outcome) not in self._warned:
+            self._warned.add((service, key, repr(value), outcome))
             log.warning(
                 "haproxy.setting_ignored",
                 target=self.name,
                 service=service,
                 setting=key,
                 value=repr(value),
+                outcome=outcome,
             )
 
     # -- validate -----------------------------------------------------------------------

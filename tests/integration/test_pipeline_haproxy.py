@@ -18,7 +18,6 @@ import pytest
 
 from lbsync.config import Settings, settings_from_dict
 from lbsync.drivers.haproxy import HaproxyDriver, config_servers
-from lbsync.errors import ValidationFailed
 from lbsync.model import Service, Snapshot
 from lbsync.render import Renderer
 from lbsync.source.etcd import EtcdWriter
@@ -174,28 +173,20 @@ def test_a_new_backend_reloads_and_a_refused_setting_changes_nothing(
     assert new_loads > loads
     assert only_served_by(web.port, {"b1"})
 
-    # "nonsense" passes lbsync's own check of the setting; haproxy -c refuses it.
-    config = web.config.read_bytes()
-    before = generation(web)
+    # "nonsense" is no balance (issue 17): lbsync drops that one setting with a
+    # value.rejected and keeps the listen, so HAProxy never sees it and no round fails.
     mark = len(daemon.outcomes)
     writer.put(f"{P}/services/web/settings", listen(web.port, balance="nonsense"))
-    writer.put(key("web", "instances", "b2"), registration(b2))
     wait_for(lambda: daemon.caught_up(writer), what="the daemon to catch up")
-    refused = daemon.latest()
-    assert refused is not None
-    # web's own change is refused: web is held back at what HAProxy runs, nothing fails
-    assert refused.action == "unchanged"
-    error = refused.held["web"].error
-    assert isinstance(error, ValidationFailed)
-    assert "balance only supports" in error.stderr
-    assert set(daemon.actions(mark)) == {"unchanged"}
-    assert web.config.read_bytes() == config
-    assert generation(web) == before
+    assert f"{P}/services/web/settings" in daemon.daemon.catalog.rejected
+    assert "nonsense" not in web.config.read_text()
+    assert "failed" not in daemon.actions(mark)
     assert only_served_by(web.port, {"b1"})
 
-    # Back to the old setting: b2's registration is then a runtime change.
+    # The same listen and balance as before: b2's registration is a runtime change.
+    before = generation(web)
     mark = len(daemon.outcomes)
-    writer.put(f"{P}/services/web/settings", listen(web.port))
+    writer.put(key("web", "instances", "b2"), registration(b2))
     wait_for(lambda: only_served_by(web.port, {"b1", "b2"}), what="b2 served")
     wait_for(lambda: daemon.caught_up(writer), what="the daemon to catch up")
     assert daemon.actions(mark) == ["runtime"]

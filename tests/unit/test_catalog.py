@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from lbsync.catalog import Catalog, parse_host, parse_registration
+from lbsync.catalog import Catalog
 from lbsync.errors import InvalidValue
 from lbsync.model import KeyEvent, KeyValue, SourceEvents, State
+from lbsync.values import parse_host, parse_registration
 
 P = "/lbsync"
 
@@ -199,3 +200,87 @@ def test_an_event_rebuilds_only_the_instance_it_touched(catalog: Catalog) -> Non
     assert after.services["api"] is before.services["api"]
     catalog.apply(SourceEvents(revision=6, events=(delete("/services/web/health/b", 6),)))
     assert catalog.snapshot().services["web"].instances[1].state is State.UP
+
+
+# --- issue 17: every failure while reading a value is one rejection of that key -----------
+
+ZONE_HOST = "::1%eth0\n\nprogram pwn\n    command /bin/touch /tmp/lbsync-pwned\n"
+DEEP = "{" + '"a": {' * 3000 + "}" * 3001
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("/services/web/instances/evil", {"host": ZONE_HOST, "port": 80}),
+        ("/services/web/instances/evil", DEEP),
+        ("/services/web/instances/evil", '{"host": "10.0.0.1", "port": 1e400}'),
+        ("/services/web/instances/evil", '{"host": "10.0.0.1", "port": ' + "9" * 5000 + "}"),
+        ("/services/web/instances/evil", {"host": "example.com\n", "port": 80}),
+        ("/services/web/health/a", DEEP),
+        ("/services/web/settings", {"keepalive": 1e30}),
+        ("/services/web/settings", '{"keepalive": 1e400}'),
+        ("/services/web/settings", {"listen": 99999}),
+        ("/services/web/settings", {"listen": "unix:/tmp/x.sock"}),
+        ("/services/web/settings", {"balance": "least_conn\n"}),
+        ("/services/web/settings", {"web\n": 1}),
+        ("/services/web/settings", DEEP),
+    ],
+)
+def test_hostile_values_are_one_rejection_each(
+    catalog: Catalog, rejected: list[InvalidValue], key: str, value: object
+) -> None:
+    catalog.apply(SourceEvents(revision=11, events=(put(key, value, 11),)))
+    snap = catalog.snapshot()
+    assert [err.key for err in rejected] == [P + key]
+    assert set(catalog.rejected) == {P + key}
+    assert [i.id for i in snap.services["web"].instances] == ["a", "b"]  # the rest renders
+    assert snap.services["web"].settings == {}
+
+
+def test_an_unexpected_exception_in_a_parser_is_a_rejection(
+    catalog: Catalog, rejected: list[InvalidValue], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(key: str, value: bytes) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("lbsync.catalog.parse_registration", explode)
+    catalog.apply(SourceEvents(revision=11, events=(put("/services/web/instances/a", "x", 11),)))
+    assert [i.id for i in catalog.snapshot().services["web"].instances] == ["b"]
+    assert len(rejected) == 1
+    assert "RecursionError" in rejected[0].reason
+
+
+def test_names_with_a_trailing_newline_are_not_services_or_ids(catalog: Catalog) -> None:
+    events = (
+        put("/services/web\n/instances/a", "10.0.0.7:80", 11),
+        put("/services/web/instances/a\n", "10.0.0.8:80", 12),
+        put("/services/web\n/settings", {"listen": 8080}, 13),
+    )
+    catalog.apply(SourceEvents(revision=13, events=events))
+    snap = catalog.snapshot()
+    assert set(snap.services) == {"api", "web"}
+    assert [i.address for i in snap.services["web"].instances] == ["10.0.0.1:80", "10.0.0.2:8080"]
+    assert snap.services["web"].settings == {}
+
+
+def test_service_names_are_lower_case_so_nginx_sees_no_duplicate_upstream(
+    catalog: Catalog,
+) -> None:
+    catalog.apply(
+        SourceEvents(revision=11, events=(put("/services/WEB/instances/a", "1.1.1.1:1", 11),))
+    )
+    assert set(catalog.snapshot().services) == {"api", "web"}
+
+
+def test_a_bad_setting_is_dropped_alone_and_reported_once(
+    catalog: Catalog, rejected: list[InvalidValue]
+) -> None:
+    value = {"listen": 8080, "balance": "nonsense", "keepalive": 1e30}
+    catalog.apply(SourceEvents(revision=11, events=(put("/services/web/settings", value, 11),)))
+    assert catalog.snapshot().services["web"].settings == {"listen": "8080"}
+    assert [err.key for err in rejected] == [f"{P}/services/web/settings"]
+    assert "'balance'" in rejected[0].reason
+    assert "'keepalive'" in rejected[0].reason
+    fixed = put("/services/web/settings", {"listen": 8080}, 12)
+    catalog.apply(SourceEvents(revision=12, events=(fixed,)))
+    assert not catalog.rejected

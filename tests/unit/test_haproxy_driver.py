@@ -29,6 +29,7 @@ from lbsync.drivers.haproxy import (
     pool_size,
     sanitize_state,
     servers_state,
+    slots_cap,
 )
 from lbsync.errors import ValidationFailed
 from lbsync.model import Instance, Service, Snapshot, State
@@ -431,3 +432,21 @@ def test_validate_needs_a_staged_main(tmp_path: Path) -> None:
     driver = HaproxyDriver(target(tmp_path))
     with pytest.raises(ValidationFailed, match="no main config"):
         driver.validate(StagedConfig(root=tmp_path, main=None, files={}))
+
+
+@pytest.mark.parametrize(
+    ("instances", "cap"), [(0, 256), (4, 256), (64, 256), (65, 512), (300, 2048)]
+)
+def test_slots_cap_is_a_power_of_two_over_four_per_instance(instances: int, cap: int) -> None:
+    assert slots_cap(instances) == cap
+
+
+def test_a_slots_setting_cannot_multiply_the_config(tmp_path: Path) -> None:
+    """Issue 17: four small keys asked for 100,000 slots each (a 19.5 MB config)."""
+    driver = HaproxyDriver(target(tmp_path))
+    few = [inst(f"i{n}", port=8000 + n) for n in range(4)]
+    snapshot = snap(1, svc("big", *few, slots=4096), svc("fit", *few, slots=100))
+    with structlog.testing.capture_logs() as events:
+        context = driver.template_context(snapshot)
+    assert [len(context["slots"][n]) for n in ("big", "fit")] == [256, 100]
+    assert [(e["service"], e["outcome"]) for e in events] == [("big", "capped at 256")]

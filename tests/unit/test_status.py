@@ -163,3 +163,31 @@ def test_status_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "lbsync status" in out
     assert "--json" in out
     assert "--http" in out
+
+
+def test_status_survives_hostile_values_and_lists_them() -> None:
+    """Issue 17: a ~10 KB nested value made `lbsync status` crash with RecursionError."""
+    hostile: dict[str, Any] = {
+        "services": {
+            "web": {
+                "instances": {
+                    "w1": "10.0.0.1:8080",
+                    "deep": "{" + '"a": {' * 3000 + "}" * 3001,
+                    "zone": {"host": "::1%eth0\nprogram pwn", "port": 80},
+                    "huge": '{"host": "10.0.0.2", "port": ' + "9" * 5000 + "}",
+                },
+                "settings": '{"keepalive": 1e400}',
+            }
+        }
+    }
+    result = status.collect(EtcdSettings(), None, read=lambda _etcd: FakeSource(hostile).read_all())
+    assert [i.id for i in result.snapshot.services["web"].instances] == ["w1"]
+    assert sorted(result.rejected) == [
+        "/lbsync/services/web/instances/deep",
+        "/lbsync/services/web/instances/huge",
+        "/lbsync/services/web/instances/zone",
+        "/lbsync/services/web/settings",
+    ]
+    text = status.format_table(result)
+    assert "rejected values (4), not in any config:" in text
+    assert json.dumps(status.to_json(result))

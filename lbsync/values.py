@@ -1,0 +1,350 @@
+"""The schema of every etcd value: parse it into a typed value or reject it.
+
+Everything here reads text written by someone lbsync must not trust (any backend can
+register itself). The rules, applied to every position of the key schema:
+
+- every pattern is a full-string match (``re.fullmatch``: ``$`` would accept a final
+  ``\\n``), and no pattern admits a control character;
+- a value is decoded with bounded size, nesting depth and number size *before* the JSON
+  decoder sees it, so no value can exhaust the stack or build a 5,000-digit integer;
+- numbers are bounded integers: booleans, floats, ``inf``/``nan`` and huge integers are
+  refused wherever a number is expected;
+- hosts are IP literals without a zone ID, or RFC 1123 DNS names;
+- service settings are typed per known name (``KNOWN_SETTINGS``); an unknown setting is
+  passed to templates only as a plain token (``SAFE_TOKEN``), a bool or a bounded integer;
+  a bad setting is dropped alone (and reported), the others of the key are kept.
+
+Every function raises ``InvalidValue`` only; the catalog turns anything else that might
+still escape into one as well (see ``Catalog._put``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from lbsync.errors import InvalidValue
+from lbsync.model import HealthMark, SettingValue, State
+
+MAX_WEIGHT = 256  # HAProxy's ceiling; nginx accepts it too
+MAX_META_ITEMS = 32
+MAX_VALUE_BYTES = 64 * 1024
+MAX_DEPTH = 4  # deepest legitimate value: {"meta": {...}} is 2
+MAX_NUMBER_CHARS = 20  # digits of a JSON number (2**63 has 19)
+MAX_KEEPALIVE = 10_000  # idle upstream connections per nginx worker
+MAX_SLOTS = 4096  # HAProxy server slots per backend a setting may ask for
+MAX_PLAIN_INT = 2**31 - 1  # unknown settings: integers in ±MAX_PLAIN_INT
+
+# Lower case only: nginx compares upstream names without case, so "Web" next to "web" is a
+# "duplicate upstream" that fails every round.
+SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+SETTING_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+# Safe to place unquoted inside an nginx or HAProxy directive: no whitespace, no ; { } #,
+# no quotes or backslashes, nothing outside printable ASCII.
+SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.:/@=+,%~-]{1,256}")
+# Free text (health reasons) may have spaces but nothing that ends a line or a directive.
+SAFE_TEXT = re.compile(r"[A-Za-z0-9 _.:/@=+,%~()\[\]<>!?*&^$|-]{0,200}")
+DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+IP_TEXT = re.compile(r"[0-9A-Fa-f:.]{2,45}")  # what an IP literal without zone ID looks like
+LISTEN = re.compile(r"(?:(?P<host>\*|[0-9.]{7,15}|\[[0-9A-Fa-f:.]{2,45}\]):)?(?P<port>[0-9]{1,5})")
+
+# Load-balancing methods the stock templates understand. nginx: least_conn, ip_hash,
+# random (anything else is round robin); HAProxy: its own names, with nginx's least_conn
+# and ip_hash mapped to leastconn and source by the haproxy driver.
+BALANCE = frozenset(
+    {
+        "roundrobin", "round_robin", "least_conn", "ip_hash", "random",
+        "leastconn", "source", "static-rr", "first",
+    }
+)  # fmt: skip
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+
+def decode_json_or_text(key: str, value: bytes) -> object:
+    """JSON if it looks like JSON, else the stripped text; either way UTF-8 and bounded."""
+    if len(value) > MAX_VALUE_BYTES:
+        raise InvalidValue(key, value[:64], f"value is larger than {MAX_VALUE_BYTES} bytes")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidValue(key, value[:64], "value is not UTF-8") from exc
+    stripped = text.strip()
+    if stripped[:1] not in ("{", '"'):  # not "[": a bare "[::1]:80" is an address
+        return no_control_chars(key, stripped)
+    brackets = stripped.count("{") + stripped.count("[")  # cheap: most values have 1 or 2
+    if brackets > MAX_DEPTH and json_depth(stripped) > MAX_DEPTH:
+        raise InvalidValue(key, stripped[:64], f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(
+            stripped,
+            parse_int=_bounded_number(key, int),
+            parse_float=_bounded_number(key, float),
+            parse_constant=_no_constant(key),
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidValue(key, text, f"invalid JSON: {exc.msg}") from exc
+
+
+def json_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting of JSON text, strings skipped; linear, no recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _bounded_number(key: str, kind: Callable[[str], float]) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise InvalidValue(key, text[:64], f"number longer than {MAX_NUMBER_CHARS} chars")
+        number = kind(text)
+        if not math.isfinite(number):
+            raise InvalidValue(key, text, "number out of range")
+        return number
+
+    return parse
+
+
+def _no_constant(key: str) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        raise InvalidValue(key, text, "NaN and Infinity are not numbers")
+
+    return parse
+
+
+def no_control_chars(key: str, text: str) -> str:
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text):
+        raise InvalidValue(key, text[:256], "control characters are not allowed")
+    return text
+
+
+# --- scalars ----------------------------------------------------------------------------
+
+
+def bounded_int(key: str, raw: object, low: int, high: int, what: str) -> int:
+    """An integer in ``[low, high]``: not a bool, not a float, not a digit string."""
+    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
+        raise InvalidValue(key, raw, f"{what} must be an integer from {low} to {high}")
+    return raw
+
+
+def token(key: str, raw: object, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(raw, str) or not pattern.fullmatch(raw):
+        raise InvalidValue(key, raw, f"{what} must match {pattern.pattern}")
+    return raw
+
+
+def parse_host(key: str, raw: object) -> str:
+    """An IP literal without zone ID, or an RFC 1123 DNS name; nothing else."""
+    if not isinstance(raw, str) or not raw:
+        raise InvalidValue(key, raw, "host must be a non-empty string")
+    if "%" in raw:  # ipaddress accepts a zone ID with almost anything in it
+        raise InvalidValue(key, raw, "host must not carry an IPv6 zone ID")
+    if IP_TEXT.fullmatch(raw):
+        try:
+            ip = ipaddress.ip_address(raw)
+        except ValueError:
+            pass
+        else:
+            normal = str(ip)
+            if getattr(ip, "scope_id", None) is not None or not IP_TEXT.fullmatch(normal):
+                raise InvalidValue(key, raw, "host must be a plain IP address")
+            return normal
+    return _dns_name(key, raw)
+
+
+def _dns_name(key: str, raw: str) -> str:
+    name = raw.removesuffix(".")
+    labels = name.split(".")
+    if len(name) > 253 or not all(DNS_LABEL.fullmatch(label) for label in labels):
+        raise InvalidValue(key, raw, "host must be an IP address or a DNS name")
+    if labels[-1].isdigit():
+        raise InvalidValue(key, raw, "host looks like a malformed IP address")
+    return name.lower()
+
+
+def parse_port(key: str, raw: object) -> int:
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 5:
+        raw = int(raw)
+    return bounded_int(key, raw, 1, 65535, "port")
+
+
+def parse_weight(key: str, raw: object) -> int:
+    return bounded_int(key, raw, 1, MAX_WEIGHT, "weight")
+
+
+def parse_state(key: str, raw: object) -> State:
+    if isinstance(raw, str) and raw in State.__members__.values():
+        return State(raw)
+    raise InvalidValue(key, raw, "state must be one of up, drain, down")
+
+
+def parse_meta(key: str, raw: object) -> dict[str, str]:
+    """Meta values are plain tokens; numbers and bools are kept as their text."""
+    if not isinstance(raw, dict) or len(raw) > MAX_META_ITEMS:
+        raise InvalidValue(key, raw, f"meta must be an object of at most {MAX_META_ITEMS} items")
+    meta = {}
+    for name, value in raw.items():
+        if isinstance(value, bool):
+            text: object = str(value).lower()
+        elif isinstance(value, int):
+            text = str(bounded_int(key, value, -MAX_PLAIN_INT, MAX_PLAIN_INT, "meta number"))
+        else:
+            text = value
+        if not SETTING_NAME.fullmatch(name) or not isinstance(text, str):
+            raise InvalidValue(key, {name: value}, "meta values must be short plain tokens")
+        meta[name] = token(key, text, SAFE_TOKEN, "meta values")
+    return meta
+
+
+# --- instances and health -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A parsed instance key, before its health mark is merged in."""
+
+    host: str
+    port: int
+    weight: int
+    state: State
+    meta: Mapping[str, str]
+
+
+def parse_registration(key: str, value: bytes) -> Registration:
+    data = decode_json_or_text(key, value)
+    if isinstance(data, str):
+        return _registration_from_text(key, data)
+    if not isinstance(data, dict):
+        raise InvalidValue(key, data, 'expected {"host": ..., "port": ...} or "host:port"')
+    unknown = set(data) - {"host", "port", "weight", "state", "meta"}
+    if unknown:
+        raise InvalidValue(key, data, f"unknown fields {sorted(unknown)}")
+    return Registration(
+        host=parse_host(key, data.get("host")),
+        port=parse_port(key, data.get("port")),
+        weight=parse_weight(key, data.get("weight", 1)),
+        state=parse_state(key, data.get("state", "up")),
+        meta=parse_meta(key, data.get("meta", {})),
+    )
+
+
+def _registration_from_text(key: str, text: str) -> Registration:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise InvalidValue(key, text, 'a bare value must be "host:port"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise InvalidValue(key, text, 'IPv6 hosts must be bracketed: "[::1]:80"')
+    return Registration(parse_host(key, host), parse_port(key, port), 1, State.UP, {})
+
+
+def parse_health(key: str, value: bytes) -> HealthMark:
+    data = decode_json_or_text(key, value)
+    if isinstance(data, str):
+        return HealthMark(status=parse_state(key, data))
+    if not isinstance(data, dict) or "status" not in data:
+        raise InvalidValue(key, data, 'expected {"status": "down", ...} or "down"/"drain"/"up"')
+    reason = token(key, data.get("reason", ""), SAFE_TEXT, "reason")
+    by = token(key, data.get("by", ""), SAFE_TEXT, "by")
+    return HealthMark(status=parse_state(key, data["status"]), reason=reason, by=by)
+
+
+# --- service settings -----------------------------------------------------------------------
+
+
+def parse_balance(key: str, raw: object) -> str:
+    if isinstance(raw, str) and raw in BALANCE:
+        return raw
+    raise InvalidValue(key, raw, f"balance must be one of {', '.join(sorted(BALANCE))}")
+
+
+def parse_keepalive(key: str, raw: object) -> int:
+    return bounded_int(key, raw, 0, MAX_KEEPALIVE, "keepalive")
+
+
+def parse_slots(key: str, raw: object) -> int:
+    return bounded_int(key, raw, 1, MAX_SLOTS, "slots")
+
+
+def parse_listen(key: str, raw: object) -> str:
+    """``port`` or ``ip:port`` (IPv6 bracketed), as text: ``"8080"``, ``"[::1]:8080"``.
+
+    Only addresses: no ``unix:`` paths (nginx's master would create a world-writable socket
+    wherever the value says), no host names (resolved at load time, by the LB), no
+    parameters after the address. ``*:port`` means every address and becomes ``port``.
+    """
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)
+    match = LISTEN.fullmatch(raw) if isinstance(raw, str) else None
+    if match is None:
+        raise InvalidValue(key, raw, 'listen must be a port or "ip:port"')
+    port = str(parse_port(key, match["port"]))
+    host = match["host"]
+    if host is None or host == "*":
+        return port
+    address = parse_host(key, host.strip("[]"))
+    if (":" in address) != host.startswith("["):
+        raise InvalidValue(key, raw, 'listen must be a port or "ip:port"')
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def parse_plain(key: str, raw: object) -> SettingValue:
+    """An unknown setting: a plain token, a bool or a bounded integer; never a float."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int):
+        return bounded_int(key, raw, -MAX_PLAIN_INT, MAX_PLAIN_INT, "a setting")
+    return token(key, raw, SAFE_TOKEN, "a setting")
+
+
+KNOWN_SETTINGS: Mapping[str, Callable[[str, object], SettingValue]] = {
+    "balance": parse_balance,
+    "keepalive": parse_keepalive,
+    "listen": parse_listen,
+    "slots": parse_slots,
+}
+
+
+def parse_settings(key: str, value: bytes) -> tuple[dict[str, SettingValue], InvalidValue | None]:
+    """The settings that pass, and one error naming those that did not (or None).
+
+    A value that is not a JSON object raises. One bad setting drops that setting only: a
+    typo in ``balance`` must not also take away the service's ``listen``.
+    """
+    data = decode_json_or_text(key, value)
+    if not isinstance(data, dict):
+        raise InvalidValue(key, data, "settings must be a JSON object")
+    settings: dict[str, SettingValue] = {}
+    refused: list[str] = []
+    for name, item in data.items():
+        try:
+            token(key, name, SETTING_NAME, "setting names")
+            settings[name] = KNOWN_SETTINGS.get(name, parse_plain)(key, item)
+        except InvalidValue as err:
+            refused.append(f"{name!r}: {err.reason}")
+    if not refused:
+        return settings, None
+    return settings, InvalidValue(key, data, "settings dropped: " + "; ".join(refused))
