@@ -10,6 +10,7 @@
     │   └── LeaseExpired             a lease could not be refreshed: it is gone with its keys
     ├── InvalidValue                 one etcd key's value is unusable (key, value, reason)
     ├── RenderError                  a template failed to load or render (template, line)
+    ├── ConversionError              a confd resource or Go template lbsync cannot translate
     ├── StageError                   staging, swapping or restoring files (path)
     ├── CommandError                 an external command failed or timed out (command, stderr)
     │   └── ValidationFailed         the LB's own checker refused the staged config
@@ -130,6 +131,22 @@ class RenderError(LbsyncError):
 
     def context(self) -> dict[str, object]:
         return {"template": self.template, "line": self.line}
+
+
+class ConversionError(LbsyncError):
+    """``lbsync migrate-confd`` met a confd file it cannot translate faithfully."""
+
+    def __init__(
+        self, message: str, *, path: str, line: int | None = None, column: int | None = None
+    ) -> None:
+        where = path if line is None else f"{path}:{line}:{column}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line
+        self.column = column
+
+    def context(self) -> dict[str, object]:
+        return {"path": self.path, "line": self.line, "column": self.column}
 
 
 class StageError(LbsyncError):

@@ -30,6 +30,7 @@ import jinja2.sandbox
 from jinja2 import nodes
 from jinja2.parser import Parser
 
+from lbsync.confd.functions import Functions as ConfdFunctions
 from lbsync.errors import RenderError
 from lbsync.model import Snapshot
 
@@ -223,11 +224,16 @@ class Renderer:
 
 
 def template_context(snapshot: Snapshot, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What every template sees: ``services``, ``snapshot``, raw-key functions, driver extras."""
+    """What every template sees: ``services``, ``snapshot``, raw-key functions, driver extras.
+
+    ``confd`` holds confd's functions with Go's semantics, for templates converted by
+    ``lbsync migrate-confd`` (lbsync/confd/functions.py).
+    """
     context: dict[str, Any] = {
         "services": snapshot.services,
         "snapshot": snapshot,
         "revision": snapshot.revision,
+        "confd": ConfdFunctions(snapshot.keys),
         **RawKeys(snapshot.keys).functions(),
     }
     context.update(extra or {})

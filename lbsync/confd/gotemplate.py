@@ -1,0 +1,585 @@
+"""Go ``text/template`` source → an AST of the subset confd templates use.
+
+The parser does at parse time what Go's does: it applies the ``{{-``/``-}}`` trim markers
+to the neighbouring text (so the AST's text is exactly what Go would output), resolves
+every ``$variable`` to its declaration (Go rejects an undefined variable when parsing) and
+names each declaration uniquely (a Jinja2 ``set`` in an ``if`` would otherwise leak into
+and shadow an outer Go variable of the same name). Anything outside the subset raises
+:class:`~lbsync.errors.ConversionError` with the file, line, column and construct.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from lbsync.errors import ConversionError
+
+# Functions a converted template may call: Go's builtins we translate, confd's store
+# functions (memkv) and confd's helpers (resource/template/template_funcs.go).
+BUILTINS = frozenset(
+    {"and", "or", "not", "len", "index", "printf", "eq", "ne", "lt", "le", "gt", "ge"}
+)
+STORE_FUNCTIONS = frozenset({"get", "gets", "getv", "getvs", "ls", "lsdir", "exists"})
+HELPERS = frozenset(
+    {
+        "base", "dir", "split", "join", "json", "jsonArray", "toUpper", "toLower",
+        "contains", "replace", "trimSuffix", "getenv", "atoi", "add", "sub", "mul",
+        "div", "mod", "seq", "map", "reverse", "sortByLength", "sortKVByLength",
+        "base64Encode", "base64Decode", "parseBool", "fileExists",
+    }
+)  # fmt: skip
+FUNCTIONS = BUILTINS | STORE_FUNCTIONS | HELPERS
+_MANY = 1 << 16
+_ARITY = {
+    "and": (1, _MANY), "or": (1, _MANY), "not": (1, 1), "len": (1, 1), "index": (1, _MANY),
+    "printf": (1, _MANY), "eq": (2, _MANY), "ne": (2, 2), "lt": (2, 2), "le": (2, 2),
+    "gt": (2, 2), "ge": (2, 2),
+}  # fmt: skip
+_GO_SPACE = " \t\r\n"
+_KEYWORDS = frozenset(
+    {"if", "else", "end", "range", "with", "define", "template", "block", "break", "continue"}
+)
+
+
+@dataclass(frozen=True)
+class Pos:
+    line: int
+    column: int
+
+
+# ---- expressions -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Const:
+    value: str | int | float | bool | None
+
+
+@dataclass(frozen=True)
+class Ref:
+    """The value of a Go variable or of dot; ``name`` None is Go's nil (top-level dot)."""
+
+    name: str | None
+
+
+@dataclass(frozen=True)
+class Field:
+    """``base.Name``: a struct field (``.Key``/``.Value``) or a map key."""
+
+    base: Expr
+    name: str
+
+
+@dataclass(frozen=True)
+class Call:
+    function: str
+    args: tuple[Expr, ...]
+
+
+Expr = Const | Ref | Field | Call
+
+
+# ---- statements --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Output:
+    expr: Expr
+
+
+@dataclass(frozen=True)
+class SetVar:
+    name: str
+    expr: Expr
+
+
+@dataclass(frozen=True)
+class If:
+    branches: tuple[tuple[Expr, tuple[Node, ...]], ...]
+    otherwise: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    """``range [$i,] [$e :=] expr``: ``element`` is dot inside the body (and ``$e``)."""
+
+    index: str | None
+    element: str
+    expr: Expr
+    body: tuple[Node, ...]
+    otherwise: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class With:
+    element: str
+    expr: Expr
+    body: tuple[Node, ...]
+    otherwise: tuple[Node, ...]
+
+
+Node = Text | Output | SetVar | If | Range | With
+
+
+# ---- lexing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str
+    text: str
+    offset: int
+    spaced: bool  # preceded by white space (a field chain has none)
+
+
+@dataclass(frozen=True)
+class Action:
+    """One ``{{ … }}``: its tokens and where it starts."""
+
+    tokens: tuple[Token, ...]
+    offset: int
+    comment: bool = False
+
+
+_TOKEN = re.compile(
+    r"""(?P<declare>:=)|(?P<assign>=)|(?P<pipe>\|)|(?P<lparen>\()|(?P<rparen>\))|(?P<comma>,)
+    |(?P<string>"(?:[^"\\\n]|\\.)*")|(?P<raw>`[^`]*`)|(?P<char>'(?:[^'\\\n]|\\.)+')
+    |(?P<number>[+-]?(?:0[xX][0-9a-fA-F_]+|(?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?))
+    |(?P<field>\.[^\W\d]\w*)|(?P<dot>\.)|(?P<var>\$\w*)|(?P<ident>[^\W\d]\w*)""",
+    re.VERBOSE,
+)
+
+
+def _lex(source: str, where: _Where) -> list[Text | Action]:
+    """Split into text and actions, applying trim markers to the text as Go's lexer does."""
+    items: list[Text | Action] = []
+    pos = 0
+    trim_next = False
+    while pos <= len(source):
+        start = source.find("{{", pos)
+        text = source[pos:] if start < 0 else source[pos:start]
+        if trim_next:
+            text = text.lstrip(_GO_SPACE)
+        if start < 0:
+            items.append(Text(text))
+            break
+        inner = start + 2
+        if source.startswith("- ", inner) or (
+            source.startswith("-", inner) and source[inner + 1 : inner + 2] in ("\t", "\r", "\n")
+        ):
+            text = text.rstrip(_GO_SPACE)
+            inner += 2
+        items.append(Text(text))
+        action, pos, trim_next = _lex_action(source, start, inner, where)
+        items.append(action)
+    return [item for item in items if not (isinstance(item, Text) and not item.text)]
+
+
+def _lex_action(source: str, start: int, inner: int, where: _Where) -> tuple[Action, int, bool]:
+    body = inner
+    while body < len(source) and source[body] in _GO_SPACE:
+        body += 1
+    if source.startswith("/*", body):
+        close = source.find("*/", body + 2)
+        if close < 0:
+            raise where.error("unclosed comment", start)
+        after = close + 2
+        for end, trim in (("}}", False), (" -}}", True)):
+            if source.startswith(end, after):
+                return Action((), start, comment=True), after + len(end), trim
+        raise where.error("comment not closed by '}}' right after '*/'", close)
+    tokens: list[Token] = []
+    pos = inner
+    spaced = True
+    while True:
+        if pos >= len(source):
+            raise where.error("unclosed action: no '}}'", start)
+        if source.startswith(" -}}", pos) or (
+            source[pos] in _GO_SPACE and source.startswith("-}}", pos + 1)
+        ):
+            return Action(tuple(tokens), start), pos + 4, True
+        if source.startswith("}}", pos):
+            return Action(tuple(tokens), start), pos + 2, False
+        if source[pos] in _GO_SPACE:
+            pos += 1
+            spaced = True
+            continue
+        match = _TOKEN.match(source, pos)
+        if match is None or match.lastgroup is None:
+            raise where.error(f"unexpected {source[pos]!r} in action", pos)
+        tokens.append(Token(match.lastgroup, match.group(), pos, spaced))
+        spaced = False
+        pos = match.end()
+
+
+# ---- parsing -----------------------------------------------------------------------
+
+
+@dataclass
+class _Where:
+    path: str
+    source: str
+
+    def pos(self, offset: int) -> Pos:
+        line = self.source.count("\n", 0, offset) + 1
+        return Pos(line, offset - (self.source.rfind("\n", 0, offset) + 1) + 1)
+
+    def error(self, message: str, offset: int) -> ConversionError:
+        pos = self.pos(offset)
+        return ConversionError(message, path=self.path, line=pos.line, column=pos.column)
+
+
+@dataclass
+class _Scope:
+    variables: dict[str, str] = field(default_factory=dict)
+    dot: str | None = None
+
+
+class _Parser:
+    def __init__(self, items: list[Text | Action], where: _Where) -> None:
+        self._items = items
+        self._at = 0
+        self._where = where
+        self._scopes: list[_Scope] = [_Scope({"$": ""})]
+        self._counter = 0
+
+    # -- statements --
+
+    def parse(self) -> tuple[Node, ...]:
+        body, stop = self._block()
+        if stop is not None:
+            raise self._where.error(f"unexpected {{{{{stop[0]}}}}}", stop[1])
+        return body
+
+    def _block(self) -> tuple[tuple[Node, ...], tuple[str, int, list[Token]] | None]:
+        """Nodes up to ``{{end}}``/``{{else…}}``; returns them and the stop (or None at EOF)."""
+        nodes: list[Node] = []
+        while self._at < len(self._items):
+            item = self._items[self._at]
+            self._at += 1
+            if isinstance(item, Text):
+                nodes.append(item)
+                continue
+            if item.comment:
+                continue
+            tokens = list(item.tokens)
+            if not tokens:
+                raise self._where.error("empty action", item.offset)
+            head = tokens[0]
+            if head.kind == "ident" and head.text in ("end", "else"):
+                return tuple(nodes), (head.text, item.offset, tokens[1:])
+            nodes.extend(self._statement(tokens, item.offset))
+        return tuple(nodes), None
+
+    def _statement(self, tokens: list[Token], offset: int) -> list[Node]:
+        head = tokens[0]
+        if head.kind == "ident" and head.text == "if":
+            return self._if(tokens[1:], offset)
+        if head.kind == "ident" and head.text == "range":
+            return [self._range(tokens[1:], offset)]
+        if head.kind == "ident" and head.text == "with":
+            return [self._with(tokens[1:], offset)]
+        if head.kind == "ident" and head.text in _KEYWORDS:
+            raise self._where.error(
+                f"{{{{{head.text}}}}} is outside the subset lbsync translates", head.offset
+            )
+        names, expr = self._pipeline(tokens, offset, declare=True)
+        if not names:
+            return [Output(expr)]
+        return [SetVar(self._declare(names[0]), expr)]
+
+    def _if(self, tokens: list[Token], offset: int) -> list[Node]:
+        """``if``/``else if``/``else``; ``if $x := p`` binds $x before the test."""
+        branches: list[tuple[Expr, tuple[Node, ...]]] = []
+        prelude: list[Node] = []
+        self._push()
+        while True:
+            names, condition = self._pipeline(tokens, offset, declare=not branches)
+            if names:
+                prelude.append(SetVar(self._declare(names[0]), condition))
+                condition = Ref(self._scopes[-1].variables[names[0]])
+            self._push()
+            body, stop = self._block()
+            self._pop()
+            branches.append((condition, body))
+            kind, at, rest = self._expect_stop(stop, offset, "if")
+            if kind == "end":
+                self._pop()
+                return [*prelude, If(tuple(branches), ())]
+            if rest and rest[0].kind == "ident" and rest[0].text == "if":
+                tokens, offset = rest[1:], at
+                continue
+            if rest:
+                raise self._where.error(
+                    f"{{{{else {rest[0].text}}}}} is outside the subset lbsync translates", at
+                )
+            otherwise = self._closed_block(offset, "if")
+            self._pop()
+            return [*prelude, If(tuple(branches), otherwise)]
+
+    def _range(self, tokens: list[Token], offset: int) -> Range:
+        self._push()
+        element = self._fresh("dot")
+        names, expr = self._pipeline(tokens, offset, declare=True, allow_two=True)
+        index: str | None = None
+        if len(names) == 2:
+            index = self._declare(names[0])
+            self._scopes[-1].variables[names[1]] = element
+        elif names:
+            self._scopes[-1].variables[names[0]] = element
+        self._scopes[-1].dot = element
+        body, stop = self._block()
+        self._pop()
+        kind, at, rest = self._expect_stop(stop, offset, "range")
+        if rest:
+            raise self._where.error("{{else …}} after range takes nothing more", at)
+        otherwise = () if kind == "end" else self._closed_block(offset, "range")
+        return Range(index, element, expr, body, otherwise)
+
+    def _with(self, tokens: list[Token], offset: int) -> With:
+        self._push()
+        element = self._fresh("dot")
+        names, expr = self._pipeline(tokens, offset, declare=True)
+        if names:
+            self._scopes[-1].variables[names[0]] = element
+        self._scopes[-1].dot = element
+        body, stop = self._block()
+        self._pop()
+        kind, at, rest = self._expect_stop(stop, offset, "with")
+        if rest:
+            raise self._where.error(
+                f"{{{{else {rest[0].text}}}}} is outside the subset lbsync translates", at
+            )
+        otherwise = () if kind == "end" else self._closed_block(offset, "with")
+        return With(element, expr, body, otherwise)
+
+    def _closed_block(self, offset: int, what: str) -> tuple[Node, ...]:
+        """The ``{{else}}`` branch: nodes up to an ``{{end}}``."""
+        self._push()
+        body, stop = self._block()
+        self._pop()
+        kind, at, _rest = self._expect_stop(stop, offset, what)
+        if kind != "end":
+            raise self._where.error(f"a second {{{{else}}}} in {{{{{what}}}}}", at)
+        return body
+
+    def _expect_stop(
+        self, stop: tuple[str, int, list[Token]] | None, offset: int, what: str
+    ) -> tuple[str, int, list[Token]]:
+        if stop is None:
+            raise self._where.error(f"{{{{{what}}}}} has no {{{{end}}}}", offset)
+        kind, at, rest = stop
+        if kind == "end" and rest:
+            raise self._where.error("{{end}} takes nothing more", at)
+        return kind, at, rest
+
+    # -- pipelines and expressions --
+
+    def _pipeline(
+        self, tokens: list[Token], offset: int, *, declare: bool, allow_two: bool = False
+    ) -> tuple[list[str], Expr]:
+        names: list[str] = []
+        kinds = [t.kind for t in tokens]
+        if (declare and "declare" in kinds[:4]) or "assign" in kinds[:4]:
+            cut = kinds.index("declare") if "declare" in kinds[:4] else kinds.index("assign")
+            if tokens[cut].kind == "assign":
+                raise self._where.error(
+                    "assigning an existing variable ('=') is outside the subset lbsync translates",
+                    tokens[cut].offset,
+                )
+            names = [t.text for t in tokens[:cut] if t.kind == "var"]
+            shape = [t.kind for t in tokens[:cut]]
+            if shape not in (["var"], ["var", "comma", "var"]) or (
+                len(names) == 2 and not allow_two
+            ):
+                raise self._where.error("malformed variable declaration", tokens[0].offset)
+            tokens = tokens[cut + 1 :]
+        if not tokens:
+            raise self._where.error("missing value", offset)
+        expr: Expr | None = None
+        for command in _split(tokens, "pipe"):
+            if not command:
+                raise self._where.error("empty command in pipeline", offset)
+            expr = self._command(command, expr)
+        assert expr is not None
+        return names, expr
+
+    def _command(self, tokens: list[Token], piped: Expr | None) -> Expr:
+        operands = self._operands(tokens)
+        head, head_token = operands[0]
+        if isinstance(head, str):
+            args = tuple(expr for expr, _tok in operands[1:])
+            for expr, tok in operands[1:]:
+                if isinstance(expr, str):
+                    raise self._where.error(f"{expr} is a function: call it in ( )", tok.offset)
+            call = Call(head, (*args, piped) if piped is not None else args)  # type: ignore[arg-type]
+            self._check_arity(call, head_token)
+            return call
+        if len(operands) > 1 or piped is not None:
+            raise self._where.error(
+                "calling a method or passing arguments to a non-function is outside the "
+                "subset lbsync translates",
+                head_token.offset,
+            )
+        return head
+
+    def _check_arity(self, call: Call, tok: Token) -> None:
+        """Go checks a builtin's argument count when it runs; a conversion checks it now."""
+        wanted = _ARITY.get(call.function)
+        if wanted is not None and not wanted[0] <= len(call.args) <= wanted[1]:
+            raise self._where.error(
+                f"wrong number of arguments for {call.function}: got {len(call.args)}",
+                tok.offset,
+            )
+
+    def _operands(self, tokens: list[Token]) -> list[tuple[Expr | str, Token]]:
+        """Each operand with its first token; a bare function name stays a string."""
+        out: list[tuple[Expr | str, Token]] = []
+        at = 0
+        while at < len(tokens):
+            tok = tokens[at]
+            if tok.kind == "lparen":
+                close = _matching(tokens, at)
+                if close < 0:
+                    raise self._where.error("unclosed '('", tok.offset)
+                _names, operand = self._pipeline(tokens[at + 1 : close], tok.offset, declare=False)
+                expr: Expr | str = operand
+                at = close + 1
+            else:
+                expr = self._term(tok)
+                at += 1
+            while at < len(tokens) and tokens[at].kind == "field" and not tokens[at].spaced:
+                if isinstance(expr, str):
+                    raise self._where.error(f"{expr} is a function: call it in ( )", tok.offset)
+                expr = Field(expr, tokens[at].text[1:])
+                at += 1
+            out.append((expr, tok))
+        return out
+
+    def _term(self, tok: Token) -> Expr | str:
+        kind, text = tok.kind, tok.text
+        if kind == "string":
+            return Const(_unquote(text, tok, self._where))
+        if kind == "raw":
+            return Const(text[1:-1])
+        if kind == "number":
+            return Const(_number(text, tok, self._where))
+        if kind == "char":
+            value = _unquote('"' + text[1:-1] + '"', tok, self._where)
+            if len(value) != 1:
+                raise self._where.error(f"bad character constant {text}", tok.offset)
+            return Const(ord(value))
+        if kind == "dot":
+            return Ref(self._dot())
+        if kind == "field":
+            return Field(Ref(self._dot()), text[1:])
+        if kind == "var":
+            return Ref(self._lookup(text, tok))
+        if kind == "ident":
+            if text in ("true", "false"):
+                return Const(text == "true")
+            if text == "nil":
+                raise self._where.error("nil is not a command", tok.offset)
+            if text not in FUNCTIONS:
+                raise self._where.error(
+                    f"function {text!r} is outside the subset lbsync translates", tok.offset
+                )
+            return text
+        raise self._where.error(f"unexpected {text!r}", tok.offset)
+
+    # -- scopes --
+
+    def _push(self) -> None:
+        self._scopes.append(_Scope(dot=self._scopes[-1].dot))
+
+    def _pop(self) -> None:
+        self._scopes.pop()
+
+    def _dot(self) -> str | None:
+        return self._scopes[-1].dot
+
+    def _fresh(self, stem: str) -> str:
+        self._counter += 1
+        return f"{stem}_{self._counter}"
+
+    def _declare(self, name: str) -> str:
+        safe = re.sub(r"\W", "_", name[1:].encode("ascii", "replace").decode()) or "v"
+        jinja = self._fresh(f"var_{safe}")
+        self._scopes[-1].variables[name] = jinja
+        return jinja
+
+    def _lookup(self, name: str, tok: Token) -> str | None:
+        for scope in reversed(self._scopes):
+            if name in scope.variables:
+                return scope.variables[name] or None
+        raise self._where.error(f"undefined variable {name!r}", tok.offset)
+
+
+def _split(tokens: list[Token], kind: str) -> list[list[Token]]:
+    """Split at top-level tokens of ``kind`` (not inside parentheses)."""
+    parts: list[list[Token]] = [[]]
+    depth = 0
+    for tok in tokens:
+        depth += {"lparen": 1, "rparen": -1}.get(tok.kind, 0)
+        if tok.kind == kind and depth == 0:
+            parts.append([])
+        else:
+            parts[-1].append(tok)
+    return parts
+
+
+def _matching(tokens: list[Token], at: int) -> int:
+    depth = 0
+    for i in range(at, len(tokens)):
+        depth += {"lparen": 1, "rparen": -1}.get(tokens[i].kind, 0)
+        if depth == 0:
+            return i
+    return -1
+
+
+_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_ESCAPE = re.compile(
+    r"\\(?:([abfnrtv\\'\"])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))"
+)
+
+
+def _unquote(text: str, tok: Token, where: _Where) -> str:
+    """A Go interpreted string literal (strconv.Unquote), ``"..."`` included."""
+    body = text[1:-1]
+
+    def one(match: re.Match[str]) -> str:
+        simple, hex2, hex4, hex8 = match.groups()
+        if simple:
+            return _ESCAPES.get(simple, simple)
+        return chr(int(hex2 or hex4 or hex8, 16))
+
+    if re.search(r"\\[0-7]", body):
+        raise where.error("octal escapes are outside the subset lbsync translates", tok.offset)
+    unescaped = _ESCAPE.sub(one, body)
+    if "\\" in _ESCAPE.sub("", body):
+        raise where.error(f"bad escape in {text}", tok.offset)
+    return unescaped
+
+
+def _number(text: str, tok: Token, where: _Where) -> int | float:
+    clean = text.replace("_", "")
+    try:
+        if re.fullmatch(r"[+-]?0[xX][0-9a-fA-F]+", clean):
+            return int(clean, 16)
+        if re.fullmatch(r"[+-]?\d+", clean):
+            return int(clean, 10)
+        return float(clean)
+    except ValueError as exc:
+        raise where.error(f"bad number {text}", tok.offset) from exc
+
+
+def parse(source: str, path: str) -> tuple[Node, ...]:
+    """Parse a Go template; raises ConversionError naming ``path``, line and column."""
+    where = _Where(path, source)
+    return _Parser(_lex(source, where), where).parse()
