@@ -1,10 +1,9 @@
-"""Go ``text/template`` source → an AST of the subset confd templates use.
+"""Go ``text/template`` source → the AST of the subset confd templates use (goast.py).
 
-The parser does at parse time what Go's does: it applies the ``{{-``/``-}}`` trim markers
-to the neighbouring text (so the AST's text is exactly what Go would output), resolves
-every ``$variable`` to its declaration (Go rejects an undefined variable when parsing) and
-names each declaration uniquely (a Jinja2 ``set`` in an ``if`` would otherwise leak into
-and shadow an outer Go variable of the same name). Anything outside the subset raises
+The parser does at parse time what Go's does: it resolves every ``$variable`` to its
+declaration (Go rejects an undefined variable when parsing) and names each declaration
+uniquely (a Jinja2 ``set`` in an ``if`` would otherwise leak into and shadow an outer Go
+variable of the same name). Anything outside the subset raises
 :class:`~lbsync.errors.ConversionError` with the file, line, column and construct.
 """
 
@@ -13,7 +12,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from lbsync.errors import ConversionError
+from lbsync.confd.goast import (
+    Call,
+    Const,
+    Expr,
+    Field,
+    If,
+    Node,
+    Output,
+    Range,
+    Ref,
+    SetVar,
+    Text,
+    With,
+)
+from lbsync.confd.golex import LITERALS, Action, Token, Where, lex, literal
 
 # Functions a converted template may call: Go's builtins we translate, confd's store
 # functions (memkv) and confd's helpers (resource/template/template_funcs.go).
@@ -30,209 +43,22 @@ HELPERS = frozenset(
     }
 )  # fmt: skip
 FUNCTIONS = BUILTINS | STORE_FUNCTIONS | HELPERS
+# confd functions refused on purpose: lbsync renders the same bytes for the same keys.
+_REFUSED = {
+    "datetime": "the time of rendering would make every render differ (a rewrite and a "
+    "reload on every round); render a key instead",
+    "lookupIP": "a DNS answer at render time is not in etcd; lbsync renders etcd's state",
+    "lookupSRV": "a DNS answer at render time is not in etcd; lbsync renders etcd's state",
+}
 _MANY = 1 << 16
 _ARITY = {
     "and": (1, _MANY), "or": (1, _MANY), "not": (1, 1), "len": (1, 1), "index": (1, _MANY),
     "printf": (1, _MANY), "eq": (2, _MANY), "ne": (2, 2), "lt": (2, 2), "le": (2, 2),
     "gt": (2, 2), "ge": (2, 2),
 }  # fmt: skip
-_GO_SPACE = " \t\r\n"
 _KEYWORDS = frozenset(
     {"if", "else", "end", "range", "with", "define", "template", "block", "break", "continue"}
 )
-
-
-@dataclass(frozen=True)
-class Pos:
-    line: int
-    column: int
-
-
-# ---- expressions -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Const:
-    value: str | int | float | bool | None
-
-
-@dataclass(frozen=True)
-class Ref:
-    """The value of a Go variable or of dot; ``name`` None is Go's nil (top-level dot)."""
-
-    name: str | None
-
-
-@dataclass(frozen=True)
-class Field:
-    """``base.Name``: a struct field (``.Key``/``.Value``) or a map key."""
-
-    base: Expr
-    name: str
-
-
-@dataclass(frozen=True)
-class Call:
-    function: str
-    args: tuple[Expr, ...]
-
-
-Expr = Const | Ref | Field | Call
-
-
-# ---- statements --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-
-
-@dataclass(frozen=True)
-class Output:
-    expr: Expr
-
-
-@dataclass(frozen=True)
-class SetVar:
-    name: str
-    expr: Expr
-
-
-@dataclass(frozen=True)
-class If:
-    branches: tuple[tuple[Expr, tuple[Node, ...]], ...]
-    otherwise: tuple[Node, ...]
-
-
-@dataclass(frozen=True)
-class Range:
-    """``range [$i,] [$e :=] expr``: ``element`` is dot inside the body (and ``$e``)."""
-
-    index: str | None
-    element: str
-    expr: Expr
-    body: tuple[Node, ...]
-    otherwise: tuple[Node, ...]
-
-
-@dataclass(frozen=True)
-class With:
-    element: str
-    expr: Expr
-    body: tuple[Node, ...]
-    otherwise: tuple[Node, ...]
-
-
-Node = Text | Output | SetVar | If | Range | With
-
-
-# ---- lexing ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Token:
-    kind: str
-    text: str
-    offset: int
-    spaced: bool  # preceded by white space (a field chain has none)
-
-
-@dataclass(frozen=True)
-class Action:
-    """One ``{{ … }}``: its tokens and where it starts."""
-
-    tokens: tuple[Token, ...]
-    offset: int
-    comment: bool = False
-
-
-_TOKEN = re.compile(
-    r"""(?P<declare>:=)|(?P<assign>=)|(?P<pipe>\|)|(?P<lparen>\()|(?P<rparen>\))|(?P<comma>,)
-    |(?P<string>"(?:[^"\\\n]|\\.)*")|(?P<raw>`[^`]*`)|(?P<char>'(?:[^'\\\n]|\\.)+')
-    |(?P<number>[+-]?(?:0[xX][0-9a-fA-F_]+|(?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?))
-    |(?P<field>\.[^\W\d]\w*)|(?P<dot>\.)|(?P<var>\$\w*)|(?P<ident>[^\W\d]\w*)""",
-    re.VERBOSE,
-)
-
-
-def _lex(source: str, where: _Where) -> list[Text | Action]:
-    """Split into text and actions, applying trim markers to the text as Go's lexer does."""
-    items: list[Text | Action] = []
-    pos = 0
-    trim_next = False
-    while pos <= len(source):
-        start = source.find("{{", pos)
-        text = source[pos:] if start < 0 else source[pos:start]
-        if trim_next:
-            text = text.lstrip(_GO_SPACE)
-        if start < 0:
-            items.append(Text(text))
-            break
-        inner = start + 2
-        if source.startswith("- ", inner) or (
-            source.startswith("-", inner) and source[inner + 1 : inner + 2] in ("\t", "\r", "\n")
-        ):
-            text = text.rstrip(_GO_SPACE)
-            inner += 2
-        items.append(Text(text))
-        action, pos, trim_next = _lex_action(source, start, inner, where)
-        items.append(action)
-    return [item for item in items if not (isinstance(item, Text) and not item.text)]
-
-
-def _lex_action(source: str, start: int, inner: int, where: _Where) -> tuple[Action, int, bool]:
-    body = inner
-    while body < len(source) and source[body] in _GO_SPACE:
-        body += 1
-    if source.startswith("/*", body):
-        close = source.find("*/", body + 2)
-        if close < 0:
-            raise where.error("unclosed comment", start)
-        after = close + 2
-        for end, trim in (("}}", False), (" -}}", True)):
-            if source.startswith(end, after):
-                return Action((), start, comment=True), after + len(end), trim
-        raise where.error("comment not closed by '}}' right after '*/'", close)
-    tokens: list[Token] = []
-    pos = inner
-    spaced = True
-    while True:
-        if pos >= len(source):
-            raise where.error("unclosed action: no '}}'", start)
-        if source.startswith(" -}}", pos) or (
-            source[pos] in _GO_SPACE and source.startswith("-}}", pos + 1)
-        ):
-            return Action(tuple(tokens), start), pos + 4, True
-        if source.startswith("}}", pos):
-            return Action(tuple(tokens), start), pos + 2, False
-        if source[pos] in _GO_SPACE:
-            pos += 1
-            spaced = True
-            continue
-        match = _TOKEN.match(source, pos)
-        if match is None or match.lastgroup is None:
-            raise where.error(f"unexpected {source[pos]!r} in action", pos)
-        tokens.append(Token(match.lastgroup, match.group(), pos, spaced))
-        spaced = False
-        pos = match.end()
-
-
-# ---- parsing -----------------------------------------------------------------------
-
-
-@dataclass
-class _Where:
-    path: str
-    source: str
-
-    def pos(self, offset: int) -> Pos:
-        line = self.source.count("\n", 0, offset) + 1
-        return Pos(line, offset - (self.source.rfind("\n", 0, offset) + 1) + 1)
-
-    def error(self, message: str, offset: int) -> ConversionError:
-        pos = self.pos(offset)
-        return ConversionError(message, path=self.path, line=pos.line, column=pos.column)
 
 
 @dataclass
@@ -242,7 +68,7 @@ class _Scope:
 
 
 class _Parser:
-    def __init__(self, items: list[Text | Action], where: _Where) -> None:
+    def __init__(self, items: list[Text | Action], where: Where) -> None:
         self._items = items
         self._at = 0
         self._where = where
@@ -464,17 +290,8 @@ class _Parser:
 
     def _term(self, tok: Token) -> Expr | str:
         kind, text = tok.kind, tok.text
-        if kind == "string":
-            return Const(_unquote(text, tok, self._where))
-        if kind == "raw":
-            return Const(text[1:-1])
-        if kind == "number":
-            return Const(_number(text, tok, self._where))
-        if kind == "char":
-            value = _unquote('"' + text[1:-1] + '"', tok, self._where)
-            if len(value) != 1:
-                raise self._where.error(f"bad character constant {text}", tok.offset)
-            return Const(ord(value))
+        if kind in LITERALS:
+            return Const(literal(tok, self._where))
         if kind == "dot":
             return Ref(self._dot())
         if kind == "field":
@@ -482,16 +299,23 @@ class _Parser:
         if kind == "var":
             return Ref(self._lookup(text, tok))
         if kind == "ident":
-            if text in ("true", "false"):
-                return Const(text == "true")
-            if text == "nil":
-                raise self._where.error("nil is not a command", tok.offset)
-            if text not in FUNCTIONS:
-                raise self._where.error(
-                    f"function {text!r} is outside the subset lbsync translates", tok.offset
-                )
-            return text
+            return self._identifier(tok)
         raise self._where.error(f"unexpected {text!r}", tok.offset)
+
+    def _identifier(self, tok: Token) -> Const | str:
+        """``true``/``false``, or the name of a function in the subset."""
+        text = tok.text
+        if text in ("true", "false"):
+            return Const(text == "true")
+        if text == "nil":
+            raise self._where.error("nil is not a command", tok.offset)
+        if text in _REFUSED:
+            raise self._where.error(f"function {text!r}: {_REFUSED[text]}", tok.offset)
+        if text not in FUNCTIONS:
+            raise self._where.error(
+                f"function {text!r} is outside the subset lbsync translates", tok.offset
+            )
+        return text
 
     # -- scopes --
 
@@ -543,43 +367,7 @@ def _matching(tokens: list[Token], at: int) -> int:
     return -1
 
 
-_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
-_ESCAPE = re.compile(
-    r"\\(?:([abfnrtv\\'\"])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))"
-)
-
-
-def _unquote(text: str, tok: Token, where: _Where) -> str:
-    """A Go interpreted string literal (strconv.Unquote), ``"..."`` included."""
-    body = text[1:-1]
-
-    def one(match: re.Match[str]) -> str:
-        simple, hex2, hex4, hex8 = match.groups()
-        if simple:
-            return _ESCAPES.get(simple, simple)
-        return chr(int(hex2 or hex4 or hex8, 16))
-
-    if re.search(r"\\[0-7]", body):
-        raise where.error("octal escapes are outside the subset lbsync translates", tok.offset)
-    unescaped = _ESCAPE.sub(one, body)
-    if "\\" in _ESCAPE.sub("", body):
-        raise where.error(f"bad escape in {text}", tok.offset)
-    return unescaped
-
-
-def _number(text: str, tok: Token, where: _Where) -> int | float:
-    clean = text.replace("_", "")
-    try:
-        if re.fullmatch(r"[+-]?0[xX][0-9a-fA-F]+", clean):
-            return int(clean, 16)
-        if re.fullmatch(r"[+-]?\d+", clean):
-            return int(clean, 10)
-        return float(clean)
-    except ValueError as exc:
-        raise where.error(f"bad number {text}", tok.offset) from exc
-
-
 def parse(source: str, path: str) -> tuple[Node, ...]:
     """Parse a Go template; raises ConversionError naming ``path``, line and column."""
-    where = _Where(path, source)
-    return _Parser(_lex(source, where), where).parse()
+    where = Where(path, source)
+    return _Parser(lex(source, where), where).parse()

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lbsync.confd.gotemplate import (
-    STORE_FUNCTIONS,
+from lbsync.confd.goast import (
     Call,
     Const,
     Expr,
@@ -31,6 +30,7 @@ from lbsync.confd.gotemplate import (
     Text,
     With,
 )
+from lbsync.confd.gotemplate import STORE_FUNCTIONS
 
 
 def _literal(value: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 from lbsync.confd import migrate
 from lbsync.confd.resources import Resource
 from lbsync.confd.store import go_path_join
+from lbsync.errors import RenderError
 from tests.confd.reference import FIXTURES, GoRender, fixture_keys, go_render, render_lbsync
 
 __all__ = ["go_render"]  # the fixture, imported to be used here
@@ -148,3 +149,29 @@ def test_the_fixture_directory_renders_what_confd_wrote(
         go = go_render(FIXTURES / "templates" / resource.src, keys, prefix, resource.keys)
         assert go.strip(), f"{resource.src} rendered nothing under Go"
         assert render_lbsync(tmp_path / "out" / name, keys, "/production") == go, resource.src
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        '{{getv "/nope"}}',
+        '{{(get "/nope").Value}}',
+        '{{eq 1 "a"}}',
+        '{{atoi "4 2"}}',
+        '{{index (split "a" ",") 5}}',
+        "{{div 1 0}}",
+        '{{json "[1]"}}',
+        '{{base64Decode "%%"}}',
+        '{{parseBool "yes"}}',
+        '{{range getv "/config/name"}}{{end}}',
+        '{{(getv "/config/name").Key}}',
+    ],
+)
+def test_what_go_refuses_to_render_lbsync_refuses_too(
+    go_render: GoRender, tmp_path: Path, source: str
+) -> None:
+    with pytest.raises(AssertionError, match="Go refused"):
+        both(go_render, tmp_path, source)
+    converted = tmp_path / "t.j2"
+    with pytest.raises(RenderError, match=r"t\.j2"):
+        render_lbsync(converted, KEYS, "/app")
