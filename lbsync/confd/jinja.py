@@ -38,8 +38,16 @@ def _literal(value: str) -> str:
     return repr(value)
 
 
-def _needs_literal(text: str) -> bool:
-    return any(mark in text for mark in ("{{", "{%", "{#", "\r")) or text.endswith("{")
+def _text(text: str) -> str:
+    """Text as Jinja2 source: itself, unless Jinja2 would read it as markup or rewrite it.
+
+    A trailing ``{`` alone (``upstream x {`` before a tag) becomes ``{{ '{' }}``.
+    """
+    if any(mark in text for mark in ("{{", "{%", "{#", "\r")):
+        return "{{ " + _literal(text) + " }}"
+    if text.endswith("{"):
+        return text[:-1] + "{{ '{' }}"
+    return text
 
 
 def _tag(statement: str) -> str:
@@ -82,7 +90,7 @@ def _block(nodes: Sequence[Node], out: list[str]) -> None:
 
 def _node(node: Node, out: list[str]) -> None:
     if isinstance(node, Text):
-        out.append("{{ " + _literal(node.text) + " }}" if _needs_literal(node.text) else node.text)
+        out.append(_text(node.text))
     elif isinstance(node, Output):
         out.append("{{ confd.text(" + expression(node.expr) + ") }}")
     elif isinstance(node, SetVar):
