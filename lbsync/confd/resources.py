@@ -18,7 +18,9 @@ from lbsync.confd.store import go_path_join
 from lbsync.errors import ConversionError
 
 # confd.toml keys that tune confd's own loop: lbsync watches etcd and has its own.
-_LOOP_KEYS = frozenset({"interval", "watch", "log-level", "confdir", "noop", "onetime"})
+_LOOP_KEYS = frozenset(
+    {"interval", "watch", "log-level", "confdir", "noop", "onetime", "sync-only"}
+)
 _ETCD_KEYS = frozenset(
     {"backend", "nodes", "prefix", "scheme", "client_cakeys", "client_cert", "client_key"}
     | {"basic_auth", "username", "password"}
@@ -105,7 +107,8 @@ def read_confd_settings(path: Path | None) -> ConfdSettings:
     if backend not in ("etcd", "etcdv3"):
         raise ConversionError(f"backend {backend!r}: lbsync reads etcd (v3) only", path=str(where))
     notes = [
-        f"confd.toml {key}: lbsync always watches etcd" for key in sorted(set(data) & _LOOP_KEYS)
+        f"confd.toml {key}: not carried (lbsync always watches etcd and checks before it swaps)"
+        for key in sorted(set(data) & _LOOP_KEYS)
     ]
     if backend == "etcd":
         notes.append("backend 'etcd' (v2 API in confd): lbsync reads keys through the v3 API")
