@@ -14,7 +14,7 @@ import binascii
 import json as _json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from lbsync.confd.gofmt import go_sprintf, go_type, go_value
@@ -36,6 +36,18 @@ def _kind(value: object) -> str:
 def _comparable(a: object, b: object) -> None:
     if _kind(a) != _kind(b) or _kind(a) == "other":
         raise ConfdFunctionError(f"incompatible types for comparison: {a!r} and {b!r}")
+
+
+def _simple_case(text: str, change: Callable[[str], str]) -> str:
+    """Go maps case rune by rune (Unicode's simple mapping: ``ß`` stays ``ß``), where
+    Python's full mapping may give several characters (``SS``)."""
+    if text.isascii():
+        return change(text)
+    out = []
+    for char in text:
+        changed = "i" if char == "\u0130" and change is str.lower else change(char)
+        out.append(changed if len(changed) == 1 else char)
+    return "".join(out)
 
 
 class Functions:
@@ -179,11 +191,11 @@ class Functions:
 
     @staticmethod
     def toUpper(text: str) -> str:
-        return text.upper()
+        return _simple_case(text, str.upper)
 
     @staticmethod
     def toLower(text: str) -> str:
-        return text.lower()
+        return _simple_case(text, str.lower)
 
     @staticmethod
     def contains(text: str, sub: str) -> bool:

@@ -7,9 +7,10 @@ anything: the text between tags is exactly Go's output. Text Jinja2 would read a
 (``{{``, ``{%``, ``{#``, a trailing ``{`` that would fuse with the next tag) or that it
 would rewrite (``\\r``) is written as a string literal instead.
 
-Values are printed through ``confd.text`` (Go's ``<no value>``, ``true``, ``[a b]``), the
-key store is ``kv`` (bound once at the top to the resource's prefix and keys), and every
-other function is ``confd.<name>``.
+Values are printed through ``confd.text`` (Go's ``<no value>``, ``true``, ``[a b]``)
+unless they are certainly a string or an int (gotypes.py), the key store is ``kv``
+(bound once at the top to the resource's prefix and keys), and every other function is
+``confd.<name>``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from lbsync.confd.goast import (
     With,
 )
 from lbsync.confd.gotemplate import STORE_FUNCTIONS
+from lbsync.confd.gotypes import Kind, element_kind, kind_of
+
+_PLAIN_COMPARISONS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 
 
 def _literal(value: str) -> str:
@@ -54,16 +58,6 @@ def _tag(statement: str) -> str:
     return "{%+ " + statement + " +%}"
 
 
-def expression(expr: Expr) -> str:
-    if isinstance(expr, Const):
-        return _constant(expr.value)
-    if isinstance(expr, Ref):
-        return expr.name or "none"
-    if isinstance(expr, Field):
-        return f"confd.field({expression(expr.base)}, {_literal(expr.name)})"
-    return _call(expr)
-
-
 def _constant(value: str | int | float | bool | None) -> str:
     if isinstance(value, str):
         return _literal(value)
@@ -73,53 +67,93 @@ def _constant(value: str | int | float | bool | None) -> str:
     return f"({text})" if text.startswith("-") else text
 
 
-def _call(call: Call) -> str:
-    args = [expression(arg) for arg in call.args]
-    if call.function in ("and", "or"):
-        return "(" + f" {call.function} ".join(args) + ")"
-    if call.function == "not":
-        return f"(not {args[0]})"
-    owner = "kv" if call.function in STORE_FUNCTIONS else "confd"
-    return f"{owner}.{call.function}({', '.join(args)})"
+class _Emitter:
+    """Writes Jinja2 for nodes, knowing the kinds of the variables in scope."""
 
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self._known: dict[str, Kind] = {}
 
-def _block(nodes: Sequence[Node], out: list[str]) -> None:
-    for node in nodes:
-        _node(node, out)
+    def expression(self, expr: Expr) -> str:
+        if isinstance(expr, Const):
+            return _constant(expr.value)
+        if isinstance(expr, Ref):
+            return expr.name or "none"
+        if isinstance(expr, Field):
+            base = self.expression(expr.base)
+            if kind_of(expr.base, self._known) == "kv":
+                return f"{base}.{expr.name}"
+            return f"confd.field({base}, {_literal(expr.name)})"
+        return self._call(expr)
 
+    def _call(self, call: Call) -> str:
+        args = [self.expression(arg) for arg in call.args]
+        if call.function in ("and", "or"):
+            return "(" + f" {call.function} ".join(args) + ")"
+        if call.function == "not":
+            return f"(not {args[0]})"
+        if call.function in _PLAIN_COMPARISONS and len(args) == 2:
+            kinds = {kind_of(arg, self._known) for arg in call.args}
+            if len(kinds) == 1 and kinds & {"str", "int"}:
+                return f"({args[0]} {_PLAIN_COMPARISONS[call.function]} {args[1]})"
+        owner = "kv" if call.function in STORE_FUNCTIONS else "confd"
+        return f"{owner}.{call.function}({', '.join(args)})"
 
-def _node(node: Node, out: list[str]) -> None:
-    if isinstance(node, Text):
-        out.append(_text(node.text))
-    elif isinstance(node, Output):
-        out.append("{{ confd.text(" + expression(node.expr) + ") }}")
-    elif isinstance(node, SetVar):
-        out.append(_tag(f"set {node.name} = {expression(node.expr)}"))
-    elif isinstance(node, If):
-        for i, (condition, body) in enumerate(node.branches):
-            out.append(_tag(f"{'if' if i == 0 else 'elif'} {expression(condition)}"))
-            _block(body, out)
-        _otherwise(node.otherwise, out)
-        out.append(_tag("endif"))
-    elif isinstance(node, Range):
+    def block(self, nodes: Sequence[Node]) -> None:
+        for node in nodes:
+            self.node(node)
+
+    def node(self, node: Node) -> None:
+        if isinstance(node, Text):
+            self.out.append(_text(node.text))
+        elif isinstance(node, Output):
+            self._output(node.expr)
+        elif isinstance(node, SetVar):
+            self._known[node.name] = kind_of(node.expr, self._known)
+            self.out.append(_tag(f"set {node.name} = {self.expression(node.expr)}"))
+        elif isinstance(node, If):
+            for i, (condition, body) in enumerate(node.branches):
+                self.out.append(_tag(f"{'if' if i == 0 else 'elif'} {self.expression(condition)}"))
+                self.block(body)
+            self._otherwise(node.otherwise)
+            self.out.append(_tag("endif"))
+        elif isinstance(node, Range):
+            self._range(node)
+        elif isinstance(node, With):
+            self._known[node.element] = kind_of(node.expr, self._known)
+            self.out.append(_tag(f"set {node.element} = {self.expression(node.expr)}"))
+            self.out.append(_tag(f"if {node.element}"))
+            self.block(node.body)
+            self._otherwise(node.otherwise)
+            self.out.append(_tag("endif"))
+
+    def _output(self, expr: Expr) -> None:
+        text = self.expression(expr)
+        if kind_of(expr, self._known) not in ("str", "int"):
+            text = f"confd.text({text})"
+        self.out.append("{{ " + text + " }}")
+
+    def _range(self, node: Range) -> None:
+        index_kind, element = element_kind(node.expr, self._known)
+        self._known[node.element] = element
+        if node.index:
+            self._known[node.index] = index_kind
         target = f"{node.index}, {node.element}" if node.index else node.element
         how = "pairs" if node.index else "elements"
-        out.append(_tag(f"for {target} in confd.{how}({expression(node.expr)})"))
-        _block(node.body, out)
-        _otherwise(node.otherwise, out)
-        out.append(_tag("endfor"))
-    elif isinstance(node, With):
-        out.append(_tag(f"set {node.element} = {expression(node.expr)}"))
-        out.append(_tag(f"if {node.element}"))
-        _block(node.body, out)
-        _otherwise(node.otherwise, out)
-        out.append(_tag("endif"))
+        self.out.append(_tag(f"for {target} in confd.{how}({self.expression(node.expr)})"))
+        self.block(node.body)
+        self._otherwise(node.otherwise)
+        self.out.append(_tag("endfor"))
+
+    def _otherwise(self, nodes: Sequence[Node]) -> None:
+        if nodes:
+            self.out.append(_tag("else"))
+            self.block(nodes)
 
 
-def _otherwise(nodes: Sequence[Node], out: list[str]) -> None:
-    if nodes:
-        out.append(_tag("else"))
-        _block(nodes, out)
+def expression(expr: Expr) -> str:
+    """One expression as Jinja2, with nothing known about variables."""
+    return _Emitter().expression(expr)
 
 
 def emit(nodes: Sequence[Node], *, prefix: str, keys: Sequence[str], origin: str) -> str:
@@ -128,6 +162,6 @@ def emit(nodes: Sequence[Node], *, prefix: str, keys: Sequence[str], origin: str
         "{#+ converted by lbsync migrate-confd from " + origin.replace("#}", "# }") + " +#}",
         _tag(f"set kv = confd.store({_literal(prefix)}, {list(keys)!r})"),
     ]
-    out: list[str] = []
-    _block(nodes, out)
-    return "".join(header) + "".join(out)
+    emitter = _Emitter()
+    emitter.block(nodes)
+    return "".join(header) + "".join(emitter.out)

@@ -8,6 +8,8 @@ Copied faithfully from kelseyhightower/memkv ``store.go`` (``get``/``gets``/``ge
 
 from __future__ import annotations
 
+import bisect
+import functools
 import posixpath
 import re
 from collections.abc import Mapping, Sequence
@@ -49,19 +51,33 @@ def resource_keys(raw: Mapping[str, str], prefix: str, watched: Sequence[str]) -
     ``path.Join("/", strings.TrimPrefix(k, prefix))``. ``raw`` holds keys relative to
     lbsync's ``[etcd] prefix``, which the migration sets to confd's global prefix.
     """
-    wanted = [go_path_join(prefix, key) for key in watched]
+    wanted = tuple(go_path_join(prefix, key) for key in watched)
     return {
-        go_path_join("/", key.removeprefix(prefix)): value
+        _clean_absolute(key.removeprefix(prefix)): value
         for key, value in raw.items()
-        if any(key.startswith(w) for w in wanted)
+        if key.startswith(wanted)
     }
 
 
+_UNCLEAN = re.compile(r"//|/\.\.?(/|$)|./$")
+
+
+def _clean_absolute(path: str) -> str:
+    """``path.Join("/", path)``, without the work for the usual already-clean key."""
+    if path.startswith("/") and not _UNCLEAN.search(path):
+        return path
+    return go_path_join("/", path)
+
+
 class Store:
-    """memkv's Store over one resource's keys (kelseyhightower/memkv store.go)."""
+    """memkv's Store over one resource's keys (kelseyhightower/memkv store.go).
+
+    ``keys`` are clean absolute paths, as confd stores them (``resource_keys``).
+    """
 
     def __init__(self, keys: Mapping[str, str]) -> None:
         self._keys = keys
+        self._sorted = sorted(keys)
 
     def exists(self, key: str) -> bool:
         return key in self._keys
@@ -80,7 +96,7 @@ class Store:
 
     def gets(self, pattern: str) -> list[KVPair]:
         matcher = _glob(pattern)
-        return [KVPair(k, self._keys[k]) for k in sorted(self._keys) if matcher.fullmatch(k)]
+        return [KVPair(k, self._keys[k]) for k in self._starting(pattern) if matcher.fullmatch(k)]
 
     def getvs(self, pattern: str) -> list[str]:
         return sorted(kv.Value for kv in self.gets(pattern))
@@ -99,12 +115,26 @@ class Store:
     def lsdir(self, file_path: str) -> list[str]:
         found: set[str] = set()
         prefix = _terms(file_path)
-        for key in self._keys:
+        for key in self._starting(file_path, literal=True):
             if key.startswith(file_path):
-                items = _terms(posixpath.dirname(key) or ".")
+                # keys are path.Join results (clean): their dirname needs no cleaning
+                items = (posixpath.dirname(key) or ".").split("/")
                 if _same_prefix(prefix, items) and len(items) - len(prefix) >= 1:
                     found.add(items[len(prefix)])
         return sorted(found)
+
+    def _starting(self, pattern: str, *, literal: bool = False) -> list[str]:
+        """The sorted keys that start with the pattern's literal head (all a glob can match).
+
+        A template ranging over ``gets`` inside a range over services would otherwise scan
+        every key once per service.
+        """
+        head = pattern if literal else re.split(r"[*?\[\\]", pattern, maxsplit=1)[0]
+        start = bisect.bisect_left(self._sorted, head)
+        end = start
+        while end < len(self._sorted) and self._sorted[end].startswith(head):
+            end += 1
+        return self._sorted[start:end]
 
 
 def _terms(path: str) -> list[str]:
@@ -115,6 +145,7 @@ def _same_prefix(left: list[str], right: list[str]) -> bool:
     return all(a == b for a, b in zip(left, right, strict=False))
 
 
+@functools.lru_cache(maxsize=1024)
 def _glob(pattern: str) -> re.Pattern[str]:
     """Go's ``filepath.Match`` as a regex: ``*`` and ``?`` never match ``/``."""
     out: list[str] = []

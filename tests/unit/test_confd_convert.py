@@ -32,10 +32,12 @@ def render(source: str) -> str:
     ("source", "jinja"),
     [
         ("plain\n", "plain\n"),
-        ('{{getv "/name"}}', "{{ confd.text(kv.getv('/name')) }}"),
+        ('{{getv "/name"}}', "{{ kv.getv('/name') }}"),
+        ('{{json "{}"}}', "{{ confd.text(confd.json('{}')) }}"),
         ("{{.}}", "{{ confd.text(none) }}"),
         ("{{$}}", "{{ confd.text(none) }}"),
-        ("{{$x := 1}}{{$x}}", "{%+ set var_x_1 = 1 +%}{{ confd.text(var_x_1) }}"),
+        ("{{$x := 1}}{{$x}}", "{%+ set var_x_1 = 1 +%}{{ var_x_1 }}"),
+        ("{{$x := true}}{{$x}}", "{%+ set var_x_1 = true +%}{{ confd.text(var_x_1) }}"),
         ("{{if true}}a{{end}}", "{%+ if true +%}a{%+ endif +%}"),
         (
             "{{if 1}}a{{else if 2}}b{{else}}c{{end}}",
@@ -43,35 +45,45 @@ def render(source: str) -> str:
         ),
         (
             '{{range ls "/"}}{{.}}{{end}}',
-            "{%+ for dot_1 in confd.elements(kv.ls('/')) +%}{{ confd.text(dot_1) }}{%+ endfor +%}",
+            "{%+ for dot_1 in confd.elements(kv.ls('/')) +%}{{ dot_1 }}{%+ endfor +%}",
         ),
         (
             '{{range $i, $e := ls "/"}}{{$i}}{{$e}}{{else}}none{{end}}',
-            "{%+ for var_i_2, dot_1 in confd.pairs(kv.ls('/')) +%}{{ confd.text(var_i_2) }}"
-            "{{ confd.text(dot_1) }}{%+ else +%}none{%+ endfor +%}",
+            "{%+ for var_i_2, dot_1 in confd.pairs(kv.ls('/')) +%}{{ var_i_2 }}{{ dot_1 }}"
+            "{%+ else +%}none{%+ endfor +%}",
+        ),
+        (
+            '{{range $k, $v := json "{}"}}{{$k}}{{$v}}{{end}}',
+            "{%+ for var_k_2, dot_1 in confd.pairs(confd.json('{}')) +%}"
+            "{{ confd.text(var_k_2) }}{{ confd.text(dot_1) }}{%+ endfor +%}",
         ),
         (
             '{{with getv "/name"}}{{.}}{{end}}',
-            "{%+ set dot_1 = kv.getv('/name') +%}{%+ if dot_1 +%}{{ confd.text(dot_1) }}"
-            "{%+ endif +%}",
+            "{%+ set dot_1 = kv.getv('/name') +%}{%+ if dot_1 +%}{{ dot_1 }}{%+ endif +%}",
         ),
-        ('{{(get "/name").Value}}', "{{ confd.text(confd.field(kv.get('/name'), 'Value')) }}"),
-        ('{{"a" | printf "%s-%s" "b"}}', "{{ confd.text(confd.printf('%s-%s', 'b', 'a')) }}"),
+        ('{{(get "/name").Value}}', "{{ kv.get('/name').Value }}"),
+        ('{{(json "{}").Value}}', "{{ confd.text(confd.field(confd.json('{}'), 'Value')) }}"),
+        (
+            '{{range gets "/*"}}{{if eq .Key "/a"}}{{.Value}}{{end}}{{end}}',
+            "{%+ for dot_1 in confd.elements(kv.gets('/*')) +%}{%+ if (dot_1.Key == '/a') +%}"
+            "{{ dot_1.Value }}{%+ endif +%}{%+ endfor +%}",
+        ),
+        ('{{eq 1 "a"}}{{lt 1 2}}', "{{ confd.text(confd.eq(1, 'a')) }}{{ confd.text((1 < 2)) }}"),
+        ('{{"a" | printf "%s-%s" "b"}}', "{{ confd.printf('%s-%s', 'b', 'a') }}"),
         (
             "{{and 1 0 2}}{{or 0 1}}{{not 1}}",
-            "{{ confd.text((1 and 0 and 2)) }}{{ confd.text((0 or 1)) }}{{ confd.text((not 1)) }}",
+            "{{ (1 and 0 and 2) }}{{ (0 or 1) }}{{ confd.text((not 1)) }}",
         ),
         (
             "{{-3}}{{1.5}}{{0x10}}{{'a'}}{{`r\\n`}}",
-            "{{ confd.text((-3)) }}{{ confd.text(1.5) }}"
-            "{{ confd.text(16) }}{{ confd.text(97) }}{{ confd.text('r\\\\n') }}",
+            "{{ (-3) }}{{ confd.text(1.5) }}{{ 16 }}{{ 97 }}{{ 'r\\\\n' }}",
         ),
-        ("a  {{- 1 -}}  \n b", "a{{ confd.text(1) }}b"),
+        ("a  {{- 1 -}}  \n b", "a{{ 1 }}b"),
         ("a {{/* note */}} b", "a  b"),
         ("x {{- /* note */ -}} y", "xy"),
         ("{% raw %}", "{{ '{% raw %}' }}"),
-        ("location {\n  {{1}}", "location {\n  {{ confd.text(1) }}"),
-        ("location {{1}}{", "location {{ confd.text(1) }}{{ '{' }}"),
+        ("location {\n  {{1}}", "location {\n  {{ 1 }}"),
+        ("location {{1}}{", "location {{ 1 }}{{ '{' }}"),
         ("a\r\nb", "{{ 'a\\r\\nb' }}"),
     ],
 )

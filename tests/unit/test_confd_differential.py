@@ -96,6 +96,8 @@ CONSTRUCTS = {
     ' {{toLower "AbC"}} {{contains "abc" "b"}} {{replace "aaa" "a" "b" 2}}'
     ' {{replace "aaa" "a" "b" -1}} {{trimSuffix "a.conf" ".conf"}}'
     ' {{split "abc" ""}} {{getenv "LBSYNC_SURELY_UNSET" "fallback"}}\n',
+    "unicode": '{{toUpper "straße ǆ é"}} {{toLower "İSTANBUL ǅ É"}} {{len "é"}}'
+    ' {{split "é,ß" ""}} {{printf "%q|%5s|%x" "é\\t" "é" "é"}}\n',
     "numbers": "{{add 1 2}} {{sub 1 2}} {{mul 3 4}} {{div -7 2}} {{mod -7 2}} {{seq 3 5}}"
     ' {{seq 2 1}} {{atoi "-12"}}\n',
     "collections": '{{map "a" 1 "b" "x"}} {{reverse (getvs "/upstreams/*/*")}}'
