@@ -177,3 +177,31 @@ def test_what_go_refuses_to_render_lbsync_refuses_too(
     converted = tmp_path / "t.j2"
     with pytest.raises(RenderError, match=r"t\.j2"):
         render_lbsync(converted, KEYS, "/app")
+
+
+_AROUND = ["", " ", "\n", "  \n\t ", "x\n  ", "\n\n"]
+_ACTIONS = [
+    "{{L 7 R}}",
+    "{{L if true R}}\n  a\n{{L end R}}",
+    "{{L if false R}}a{{L else if true R}}\n b \n{{L else R}}c{{L end R}}",
+    "{{L range seq 1 2 R}}\n  r{{L . R}}\n{{L end R}}",
+    "{{L /* c */ R}}",
+    "{{L $v := 1 R}}",
+    "{{L with 0 R}}w{{L else R}}\n e\n{{L end R}}",
+]
+
+
+def test_whitespace_around_every_kind_of_action_is_gos(go_render: GoRender, tmp_path: Path) -> None:
+    """Every action kind, with and without each trim marker, between texts of every shape
+    (empty, spaces, newlines, lines holding only the action): one template, Go's bytes."""
+    cases = []
+    for action in _ACTIONS:
+        for left in ("", "- "):
+            for right in ("", " -"):
+                tagged = action.replace("{{L ", "{{" + left).replace(" R}}", right + "}}")
+                for before in _AROUND:
+                    for after in _AROUND:
+                        cases.append(f"#{before}{tagged}{after}#")
+    go, lbsync = both(go_render, tmp_path, "\n".join(cases) + "\n")
+    assert go.count(b"#") == 2 * len(cases) == 2 * 7 * 4 * 36
+    assert lbsync == go
