@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from lbsync.confd.gotemplate import parse
 from lbsync.confd.jinja import emit
 from lbsync.confd.resources import ConfdSettings, Resource, read_confd_settings, read_resources
@@ -23,6 +25,8 @@ from lbsync.errors import ConversionError
 
 CONFIG_NAME = "lbsync.toml"
 PASSWORD_NAME = "etcd-password"
+
+log = structlog.get_logger("lbsync.confd")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ def convert(confdir: Path, confd_config: Path | None = None) -> Migration:
         if resource.reload_cmd is None:
             notes.append(f"{resource.path.name}: no reload_cmd: the target reloads with 'true'")
     config = "\n".join([_header(confdir), _etcd_table(settings), *targets])
+    log.info("migrate.converted", confdir=str(confdir), resources=len(resources), notes=len(notes))
     return Migration(config, tuple(templates), settings.password, tuple(notes))
 
 

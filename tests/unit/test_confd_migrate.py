@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from lbsync.catalog import Catalog
 from lbsync.cli import main
 from lbsync.confd import migrate
 from lbsync.confd.resources import read_confd_settings, read_resource
 from lbsync.config import load_settings
 from lbsync.errors import ConversionError
+from lbsync.model import KeyValue
+from lbsync.render import Renderer
 from lbsync.testing import assert_golden
-from tests.confd.reference import FIXTURES
+from tests.confd.reference import FIXTURES, fixture_keys
 
 GOLDEN = FIXTURES / "golden"
 
@@ -211,3 +214,16 @@ def test_cli_error_is_one_line_and_exit_1(
     err = capsys.readouterr().err
     assert err.startswith(f"lbsync: {root / 'templates' / 't.tmpl'}:1:3: {{{{define}}}}")
     assert not (tmp_path / "o").exists()
+
+
+def test_converted_templates_render_the_same_in_the_sandbox(tmp_path: Path) -> None:
+    """``[render] sandbox = true`` must not break a migrated config."""
+    migrate.write(migrate.convert(FIXTURES), tmp_path)
+    catalog = Catalog("/production")
+    kvs = [KeyValue(key=k, value=v.encode(), mod_revision=1) for k, v in fixture_keys().items()]
+    catalog.load(kvs, 1)
+    snapshot = catalog.snapshot()
+    for template in sorted((tmp_path / "templates").glob("*.j2")):
+        plain = Renderer().render(template, snapshot)
+        assert plain
+        assert Renderer(sandbox=True).render(template, snapshot) == plain
