@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json as _json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,6 +37,22 @@ def _kind(value: object) -> str:
 def _comparable(a: object, b: object) -> None:
     if _kind(a) != _kind(b) or _kind(a) == "other":
         raise ConfdFunctionError(f"incompatible types for comparison: {a!r} and {b!r}")
+
+
+def _go_json(data: str) -> Any:
+    """encoding/json into interface{}: every number a float64; no NaN, Infinity or 1e400."""
+    return _json.loads(data, parse_int=float, parse_float=_finite, parse_constant=_no_constant)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} out of range of float64")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"invalid character in {text!r}")
 
 
 def _simple_case(text: str, change: Callable[[str], str]) -> str:
@@ -172,7 +189,7 @@ class Functions:
     @staticmethod
     def json(data: str) -> dict[str, Any]:
         try:
-            value = _json.loads(data)
+            value = _go_json(data)
         except ValueError as exc:
             raise ConfdFunctionError(f"json: {exc}") from exc
         if value is not None and not isinstance(value, dict):
@@ -182,7 +199,7 @@ class Functions:
     @staticmethod
     def jsonArray(data: str) -> list[Any]:
         try:
-            value = _json.loads(data)
+            value = _go_json(data)
         except ValueError as exc:
             raise ConfdFunctionError(f"jsonArray: {exc}") from exc
         if value is not None and not isinstance(value, list):

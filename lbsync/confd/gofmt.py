@@ -66,11 +66,42 @@ def go_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-_VERB = re.compile(r"%([-+# 0]*)(\d+)?(?:\.(\d*))?([a-zA-Z%])")
+_VERB = re.compile(r"%([-+# 0]*)(\d+)?(?:\.(\d*))?(.?)", re.DOTALL)
+
+
+_PRECISION_VERBS = frozenset("sfF")
+_PLUS_VERBS = frozenset("dfF")
+
+
+def unsupported_verb(flags: str, precision: str | None, verb: str) -> str | None:
+    """Why lbsync cannot format this directive as Go does, or None if it can."""
+    if not verb:
+        return "a '%' at the end"
+    if verb not in "svdqtfFxX%":
+        return f"verb %{verb}"
+    if set(flags) - set("-+0"):
+        return f"flag {''.join(sorted(set(flags) - set('-+0')))!r} in %{verb}"
+    if "+" in flags and verb not in _PLUS_VERBS:
+        return f"flag '+' in %{verb}"
+    if precision is not None and verb not in _PRECISION_VERBS:
+        return f"a precision in %{verb}"
+    return None
+
+
+def printf_problems(fmt: str) -> list[str]:
+    """What in a constant format lbsync cannot format as Go does (checked at conversion)."""
+    problems = []
+    for match in _VERB.finditer(fmt):
+        flags, _width, precision, verb = match.groups()
+        why = unsupported_verb(flags, precision, verb)
+        if why is not None:
+            problems.append(why)
+    return problems
 
 
 def go_sprintf(fmt: str, *args: object) -> str:
-    """Go's ``fmt.Sprintf`` for the verbs templates use: %s %v %d %q %t %f %x %X %%."""
+    """Go's ``fmt.Sprintf`` for the verbs templates use: %s %v %d %q %t %f %x %X %%,
+    flags ``-+0``, widths, and precisions for %s and %f (``unsupported_verb``)."""
     out: list[str] = []
     pos = 0
     used = 0
@@ -78,6 +109,9 @@ def go_sprintf(fmt: str, *args: object) -> str:
         out.append(fmt[pos : match.start()])
         pos = match.end()
         flags, width, precision, verb = match.groups()
+        why = unsupported_verb(flags, precision, verb)
+        if why is not None:
+            raise ConfdFunctionError(f"printf {fmt!r}: {why} is outside what lbsync formats")
         if verb == "%":
             out.append("%")
             continue
@@ -86,59 +120,103 @@ def go_sprintf(fmt: str, *args: object) -> str:
             continue
         arg = args[used]
         used += 1
-        out.append(_pad(_format_one(verb, flags, precision, arg), flags, width))
+        if width is not None and isinstance(arg, list | tuple | dict | KVPair):
+            raise ConfdFunctionError(f"printf {fmt!r}: a width for a composite value")
+        out.append(_pad(_format_one(verb, flags, precision, arg), flags, width, verb))
     out.append(fmt[pos:])
     if used < len(args):
+        if any(isinstance(a, list | tuple | dict | KVPair) for a in args[used:]):
+            raise ConfdFunctionError(f"printf {fmt!r}: extra composite arguments")
         extra = ", ".join(f"{go_type(a)}={go_value(a)}" for a in args[used:])
         out.append(f"%!(EXTRA {extra})")
     return "".join(out)
 
 
-def _format_one(verb: str, flags: str, precision: str | None, arg: object) -> str:
+def _format_one(
+    verb: str, flags: str, precision: str | None, arg: object, *, nested: bool = False
+) -> str:
+    """One argument; composites are formatted element by element, as Go's fmt does (a nil
+    inside one prints ``<nil>`` whatever the verb)."""
+
+    def each(value: object) -> str:
+        return _format_one(verb, flags, precision, value, nested=True)
+
+    if isinstance(arg, list | tuple):
+        return "[" + " ".join(each(a) for a in arg) + "]"
+    if isinstance(arg, dict):
+        return "map[" + " ".join(f"{each(k)}:{each(arg[k])}" for k in sorted(arg)) + "]"
+    if isinstance(arg, KVPair):
+        return f"{{{each(arg.Key)} {each(arg.Value)}}}"
+    if arg is None:
+        return "<nil>" if verb == "v" or nested else f"%!{verb}(<nil>)"
+    return _format_scalar(verb, flags, precision, arg)
+
+
+def _format_scalar(verb: str, flags: str, precision: str | None, arg: object) -> str:
     bad = f"%!{verb}({go_type(arg)}={go_value(arg)})"
-    is_int = isinstance(arg, int) and not isinstance(arg, bool)
+    plus = "+" if "+" in flags else ""
     if verb == "v":
         return go_value(arg)
-    if verb == "s":
-        if not isinstance(arg, str | list | KVPair):
-            return bad
-        text = go_value(arg)
-        return text[: int(precision or 0)] if precision is not None else text
-    if verb == "d":
-        if not isinstance(arg, int) or isinstance(arg, bool):
-            return bad
-        return ("+" if "+" in flags and arg >= 0 else "") + str(arg)
-    if verb == "t":
-        return go_value(arg) if isinstance(arg, bool) else bad
-    if verb == "q":
-        return _go_quote(arg) if isinstance(arg, str) else bad
-    if verb in "xX" and (is_int or isinstance(arg, str)):
-        text = arg.encode().hex() if isinstance(arg, str) else format(arg, "x")
-        return text.upper() if verb == "X" else text
-    if verb in "fF" and isinstance(arg, float | int) and not isinstance(arg, bool):
-        return f"{float(arg):.{int(precision) if precision is not None else 6}f}"
-    return bad
+    if isinstance(arg, bool):
+        return go_value(arg) if verb == "t" else bad
+    if isinstance(arg, int):
+        if verb == "d":
+            return (plus if arg >= 0 else "") + str(arg)
+        return (f"{arg:x}" if verb == "x" else f"{arg:X}") if verb in "xX" else bad
+    if isinstance(arg, float):
+        if verb in "fF":
+            return (
+                plus if arg >= 0 else ""
+            ) + f"{arg:.{6 if precision is None else int(precision)}f}"
+        if verb in "xX":
+            raise ConfdFunctionError(f"%{verb} of a float is outside what lbsync formats")
+        return bad
+    if isinstance(arg, str):
+        if verb == "s":
+            return arg if precision is None else arg[: int(precision or 0)]
+        if verb == "q":
+            return _go_quote(arg)
+        if verb in "xX":
+            return arg.encode().hex() if verb == "x" else arg.encode().hex().upper()
+        return bad
+    raise ConfdFunctionError(f"cannot format a {type(arg).__name__}")
 
 
-def _pad(text: str, flags: str, width: str | None) -> str:
+def _pad(text: str, flags: str, width: str | None, verb: str) -> str:
+    """Go pads on the left with spaces, or zeros (after a sign) with '0', right with '-'."""
     if width is None or len(text) >= int(width):
         return text
+    size = int(width)
     if "-" in flags:
-        return text.ljust(int(width))
-    if "0" in flags and re.fullmatch(r"[+-]?\d+(\.\d+)?", text):
-        sign = text[0] if text[0] in "+-" else ""
-        return sign + text[len(sign) :].rjust(int(width) - len(sign), "0")
-    return text.rjust(int(width))
+        return text.ljust(size)
+    if "0" in flags:
+        sign = text[0] if verb in "dfF" and text[:1] in ("+", "-") else ""
+        return sign + text[len(sign) :].rjust(size - len(sign), "0")
+    return text.rjust(size)
 
 
 def _go_quote(text: str) -> str:
-    """strconv.Quote for printable text: JSON's escaping is the same for these."""
-    out = []
+    """strconv.Quote: Go's escapes, ``\\xNN`` below 0x80, ``\\uNNNN``/``\\UNNNNNNNN`` for
+    other runes that are not printable."""
+    out = ['"']
     for char in text:
+        code = ord(char)
         if char in '"\\':
             out.append("\\" + char)
+        elif char in _QUOTE_ESCAPES:
+            out.append(_QUOTE_ESCAPES[char])
         elif char.isprintable():
             out.append(char)
+        elif code < 0x80:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
         else:
-            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(char, f"\\x{ord(char):02x}"))
-    return '"' + "".join(out) + '"'
+            out.append(f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
+
+
+_QUOTE_ESCAPES = {
+    "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v",
+}  # fmt: skip

@@ -26,6 +26,7 @@ from lbsync.confd.goast import (
     Text,
     With,
 )
+from lbsync.confd.gofmt import printf_problems
 from lbsync.confd.golex import LITERALS, Action, Token, Where, lex, literal
 
 # Functions a converted template may call: Go's builtins we translate, confd's store
@@ -239,6 +240,8 @@ class _Parser:
     def _command(self, tokens: list[Token], piped: Expr | None) -> Expr:
         operands = self._operands(tokens)
         head, head_token = operands[0]
+        if head == Const(None):
+            raise self._where.error("nil is not a command", head_token.offset)
         if isinstance(head, str):
             args = tuple(expr for expr, _tok in operands[1:])
             for expr, tok in operands[1:]:
@@ -256,13 +259,22 @@ class _Parser:
         return head
 
     def _check_arity(self, call: Call, tok: Token) -> None:
-        """Go checks a builtin's argument count when it runs; a conversion checks it now."""
+        """Go checks a builtin's argument count when it runs; a conversion checks it now,
+        and a constant printf format's directives too."""
         wanted = _ARITY.get(call.function)
         if wanted is not None and not wanted[0] <= len(call.args) <= wanted[1]:
             raise self._where.error(
                 f"wrong number of arguments for {call.function}: got {len(call.args)}",
                 tok.offset,
             )
+        first = call.args[0] if call.args else None
+        if call.function == "printf" and isinstance(first, Const) and isinstance(first.value, str):
+            problems = printf_problems(first.value)
+            if problems:
+                raise self._where.error(
+                    f"printf {first.value!r}: {problems[0]} is outside what lbsync formats",
+                    tok.offset,
+                )
 
     def _operands(self, tokens: list[Token]) -> list[tuple[Expr | str, Token]]:
         """Each operand with its first token; a bare function name stays a string."""
@@ -308,7 +320,7 @@ class _Parser:
         if text in ("true", "false"):
             return Const(text == "true")
         if text == "nil":
-            raise self._where.error("nil is not a command", tok.offset)
+            return Const(None)
         if text in _REFUSED:
             raise self._where.error(f"function {text!r}: {_REFUSED[text]}", tok.offset)
         if text not in FUNCTIONS:

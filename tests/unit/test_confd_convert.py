@@ -145,6 +145,15 @@ def test_variable_scope_ends_with_its_block() -> None:
         ("{{ ; }}", "1:4", "unexpected ';'"),
         ('{{"\\101"}}', "1:3", "octal escapes"),
         ("{{}}", "1:1", "empty action"),
+        ("{{if nil}}a{{end}}", "1:6", "nil is not a command"),
+        ('{{printf "%e" 1.5}}', "1:3", "printf '%e': verb %e is outside what lbsync formats"),
+        ('{{printf "%#x" 1}}', "1:3", "flag '#' in %x"),
+        ('{{printf "% d" 1}}', "1:3", "flag ' ' in %d"),
+        ('{{printf "%.3d" 1}}', "1:3", "a precision in %d"),
+        ('{{printf "%[1]s" 1}}', "1:3", "verb %["),
+        ('{{printf "%*d" 1 2}}', "1:3", "verb %*"),
+        ('{{printf "%+q" "a"}}', "1:3", "flag '+' in %q"),
+        ('{{printf "50%"}}', "1:3", "a '%' at the end"),
     ],
 )
 def test_an_unsupported_construct_names_file_line_column_and_construct(

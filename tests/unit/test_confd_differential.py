@@ -96,6 +96,19 @@ CONSTRUCTS = {
     ' {{toLower "AbC"}} {{contains "abc" "b"}} {{replace "aaa" "a" "b" 2}}'
     ' {{replace "aaa" "a" "b" -1}} {{trimSuffix "a.conf" ".conf"}}'
     ' {{split "abc" ""}} {{getenv "LBSYNC_SURELY_UNSET" "fallback"}}\n',
+    "ls quirks": '{{ls "/upstreams/"}} {{lsdir "/upstreams/"}} {{ls "/config/n"}}'
+    ' {{ls "/upstreams/api/deep"}} {{lsdir "/up"}} {{ls "/up"}} {{lsdir "/upstreams/api"}}'
+    ' {{ls "upstreams"}} {{lsdir ""}}\n',
+    "glob patterns": '{{getvs "/upstreams/web/[ab]"}} {{getvs "/upstreams/*/?"}}'
+    ' {{getvs "/upstreams/[^w]*/*"}} {{getvs "/upstreams/a[p-q]i/*"}} {{getvs "/upstreams/\\a*/*"}}'
+    ' {{getvs "*"}} {{getvs "/*/*/*/*"}}\n',
+    "printf verbs": '{{printf "%6.2f|%-8d|%+d|%x|%X|%5.1s|%-4v|%3d" 3.14159 42 7 -255 "Hi" "abc"'
+    " true 12345}}"
+    ' {{printf "%05s|%-05d|%05d|%+.2f|%+5d|%f|%5t|%05v|%q|%-5q|%s|%d|%s|%d|%v|%s"'
+    ' "ab" 42 -42 3.14159 7 3 true "z" "a\\x01b\\u00e9\\U0001F600\\u200b\\a" "x"'
+    ' (jsonArray "[1,\\"a\\",null]") (seq 1 2) (get "/config/n") (json "{\\"a\\":1}")'
+    ' (json "{\\"a\\":[true]}") nil}}'
+    ' {{printf "%v %v %s" (split "a,b" ",") (gets "/config/n") (split "x" ",")}}\n',
     "unicode": '{{toUpper "straße ǆ é"}} {{toLower "İSTANBUL ǅ É"}} {{len "é"}}'
     ' {{split "é,ß" ""}} {{printf "%q|%5s|%x" "é\\t" "é" "é"}}\n',
     "numbers": "{{add 1 2}} {{sub 1 2}} {{mul 3 4}} {{div -7 2}} {{mod -7 2}} {{seq 3 5}}"
@@ -163,6 +176,8 @@ def test_the_fixture_directory_renders_what_confd_wrote(
         '{{index (split "a" ",") 5}}',
         "{{div 1 0}}",
         '{{json "[1]"}}',
+        '{{json "{\\"a\\": 1e400}"}}',
+        '{{jsonArray "[NaN]"}}',
         '{{base64Decode "%%"}}',
         '{{parseBool "yes"}}',
         '{{range getv "/config/name"}}{{end}}',
