@@ -85,17 +85,17 @@ def lex(source: str, where: Where) -> list[Text | Action]:
 
 
 def _lex_action(source: str, start: int, inner: int, where: Where) -> tuple[Action, int, bool]:
-    body = inner
-    while body < len(source) and source[body] in _GO_SPACE:
-        body += 1
-    if source.startswith("/*", body):
-        close = source.find("*/", body + 2)
+    """One action from just after ``{{`` (and its trim marker): its tokens, where the text
+    after it starts, and whether that text is trimmed."""
+    if source.startswith("/*", inner):  # Go: a comment starts right after the delimiter
+        close = source.find("*/", inner + 2)
         if close < 0:
             raise where.error("unclosed comment", start)
         after = close + 2
-        for end, trim in (("}}", False), (" -}}", True)):
-            if source.startswith(end, after):
-                return Action((), start, comment=True), after + len(end), trim
+        if source.startswith("}}", after):
+            return Action((), start, comment=True), after + 2, False
+        if source[after : after + 1] in tuple(_GO_SPACE) and source.startswith("-}}", after + 1):
+            return Action((), start, comment=True), after + 4, True
         raise where.error("comment not closed by '}}' right after '*/'", close)
     tokens: list[Token] = []
     pos = inner

@@ -139,6 +139,8 @@ def test_variable_scope_ends_with_its_block() -> None:
         ("{{if 1}}a{{else}}b{{else}}c{{end}}", "1:19", "a second {{else}}"),
         ('{{getv "a"', "1:1", "unclosed action"),
         ("{{/* open", "1:1", "unclosed comment"),
+        ("{{ /* spaced */ }}", "1:4", "unexpected '/'"),
+        ("{{/* c */ 1}}", "1:8", "comment not closed"),
         ("{{not 1 2}}", "1:3", "wrong number of arguments for not"),
         ("{{eq 1}}", "1:3", "wrong number of arguments for eq"),
         ('{{getv "a" | 1}}', "1:14", "calling a method or passing arguments to a non-function"),

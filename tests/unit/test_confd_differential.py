@@ -54,7 +54,8 @@ CONSTRUCTS = {
     "markup-like text": "a {# b #} {% c %} { {\n} }}\r\nend {",
     "action alone on a line": 'a\n{{getv "/config/name"}}\n  {{getv "/config/n"}}  \nb\n',
     "trim markers": 'a  \n\t{{- getv "/config/name" -}}\n  b\n{{- "x"}}  {{"y" -}}  \n',
-    "comments": "a\n{{/* c */}}\nb {{- /* trimmed */ -}} c\n  {{- /* left */}} d\n",
+    "comments": "a\n{{/* c */}}\nb {{- /* trimmed */ -}} c\n  {{- /* left */}} d\n"
+    "{{- /* multi\n line */\t-}}\n e {{/* right */ -}}\n\tf\n",
     "if alone on lines": "x\n{{if true}}\nyes\n{{end}}\ny\n"
     "  {{if false}}no{{else}}  else\n{{end}}\n",
     "else if chain": '{{$n := atoi (getv "/config/n")}}'

@@ -227,3 +227,10 @@ def test_converted_templates_render_the_same_in_the_sandbox(tmp_path: Path) -> N
         plain = Renderer().render(template, snapshot)
         assert plain
         assert Renderer(sandbox=True).render(template, snapshot) == plain
+
+
+def test_migrate_confd_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["migrate-confd", "--help"])
+    assert info.value.code == 0
+    assert "lbsync migrate-confd" in capsys.readouterr().out
