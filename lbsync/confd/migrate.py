@@ -21,6 +21,7 @@ import structlog
 from lbsync.confd.gotemplate import parse
 from lbsync.confd.jinja import emit
 from lbsync.confd.resources import ConfdSettings, Resource, read_confd_settings, read_resources
+from lbsync.confd.store import go_path_join
 from lbsync.errors import ConversionError
 
 CONFIG_NAME = "lbsync.toml"
@@ -58,14 +59,15 @@ def convert(confdir: Path, confd_config: Path | None = None) -> Migration:
     templates: list[tuple[str, str]] = []
     targets: list[str] = []
     names: set[str] = set()
-    for resource in resources:
-        src = confdir / "templates" / resource.src
+    for resource in _uniquely_named(resources):
+        # confd: filepath.Join(TemplateDir, src), so an absolute src stays under templates/
+        src = Path(go_path_join(str(confdir / "templates"), resource.src))
         try:
             source = src.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConversionError(f"cannot read: {exc.strerror}", path=str(src)) from exc
         name = _unique(f"templates/{Path(resource.src).stem}.j2", resource.name, names)
-        origin = f"{resource.path.name} ({src.relative_to(confdir)})"
+        origin = f"{resource.path.name} ({os.path.relpath(src, confdir)})"
         templates.append((name, convert_template(source, str(src), resource, origin)))
         targets.append(_target(resource, name))
         if resource.owner:
@@ -78,6 +80,20 @@ def convert(confdir: Path, confd_config: Path | None = None) -> Migration:
     config = "\n".join([_header(confdir), _etcd_table(settings), *targets])
     log.info("migrate.converted", confdir=str(confdir), resources=len(resources), notes=len(notes))
     return Migration(config, tuple(templates), settings.password, tuple(notes))
+
+
+def _uniquely_named(resources: list[Resource]) -> list[Resource]:
+    """Target names come from file names; two that clean to the same name are refused."""
+    seen: dict[str, Path] = {}
+    for resource in resources:
+        if resource.name in seen:
+            raise ConversionError(
+                f"its target name {resource.name!r} is also {seen[resource.name].name}'s: "
+                "rename one of the files",
+                path=str(resource.path),
+            )
+        seen[resource.name] = resource.path
+    return resources
 
 
 def _unique(name: str, resource: str, taken: set[str]) -> str:

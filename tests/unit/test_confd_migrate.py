@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -234,3 +235,18 @@ def test_migrate_confd_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["migrate-confd", "--help"])
     assert info.value.code == 0
     assert "lbsync migrate-confd" in capsys.readouterr().out
+
+
+def test_src_is_joined_to_templates_as_go_joins_it(tmp_path: Path) -> None:
+    root = confdir(tmp_path, RESOURCE.replace('"t.tmpl"', '"/sub/../t.tmpl"'))
+    ((name, text),) = migrate.convert(root).templates
+    assert name == "templates/t.j2"
+    assert "(templates/t.tmpl)" in text
+
+
+def test_two_resources_whose_names_clean_alike_are_refused(tmp_path: Path) -> None:
+    root = confdir(tmp_path, RESOURCE)
+    (root / "conf.d" / "r!.toml").write_text(RESOURCE.replace("/etc/x.conf", "/etc/y.conf"))
+    (root / "conf.d" / "r_.toml").write_text(RESOURCE.replace("/etc/x.conf", "/etc/z.conf"))
+    with pytest.raises(ConversionError, match=re.escape("target name 'r_' is also r!.toml's")):
+        migrate.convert(root)
