@@ -3,7 +3,8 @@
 Expressions: constants, references to a variable or to dot (renamed uniquely by the
 parser), field access and function calls (a pipeline ``a | f b`` is the call ``f(b, a)``).
 Statements: text (already trimmed as Go's ``{{-``/``-}}`` say), output, variable
-declaration, ``if``/``else if``/``else``, ``range`` and ``with``.
+declaration, ``if``/``else if``/``else``, ``range``, ``with``, and the templates a file
+defines (``define``/``block``) and runs (``template``).
 """
 
 from __future__ import annotations
@@ -90,4 +91,21 @@ class With:
     otherwise: tuple[Node, ...]
 
 
-Node = Text | Output | SetVar | If | Range | With
+@dataclass(frozen=True)
+class Define:
+    """``{{define "name"}}``: a Jinja2 macro ``macro`` whose parameter is dot (and ``$``)."""
+
+    macro: str
+    param: str
+    body: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Include:
+    """``{{template "name" pipeline}}``: the defined template, run with dot = ``expr``."""
+
+    macro: str
+    expr: Expr | None
+
+
+Node = Text | Output | SetVar | If | Range | With | Define | Include

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from lbsync.confd.goast import (
     Call,
     Const,
+    Define,
     Expr,
     Field,
     If,
+    Include,
     Node,
     Output,
     Range,
@@ -57,9 +59,7 @@ _ARITY = {
     "printf": (1, _MANY), "eq": (2, _MANY), "ne": (2, 2), "lt": (2, 2), "le": (2, 2),
     "gt": (2, 2), "ge": (2, 2),
 }  # fmt: skip
-_KEYWORDS = frozenset(
-    {"if", "else", "end", "range", "with", "define", "template", "block", "break", "continue"}
-)
+_KEYWORDS = frozenset({"if", "else", "end", "range", "with", "break", "continue"})
 
 
 @dataclass
@@ -75,6 +75,10 @@ class _Parser:
         self._where = where
         self._scopes: list[_Scope] = [_Scope({"$": ""})]
         self._counter = 0
+        self._macros: dict[str, str] = {}  # Go template name -> Jinja2 macro name
+        self._defined: set[str] = set()
+        self._used: dict[str, int] = {}  # Go template name -> offset of its first use
+        self._in_define = False
 
     # -- statements --
 
@@ -82,6 +86,9 @@ class _Parser:
         body, stop = self._block()
         if stop is not None:
             raise self._where.error(f"unexpected {{{{{stop[0]}}}}}", stop[1])
+        for name, offset in self._used.items():
+            if name not in self._defined:
+                raise self._where.error(f"no template {name!r} is defined", offset)
         return body
 
     def _block(self) -> tuple[tuple[Node, ...], tuple[str, int, list[Token]] | None]:
@@ -112,6 +119,12 @@ class _Parser:
             return [self._range(tokens[1:], offset)]
         if head.kind == "ident" and head.text == "with":
             return [self._with(tokens[1:], offset)]
+        if head.kind == "ident" and head.text in ("define", "block"):
+            return self._define(tokens, offset)
+        if head.kind == "ident" and head.text == "template":
+            name, rest = self._template_name(tokens)
+            expr = self._pipeline(rest, offset, declare=False)[1] if rest else None
+            return [Include(self._macro(name, head.offset), expr)]
         if head.kind == "ident" and head.text in _KEYWORDS:
             raise self._where.error(
                 f"{{{{{head.text}}}}} is outside the subset lbsync translates", head.offset
@@ -149,6 +162,52 @@ class _Parser:
             otherwise = self._closed_block(offset, "if")
             self._pop()
             return [*prelude, If(tuple(branches), otherwise)]
+
+    def _define(self, tokens: list[Token], offset: int) -> list[Node]:
+        """``{{define "n"}}…{{end}}`` (top level only, as in Go) or ``{{block "n" p}}…{{end}}``
+        (a define, run in place). The body sees only its dot and ``$``, both its argument."""
+        head = tokens[0]
+        if len(self._scopes) != 1 or self._in_define:  # Go allows a nested block; lbsync not
+            raise self._where.error(
+                f"{{{{{head.text}}}}} below the top level is outside the subset lbsync translates",
+                head.offset,
+            )
+        name, rest = self._template_name(tokens)
+        if head.text == "define" and rest:
+            raise self._where.error("{{define}} takes a name only", rest[0].offset)
+        if head.text == "block" and not rest:
+            raise self._where.error("{{block}} needs a pipeline", head.offset)
+        if name in self._defined:
+            raise self._where.error(f"template {name!r} is defined twice", head.offset)
+        expr = self._pipeline(rest, offset, declare=False)[1] if rest else None
+        self._defined.add(name)
+        macro = self._macro(name, None)
+        param = self._fresh("dot")
+        outer, self._scopes = self._scopes, [_Scope({"$": param}, dot=param)]
+        self._in_define = True
+        try:
+            body, stop = self._block()
+        finally:
+            self._scopes, self._in_define = outer, False
+        kind, at, _rest = self._expect_stop(stop, offset, head.text)
+        if kind != "end":
+            raise self._where.error(f"{{{{else}}}} in {{{{{head.text}}}}}", at)
+        define = Define(macro, param, body)
+        return [define, Include(macro, expr)] if head.text == "block" else [define]
+
+    def _template_name(self, tokens: list[Token]) -> tuple[str, list[Token]]:
+        if len(tokens) < 2 or tokens[1].kind not in ("string", "raw"):
+            raise self._where.error(
+                f"{{{{{tokens[0].text}}}}} needs a quoted name", tokens[0].offset
+            )
+        return str(literal(tokens[1], self._where)), tokens[2:]
+
+    def _macro(self, name: str, used_at: int | None) -> str:
+        if used_at is not None:
+            self._used.setdefault(name, used_at)
+        if name not in self._macros:
+            self._macros[name] = self._fresh("template")
+        return self._macros[name]
 
     def _range(self, tokens: list[Token], offset: int) -> Range:
         self._push()

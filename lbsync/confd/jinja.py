@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from lbsync.confd.goast import (
     Call,
     Const,
+    Define,
     Expr,
     Field,
     If,
+    Include,
     Node,
     Output,
     Range,
@@ -119,6 +121,13 @@ class _Emitter:
             self.out.append(_tag("endif"))
         elif isinstance(node, Range):
             self._range(node)
+        elif isinstance(node, Include):
+            argument = "none" if node.expr is None else self.expression(node.expr)
+            self.out.append("{{ " + f"{node.macro}({argument})" + " }}")
+        elif isinstance(node, Define):
+            self.out.append(_tag(f"macro {node.macro}({node.param})"))
+            self.block(node.body)
+            self.out.append(_tag("endmacro"))
         elif isinstance(node, With):
             self._known[node.element] = kind_of(node.expr, self._known)
             self.out.append(_tag(f"set {node.element} = {self.expression(node.expr)}"))
@@ -163,5 +172,7 @@ def emit(nodes: Sequence[Node], *, prefix: str, keys: Sequence[str], origin: str
         _tag(f"set kv = confd.store({_literal(prefix)}, {list(keys)!r})"),
     ]
     emitter = _Emitter()
-    emitter.block(nodes)
+    # Go's defined templates can be run before their definition; Jinja2 macros cannot
+    emitter.block([node for node in nodes if isinstance(node, Define)])
+    emitter.block([node for node in nodes if not isinstance(node, Define)])
     return "".join(header) + "".join(emitter.out)

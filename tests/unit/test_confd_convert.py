@@ -122,9 +122,15 @@ def test_variable_scope_ends_with_its_block() -> None:
 @pytest.mark.parametrize(
     ("source", "where", "what"),
     [
-        ('{{define "x"}}{{end}}', "1:3", "{{define}} is outside the subset"),
-        ('a\n  {{template "x"}}', "2:5", "{{template}} is outside the subset"),
-        ('{{block "x" .}}{{end}}', "1:3", "{{block}} is outside the subset"),
+        ('{{if 1}}{{define "x"}}{{end}}{{end}}', "1:11", "{{define}} below the top level"),
+        ('{{define "x"}}{{define "y"}}{{end}}{{end}}', "1:17", "{{define}} below the top level"),
+        ('{{define "x"}}a{{end}}{{define "x"}}b{{end}}', "1:25", "template 'x' is defined twice"),
+        ('{{define "x" .}}{{end}}', "1:14", "{{define}} takes a name only"),
+        ("{{define x}}{{end}}", "1:3", "{{define}} needs a quoted name"),
+        ('{{block "x"}}{{end}}', "1:3", "{{block}} needs a pipeline"),
+        ('{{define "x"}}a{{else}}b{{end}}', "1:16", "{{else}} in {{define}}"),
+        ('a\n  {{template "x"}}', "2:5", "no template 'x' is defined"),
+        ('{{with 1}}{{block "x" .}}{{end}}{{end}}', "1:13", "{{block}} below the top level"),
         ('{{range ls "/"}}{{break}}{{end}}', "1:19", "{{break}} is outside the subset"),
         ("{{$x := 1}}\n{{$x = 2}}", "2:6", "assigning an existing variable"),
         ("{{datetime}}", "1:3", "'datetime': the time of rendering"),

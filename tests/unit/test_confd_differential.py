@@ -110,6 +110,13 @@ CONSTRUCTS = {
     ' (jsonArray "[1,\\"a\\",null]") (seq 1 2) (get "/config/n") (json "{\\"a\\":1}")'
     ' (json "{\\"a\\":[true]}") nil}}'
     ' {{printf "%v %v %s" (split "a,b" ",") (gets "/config/n") (split "x" ",")}}\n',
+    "define and template": '{{define "server"}}    server {{.Value}};\n{{end}}'
+    'upstream web {\n{{range gets "/upstreams/web/*"}}{{template "server" .}}{{end}}}\n'
+    '{{- define "list"}}{{range $i, $e := .}}{{if $i}},{{end}}{{$e}}{{end}}{{end}}\n'
+    '[{{template "list" (getvs "/upstreams/*/*")}}] [{{template "list" (split "" ",")}}]\n'
+    '{{define "nil"}}<{{.}}|{{$}}>{{end}}{{template "nil"}} {{template "later" 5}}\n'
+    '{{define "later"}}{{if gt . 0}}{{.}}{{template "later" (sub . 1)}}{{end}}{{end}}'
+    '{{block "inline" (getv "/config/name")}}[{{.}} {{len (getvs "/upstreams/api/*")}}]{{end}}\n',
     "unicode": '{{toUpper "straße ǆ é"}} {{toLower "İSTANBUL ǅ É"}} {{len "é"}}'
     ' {{split "é,ß" ""}} {{printf "%q|%5s|%x" "é\\t" "é" "é"}}\n',
     "numbers": "{{add 1 2}} {{sub 1 2}} {{mul 3 4}} {{div -7 2}} {{mod -7 2}} {{seq 3 5}}"

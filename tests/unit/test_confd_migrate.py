@@ -210,10 +210,10 @@ def test_cli_reads_the_confd_toml_it_is_given(tmp_path: Path) -> None:
 def test_cli_error_is_one_line_and_exit_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = confdir(tmp_path, RESOURCE, template='{{define "x"}}{{end}}')
+    root = confdir(tmp_path, RESOURCE, template="{{break}}")
     assert main(["migrate-confd", "--confdir", str(root), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"lbsync: {root / 'templates' / 't.tmpl'}:1:3: {{{{define}}}}")
+    assert err.startswith(f"lbsync: {root / 'templates' / 't.tmpl'}:1:3: {{{{break}}}}")
     assert not (tmp_path / "o").exists()
 
 
