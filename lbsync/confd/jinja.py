@@ -160,11 +160,6 @@ class _Emitter:
             self.block(nodes)
 
 
-def expression(expr: Expr) -> str:
-    """One expression as Jinja2, with nothing known about variables."""
-    return _Emitter().expression(expr)
-
-
 def emit(nodes: Sequence[Node], *, prefix: str, keys: Sequence[str], origin: str) -> str:
     """The whole Jinja2 template: a header naming its origin, the store, then the body."""
     header = [
