@@ -122,7 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--http", metavar="HOST:PORT", help="the daemon's [http] listen (default: the config's)"
     )
     status.set_defaults(handler=cmd_status)
+
+    _add_migrate_confd(sub)
     return parser
+
+
+def _add_migrate_confd(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    migrate = sub.add_parser(
+        "migrate-confd", help="convert confd's resources and Go templates to lbsync"
+    )
+    migrate.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    migrate.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    migrate.add_argument("--confdir", type=Path, required=True, help="confd's confdir")
+    migrate.add_argument(
+        "--config", type=Path, help="confd.toml (default: CONFDIR/confd.toml if it exists)"
+    )
+    migrate.add_argument("--out", type=Path, required=True, help="a fresh directory to write")
+    migrate.add_argument(
+        "--check",
+        action="store_true",
+        help="then render through etcd and diff against the files confd wrote; exit 2 if any",
+    )
+    migrate.set_defaults(handler=cmd_migrate_confd)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -251,3 +272,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"ok  {line}")
     structlog.get_logger("lbsync.cli").debug("check.done", config=str(args.config))
     return EXIT_OK
+
+
+def cmd_migrate_confd(args: argparse.Namespace) -> int:
+    from lbsync import oneshot
+    from lbsync.confd import migrate
+
+    migration = migrate.convert(args.confdir, args.config)
+    config = migrate.write(migration, args.out)
+    print(f"wrote {config} and {len(migration.templates)} template(s)")
+    for note in migration.notes:
+        print(f"note: {note}")
+    if not args.check:
+        return EXIT_OK
+    results = oneshot.dry_run(load_settings(config))
+    for result in results:
+        sys.stdout.write(result.diff)
+        if result.error:
+            print(f"# target {result.target}: {result.error}")
+    if any(r.error for r in results):
+        return EXIT_ERROR
+    return EXIT_PENDING if any(r.diff for r in results) else EXIT_OK

@@ -12,6 +12,7 @@
     ├── RenderError                  a template failed to load or render (template, line)
     │   ├── RenderTooLarge           a target's render is past its size cap (size, cap)
     │   └── StructureViolation       a value added a directive that benign values don't (file)
+    ├── ConversionError              a confd resource or Go template lbsync cannot translate
     ├── StageError                   staging, swapping or restoring files (path)
     ├── CommandError                 an external command failed or timed out (command, stderr)
     │   └── ValidationFailed         the LB's own checker refused the staged config
@@ -161,6 +162,22 @@ class StructureViolation(RenderError):
 
     def context(self) -> dict[str, object]:
         return {**super().context(), "file": self.file, "directive": _clip(self.directive, 200)}
+
+
+class ConversionError(LbsyncError):
+    """``lbsync migrate-confd`` met a confd file it cannot translate faithfully."""
+
+    def __init__(
+        self, message: str, *, path: str, line: int | None = None, column: int | None = None
+    ) -> None:
+        where = path if line is None else f"{path}:{line}:{column}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line
+        self.column = column
+
+    def context(self) -> dict[str, object]:
+        return {"path": self.path, "line": self.line, "column": self.column}
 
 
 class StageError(LbsyncError):

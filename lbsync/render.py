@@ -30,6 +30,7 @@ import jinja2.sandbox
 from jinja2 import nodes
 from jinja2.parser import Parser
 
+from lbsync.confd.functions import Functions as ConfdFunctions
 from lbsync.errors import RenderError
 from lbsync.model import Snapshot
 
@@ -68,6 +69,10 @@ class RawKeys:
     def _value(self, key: str) -> str:
         """Every value a template reads goes through here (see lbsync.structure)."""
         return self._keys[key]
+
+    def read_all(self) -> dict[str, str]:
+        """Every raw key with its value, each read through ``_value`` (confd's store)."""
+        return {key: self._value(key) for key in self._keys}
 
     def exists(self, key: str) -> bool:
         return key in self._keys
@@ -235,12 +240,19 @@ class Renderer:
 def template_context(
     snapshot: Snapshot, extra: Mapping[str, Any] | None = None, raw: RawKeys | None = None
 ) -> dict[str, Any]:
-    """What every template sees: ``services``, ``snapshot``, raw-key functions, driver extras."""
+    """What every template sees: ``services``, ``snapshot``, raw-key functions, driver extras.
+
+    ``confd`` holds confd's functions with Go's semantics, for templates converted by
+    ``lbsync migrate-confd`` (lbsync/confd/functions.py); it reads raw keys through ``raw``
+    like ``getv`` does, so the structural check sees what it read.
+    """
+    raw = raw or RawKeys(snapshot.keys)
     context: dict[str, Any] = {
         "services": snapshot.services,
         "snapshot": snapshot,
         "revision": snapshot.revision,
-        **(raw or RawKeys(snapshot.keys)).functions(),
+        "confd": ConfdFunctions(raw.read_all),
+        **raw.functions(),
     }
     context.update(extra or {})
     return context

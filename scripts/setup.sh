@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   etcd-server etcd-client nginx haproxy wrk
   libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core lua-resty-lrucache lua-cjson
-  luajit2 python3-venv
+  luajit2 python3-venv golang-go
   podman runc debootstrap uidmap slirp4netns fuse-overlayfs iproute2
 )
 

@@ -1,0 +1,1 @@
+"""confd → lbsync migration: read confd resources and Go templates, write lbsync."""
