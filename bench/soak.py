@@ -27,16 +27,20 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import env, report
-from bench.soak_faults import FAULTS, Fault
+from bench.soak_faults import ETCD_KEEPALIVE, FAULTS, Fault
 from bench.soak_model import ANCHOR, Change, Churn, expected_servers, rendered_servers
 
 SETUP_TIMEOUT = 120.0
+# lbsync's events worth a column: how it noticed and handled each fault.
+NOTABLE = ("source.lost", "catalog.reset", "lastgood.loaded", "reconfigure.", "rollback.")
+NOTABLE += ("apply.failed", "service.held", "guard.held")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Tally:
     fault: Fault
     converged_s: list[float] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    said: Counter[str] = field(default_factory=Counter)  # lbsync's notable events
 
 
 @dataclass
@@ -225,6 +230,7 @@ class Soak:
             self.write(self.churn.next())
         self.older_upstreams = self._converged_texts[0] if self._converged_texts else None
         self.current = fault.name
+        mark = self.lbsync.count()
         fault.inject(self)
         if self.options.churn_after_fault:
             self.write(self.probe_change())
@@ -233,6 +239,10 @@ class Soak:
             self.tallies[fault.name].converged_s.append(elapsed)
         else:
             self.tallies[fault.name].converged_s.append(float("nan"))
+        for event in self.lbsync.events[mark:]:
+            name = str(event.get("event", ""))
+            if name.startswith(NOTABLE):
+                self.tallies[fault.name].said[name] += 1
 
     # --- invariants --------------------------------------------------------------------
 
@@ -309,7 +319,8 @@ def run(options: Options, base: Path | None = None) -> Result:
     started = time.monotonic()
     deadline = started + options.minutes * 60
     cycles = 0
-    with env.world("soak", base, backend_names=("A", "B", "C"), sites=(ANCHOR[0],)) as w:
+    sites = (ANCHOR[0],)
+    with env.world("soak", base, ETCD_KEEPALIVE, backend_names=("A", "B", "C"), sites=sites) as w:
         soak = Soak(w, options)
         try:
             soak.start()
@@ -338,6 +349,7 @@ def run(options: Options, base: Path | None = None) -> Result:
 # --- the report ------------------------------------------------------------------------
 
 HEADERS = ("fault", "needs reconciler", "count", "converged p50 s", "max s", "violations")
+HEADERS += ("lbsync said",)
 
 
 def rows(result: Result) -> list[list[Any]]:
@@ -352,6 +364,7 @@ def rows(result: Result) -> list[list[Any]]:
                 report.pct(times, 50),
                 max(times) if times else float("nan"),
                 len(tally.violations),
+                ", ".join(f"{n} x{c}" for n, c in sorted(tally.said.items())),
             ]
         )
     return out

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 BURST_SIZE = 300
 BURST_WRITERS = 8
+# etcd pings each client every second and drops one that has not answered within a
+# second: a frozen lbsync loses its watch, as it would behind a real network timeout.
+ETCD_KEEPALIVE = ("--grpc-keepalive-interval=1s", "--grpc-keepalive-timeout=1s")
 
 
 @dataclass(frozen=True)
@@ -57,17 +60,32 @@ def etcd_pause(soak: Soak) -> None:
 
 
 def compact_while_lbsync_paused(soak: Soak) -> None:
-    """lbsync stopped mid-watch; the keys change and etcd compacts past its revision."""
+    """lbsync frozen long enough for etcd to drop its connection (the soak's etcd pings
+    clients every second, see ``ETCD_KEEPALIVE``); the keys change and etcd compacts past
+    lbsync's revision: on SIGCONT lbsync must resync, not resume its watch."""
     with soak.lbsync_window():
         pid = soak.lbsync.pid
         os.kill(pid, signal.SIGSTOP)
         try:
+            env.wait_until(
+                lambda: not _connected(pid, soak.world.etcd.port),
+                "etcd to drop the paused lbsync's connection",
+                timeout=60,
+            )
             for _ in range(soak.rng.randrange(5, 20)):
                 soak.write(soak.churn.next())
-            client = soak.client()
-            client.compact(soak.world.etcd.writer_revision())
+            soak.client().compact(soak.world.etcd.writer_revision())
         finally:
             os.kill(pid, signal.SIGCONT)
+
+
+def _connected(pid: int, port: int) -> bool:
+    """Whether ``pid`` has an established TCP connection to ``port`` on loopback."""
+    connections = psutil.Process(pid).net_connections(kind="tcp")
+    return any(
+        c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        for c in connections
+    )
 
 
 def nginx_reloaded_by_someone_else(soak: Soak) -> None:
@@ -124,7 +142,7 @@ FAULTS = (
     Fault("etcd SIGSTOP/SIGCONT", "etcd frozen for 1-4 s", etcd_pause),
     Fault(
         "compaction while lbsync paused",
-        "lbsync SIGSTOPped, 5-20 changes, etcd compacted, SIGCONT",
+        "lbsync SIGSTOPped until etcd drops it, 5-20 changes, etcd compacted, SIGCONT",
         compact_while_lbsync_paused,
     ),
     Fault("nginx reloaded by someone else", "SIGHUP to the master", nginx_reloaded_by_someone_else),
