@@ -123,8 +123,8 @@ class Etcd:
             "--log-level=error",
             *self.extra_args,
         ]
-        log = (self.workdir / "etcd.log").open("ab")
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        with (self.workdir / "etcd.log").open("ab") as log:  # etcd keeps its own copy
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         wait_until(self._healthy, "etcd to be healthy")
 
     def _healthy(self) -> bool:
@@ -429,7 +429,9 @@ class Lbsync:
             stderr=subprocess.PIPE,
             env=clean,
         )
-        self._reader = threading.Thread(target=self._read, name="lbsync-log", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, args=(self.process,), name="lbsync-log", daemon=True
+        )
         self._reader.start()
 
     @property
@@ -437,11 +439,11 @@ class Lbsync:
         assert self.process is not None
         return self.process.pid
 
-    def _read(self) -> None:
-        assert self.process is not None
-        assert self.process.stderr is not None
-        with (self.workdir / "lbsync.log").open("ab") as raw:
-            for line in self.process.stderr:
+    def _read(self, process: subprocess.Popen[bytes]) -> None:
+        """Until this process's stderr closes (a restart starts another reader)."""
+        assert process.stderr is not None
+        with process.stderr, (self.workdir / "lbsync.log").open("ab") as raw:
+            for line in process.stderr:
                 raw.write(line)
                 try:
                     event = json.loads(line)

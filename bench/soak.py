@@ -3,8 +3,9 @@ against a private etcd, a real nginx (master-worker, pid file) and ``lbsync run`
 
 Each cycle writes a few random changes (bench/soak_model.py), injects one fault from the
 table (bench/soak_faults.py; the table is shuffled and walked round after round, so every
-fault comes up), writes one change that alters the render (unless
-``--no-churn-after-fault``) and waits — polling, bounded by ``--converge`` — until the
+fault comes up), writes one change that alters the render (with
+``--no-churn-after-fault``: none, and the fault waits for lbsync to settle first, to show
+which faults lbsync repairs by itself) and waits — polling, bounded by ``--converge`` — until the
 servers in the generated upstream file equal what etcd's keys say, computed by the bench
 from its own read of etcd. A sampler thread checks throughout that the live config passes
 ``nginx -t``, that the nginx master is alive (except in the bench's own kill → restart
@@ -38,6 +39,7 @@ from bench.soak_faults import ETCD_KEEPALIVE, FAULTS, Fault
 from bench.soak_model import ANCHOR, Change, Churn, expected_servers, rendered_servers
 
 SETUP_TIMEOUT = 120.0
+QUIET = 0.5  # seconds without an lbsync event: its round is over (--no-churn-after-fault)
 # lbsync's events worth a column: how it noticed and handled each fault.
 NOTABLE = ("source.lost", "catalog.reset", "lastgood.loaded", "reconfigure.", "rollback.")
 NOTABLE += ("apply.failed", "service.held", "guard.held")
@@ -90,7 +92,7 @@ class Soak:
         self.tallies = {f.name: Tally(f) for f in FAULTS if f.name in options.faults}
         self.current = "setup"
         self.older_upstreams: str | None = None
-        self._converged_texts: list[str] = []
+        self._last_converged: str | None = None  # the upstream file when it last matched
         self._lock = threading.Lock()
         self._nginx_down_ok = False
         self._lbsync_down_ok = False
@@ -213,7 +215,7 @@ class Soak:
         while time.monotonic() - started < bound:
             if rendered_servers(path) == want:
                 elapsed = time.monotonic() - started
-                self._converged_texts = [*self._converged_texts[-1:], path.read_text()]
+                self._last_converged = path.read_text()
                 return elapsed
             time.sleep(0.05)  # polling for a state, bounded above
         got = rendered_servers(path)
@@ -221,14 +223,33 @@ class Soak:
         self._violation(f"not converged after {bound:g}s: missing {missing}, unexpected {extra}")
         return None
 
+    def settle(self, bound: float) -> None:
+        """Converged, and lbsync quiet for ``QUIET`` s (its round's reload and verify over:
+        a round on a change that renders nothing new logs no ``apply.*`` to wait for)."""
+        if self.converge(bound) is None:
+            return
+        started, seen, since = time.monotonic(), -1, time.monotonic()
+        while time.monotonic() - since < QUIET:
+            if time.monotonic() - started > bound:
+                self._violation(f"lbsync still logging after {bound:g}s")
+                return
+            if (count := self.lbsync.count()) != seen:
+                seen, since = count, time.monotonic()
+            time.sleep(0.05)
+
     def _dump(self) -> dict[str, bytes]:
         client = self.client()
         return {m.key.decode(): bytes(v) for v, m in client.get_prefix(env.PREFIX)}
 
     def cycle(self, fault: Fault) -> None:
+        older = self._last_converged  # what nginx "restored" files will hold: this cycle's
         for _ in range(self.rng.randint(1, self.options.churn)):
             self.write(self.churn.next())
-        self.older_upstreams = self._converged_texts[0] if self._converged_texts else None
+        if not self.options.churn_after_fault:
+            # The fault must meet a quiet lbsync, or the churn's own round repairs it.
+            self.current = "settle"
+            self.settle(self.options.converge)
+        self.older_upstreams = older
         self.current = fault.name
         mark = self.lbsync.count()
         fault.inject(self)
