@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import random
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -87,8 +88,8 @@ class Soak:
         self.options = options
         self.rng = random.Random(options.seed)
         self.http_port = env.free_port()
-        self.churn = Churn(self.rng, [])
-        self.lbsync: env.Lbsync = None  # type: ignore[assignment]  # set by start()
+        self.churn = Churn(self.rng, sorted(world.backend_ports.values()))
+        self.lbsync = self._configure_lbsync()
         self.tallies = {f.name: Tally(f) for f in FAULTS if f.name in options.faults}
         self.current = "setup"
         self.older_upstreams: str | None = None
@@ -107,22 +108,28 @@ class Soak:
 
     # --- the world ---------------------------------------------------------------------
 
+    def _configure_lbsync(self) -> env.Lbsync:
+        """The benches' lbsync.toml, with no guard hold (the churn's deletes would trip
+        it, and a held update is no fault of the soak's; the catalog is never empty: the
+        anchor) and ``[http] listen`` on a free loopback port."""
+        lbsync = env.Lbsync(
+            self.world.root,
+            self.world.etcd.endpoint,
+            self.world.front,
+            wait_min="50ms",
+            wait_max="1s",
+        )
+        with lbsync.config.open("a") as config:
+            config.write("\n[guard]\nmax_removed_fraction = 1.0\n")
+            config.write(f'\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n')
+        self.world.lbsync = lbsync  # stopped with the world
+        return lbsync
+
     def start(self) -> None:
-        """Seed etcd, start lbsync on the started world, wait for its first convergence."""
-        self.churn = Churn(self.rng, sorted(self.world.backend_ports.values()))
+        """Seed etcd, start lbsync, wait for its first convergence and readiness."""
         self.write(self.churn.anchor())
         for _ in range(30):
             self.write(self.churn.next())
-        front = self.world.front
-        self.lbsync = env.Lbsync(
-            self.world.root, self.world.etcd.endpoint, front, wait_min="50ms", wait_max="1s"
-        )
-        with self.lbsync.config.open("a") as config:
-            # No guard hold: the churn's deletes would trip it, and a held update is
-            # not a fault of the soak's. The catalog is never empty (the anchor).
-            config.write("\n[guard]\nmax_removed_fraction = 1.0\n")
-            config.write(f'\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n')
-        self.world.lbsync = self.lbsync
         self.lbsync.start()
         self._lbsync_started[self.lbsync.pid] = time.monotonic()
         if self.converge(SETUP_TIMEOUT) is None:
@@ -174,6 +181,7 @@ class Soak:
         dest = self.world.front.upstreams
         with tempfile.NamedTemporaryFile("w", dir=self.world.root, delete=False) as tmp:
             tmp.write(self.older_upstreams)
+        Path(tmp.name).chmod(dest.stat().st_mode & 0o7777)
         Path(tmp.name).replace(dest)
 
     @contextlib.contextmanager
@@ -242,7 +250,7 @@ class Soak:
         return {m.key.decode(): bytes(v) for v, m in client.get_prefix(env.PREFIX)}
 
     def cycle(self, fault: Fault) -> None:
-        older = self._last_converged  # what nginx "restored" files will hold: this cycle's
+        older = self._last_converged  # before this cycle's churn: what a restore puts back
         for _ in range(self.rng.randint(1, self.options.churn)):
             self.write(self.churn.next())
         if not self.options.churn_after_fault:
@@ -415,7 +423,9 @@ def markdown(result: Result, options: Options, command: str) -> str:
         "| " + " | ".join("---" for _ in HEADERS) + " |",
     ]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows(result)]
-    lines += [f"- {v}" for v in result.violations]
+    lines += ["", *(f"- {t.fault.name}: {t.fault.what}" for t in result.tallies.values())]
+    if result.violations:
+        lines += ["", "Violations:", *(f"- {v}" for v in result.violations)]
     return "\n".join(lines) + "\n"
 
 
@@ -451,9 +461,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     title = f"soak: {result.cycles} cycles in {result.seconds:.0f}s"
     report.table(title, HEADERS, rows(result))
     print(f"  nginx -t samples: {result.nginx_checks}; lbsync RSS MB: {result.rss_mb}")
-    command = "python -m bench soak " + " ".join(argv or [])
+    command = shlex.join(["python", "-m", "bench", "soak", *(argv or [])])
     if report_path is not None:
-        report_path.write_text(markdown(result, options, command.strip()))
+        report_path.write_text(markdown(result, options, command))
         print(f"  → {report_path}")
     data = {
         "machine": report.machine(),
