@@ -15,8 +15,8 @@ BENCHES = ("latency", "burst", "scale", "rounds", "traffic", "startup", "validat
 # The runtime modes' benches, owned with their drivers (nginx Lua balancer, HAProxy
 # runtime API): part of ``all`` once they are in the tree.
 RUNTIME_BENCHES = ("nginx_runtime", "haproxy_runtime")
-# Run by name only, not by ``all``: they search rather than measure.
-ON_DEMAND = ("fuzz",)
+# Run by name only, not by ``all``: they search or soak rather than measure.
+ON_DEMAND = ("fuzz", "soak")
 
 
 def _available() -> tuple[str, ...]:

@@ -94,8 +94,9 @@ def filler(count: int, services: int | None = None) -> dict[str, str]:
 
 
 class Etcd:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.extra_args = extra_args
         base = ETCD_DATA_ROOT or workdir
         self.data_dir = Path(tempfile.mkdtemp(prefix="lbsync-bench-etcd-", dir=base))
         self.port = free_port()
@@ -120,9 +121,10 @@ class Etcd:
             f"--initial-cluster=bench={peer}",
             "--max-txn-ops=1000",  # bulk preload in transactions of 1,000 puts
             "--log-level=error",
+            *self.extra_args,
         ]
-        log = (self.workdir / "etcd.log").open("ab")
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        with (self.workdir / "etcd.log").open("ab") as log:  # etcd keeps its own copy
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         wait_until(self._healthy, "etcd to be healthy")
 
     def _healthy(self) -> bool:
@@ -427,7 +429,9 @@ class Lbsync:
             stderr=subprocess.PIPE,
             env=clean,
         )
-        self._reader = threading.Thread(target=self._read, name="lbsync-log", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, args=(self.process,), name="lbsync-log", daemon=True
+        )
         self._reader.start()
 
     @property
@@ -435,11 +439,11 @@ class Lbsync:
         assert self.process is not None
         return self.process.pid
 
-    def _read(self) -> None:
-        assert self.process is not None
-        assert self.process.stderr is not None
-        with (self.workdir / "lbsync.log").open("ab") as raw:
-            for line in self.process.stderr:
+    def _read(self, process: subprocess.Popen[bytes]) -> None:
+        """Until this process's stderr closes (a restart starts another reader)."""
+        assert process.stderr is not None
+        with process.stderr, (self.workdir / "lbsync.log").open("ab") as raw:
+            for line in process.stderr:
                 raw.write(line)
                 try:
                     event = json.loads(line)
@@ -571,9 +575,9 @@ class CountingRelay:
 class World:
     """etcd + backend nginx (names on ports) + front nginx (+ lbsync when asked)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, etcd_args: tuple[str, ...] = ()) -> None:
         self.root = root
-        self.etcd = Etcd(root)
+        self.etcd = Etcd(root, etcd_args)
         self.backends = Nginx(root / "backends")
         self.front = Nginx(root / "front")
         self.backend_ports: dict[str, int] = {}
@@ -615,10 +619,12 @@ class World:
 
 
 @contextlib.contextmanager
-def world(name: str, base: Path | None = None, **start: Any) -> Iterator[World]:
+def world(
+    name: str, base: Path | None = None, etcd_args: tuple[str, ...] = (), **start: Any
+) -> Iterator[World]:
     """A started world in a fresh directory under ``base`` (default: the temp dir, /tmp)."""
     root = Path(tempfile.mkdtemp(prefix=f"lbsync-bench-{name}-", dir=base))
-    w = World(root)
+    w = World(root, etcd_args)
     try:
         w.start(**start)
         yield w
