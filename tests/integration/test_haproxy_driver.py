@@ -18,7 +18,8 @@ import pytest
 import structlog.testing
 
 from lbsync.drivers.base import StagedConfig, driver_for
-from lbsync.drivers.haproxy import HaproxyDriver, servers_state
+from lbsync.drivers.haproxy.driver import HaproxyDriver
+from lbsync.drivers.haproxy.state import servers_state
 from lbsync.errors import ListenConflict, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, SettingValue, Snapshot, State
 from lbsync.pipeline import TargetPipeline
