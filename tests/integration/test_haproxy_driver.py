@@ -381,7 +381,7 @@ def test_a_master_in_another_pid_namespace_is_reloaded_through_its_cli(
     driver = make_driver(haproxy)
     start(haproxy, driver, snap(1, service("web", haproxy.port, inst(b1))))
     # As seen from a sidecar: show proc answers, but its pid is nobody here.
-    monkeypatch.setattr(driver, "_local_master", lambda pid: None)
+    monkeypatch.setattr(driver._master, "local_master", lambda pid: None)
 
     write_config(driver, snap(2, service("web", haproxy.port, inst(b1), inst(b2))))
     with structlog.testing.capture_logs() as events:

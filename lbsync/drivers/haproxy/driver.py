@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 
 from lbsync.commands import run_command
@@ -20,9 +18,7 @@ from lbsync.drivers.haproxy.master import (
     POLL_INTERVAL,
     SOCKET_TIMEOUT,
     Cli,
-    Processes,
-    parse_show_proc,
-    start_time,
+    Master,
 )
 from lbsync.drivers.haproxy.runtime import (
     Decline,
@@ -32,28 +28,24 @@ from lbsync.drivers.haproxy.runtime import (
     other_keys_changed,
     same_service,
 )
-from lbsync.drivers.haproxy.slots import Assigned, SlotTable, slots_cap
+from lbsync.drivers.haproxy.settings import ServiceSettings
+from lbsync.drivers.haproxy.slots import Assigned, SlotTable
 from lbsync.drivers.haproxy.state import (
-    EMPTY_STATE,
     checkable_copy,
     config_servers,
-    sanitize_state,
+    forget_server_state,
+    save_server_state,
     slot_indexes,
-    write_atomically,
 )
 from lbsync.drivers.listen import check_listen, haproxy_listens
 from lbsync.errors import DriverError, ReloadFailed, ValidationFailed, VerifyFailed
-from lbsync.model import Service, Snapshot
+from lbsync.model import Snapshot
 from lbsync.stage import EXTERNAL_DIR
 from lbsync.structure import haproxy_line_shape
-from lbsync.values import MAX_SLOTS
 
 log = structlog.get_logger("lbsync.drivers.haproxy")
 
 _RECENT = 4  # snapshots whose slots are remembered for runtime diffs
-_SAFE_BALANCE = re.compile(r"[a-z][a-z_-]*(\([A-Za-z0-9_.-]+\))?")
-_BALANCE_ALIASES = {"least_conn": "leastconn", "round_robin": "roundrobin", "ip_hash": "source"}
-_LISTEN = re.compile(r"(?:(?P<host>\*|[0-9.]+|\[[0-9A-Fa-f:.]+\]):)?(?P<port>[0-9]{1,5})")
 
 
 @register_driver("haproxy")
@@ -65,14 +57,14 @@ class HaproxyDriver(Driver):
     def __init__(self, target: HaproxyTarget) -> None:
         super().__init__(target)
         self._slots = SlotTable()
+        self._master = Master(target, self.name)
         self._seeded = False
-        self._warned: set[tuple[str, str, str, str]] = set()
         # Slots per backend for the last few snapshots rendered (identity-keyed): the base
         # a runtime update diffs against is the one rendered for the applied snapshot.
         self._recent: list[tuple[Snapshot, dict[str, Assigned]]] = []
         # Backends this driver changed over the admin socket since the last reload.
         self._runtime: dict[str, Assigned] = {}
-        self._settings: dict[str, tuple[Service, str, str | None]] = {}
+        self._settings = ServiceSettings(self.name)
 
     # -- template context ---------------------------------------------------------------
 
@@ -87,7 +79,7 @@ class HaproxyDriver(Driver):
         blocks that stay the same objects while unchanged (for ``{% cache %}``).
         """
         assigned = self._assign(snapshot)
-        settings = {n: self._service_settings(s) for n, s in snapshot.services.items()}
+        settings = {n: self._settings.balance_and_bind(s) for n, s in snapshot.services.items()}
         return {
             "slots": {n: a.slots for n, a in assigned.items()},
             "slot_blocks": {n: a.blocks for n, a in assigned.items()},
@@ -105,10 +97,9 @@ class HaproxyDriver(Driver):
             self._seeded = True
         if not self._recent or self._recent[-1][0].services.keys() != snapshot.services.keys():
             self._slots.forget_except(snapshot.services)
-            for name in [n for n in self._settings if n not in snapshot.services]:
-                del self._settings[name]
+            self._settings.forget_except(snapshot.services)
         assigned = {
-            name: self._slots.assigned(service, self._configured_slots(service))
+            name: self._slots.assigned(service, self._settings.slots(service))
             for name, service in snapshot.services.items()
         }
         self._recent = [*self._recent[-(_RECENT - 1) :], (snapshot, assigned)]
@@ -117,17 +108,6 @@ class HaproxyDriver(Driver):
     def _assigned_for(self, snapshot: Snapshot) -> dict[str, Assigned] | None:
         """The slots rendered for ``snapshot``, if it is one of the last few rendered."""
         return next((a for s, a in reversed(self._recent) if s is snapshot), None)
-
-    def _service_settings(self, service: Service) -> tuple[str, str | None]:
-        """(balance, bind) of a service, derived once per ``Service`` object."""
-        memo = self._settings.get(service.name)
-        if memo is None or memo[0] is not service:
-            memo = self._settings[service.name] = (
-                service,
-                self._balance(service),
-                self._bind(service),
-            )
-        return memo[1], memo[2]
 
     def _seed_from(self, config: Path) -> None:
         """Take slot assignments from the live config, so a restarted lbsync renders the
@@ -142,53 +122,6 @@ class HaproxyDriver(Driver):
                 continue  # not a slot backend (hand-written, or a custom template)
             held = {c.instance_id: indexes[n] for n, c in servers.items() if c.instance_id}
             self._slots.seed(backend, max(indexes.values()) + 1, held)
-
-    def _configured_slots(self, service: Service) -> int | None:
-        value = service.settings.get("slots")
-        if value is None:
-            return None
-        if isinstance(value, int | str) and not isinstance(value, bool):
-            number = int(value) if str(value).isascii() and str(value).isdigit() else 0
-            if 1 <= number <= MAX_SLOTS:
-                cap = slots_cap(len(service.instances))
-                if number > cap:
-                    self._warn_setting(service.name, "slots", value, f"capped at {cap}")
-                return min(number, cap)
-        self._warn_setting(service.name, "slots", value)
-        return None
-
-    def _balance(self, service: Service) -> str:
-        value = str(service.settings.get("balance", "roundrobin"))
-        value = _BALANCE_ALIASES.get(value, value)
-        if _SAFE_BALANCE.fullmatch(value):
-            return value
-        self._warn_setting(service.name, "balance", value)
-        return "roundrobin"
-
-    def _bind(self, service: Service) -> str | None:
-        value = service.settings.get("listen")
-        if value is None:
-            return None
-        match = _LISTEN.fullmatch(str(value)) if not isinstance(value, bool | float) else None
-        if match and 1 <= int(match["port"]) <= 65535:
-            host = match["host"] or ""
-            return f"{'' if host == '*' else host}:{int(match['port'])}"
-        self._warn_setting(service.name, "listen", value)
-        return None
-
-    def _warn_setting(
-        self, service: str, key: str, value: object, outcome: str = "ignored"
-    ) -> None:
-        if (service, key, repr(value), outcome) not in self._warned:
-            self._warned.add((service, key, repr(value), outcome))
-            log.warning(
-                "haproxy.setting_ignored",
-                target=self.name,
-                service=service,
-                setting=key,
-                value=repr(value),
-                outcome=outcome,
-            )
 
     # -- validate -----------------------------------------------------------------------
 
@@ -236,18 +169,7 @@ class HaproxyDriver(Driver):
         new = [a for a in dict.fromkeys(haproxy_listens(staged_main)) if a not in live]
         if new:
             log.info("haproxy.new_listens", target=self.name, addresses=[str(a) for a in new])
-            check_listen(new, own_pids=self._own_pids(), target=self.name, reuseport=True)
-
-    def _own_pids(self) -> list[int]:
-        """The master and its workers, when they are local processes we can see."""
-        try:
-            found = self._processes(DriverError)
-            if found["master_started"] is None:
-                return []  # another PID namespace: its pids mean nothing here
-            master = psutil.Process(found["master_pid"])
-            return [master.pid, *(c.pid for c in master.children(recursive=True))]
-        except (DriverError, psutil.Error):
-            return []  # HAProxy not running: nothing of ours holds anything
+            check_listen(new, own_pids=self._master.own_pids(), target=self.name, reuseport=True)
 
     # -- reload + verify ----------------------------------------------------------------
 
@@ -260,14 +182,14 @@ class HaproxyDriver(Driver):
         """
         started = time.monotonic()
         self._runtime.clear()  # from now on HAProxy holds what the config on disk says
-        before = self._processes(ReloadFailed)
-        saved = self._save_server_state()
+        before = self._master.processes(ReloadFailed)
+        saved = save_server_state(self.target, self._admin_or_none())
         how = "signal" if before["master_started"] is not None else "master_cli"
         try:
             if how == "signal":
                 os.kill(before["master_pid"], signal.SIGUSR2)
             else:
-                self._master_cli().query("reload")  # 2.6 answers nothing, then closes
+                self._master.cli().query("reload")  # 2.6 answers nothing, then closes
         except (OSError, DriverError) as exc:
             raise ReloadFailed(
                 f"cannot reload the HAProxy master (pid {before['master_pid']}, by {how}): "
@@ -287,9 +209,9 @@ class HaproxyDriver(Driver):
         deadline = time.monotonic() + self.target.verify_timeout
         last = "no answer yet"
         while True:
-            self._check_master(before)
+            self._master.check_same(before)
             try:
-                new = self._new_workers(before)
+                new = self._master.new_workers(before)
             except VerifyFailed:
                 raise
             except DriverError as err:  # the master re-executes itself: retry
@@ -309,125 +231,6 @@ class HaproxyDriver(Driver):
                     target=self.name,
                 )
             time.sleep(POLL_INTERVAL)
-
-    def _processes(self, error: type[DriverError]) -> dict[str, Any]:
-        """Master pid (+ start time, against pid reuse) and all current workers.
-
-        From ``show proc`` when there is a master socket, else from the pid file (then
-        the master must be a local ``haproxy`` process, so a stale pid file never gets
-        an unrelated process signalled).
-        """
-        problems = []
-        if self.target.master_socket is not None:
-            try:
-                proc = self._show_proc()
-                return {
-                    "master_pid": proc.master_pid,
-                    "master_started": self._local_master(proc.master_pid),
-                    "workers": proc.pids,
-                    "reloads": proc.reloads,
-                    "failed": proc.failed,
-                }
-            except DriverError as err:
-                problems.append(str(err))
-        try:
-            pid = int(self.target.pid_file.read_text(encoding="ascii").split()[0])
-            started = self._local_master(pid)
-            if started is None:
-                raise ProcessLookupError(f"pid {pid} is not a running HAProxy")
-            children = psutil.Process(pid).children()
-        except (OSError, ValueError, IndexError, psutil.Error) as exc:
-            problems.append(f"pid file {self.target.pid_file}: {exc}")
-            raise error(
-                "cannot find the HAProxy master: " + "; ".join(problems), target=self.name
-            ) from exc
-        return {
-            "master_pid": pid,
-            "master_started": started,
-            "workers": tuple(sorted(c.pid for c in children)),
-            "reloads": None,
-            "failed": None,
-        }
-
-    def _local_master(self, pid: int) -> float | None:
-        """The start time of ``pid`` if it is a local HAProxy process, else None."""
-        names = {"haproxy", Path(self.target.binary).name}
-        try:
-            proc = psutil.Process(pid)
-            if proc.name() not in names or proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return proc.create_time()
-        except psutil.Error:
-            return None
-
-    def _master_cli(self) -> Cli:
-        assert self.target.master_socket is not None
-        return Cli(self.target.master_socket, target=self.name)
-
-    def _show_proc(self) -> Processes:
-        text = self._master_cli().query("show proc")
-        try:
-            return parse_show_proc(text)
-        except ValueError as exc:
-            raise DriverError(str(exc), target=self.name) from exc
-
-    def _check_master(self, before: Mapping[str, Any]) -> None:
-        """Same master process as before the reload (pid and start time, so a reused pid
-        does not pass). A master seen only through its socket is checked by ``show proc``."""
-        pid = before["master_pid"]
-        if before["master_started"] is not None and start_time(pid) != before["master_started"]:
-            raise VerifyFailed(f"the HAProxy master (pid {pid}) is gone", target=self.name)
-
-    def _new_workers(self, before: Mapping[str, Any]) -> tuple[int, ...]:
-        old = set(before["workers"])
-        if before["reloads"] is None:  # no master socket: the master's children
-            try:
-                children = psutil.Process(before["master_pid"]).children()
-            except psutil.Error as exc:
-                raise VerifyFailed(
-                    f"the HAProxy master (pid {before['master_pid']}) is gone", target=self.name
-                ) from exc
-            return tuple(sorted(c.pid for c in children if c.pid not in old))
-        proc = self._show_proc()
-        if proc.master_pid != before["master_pid"]:
-            raise VerifyFailed(
-                f"the HAProxy master changed (pid {before['master_pid']} → {proc.master_pid})",
-                target=self.name,
-            )
-        new = tuple(pid for pid in proc.current if pid not in old)
-        if not new and proc.reloads > before["reloads"] and proc.failed > before["failed"]:
-            raise VerifyFailed(
-                "HAProxy refused the new config (Loading failure, "
-                f"failed: {proc.failed}); the old workers keep serving",
-                target=self.name,
-            )
-        return new
-
-    def _save_server_state(self) -> dict[str, int] | None:
-        """Dump ``show servers state``, keep what agrees with the live config, write it
-        atomically. Without an answer from the socket, the old file is re-checked instead
-        (a stale file must not bring freed slots back)."""
-        path = self.target.state_file
-        if path is None:
-            return None
-        dump = None
-        if self.target.admin_socket is not None:
-            try:
-                dump = self._admin().query("show servers state")
-            except DriverError as err:
-                log.warning("haproxy.state_dump_failed", target=self.name, error=str(err))
-        try:
-            if dump is None:
-                dump = path.read_text(encoding="utf-8") if path.exists() else ""
-            config = self.target.config.read_text(encoding="utf-8", errors="replace")
-            text, kept, dropped = sanitize_state(dump, config)
-            write_atomically(path, text)
-        except OSError as exc:
-            raise ReloadFailed(
-                f"cannot write the server state file {path}: {exc.strerror or exc}",
-                target=self.name,
-            ) from exc
-        return {"kept": kept, "dropped": dropped}
 
     # -- runtime ------------------------------------------------------------------------
 
@@ -451,7 +254,7 @@ class HaproxyDriver(Driver):
             return False
         for plan in plans:
             self._runtime[plan.backend] = plan.after
-        self._forget_server_state()
+        forget_server_state(self.target)
         log.info(
             "haproxy.runtime_update",
             target=self.name,
@@ -492,23 +295,8 @@ class HaproxyDriver(Driver):
             plans.append(backend_plan(name, base, now[name], before, after, target=self.name))
         return plans
 
-    def _forget_server_state(self) -> None:
-        """After a runtime change the state file disagrees with the config on disk, and a
-        reload that lbsync does not make (``systemctl reload haproxy``) would let it bring
-        freed slots back. Empty it; lbsync's own reloads dump a fresh one first."""
-        path = self.target.state_file
-        if path is None:
-            return
-        try:
-            if path.stat().st_size <= len(EMPTY_STATE):
-                return
-            write_atomically(path, EMPTY_STATE)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.warning(
-                "haproxy.state_file_stale", target=self.name, path=str(path), error=str(exc)
-            )
+    def _admin_or_none(self) -> Cli | None:
+        return None if self.target.admin_socket is None else self._admin()
 
     def _admin(self) -> Cli:
         assert self.target.admin_socket is not None

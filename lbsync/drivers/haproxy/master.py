@@ -1,16 +1,20 @@
-"""HAProxy's sockets: a one-shot CLI client and the master process's ``show proc``."""
+"""HAProxy's sockets and master process: a one-shot CLI client, ``show proc``, and the
+master watched across a reload."""
 
 from __future__ import annotations
 
 import re
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from lbsync.errors import DriverError
+from lbsync.config import HaproxyTarget
+from lbsync.errors import DriverError, VerifyFailed
 
 SOCKET_TIMEOUT = 5.0
 POLL_INTERVAL = 0.02
@@ -86,6 +90,119 @@ def _read_all(sock: socket.socket, deadline: float) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+class Master:
+    """The master process of one target's HAProxy: found through its socket (or pid file),
+    and watched across a reload (the same master, a new worker generation)."""
+
+    def __init__(self, target: HaproxyTarget, name: str) -> None:
+        self.target = target
+        self.name = name
+
+    def own_pids(self) -> list[int]:
+        """The master and its workers, when they are local processes we can see."""
+        try:
+            found = self.processes(DriverError)
+            if found["master_started"] is None:
+                return []  # another PID namespace: its pids mean nothing here
+            master = psutil.Process(found["master_pid"])
+            return [master.pid, *(c.pid for c in master.children(recursive=True))]
+        except (DriverError, psutil.Error):
+            return []  # HAProxy not running: nothing of ours holds anything
+
+    def processes(self, error: type[DriverError]) -> dict[str, Any]:
+        """Master pid (+ start time, against pid reuse) and all current workers.
+
+        From ``show proc`` when there is a master socket, else from the pid file (then
+        the master must be a local ``haproxy`` process, so a stale pid file never gets
+        an unrelated process signalled).
+        """
+        problems = []
+        if self.target.master_socket is not None:
+            try:
+                proc = self.show_proc()
+                return {
+                    "master_pid": proc.master_pid,
+                    "master_started": self.local_master(proc.master_pid),
+                    "workers": proc.pids,
+                    "reloads": proc.reloads,
+                    "failed": proc.failed,
+                }
+            except DriverError as err:
+                problems.append(str(err))
+        try:
+            pid = int(self.target.pid_file.read_text(encoding="ascii").split()[0])
+            started = self.local_master(pid)
+            if started is None:
+                raise ProcessLookupError(f"pid {pid} is not a running HAProxy")
+            children = psutil.Process(pid).children()
+        except (OSError, ValueError, IndexError, psutil.Error) as exc:
+            problems.append(f"pid file {self.target.pid_file}: {exc}")
+            raise error(
+                "cannot find the HAProxy master: " + "; ".join(problems), target=self.name
+            ) from exc
+        return {
+            "master_pid": pid,
+            "master_started": started,
+            "workers": tuple(sorted(c.pid for c in children)),
+            "reloads": None,
+            "failed": None,
+        }
+
+    def local_master(self, pid: int) -> float | None:
+        """The start time of ``pid`` if it is a local HAProxy process, else None."""
+        names = {"haproxy", Path(self.target.binary).name}
+        try:
+            proc = psutil.Process(pid)
+            if proc.name() not in names or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc.create_time()
+        except psutil.Error:
+            return None
+
+    def cli(self) -> Cli:
+        assert self.target.master_socket is not None
+        return Cli(self.target.master_socket, target=self.name)
+
+    def show_proc(self) -> Processes:
+        text = self.cli().query("show proc")
+        try:
+            return parse_show_proc(text)
+        except ValueError as exc:
+            raise DriverError(str(exc), target=self.name) from exc
+
+    def check_same(self, before: Mapping[str, Any]) -> None:
+        """Same master process as before the reload (pid and start time, so a reused pid
+        does not pass). A master seen only through its socket is checked by ``show proc``."""
+        pid = before["master_pid"]
+        if before["master_started"] is not None and start_time(pid) != before["master_started"]:
+            raise VerifyFailed(f"the HAProxy master (pid {pid}) is gone", target=self.name)
+
+    def new_workers(self, before: Mapping[str, Any]) -> tuple[int, ...]:
+        old = set(before["workers"])
+        if before["reloads"] is None:  # no master socket: the master's children
+            try:
+                children = psutil.Process(before["master_pid"]).children()
+            except psutil.Error as exc:
+                raise VerifyFailed(
+                    f"the HAProxy master (pid {before['master_pid']}) is gone", target=self.name
+                ) from exc
+            return tuple(sorted(c.pid for c in children if c.pid not in old))
+        proc = self.show_proc()
+        if proc.master_pid != before["master_pid"]:
+            raise VerifyFailed(
+                f"the HAProxy master changed (pid {before['master_pid']} → {proc.master_pid})",
+                target=self.name,
+            )
+        new = tuple(pid for pid in proc.current if pid not in old)
+        if not new and proc.reloads > before["reloads"] and proc.failed > before["failed"]:
+            raise VerifyFailed(
+                "HAProxy refused the new config (Loading failure, "
+                f"failed: {proc.failed}); the old workers keep serving",
+                target=self.name,
+            )
+        return new
 
 
 def start_time(pid: int) -> float | None:

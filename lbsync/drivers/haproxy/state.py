@@ -14,9 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import structlog
+
+from lbsync.config import HaproxyTarget
+from lbsync.drivers.haproxy.master import Cli
 from lbsync.drivers.haproxy.slots import AdminState, Want
-from lbsync.errors import ValidationFailed
+from lbsync.errors import DriverError, ReloadFailed, ValidationFailed
 from lbsync.fileio import atomic_write, opened_dir
+
+log = structlog.get_logger("lbsync.drivers.haproxy")
 
 ID_MARKER = "lbsync-id="
 EMPTY_STATE = "1\n"  # a server-state file with no servers (version 1)
@@ -252,6 +258,50 @@ class checkable_copy:
     def __exit__(self, *_exc: object) -> None:
         for path in self.temps:
             path.unlink(missing_ok=True)
+
+
+def save_server_state(target: HaproxyTarget, admin: Cli | None) -> dict[str, int] | None:
+    """Dump ``show servers state``, keep what agrees with the live config, write it
+    atomically. Without an answer from the socket, the old file is re-checked instead
+    (a stale file must not bring freed slots back)."""
+    path = target.state_file
+    if path is None:
+        return None
+    dump = None
+    if admin is not None:
+        try:
+            dump = admin.query("show servers state")
+        except DriverError as err:
+            log.warning("haproxy.state_dump_failed", target=target.name, error=str(err))
+    try:
+        if dump is None:
+            dump = path.read_text(encoding="utf-8") if path.exists() else ""
+        config = target.config.read_text(encoding="utf-8", errors="replace")
+        text, kept, dropped = sanitize_state(dump, config)
+        write_atomically(path, text)
+    except OSError as exc:
+        raise ReloadFailed(
+            f"cannot write the server state file {path}: {exc.strerror or exc}",
+            target=target.name,
+        ) from exc
+    return {"kept": kept, "dropped": dropped}
+
+
+def forget_server_state(target: HaproxyTarget) -> None:
+    """After a runtime change the state file disagrees with the config on disk, and a
+    reload that lbsync does not make (``systemctl reload haproxy``) would let it bring
+    freed slots back. Empty it; lbsync's own reloads dump a fresh one first."""
+    path = target.state_file
+    if path is None:
+        return
+    try:
+        if path.stat().st_size <= len(EMPTY_STATE):
+            return
+        write_atomically(path, EMPTY_STATE)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("haproxy.state_file_stale", target=target.name, path=str(path), error=str(exc))
 
 
 def write_atomically(path: Path, text: str) -> None:
