@@ -13,10 +13,11 @@ import pytest
 
 from lbsync import stage
 from lbsync.config import CommandTarget, NginxTarget, TemplateSettings
-from lbsync.drivers import nginx as nginx_driver
 from lbsync.drivers.command import CommandDriver
-from lbsync.drivers.listen import check_listen, nginx_listens
-from lbsync.drivers.nginx import NginxDriver
+from lbsync.drivers.listen import check_listen
+from lbsync.drivers.nginx import driver as nginx_driver
+from lbsync.drivers.nginx.config import nginx_listens
+from lbsync.drivers.nginx.driver import NginxDriver
 from lbsync.errors import ListenConflict, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, Snapshot, State
 from lbsync.render import Renderer

@@ -11,11 +11,11 @@ import pytest
 import structlog.testing
 
 from lbsync.config import NginxTarget, TemplateSettings
-from lbsync.drivers.listen import nginx_listens
-from lbsync.drivers.lua import _explain, _Source, lua_blocks, strip_lua_blocks
-from lbsync.drivers.nginx import NginxDriver
-from lbsync.drivers.nginx_control import ControlState, PushResult, StalePush, digest
-from lbsync.drivers.nginx_runtime import LUA_DIR, RuntimeSync, peers
+from lbsync.drivers.nginx.config import nginx_listens
+from lbsync.drivers.nginx.control import ControlState, PushResult, StalePush, digest
+from lbsync.drivers.nginx.driver import NginxDriver
+from lbsync.drivers.nginx.lua import _explain, _Source, lua_blocks, strip_lua_blocks
+from lbsync.drivers.nginx.runtime import LUA_DIR, RuntimeSync, peers
 from lbsync.errors import ConfigError, DriverError
 from lbsync.model import Instance, Service, Snapshot, State
 from lbsync.render import Renderer

@@ -6,7 +6,7 @@ while the old ones are retitled ``worker process is shutting down``; if it is ba
 logs ``[emerg]`` and keeps the old workers. So "new workers appeared" is the success
 signal, and an ``[emerg]`` appended to the error log since the signal is an early failure.
 
-Runtime mode (``runtime = true``, see ``nginx_runtime`` and docs/nginx-runtime.md) adds:
+Runtime mode (``runtime = true``, see ``runtime`` and docs/nginx-runtime.md) adds:
 membership changes pushed to a Lua balancer instead of a reload, a re-push after every
 reload, ``tick`` to notice restarts done by others, and a Lua syntax check in ``validate``
 (``nginx -t`` never runs Lua). Lua blocks in rendered files are checked in either mode.
@@ -27,15 +27,10 @@ from lbsync.commands import run_command
 from lbsync.config import NginxTarget
 from lbsync.drivers import procfs
 from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
-from lbsync.drivers.listen import (
-    NginxFiles,
-    check_listen,
-    may_add_listens,
-    mentions,
-    nginx_listens,
-)
-from lbsync.drivers.lua import check_lua, luajit_available
-from lbsync.drivers.nginx_runtime import RuntimeSync
+from lbsync.drivers.listen import check_listen
+from lbsync.drivers.nginx.config import NginxFiles, may_add_listens, mentions, nginx_listens
+from lbsync.drivers.nginx.lua import check_lua, luajit_available
+from lbsync.drivers.nginx.runtime import RuntimeSync
 from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.fileio import read_bytes, read_tail
 from lbsync.model import Snapshot

@@ -43,15 +43,15 @@ import structlog
 
 from lbsync import metrics
 from lbsync.config import NginxTarget
-from lbsync.drivers.control_token import load_or_create
-from lbsync.drivers.lua import lua_modules
-from lbsync.drivers.nginx_control import ControlClient, ControlState, StalePush, digest
+from lbsync.drivers.nginx.control import ControlClient, ControlState, StalePush, digest
+from lbsync.drivers.nginx.control_token import load_or_create
+from lbsync.drivers.nginx.lua import lua_modules
 from lbsync.errors import DriverError
 from lbsync.model import Service, Snapshot
 
 log = structlog.get_logger("lbsync.drivers.nginx")
 
-LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
 DICT_SIZE = "16m"  # keep it fixed: a size change wipes the shared dict on reload
 STATIC_BALANCE = frozenset({"least_conn", "ip_hash", "random"})  # not done by the Lua side
 _WAIT_FIRST = 0.005
