@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from lbsync.drivers.base import StagedConfig, driver_for
+from lbsync.drivers.base import driver_for
 from lbsync.drivers.haproxy.driver import HaproxyDriver
 from lbsync.drivers.haproxy.state import servers_state
 from lbsync.errors import ListenConflict, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, SettingValue, Snapshot, State
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
+from lbsync.stage.tree import StagedConfig
 from tests.harness.backends import Backend, inst, keep_alive_load, membership, served_names
 from tests.harness.haproxy import HAPROXY, TEMPLATE, HaproxyServer
 from tests.harness.net import free_port, wait_for

@@ -9,7 +9,6 @@ import pytest
 import structlog.testing
 
 from lbsync.config import HaproxyTarget, TemplateSettings
-from lbsync.drivers.base import StagedConfig
 from lbsync.drivers.haproxy.driver import HaproxyDriver
 from lbsync.drivers.haproxy.master import parse_show_proc
 from lbsync.drivers.haproxy.runtime import (
@@ -38,6 +37,7 @@ from lbsync.drivers.haproxy.state import (
 from lbsync.errors import ValidationFailed
 from lbsync.model import Instance, Service, Snapshot, State
 from lbsync.render import Renderer
+from lbsync.stage.tree import StagedConfig
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "haproxy" / "haproxy.cfg.j2"
 HEADER = (

@@ -11,9 +11,8 @@ from typing import Any
 
 import structlog
 
-from lbsync.commands import run_command
 from lbsync.config import HaproxyTarget
-from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
+from lbsync.drivers.base import Driver, ReloadTicket, register_driver, run_checker
 from lbsync.drivers.haproxy.master import (
     POLL_INTERVAL,
     SOCKET_TIMEOUT,
@@ -40,7 +39,7 @@ from lbsync.drivers.haproxy.state import (
 from lbsync.drivers.listen import check_listen, haproxy_listens
 from lbsync.errors import DriverError, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import Snapshot
-from lbsync.stage import EXTERNAL_DIR
+from lbsync.stage.tree import StagedConfig
 from lbsync.structure import haproxy_line_shape
 
 log = structlog.get_logger("lbsync.drivers.haproxy")
@@ -137,30 +136,16 @@ class HaproxyDriver(Driver):
             raise ValidationFailed("no main config was staged", command=[self.target.binary])
         with checkable_copy(staged.main) as checked:
             argv = [self.target.binary, "-c", "-dW", "-f", str(checked)]
-            try:
-                run_command(
-                    argv,
-                    timeout=self.target.command_timeout,
-                    error=ValidationFailed,
-                    what="haproxy -c refused the new config",
-                )
-            except ValidationFailed as err:
-                if err.returncode is None:  # did not run or timed out: nothing to translate
-                    raise
-                raise ValidationFailed(
-                    f"haproxy -c refused the new config (exit {err.returncode})",
-                    command=[*argv[:-1], str(self.target.config)],
-                    returncode=err.returncode,
-                    stderr=self._live_paths(_without_notices(err.stderr), checked, staged),
-                ) from err
+            run_checker(
+                argv,
+                staged=staged,
+                live_config=self.target.config,
+                timeout=self.target.command_timeout,
+                what="haproxy -c refused the new config",
+                shown_argv=[*argv[:-1], str(self.target.config)],
+                clean=lambda text: _without_notices(text).replace(str(checked), str(staged.main)),
+            )
         self._check_new_listens(staged.main)
-
-    def _live_paths(self, text: str, checked: Path, staged: StagedConfig) -> str:
-        """Name files as the operator knows them (``/etc/haproxy/…``), not the staging dir."""
-        text = text.replace(str(checked), str(staged.main))
-        root = str(staged.root)
-        text = text.replace(f"{root}/{EXTERNAL_DIR}/", "/")
-        return text.replace(root, os.path.dirname(os.path.abspath(self.target.config)))
 
     def _check_new_listens(self, staged_main: Path) -> None:
         """Refuse a new ``bind`` address that another process holds (``haproxy -c`` can't

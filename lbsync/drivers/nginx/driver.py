@@ -23,10 +23,9 @@ from typing import Any
 
 import structlog
 
-from lbsync.commands import run_command
 from lbsync.config import NginxTarget
 from lbsync.drivers import procfs
-from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
+from lbsync.drivers.base import Driver, ReloadTicket, register_driver, run_checker
 from lbsync.drivers.listen import check_listen
 from lbsync.drivers.nginx.config import NginxFiles, may_add_listens, mentions, nginx_listens
 from lbsync.drivers.nginx.lua import check_lua, luajit_available
@@ -34,7 +33,7 @@ from lbsync.drivers.nginx.runtime import RuntimeSync
 from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.fileio import read_bytes, read_tail
 from lbsync.model import Snapshot
-from lbsync.stage import EXTERNAL_DIR
+from lbsync.stage.tree import StagedConfig
 from lbsync.structure import nginx_line_shape
 
 log = structlog.get_logger("lbsync.drivers.nginx")
@@ -139,29 +138,18 @@ class NginxDriver(Driver):
         # A failed check never lands in the live error log; nginx -t reports on stderr.
         argv += ["-e", os.devnull]
         try:
-            run_command(
+            run_checker(
                 argv,
+                staged=staged,
+                live_config=self.target.config,
                 timeout=self.target.command_timeout,
-                error=ValidationFailed,
                 what="nginx -t refused the new config",
             )
         except ValidationFailed as err:
-            if err.returncode is None:  # did not run or timed out: nothing to translate
-                raise
-            log.debug("nginx.check_failed", target=self.name, staged=str(staged.root))
-            raise ValidationFailed(
-                f"nginx -t refused the new config (exit {err.returncode})",
-                command=err.command,
-                returncode=err.returncode,
-                stderr=self._live_paths(err.stderr, staged),
-            ) from err
+            if err.returncode is not None:
+                log.debug("nginx.check_failed", target=self.name, staged=str(staged.root))
+            raise
         log.debug("nginx.validated", target=self.name, main=str(staged.main))
-
-    def _live_paths(self, text: str, staged: StagedConfig) -> str:
-        """Name files as the operator knows them (``/etc/nginx/…``), not the staging dir."""
-        root = str(staged.root)
-        text = text.replace(f"{root}/{EXTERNAL_DIR}/", "/")
-        return text.replace(root, os.path.dirname(os.path.abspath(self.target.config)))
 
     def _check_new_listens(self, staged: StagedConfig) -> None:
         """Probe every listen address of the staged config that the live one lacks.
