@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -73,26 +73,37 @@ class StagedConfig:
         return text.replace(root, live_dir)
 
 
-def stage_files(target: Any, rendered: Mapping[Path, bytes], workdir: Path) -> StagedConfig:
+class StagedTarget(Protocol):
+    """What staging reads of a target's settings (every ``config.Target`` has both)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> Path | None:
+        """The main config whose directory is mirrored; None: the rendered files only."""
+
+
+def stage_files(
+    target: StagedTarget, rendered: Mapping[Path, bytes], workdir: Path
+) -> StagedConfig:
     """Build a staged copy of ``target``'s config tree with ``rendered`` in place.
 
-    ``target`` is any target settings object; its ``config`` (may be None, as for the
-    command driver) names the main config whose directory is copied. The caller removes
+    ``target.config`` (may be None, as for the command driver) names the main config
+    whose directory is copied. The caller removes
     the staged tree (``staged()`` does it for you).
     """
     return _new_tree(target, rendered, workdir)[0]
 
 
 def _new_tree(
-    target: Any, rendered: Mapping[Path, bytes], workdir: Path
+    target: StagedTarget, rendered: Mapping[Path, bytes], workdir: Path
 ) -> tuple[StagedConfig, _Stager]:
-    config: Path | None = getattr(target, "config", None)
+    config = target.config
     workdir = Path(os.path.abspath(workdir))
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        stage_dir = Path(
-            tempfile.mkdtemp(prefix=f"{getattr(target, 'name', 'target')}-", dir=workdir)
-        )
+        stage_dir = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=workdir))
     except OSError as exc:
         raise StageError(
             f"cannot create a staging directory: {exc.strerror}", path=str(workdir)
@@ -107,7 +118,9 @@ def _new_tree(
 
 
 @contextlib.contextmanager
-def staged(target: Any, rendered: Mapping[Path, bytes], workdir: Path) -> Iterator[StagedConfig]:
+def staged(
+    target: StagedTarget, rendered: Mapping[Path, bytes], workdir: Path
+) -> Iterator[StagedConfig]:
     """``stage_files`` as a context manager: the staged tree is removed on exit."""
     tree = stage_files(target, rendered, workdir)
     try:
@@ -130,7 +143,7 @@ class StagingArea:
     builds it. The tree is removed by ``close()``, or when the area is collected/at exit.
     """
 
-    def __init__(self, target: Any, workdir: Path) -> None:
+    def __init__(self, target: StagedTarget, workdir: Path) -> None:
         self.target = target
         self.workdir = workdir
         self._tree: StagedConfig | None = None
@@ -189,7 +202,7 @@ class StagingArea:
 
     def _live_fingerprint(self, rendered: Mapping[Path, bytes]) -> object:
         """What the staged tree depends on, cheaply; None: do not reuse (always rebuild)."""
-        config: Path | None = getattr(self.target, "config", None)
+        config = self.target.config
         dests = tuple(sorted((os.path.abspath(d), os.path.realpath(d)) for d in rendered))
         if config is None:
             return ("", dests, ())  # the tree holds the rendered files only
