@@ -11,23 +11,37 @@ import abc
 import importlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from lbsync.commands import run_command
 from lbsync.config import Target
-from lbsync.errors import ValidationFailed
+from lbsync.errors import DriverError, ValidationFailed
 from lbsync.model import Snapshot
 from lbsync.stage.tree import StagedConfig
 
 
 @dataclass(frozen=True)
 class ReloadTicket:
-    """What ``reload`` saw before signalling, so ``verify`` can tell the new generation."""
+    """What ``reload`` saw before signalling, so ``verify`` can tell the new generation.
+
+    Each driver returns its own subclass with typed fields. ``started_at`` is
+    ``time.monotonic()`` in every driver: a driver that compares it with wall-clock data
+    (log line times, process start times) converts at that one place.
+    """
 
     started_at: float
-    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+TicketT = TypeVar("TicketT", bound=ReloadTicket)
+
+
+def own_ticket(ticket: ReloadTicket, kind: type[TicketT], target: str) -> TicketT:
+    """``ticket`` as the driver's own ticket type; DriverError if another driver made it."""
+    if not isinstance(ticket, kind):
+        raise DriverError(f"not a {kind.__name__}: {type(ticket).__name__}", target=target)
+    return ticket
 
 
 class Driver(abc.ABC):
@@ -119,7 +133,7 @@ def run_checker(
         ) from err
 
 
-DriverFactory = Callable[[Any], Driver]
+DriverFactory = Callable[[Target], Driver]
 
 _DRIVERS: dict[str, DriverFactory] = {}
 

@@ -41,7 +41,7 @@ class CommandDriver(Driver):
         log.debug("command.validated", target=self.name)
 
     def reload(self) -> ReloadTicket:
-        started = time.time()
+        started = time.monotonic()
         try:
             run_command(
                 self.target.reload_command,

@@ -182,8 +182,8 @@ def test_reload_follows_instances_going_down_and_up(
     ticket = driver.reload()
     driver.verify(ticket)
 
-    assert ticket.details["master_pid"] == master
-    assert ticket.details["workers"] == workers
+    assert ticket.before.master_pid == master
+    assert ticket.before.workers == workers
     new_master, new_workers, _ = generation(haproxy)
     assert new_master == master
     assert not set(new_workers) & set(workers)
@@ -370,8 +370,8 @@ def test_reload_without_a_master_socket_uses_the_pid_file(
     ticket = driver.reload()
     driver.verify(ticket)
 
-    assert ticket.details["master_pid"] == haproxy.master_pid()
-    assert set(ticket.details["workers"]) == set(workers)
+    assert ticket.before.master_pid == haproxy.master_pid()
+    assert set(ticket.before.workers) == set(workers)
     serves(haproxy.port, {"b1", "b2"})
 
 

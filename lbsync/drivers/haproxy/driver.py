@@ -6,18 +6,20 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from lbsync.config import HaproxyTarget
-from lbsync.drivers.base import Driver, ReloadTicket, register_driver, run_checker
+from lbsync.drivers.base import Driver, ReloadTicket, own_ticket, register_driver, run_checker
 from lbsync.drivers.haproxy.master import (
     POLL_INTERVAL,
     SOCKET_TIMEOUT,
     Cli,
     Master,
+    MasterState,
 )
 from lbsync.drivers.haproxy.runtime import (
     Decline,
@@ -45,6 +47,11 @@ from lbsync.structure import haproxy_line_shape
 log = structlog.get_logger("lbsync.drivers.haproxy")
 
 _RECENT = 4  # snapshots whose slots are remembered for runtime diffs
+
+
+@dataclass(frozen=True)
+class HaproxyTicket(ReloadTicket):
+    before: MasterState
 
 
 @register_driver("haproxy")
@@ -158,7 +165,7 @@ class HaproxyDriver(Driver):
 
     # -- reload + verify ----------------------------------------------------------------
 
-    def reload(self) -> ReloadTicket:
+    def reload(self) -> HaproxyTicket:
         """Save the server state (sanitized), then SIGUSR2 to the master.
 
         A master that answers on its socket but is not a local ``haproxy`` process (a
@@ -169,20 +176,20 @@ class HaproxyDriver(Driver):
         self._runtime.clear()  # from now on HAProxy holds what the config on disk says
         before = self._master.processes(ReloadFailed)
         saved = save_server_state(self.target, self._admin_or_none())
-        how = "signal" if before["master_started"] is not None else "master_cli"
+        how = "signal" if before.master_started is not None else "master_cli"
         try:
             if how == "signal":
-                os.kill(before["master_pid"], signal.SIGUSR2)
+                os.kill(before.master_pid, signal.SIGUSR2)
             else:
                 self._master.cli().query("reload")  # 2.6 answers nothing, then closes
         except (OSError, DriverError) as exc:
             raise ReloadFailed(
-                f"cannot reload the HAProxy master (pid {before['master_pid']}, by {how}): "
+                f"cannot reload the HAProxy master (pid {before.master_pid}, by {how}): "
                 f"{getattr(exc, 'strerror', None) or exc}",
                 target=self.name,
             ) from exc
-        log.info("haproxy.reload", target=self.name, by=how, **before, state_file=saved)
-        return ReloadTicket(started_at=started, details=before)
+        log.info("haproxy.reload", target=self.name, by=how, **asdict(before), state_file=saved)
+        return HaproxyTicket(started_at=started, before=before)
 
     def verify(self, ticket: ReloadTicket) -> None:
         """Poll until a new worker generation serves, bounded by ``verify_timeout``.
@@ -190,7 +197,7 @@ class HaproxyDriver(Driver):
         Fails at once if the master died or was replaced, or if ``show proc`` counts a
         failed load; otherwise at the deadline.
         """
-        before = ticket.details
+        before = own_ticket(ticket, HaproxyTicket, self.name).before
         deadline = time.monotonic() + self.target.verify_timeout
         last = "no answer yet"
         while True:
@@ -205,7 +212,7 @@ class HaproxyDriver(Driver):
                 log.info(
                     "haproxy.verify",
                     target=self.name,
-                    master_pid=before["master_pid"],
+                    master_pid=before.master_pid,
                     workers=list(new),
                     ms=round((time.monotonic() - ticket.started_at) * 1000, 1),
                 )

@@ -6,10 +6,8 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -92,6 +90,17 @@ def _read_all(sock: socket.socket, deadline: float) -> bytes:
         chunks.append(chunk)
 
 
+@dataclass(frozen=True)
+class MasterState:
+    """The master and its workers as seen before a reload (``verify`` compares with it)."""
+
+    master_pid: int
+    master_started: float | None  # None: not a local process (seen through its socket)
+    workers: tuple[int, ...]
+    reloads: int | None  # from ``show proc``; None without a master socket
+    failed: int | None
+
+
 class Master:
     """The master process of one target's HAProxy: found through its socket (or pid file),
     and watched across a reload (the same master, a new worker generation)."""
@@ -104,14 +113,14 @@ class Master:
         """The master and its workers, when they are local processes we can see."""
         try:
             found = self.processes(DriverError)
-            if found["master_started"] is None:
+            if found.master_started is None:
                 return []  # another PID namespace: its pids mean nothing here
-            master = psutil.Process(found["master_pid"])
+            master = psutil.Process(found.master_pid)
             return [master.pid, *(c.pid for c in master.children(recursive=True))]
         except (DriverError, psutil.Error):
             return []  # HAProxy not running: nothing of ours holds anything
 
-    def processes(self, error: type[DriverError]) -> dict[str, Any]:
+    def processes(self, error: type[DriverError]) -> MasterState:
         """Master pid (+ start time, against pid reuse) and all current workers.
 
         From ``show proc`` when there is a master socket, else from the pid file (then
@@ -122,13 +131,13 @@ class Master:
         if self.target.master_socket is not None:
             try:
                 proc = self.show_proc()
-                return {
-                    "master_pid": proc.master_pid,
-                    "master_started": self.local_master(proc.master_pid),
-                    "workers": proc.pids,
-                    "reloads": proc.reloads,
-                    "failed": proc.failed,
-                }
+                return MasterState(
+                    master_pid=proc.master_pid,
+                    master_started=self.local_master(proc.master_pid),
+                    workers=proc.pids,
+                    reloads=proc.reloads,
+                    failed=proc.failed,
+                )
             except DriverError as err:
                 problems.append(str(err))
         try:
@@ -142,13 +151,13 @@ class Master:
             raise error(
                 "cannot find the HAProxy master: " + "; ".join(problems), target=self.name
             ) from exc
-        return {
-            "master_pid": pid,
-            "master_started": started,
-            "workers": tuple(sorted(c.pid for c in children)),
-            "reloads": None,
-            "failed": None,
-        }
+        return MasterState(
+            master_pid=pid,
+            master_started=started,
+            workers=tuple(sorted(c.pid for c in children)),
+            reloads=None,
+            failed=None,
+        )
 
     def local_master(self, pid: int) -> float | None:
         """The start time of ``pid`` if it is a local HAProxy process, else None."""
@@ -172,31 +181,32 @@ class Master:
         except ValueError as exc:
             raise DriverError(str(exc), target=self.name) from exc
 
-    def check_same(self, before: Mapping[str, Any]) -> None:
+    def check_same(self, before: MasterState) -> None:
         """Same master process as before the reload (pid and start time, so a reused pid
         does not pass). A master seen only through its socket is checked by ``show proc``."""
-        pid = before["master_pid"]
-        if before["master_started"] is not None and start_time(pid) != before["master_started"]:
+        pid = before.master_pid
+        if before.master_started is not None and start_time(pid) != before.master_started:
             raise VerifyFailed(f"the HAProxy master (pid {pid}) is gone", target=self.name)
 
-    def new_workers(self, before: Mapping[str, Any]) -> tuple[int, ...]:
-        old = set(before["workers"])
-        if before["reloads"] is None:  # no master socket: the master's children
+    def new_workers(self, before: MasterState) -> tuple[int, ...]:
+        old = set(before.workers)
+        if before.reloads is None:  # no master socket: the master's children
             try:
-                children = psutil.Process(before["master_pid"]).children()
+                children = psutil.Process(before.master_pid).children()
             except psutil.Error as exc:
                 raise VerifyFailed(
-                    f"the HAProxy master (pid {before['master_pid']}) is gone", target=self.name
+                    f"the HAProxy master (pid {before.master_pid}) is gone", target=self.name
                 ) from exc
             return tuple(sorted(c.pid for c in children if c.pid not in old))
         proc = self.show_proc()
-        if proc.master_pid != before["master_pid"]:
+        if proc.master_pid != before.master_pid:
             raise VerifyFailed(
-                f"the HAProxy master changed (pid {before['master_pid']} → {proc.master_pid})",
+                f"the HAProxy master changed (pid {before.master_pid} → {proc.master_pid})",
                 target=self.name,
             )
         new = tuple(pid for pid in proc.current if pid not in old)
-        if not new and proc.reloads > before["reloads"] and proc.failed > before["failed"]:
+        failed_more = before.failed is not None and proc.failed > before.failed
+        if not new and proc.reloads > before.reloads and failed_more:
             raise VerifyFailed(
                 "HAProxy refused the new config (Loading failure, "
                 f"failed: {proc.failed}); the old workers keep serving",

@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,11 @@ import structlog
 
 from lbsync.config import NginxTarget
 from lbsync.drivers import procfs
-from lbsync.drivers.base import Driver, ReloadTicket, register_driver, run_checker
+from lbsync.drivers.base import Driver, ReloadTicket, own_ticket, register_driver, run_checker
 from lbsync.drivers.listen import check_listen
 from lbsync.drivers.nginx.config import NginxFiles, may_add_listens, mentions, nginx_listens
 from lbsync.drivers.nginx.lua import check_lua, luajit_available
-from lbsync.drivers.nginx.runtime import RuntimeSync
+from lbsync.drivers.nginx.runtime import ControlBefore, RuntimeSync
 from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.fileio import read_bytes, read_tail
 from lbsync.model import Snapshot
@@ -47,6 +48,15 @@ _FIRST_LOOK_SHARE = 0.8
 _FIRST_LOOK_MAX = 0.1
 _LOG_TAIL_LINES = 20
 _LOG_TAIL_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class NginxTicket(ReloadTicket):
+    master_pid: int
+    master_started: int  # clock ticks since boot (``procfs``): with the pid, one process
+    old_workers: tuple[int, ...]
+    error_log_offset: int | None
+    control: ControlBefore | None  # runtime mode: the Lua side before the signal
 
 
 @register_driver("nginx")
@@ -181,19 +191,13 @@ class NginxDriver(Driver):
 
     # --- reload ------------------------------------------------------------------------
 
-    def reload(self) -> ReloadTicket:
+    def reload(self) -> NginxTicket:
         """Remember the current workers and error-log size, then SIGHUP the master."""
         master = self._master()
         old = tuple(sorted(procfs.children(master.pid)))
-        details: dict[str, Any] = {
-            "master_pid": master.pid,
-            "master_started": master.started,
-            "old_workers": old,
-            "error_log_offset": self._error_log_size(),
-        }
-        if self.runtime is not None:
-            details.update(self.runtime.before_reload())
-        started = time.time()
+        offset = self._error_log_size()
+        control = self.runtime.before_reload() if self.runtime is not None else None
+        started = time.monotonic()
         try:
             os.kill(master.pid, signal.SIGHUP)
         except OSError as exc:
@@ -201,7 +205,14 @@ class NginxDriver(Driver):
                 f"cannot signal nginx master {master.pid}: {exc.strerror}", target=self.name
             ) from exc
         log.info("nginx.reload_sent", target=self.name, master_pid=master.pid, workers=list(old))
-        return ReloadTicket(started_at=started, details=details)
+        return NginxTicket(
+            started_at=started,
+            master_pid=master.pid,
+            master_started=master.started,
+            old_workers=old,
+            error_log_offset=offset,
+            control=control,
+        )
 
     def _master(self) -> procfs.ProcStat:
         """The master named by the pid file; ``ReloadFailed`` naming the file otherwise."""
@@ -248,38 +259,38 @@ class NginxDriver(Driver):
         before nginx can have started its workers is wasted, so the first one waits for
         most of what the last reload took.
         """
-        details = ticket.details
+        own = own_ticket(ticket, NginxTicket, self.name)
         deadline = time.monotonic() + self.target.verify_timeout
         time.sleep(min(first_look(self._reload_seconds), self.target.verify_timeout))
         pause = _POLL_FIRST
         while True:
-            master = self._same_master(details)
-            emerg = self._emergencies(details.get("error_log_offset"))
+            master = self._same_master(own)
+            emerg = self._emergencies(own.error_log_offset)
             if emerg:
                 raise VerifyFailed(
                     "nginx refused the new config on reload:\n" + "\n".join(emerg),
                     target=self.name,
                 )
-            fresh = _new_workers(master.pid, set(details["old_workers"]))
+            fresh = _new_workers(master.pid, set(own.old_workers))
             if fresh:
-                self._reload_seconds = time.time() - ticket.started_at
+                self._reload_seconds = time.monotonic() - own.started_at
                 log.debug("nginx.reloaded", target=self.name, master_pid=master.pid, workers=fresh)
-                if self.runtime is not None:
-                    self.runtime.after_reload(details)
+                if self.runtime is not None and own.control is not None:
+                    self.runtime.after_reload(own.control)
                 return
             if time.monotonic() >= deadline:
                 raise VerifyFailed(
                     f"no new nginx workers within {self.target.verify_timeout:g}s of the "
-                    f"reload signal{self._log_tail(details.get('error_log_offset'))}",
+                    f"reload signal{self._log_tail(own.error_log_offset)}",
                     target=self.name,
                 )
             time.sleep(pause)
             pause = min(pause * 2, _POLL_MAX)
 
-    def _same_master(self, details: Mapping[str, Any]) -> procfs.ProcStat:
-        pid = int(details["master_pid"])
+    def _same_master(self, ticket: NginxTicket) -> procfs.ProcStat:
+        pid = ticket.master_pid
         proc = procfs.stat(pid)
-        if proc is None or not proc.alive or proc.started != details["master_started"]:
+        if proc is None or not proc.alive or proc.started != ticket.master_started:
             raise VerifyFailed(f"nginx master {pid} died after the reload signal", target=self.name)
         return proc
 

@@ -34,7 +34,7 @@ import functools
 import ipaddress
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,14 @@ def _same_instances_apart_from_membership(old: Service, new: Service) -> str | N
 
 
 # --- the driver's runtime state -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlBefore:
+    """The Lua side before a reload: its generation, and the snapshot to push after."""
+
+    generation: str | None
+    push: Snapshot | None
 
 
 class RuntimeSync:
@@ -284,23 +292,22 @@ class RuntimeSync:
 
     # -- around a reload -------------------------------------------------------------------
 
-    def before_reload(self) -> dict[str, Any]:
-        """Ticket details: the generation before the signal, and what to push after it."""
+    def before_reload(self) -> ControlBefore:
+        """For the ticket: the generation before the signal, and what to push after it."""
         push = self._pending or self._loaded
         self._pending = None
         try:
             before: str | None = self.client.state().generation
         except DriverError:
             before = None
-        return {"control_generation": before, "control_push": push}
+        return ControlBefore(generation=before, push=push)
 
-    def after_reload(self, details: Mapping[str, Any]) -> None:
+    def after_reload(self, control: ControlBefore) -> None:
         """Wait (bounded) for the new generation to answer, then push every upstream.
 
         Never raises: a failure is logged, and ``tick`` retries.
         """
-        snapshot: Snapshot | None = details.get("control_push")
-        before = details.get("control_generation")
+        snapshot, before = control.push, control.generation
         started = time.monotonic()
         deadline = started + min(self.target.verify_timeout, 5.0)
         pause = _WAIT_FIRST
