@@ -26,7 +26,6 @@ from lbsync.drivers.haproxy.runtime import (
     Plan,
     apply_plans,
     backend_plan,
-    other_keys_changed,
     same_service,
 )
 from lbsync.drivers.haproxy.settings import ServiceSettings
@@ -39,6 +38,7 @@ from lbsync.drivers.haproxy.state import (
     slot_indexes,
 )
 from lbsync.drivers.listen import check_listen, haproxy_listens
+from lbsync.drivers.membership import other_keys_changed
 from lbsync.errors import DriverError, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import Snapshot
 from lbsync.stage.tree import StagedConfig

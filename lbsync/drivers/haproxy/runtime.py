@@ -19,8 +19,9 @@ from lbsync.drivers.haproxy.state import (
     servers_state,
     state_row,
 )
+from lbsync.drivers.membership import meta_changed
 from lbsync.errors import DriverError
-from lbsync.model import Service, Snapshot
+from lbsync.model import Service
 
 MAX_CLI_LINE = 8000  # bytes of ";"-joined commands sent in one admin-socket session
 _PRIORITY: dict[AdminState, int] = {"ready": 0, "drain": 1, "maint": 2}
@@ -164,33 +165,6 @@ def batches(commands: Iterable[str]) -> Iterator[str]:
 
 def same_service(a: Service, b: Service) -> bool:
     return a is b or a == b
-
-
-def meta_changed(old: Service, new: Service) -> str | None:
-    """An instance present on both sides whose meta changed (a template may render it)."""
-    before = {i.id: i for i in old.instances}
-    for inst in new.instances:
-        prev = before.get(inst.id)
-        if prev is not None and prev.meta != inst.meta:
-            return f"instance {inst.id}: meta changed"
-    return None
-
-
-def other_keys_changed(old: Snapshot, new: Snapshot) -> bool:
-    """A raw key a template might read, other than registrations and health marks, differs
-    (a set difference of the two key maps: C speed, ~1 ms at 10,000 keys)."""
-    if old.keys is new.keys:
-        return False
-    return any(not is_membership_key(key) for key, _ in old.keys.items() ^ new.keys.items())
-
-
-def is_membership_key(key: str) -> bool:
-    """``/services/<svc>/instances/<id>`` or ``/services/<svc>/health/<id>``."""
-    return (
-        key.startswith("/services/")
-        and key.count("/") == 4
-        and ("/instances/" in key or "/health/" in key)
-    )
 
 
 def backend_plan(

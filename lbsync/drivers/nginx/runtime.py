@@ -43,6 +43,7 @@ import structlog
 
 from lbsync import metrics
 from lbsync.config import NginxTarget
+from lbsync.drivers.membership import meta_changed, other_keys_changed
 from lbsync.drivers.nginx.control import ControlClient, ControlState, StalePush, digest
 from lbsync.drivers.nginx.control_token import load_or_create
 from lbsync.drivers.nginx.lua import lua_modules
@@ -58,7 +59,6 @@ _WAIT_FIRST = 0.005
 _WAIT_MAX = 0.05
 _UNREACHABLE_GRACE = 0.2  # after a verified reload, how long a refused control port may last
 _OLD_WORKERS_GRACE = 1.0  # after a reload, how long pushes refused by old workers are retried
-_MEMBERSHIP_KEY_PARTS = 4  # "", "services", <service>, "instances"|"health", <id>
 
 
 class _Decline(Exception):
@@ -101,24 +101,13 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _is_membership_key(key: str) -> bool:
-    parts = key.split("/")
-    return (
-        len(parts) == _MEMBERSHIP_KEY_PARTS + 1
-        and parts[1] == "services"
-        and parts[3] in ("instances", "health")
-    )
-
-
 def _same_instances_apart_from_membership(old: Service, new: Service) -> str | None:
     """Why ``old → new`` needs more than a push, or None."""
     if old.settings != new.settings:
         return "settings changed"
-    before = {i.id: i for i in old.instances}
-    for inst in new.instances:
-        prev = before.get(inst.id)
-        if prev is not None and prev.meta != inst.meta:
-            return f"instance {inst.id}: meta changed"
+    why = meta_changed(old, new)
+    if why:
+        return why
     if not lua_balanced(new):
         return f"balance {new.settings.get('balance')} is not done by the Lua balancer"
     if not pushable(new):
@@ -159,7 +148,6 @@ class RuntimeSync:
         self._pending: Snapshot | None = None  # what the coming reload loads
         self._next_poll = 0.0
         self._reachable: bool | None = None
-        self._keys_memo: tuple[Snapshot, dict[str, str]] | None = None
 
     @property
     def name(self) -> str:
@@ -228,7 +216,7 @@ class RuntimeSync:
             raise _Decline("no applied snapshot to compare with")
         if set(old.services) != set(new.services):
             raise _Decline("an upstream appeared or disappeared")
-        if self._other_keys(old) != self._other_keys(new):
+        if other_keys_changed(old, new):
             raise _Decline("keys outside the instance schema changed")
         changed = [
             name
@@ -242,12 +230,6 @@ class RuntimeSync:
             if why:
                 raise _Decline(f"{name}: {why}")
         return changed
-
-    def _other_keys(self, snapshot: Snapshot) -> dict[str, str]:
-        if self._keys_memo is None or self._keys_memo[0] is not snapshot:
-            other = {k: v for k, v in snapshot.keys.items() if not _is_membership_key(k)}
-            self._keys_memo = (snapshot, other)
-        return self._keys_memo[1]
 
     def _push(self, snapshot: Snapshot, names: list[str]) -> bool:
         """Push ``names``; if nginx turns out to be on a generation we never synced, push
