@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from lbsync.drivers.haproxy import admin_commands as cmd
+import lbsync.drivers.haproxy.admin_commands as cmd
 from lbsync.drivers.haproxy.master import Cli
 from lbsync.drivers.haproxy.slots import AdminState, Assigned, Want, changed_slots
 from lbsync.drivers.haproxy.state import (

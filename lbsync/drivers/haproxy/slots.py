@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
-from lbsync.drivers.haproxy import admin_commands as cmd
+import lbsync.drivers.haproxy.admin_commands as cmd
 from lbsync.model import Instance, Service
 
 FREE_HOST = "127.0.0.1"
