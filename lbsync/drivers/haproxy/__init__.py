@@ -35,6 +35,12 @@ docs/haproxy.md):
   one 20,000-slot backend takes ~3.5 s, ~0.4 s with explicit ids (the template sets them).
 - ``show proc``'s ``failed`` counter resets to 0 after a successful reload; a reload is
   confirmed by a worker with 0 reloads that was not there before.
+
+Modules: ``driver`` (the Driver), ``slots`` (slot assignment), ``settings`` (per-service
+settings), ``state`` (config server lines, ``show servers state``, the state file),
+``master`` (the CLI socket client, ``show proc``, the master across a reload),
+``runtime`` (plans and admin-socket commands for a membership-only change) and
+``admin_commands`` (the grammar of every command sent).
 """
 
 # Importing the package registers the driver: ``driver_for`` imports ``lbsync.drivers.<kind>``.
