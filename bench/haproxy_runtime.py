@@ -106,7 +106,7 @@ class Haproxy:
         """Render the stock template for the ``web`` service with no instances yet (what an
         operator deploys before lbsync's first round) and start HAProxy on it."""
         from lbsync.config import HaproxyTarget, TemplateSettings
-        from lbsync.drivers.haproxy import HaproxyDriver
+        from lbsync.drivers.haproxy.driver import HaproxyDriver
         from lbsync.model import Service, Snapshot
         from lbsync.render import Renderer
 
@@ -160,7 +160,7 @@ class Haproxy:
 
     def generation(self) -> dict[str, Any]:
         """Master pid and worker pids from ``show proc`` on the master socket."""
-        from lbsync.drivers.haproxy import Cli, parse_show_proc
+        from lbsync.drivers.haproxy.master import Cli, parse_show_proc
         from lbsync.errors import DriverError
 
         try:
@@ -381,7 +381,7 @@ def change_cost(services: int, per_service: int, changes: int) -> dict[str, Any]
     (``process_time``: ``haproxy -c`` runs in a child and is not in it)."""
     from lbsync.catalog import Catalog
     from lbsync.config import HaproxyTarget
-    from lbsync.drivers.haproxy import HaproxyDriver
+    from lbsync.drivers.haproxy.driver import HaproxyDriver
     from lbsync.model import KeyEvent, KeyValue, SourceEvents
     from lbsync.pipeline import TargetPipeline
     from lbsync.render import Renderer
@@ -452,7 +452,8 @@ def change_cost(services: int, per_service: int, changes: int) -> dict[str, Any]
 
 
 def haproxy_servers(haproxy: Haproxy, backend: str) -> list[Any]:
-    from lbsync.drivers.haproxy import Cli, servers_state
+    from lbsync.drivers.haproxy.master import Cli
+    from lbsync.drivers.haproxy.state import servers_state
 
     answer = Cli(haproxy.admin_socket, target="bench").query(f"show servers state {backend}")
     return servers_state(answer)

@@ -12,7 +12,7 @@ from pathlib import Path
 from bench import env
 from lbsync.catalog import Catalog
 from lbsync.config import NginxTarget
-from lbsync.drivers.nginx import NginxDriver
+from lbsync.drivers.nginx.driver import NginxDriver
 from lbsync.model import KeyValue
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import env, inprocess, report
-from lbsync import stage
 from lbsync.config import GuardSettings
 from lbsync.logging import configure_logging
 from lbsync.model import KeyEvent, SourceEvents
 from lbsync.pipeline import TargetPipeline
 from lbsync.scheduler import judge
+from lbsync.stage import swap
 
 # (row label, owner, object attribute path); indented labels are part of the one above.
 ROWS = (
@@ -72,9 +72,9 @@ def _instrument(acc: collections.Counter[str], pipeline: TargetPipeline) -> None
     _wrap(acc, driver, "_run_check", labels[4])
     _wrap(acc, driver, "_check_new_listens", labels[5])
     _wrap(acc, pipeline, "_swap_and_load", labels[6])
-    _wrap(acc, stage, "swap_in", labels[7])
+    _wrap(acc, swap, "swap_in", labels[7])
     _wrap(acc, driver, "reload", labels[8])
-    _wrap(acc, stage, "settle", labels[9])
+    _wrap(acc, swap, "settle", labels[9])
     _wrap(acc, driver, "verify", labels[10])
 
 

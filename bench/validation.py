@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env, inprocess, report
-from lbsync.drivers.nginx import NginxDriver
+from lbsync.drivers.nginx.driver import NginxDriver
 from lbsync.logging import configure_logging
 from lbsync.pipeline import Plan, TargetPipeline
 

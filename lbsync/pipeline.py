@@ -25,7 +25,7 @@ from typing import Literal
 
 import structlog
 
-from lbsync import isolation, metrics, stage
+from lbsync import isolation, metrics
 from lbsync.config import Target
 from lbsync.drivers.base import Driver
 from lbsync.errors import (
@@ -40,6 +40,8 @@ from lbsync.errors import (
 from lbsync.isolation import HeldService, Unattributable
 from lbsync.model import Snapshot
 from lbsync.render import Renderer
+from lbsync.stage import swap
+from lbsync.stage.tree import StagingArea
 from lbsync.structure import StructureCheck
 
 log = structlog.get_logger("lbsync.pipeline")
@@ -102,7 +104,7 @@ class TargetPipeline:
         self.driver = driver
         self.renderer = renderer
         self.workdir = state_dir / "stage"
-        self.staging = stage.StagingArea(target, self.workdir)
+        self.staging = StagingArea(target, self.workdir)
         self.backup_dir = state_dir / "backup" / target.name
         self.applied: Snapshot | None = None
         self.held: dict[str, HeldService] = {}
@@ -134,7 +136,7 @@ class TargetPipeline:
             rendered[template.dest] = data
         self.structure.check(snapshot, extra, rendered, raw)
         current = {
-            dest: stage.current_bytes(dest, follow_symlinks=dest in self._follow)
+            dest: swap.current_bytes(dest, follow_symlinks=dest in self._follow)
             for dest in rendered
         }
         return Plan(self.name, snapshot, rendered, current)
@@ -282,7 +284,7 @@ class TargetPipeline:
             runtime_done = self.driver.runtime_update(self.applied, plan.snapshot)
         with _timed(timings, "swap"):
             # The backup copy and the directory fsync wait until the LB has its signal.
-            record = stage.swap_in(
+            record = swap.swap_in(
                 changed,
                 self.backup_dir,
                 modes=self._modes,
@@ -291,7 +293,7 @@ class TargetPipeline:
             )
         if runtime_done:
             with _timed(timings, "settle"):
-                stage.settle(record)
+                swap.settle(record)
             self.applied = plan.snapshot
             return Outcome(self.name, revision, "runtime", files)
         try:
@@ -300,7 +302,7 @@ class TargetPipeline:
                     ticket = self.driver.reload()
             finally:
                 with _timed(timings, "settle"):
-                    stage.settle(record)
+                    swap.settle(record)
             with _timed(timings, "verify"):
                 self.driver.verify(ticket)
         except (ReloadFailed, VerifyFailed) as err:
@@ -309,10 +311,10 @@ class TargetPipeline:
         self.applied = plan.snapshot
         return Outcome(self.name, revision, "reloaded", files)
 
-    def _roll_back(self, record: stage.SwapRecord, cause: DriverError) -> None:
+    def _roll_back(self, record: swap.SwapRecord, cause: DriverError) -> None:
         """Put last-known-good back and reload it; an alert either way."""
         try:
-            stage.restore(record)
+            swap.restore(record)
             self.driver.verify(self.driver.reload())
         except LbsyncError as err:
             metrics.alert("rollback_failed")

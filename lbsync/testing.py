@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lbsync.catalog import Catalog
-from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig
+from lbsync.drivers.base import Driver, ReloadTicket
 from lbsync.errors import InvalidValue, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import (
     KeyEvent,
@@ -43,6 +43,7 @@ from lbsync.model import (
     SourceStatus,
 )
 from lbsync.render import Renderer
+from lbsync.stage.tree import StagedConfig
 
 DEFAULT_PREFIX = "/lbsync"
 

@@ -9,37 +9,39 @@ from __future__ import annotations
 
 import abc
 import importlib
+import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+from lbsync.commands import run_command
 from lbsync.config import Target
+from lbsync.errors import DriverError, ValidationFailed
 from lbsync.model import Snapshot
-
-
-@dataclass(frozen=True)
-class StagedConfig:
-    """A staged copy of a target's config tree, with the new files in place.
-
-    ``main`` is where the target's main config (``config`` in lbsync.toml) sits in the
-    staged tree, rewritten so that it reads staged files, never live ones; ``files`` maps
-    each destination path to its staged copy, and ``contents`` each staged copy to the
-    bytes written there (so a driver need not read back what was just written).
-    """
-
-    root: Path
-    main: Path | None
-    files: Mapping[Path, Path]
-    contents: Mapping[Path, bytes] = field(default_factory=dict)
+from lbsync.stage.tree import StagedConfig
 
 
 @dataclass(frozen=True)
 class ReloadTicket:
-    """What ``reload`` saw before signalling, so ``verify`` can tell the new generation."""
+    """What ``reload`` saw before signalling, so ``verify`` can tell the new generation.
+
+    Each driver returns its own subclass with typed fields. ``started_at`` is
+    ``time.monotonic()`` in every driver: a driver that compares it with wall-clock data
+    (log line times, process start times) converts at that one place.
+    """
 
     started_at: float
-    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+TicketT = TypeVar("TicketT", bound=ReloadTicket)
+
+
+def own_ticket(ticket: ReloadTicket, kind: type[TicketT], target: str) -> TicketT:
+    """``ticket`` as the driver's own ticket type; DriverError if another driver made it."""
+    if not isinstance(ticket, kind):
+        raise DriverError(f"not a {kind.__name__}: {type(ticket).__name__}", target=target)
+    return ticket
 
 
 class Driver(abc.ABC):
@@ -100,7 +102,38 @@ class Driver(abc.ABC):
         return None
 
 
-DriverFactory = Callable[[Any], Driver]
+def run_checker(
+    argv: list[str],
+    *,
+    staged: StagedConfig,
+    live_config: Path,
+    timeout: float,
+    what: str,
+    shown_argv: list[str] | None = None,
+    clean: Callable[[str], str] = str,
+) -> None:
+    """Run the LB's own checker on ``staged``; ValidationFailed if it refuses.
+
+    The report names files as the operator knows them (the directory of ``live_config``,
+    e.g. ``/etc/nginx/…``), not the staging dir: ``clean`` prepares the checker's stderr
+    first, and ``shown_argv`` is the command to quote (default: ``argv``). A checker that
+    did not run or timed out raises ``run_command``'s error unchanged.
+    """
+    try:
+        run_command(argv, timeout=timeout, error=ValidationFailed, what=what)
+    except ValidationFailed as err:
+        if err.returncode is None:  # did not run or timed out: nothing to translate
+            raise
+        live_dir = os.path.dirname(os.path.abspath(live_config))
+        raise ValidationFailed(
+            f"{what} (exit {err.returncode})",
+            command=shown_argv if shown_argv is not None else err.command,
+            returncode=err.returncode,
+            stderr=staged.live_paths(clean(err.stderr), live_dir),
+        ) from err
+
+
+DriverFactory = Callable[[Target], Driver]
 
 _DRIVERS: dict[str, DriverFactory] = {}
 

@@ -16,8 +16,9 @@ import structlog
 
 from lbsync.commands import run_command
 from lbsync.config import CommandTarget
-from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
+from lbsync.drivers.base import Driver, ReloadTicket, register_driver
 from lbsync.errors import CommandError, ReloadFailed, ValidationFailed
+from lbsync.stage.tree import StagedConfig
 
 log = structlog.get_logger("lbsync.drivers.command")
 
@@ -40,7 +41,7 @@ class CommandDriver(Driver):
         log.debug("command.validated", target=self.name)
 
     def reload(self) -> ReloadTicket:
-        started = time.time()
+        started = time.monotonic()
         try:
             run_command(
                 self.target.reload_command,

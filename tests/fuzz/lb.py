@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from lbsync.config import HaproxyTarget, TemplateSettings
-from lbsync.drivers.haproxy import HaproxyDriver
+from lbsync.drivers.haproxy.driver import HaproxyDriver
 from lbsync.model import Instance, Service, Snapshot
 from lbsync.render import Renderer
 from tests.harness.haproxy import HAPROXY

@@ -30,7 +30,8 @@ import psutil
 import pytest
 
 from lbsync.config import HaproxyTarget, TemplateSettings
-from lbsync.drivers.haproxy import Cli, Processes, RuntimeServer, parse_show_proc, servers_state
+from lbsync.drivers.haproxy.master import Cli, Processes, parse_show_proc
+from lbsync.drivers.haproxy.state import RuntimeServer, servers_state
 from lbsync.errors import DriverError
 from tests.harness.net import free_port, wait_for
 

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from lbsync.drivers.base import StagedConfig, driver_for
-from lbsync.drivers.haproxy import HaproxyDriver, servers_state
+from lbsync.drivers.base import driver_for
+from lbsync.drivers.haproxy.driver import HaproxyDriver
+from lbsync.drivers.haproxy.state import servers_state
 from lbsync.errors import ListenConflict, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, SettingValue, Snapshot, State
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
+from lbsync.stage.tree import StagedConfig
 from tests.harness.backends import Backend, inst, keep_alive_load, membership, served_names
 from tests.harness.haproxy import HAPROXY, TEMPLATE, HaproxyServer
 from tests.harness.net import free_port, wait_for
@@ -180,8 +182,8 @@ def test_reload_follows_instances_going_down_and_up(
     ticket = driver.reload()
     driver.verify(ticket)
 
-    assert ticket.details["master_pid"] == master
-    assert ticket.details["workers"] == workers
+    assert ticket.before.master_pid == master
+    assert ticket.before.workers == workers
     new_master, new_workers, _ = generation(haproxy)
     assert new_master == master
     assert not set(new_workers) & set(workers)
@@ -368,8 +370,8 @@ def test_reload_without_a_master_socket_uses_the_pid_file(
     ticket = driver.reload()
     driver.verify(ticket)
 
-    assert ticket.details["master_pid"] == haproxy.master_pid()
-    assert set(ticket.details["workers"]) == set(workers)
+    assert ticket.before.master_pid == haproxy.master_pid()
+    assert set(ticket.before.workers) == set(workers)
     serves(haproxy.port, {"b1", "b2"})
 
 
@@ -380,7 +382,7 @@ def test_a_master_in_another_pid_namespace_is_reloaded_through_its_cli(
     driver = make_driver(haproxy)
     start(haproxy, driver, snap(1, service("web", haproxy.port, inst(b1))))
     # As seen from a sidecar: show proc answers, but its pid is nobody here.
-    monkeypatch.setattr(driver, "_local_master", lambda pid: None)
+    monkeypatch.setattr(driver._master, "local_master", lambda pid: None)
 
     write_config(driver, snap(2, service("web", haproxy.port, inst(b1), inst(b2))))
     with structlog.testing.capture_logs() as events:

@@ -11,15 +11,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lbsync import stage
 from lbsync.config import CommandTarget, NginxTarget, TemplateSettings
-from lbsync.drivers import nginx as nginx_driver
 from lbsync.drivers.command import CommandDriver
-from lbsync.drivers.listen import check_listen, nginx_listens
-from lbsync.drivers.nginx import NginxDriver
+from lbsync.drivers.listen import check_listen
+from lbsync.drivers.nginx import driver as nginx_driver
+from lbsync.drivers.nginx.config import nginx_listens
+from lbsync.drivers.nginx.driver import NginxDriver
 from lbsync.errors import ListenConflict, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, Snapshot, State
 from lbsync.render import Renderer
+from lbsync.stage.swap import swap_in
+from lbsync.stage.tree import staged
 from tests.harness.backends import Backend, served_names
 from tests.harness.net import free_port, wait_for
 from tests.harness.nginx import REPO, NginxServer, process_gone
@@ -48,9 +50,9 @@ def apply(server: NginxServer, snapshot: Snapshot) -> NginxDriver:
     target = server.target()
     driver = NginxDriver(target)
     rendered = {server.conf_d / "upstreams.conf": render("upstreams.conf.j2", snapshot)}
-    with stage.staged(target, rendered, server.dir.parent / "work") as tree:
+    with staged(target, rendered, server.dir.parent / "work") as tree:
         driver.validate(tree)
-    stage.swap_in(rendered, server.dir.parent / "backup")
+    swap_in(rendered, server.dir.parent / "backup")
     driver.verify(driver.reload())
     return driver
 
@@ -76,7 +78,7 @@ def test_validate_accepts_a_good_staged_tree(
     rendered = {
         nginx_server.conf_d / "upstreams.conf": render("upstreams.conf.j2", app_with(*backends))
     }
-    with stage.staged(target, rendered, tmp_path / "work") as tree:
+    with staged(target, rendered, tmp_path / "work") as tree:
         NginxDriver(target).validate(tree)
 
 
@@ -90,7 +92,7 @@ def test_validate_catches_a_bad_fragment_behind_an_absolute_include(
     rendered = {live: b"upstream app {\n}\n"}  # nginx: no servers are inside upstream
 
     with (
-        stage.staged(target, rendered, tmp_path / "work") as tree,
+        staged(target, rendered, tmp_path / "work") as tree,
         pytest.raises(ValidationFailed) as info,
     ):
         NginxDriver(target).validate(tree)
@@ -107,7 +109,7 @@ def test_validate_catches_a_new_bad_file_picked_up_by_the_include_glob(
     target = nginx_server.target()
     new_file = nginx_server.conf_d / "extra.conf"
     with (
-        stage.staged(target, {new_file: b"this is not nginx;\n"}, tmp_path / "work") as tree,
+        staged(target, {new_file: b"this is not nginx;\n"}, tmp_path / "work") as tree,
         pytest.raises(ValidationFailed, match="unknown directive"),
     ):
         NginxDriver(target).validate(tree)
@@ -190,7 +192,7 @@ def test_listen_conflict_when_another_process_holds_the_port(
     rendered = {nginx_server.conf_d / "new-site.conf": _site(f"127.0.0.1:{port}")}
 
     with (
-        stage.staged(target, rendered, tmp_path / "work") as tree,
+        staged(target, rendered, tmp_path / "work") as tree,
         pytest.raises(ListenConflict) as info,
     ):
         NginxDriver(target).validate(tree)  # nginx -t passes; the pre-check does not
@@ -203,7 +205,7 @@ def test_listen_conflict_when_another_process_holds_the_port(
 def test_new_free_listen_address_passes(nginx_server: NginxServer, tmp_path: Path) -> None:
     target = nginx_server.target()
     rendered = {nginx_server.conf_d / "new-site.conf": _site(f"127.0.0.1:{free_port()}")}
-    with stage.staged(target, rendered, tmp_path / "work") as tree:
+    with staged(target, rendered, tmp_path / "work") as tree:
         NginxDriver(target).validate(tree)
 
 
@@ -216,12 +218,12 @@ def test_rendered_upstreams_alone_cannot_add_a_listen_address(
     monkeypatch.setattr(nginx_driver, "nginx_listens", walked)
     target = nginx_server.target()
     rendered = {nginx_server.conf_d / "upstreams.conf": b"upstream app { server 10.0.0.1:80; }\n"}
-    with stage.staged(target, rendered, tmp_path / "work") as tree:
+    with staged(target, rendered, tmp_path / "work") as tree:
         NginxDriver(target).validate(tree)
 
     rendered = {nginx_server.conf_d / "new-site.conf": _site(f"127.0.0.1:{free_port()}")}
     with (
-        stage.staged(target, rendered, tmp_path / "work2") as tree,
+        staged(target, rendered, tmp_path / "work2") as tree,
         pytest.raises(AssertionError, match="nothing to walk"),
     ):
         NginxDriver(target).validate(tree)  # a listen: walked
@@ -237,7 +239,7 @@ def test_nginx_own_listeners_are_not_a_conflict(nginx_server: NginxServer, tmp_p
         check_listen(live, own_pids=[], target="t")  # the probe does see the port taken
 
     target = nginx_server.target()
-    with stage.staged(target, {}, tmp_path / "work") as tree:
+    with staged(target, {}, tmp_path / "work") as tree:
         NginxDriver(target).validate(tree)
 
 
@@ -248,7 +250,7 @@ def test_an_address_overlapping_nginx_own_listener_is_a_conflict(
     target = nginx_server.target()
     rendered = {nginx_server.conf_d / "new-site.conf": _site(nginx_server.port)}
     with (
-        stage.staged(target, rendered, tmp_path / "work") as tree,
+        staged(target, rendered, tmp_path / "work") as tree,
         pytest.raises(ListenConflict, match="overlaps an address this LB already listens on"),
     ):
         NginxDriver(target).validate(tree)
@@ -299,7 +301,7 @@ def test_stock_templates_pass_nginx_t(
         nginx_server.conf_d / "upstreams.conf": upstreams,
         nginx_server.conf_d / "sites.conf": sites,
     }
-    with stage.staged(target, rendered, tmp_path / "work") as tree:
+    with staged(target, rendered, tmp_path / "work") as tree:
         NginxDriver(target).validate(tree)
 
 
@@ -359,13 +361,13 @@ def test_command_driver_checks_the_staged_file_and_reloads(tmp_path: Path) -> No
     )
     driver = CommandDriver(target)
     dest = target.templates[0].dest
-    with stage.staged(target, {dest: b"b1 b2\n"}, tmp_path / "work") as tree:
+    with staged(target, {dest: b"b1 b2\n"}, tmp_path / "work") as tree:
         driver.validate(tree)
         staged_path = Path(seen.read_text())
         assert staged_path == tree.files[dest]
         assert staged_path.is_relative_to(tree.root)
     with (
-        stage.staged(target, {dest: b"b3\n"}, tmp_path / "work") as tree,
+        staged(target, {dest: b"b3\n"}, tmp_path / "work") as tree,
         pytest.raises(ValidationFailed, match="check command refused"),
     ):
         driver.validate(tree)
@@ -383,7 +385,7 @@ def test_command_driver_shell_mode_and_failed_reload(tmp_path: Path) -> None:
         reload_command="exit 3",
     )
     driver = CommandDriver(target)
-    with stage.staged(target, {target.templates[0].dest: b"ok\n"}, tmp_path / "w") as tree:
+    with staged(target, {target.templates[0].dest: b"ok\n"}, tmp_path / "w") as tree:
         driver.validate(tree)
     with pytest.raises(ReloadFailed, match="exit 3"):
         driver.reload()

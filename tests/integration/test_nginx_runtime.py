@@ -24,9 +24,9 @@ from lbsync import metrics
 from lbsync.config import EtcdSettings, Settings
 from lbsync.daemon import Daemon
 from lbsync.drivers.base import driver_for
-from lbsync.drivers.nginx import NginxDriver
-from lbsync.drivers.nginx_control import ControlClient, ControlState, digest
-from lbsync.drivers.nginx_runtime import LUA_DIR, peers
+from lbsync.drivers.nginx.control import ControlClient, ControlState, digest
+from lbsync.drivers.nginx.driver import NginxDriver
+from lbsync.drivers.nginx.runtime import LUA_DIR, peers
 from lbsync.errors import ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, Snapshot
 from lbsync.pipeline import TargetPipeline

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from lbsync.config import Settings, settings_from_dict
-from lbsync.drivers.haproxy import HaproxyDriver, config_servers
+from lbsync.drivers.haproxy.driver import HaproxyDriver
+from lbsync.drivers.haproxy.state import config_servers
 from lbsync.model import Service, Snapshot
 from lbsync.render import Renderer
 from lbsync.source.etcd import EtcdWriter

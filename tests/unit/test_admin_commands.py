@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from lbsync.drivers import admin_commands as cmd
-from lbsync.drivers.haproxy import HaproxyDriver
+from lbsync.drivers.haproxy import admin_commands as cmd
+from lbsync.drivers.haproxy.driver import HaproxyDriver
 from lbsync.errors import DriverError
 from lbsync.model import Instance, State
 from tests.unit.test_haproxy_driver import inst, snap, svc, target

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lbsync.drivers.control_token import load_or_create
+from lbsync.drivers.nginx.control_token import load_or_create
 from lbsync.errors import DriverError
 
 GOOD = "ab" * 32

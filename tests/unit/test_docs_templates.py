@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from lbsync.config import HaproxyTarget, NginxTarget, TemplateSettings
-from lbsync.drivers.haproxy import HaproxyDriver
-from lbsync.drivers.nginx import NginxDriver
+from lbsync.drivers.haproxy.driver import HaproxyDriver
+from lbsync.drivers.nginx.driver import NginxDriver
 from lbsync.errors import RenderError
 from lbsync.model import Snapshot
 from lbsync.render import Renderer

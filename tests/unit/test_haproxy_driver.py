@@ -9,31 +9,35 @@ import pytest
 import structlog.testing
 
 from lbsync.config import HaproxyTarget, TemplateSettings
-from lbsync.drivers.base import StagedConfig
-from lbsync.drivers.haproxy import (
+from lbsync.drivers.haproxy.driver import HaproxyDriver
+from lbsync.drivers.haproxy.master import parse_show_proc
+from lbsync.drivers.haproxy.runtime import (
+    BackendState,
+    Plan,
+    ServerCommands,
+    server_commands,
+    transition,
+)
+from lbsync.drivers.haproxy.slots import (
     BLOCK,
     Assigned,
-    HaproxyDriver,
-    RuntimeServer,
     Slot,
     SlotTable,
     Want,
-    _BackendState,
-    _commands,
-    _Plan,
-    _Server,
-    _transition,
     changed_slots,
-    config_servers,
-    parse_show_proc,
     pool_size,
+    slots_cap,
+)
+from lbsync.drivers.haproxy.state import (
+    RuntimeServer,
+    config_servers,
     sanitize_state,
     servers_state,
-    slots_cap,
 )
 from lbsync.errors import ValidationFailed
 from lbsync.model import Instance, Service, Snapshot, State
 from lbsync.render import Renderer
+from lbsync.stage.tree import StagedConfig
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "haproxy" / "haproxy.cfg.j2"
 HEADER = (
@@ -337,9 +341,9 @@ def runtime(admin: int, addr: str = "127.0.0.1", port: int = 1, uweight: int = 1
 
 
 def test_commands_take_a_slot_in_and_out_of_service() -> None:
-    key = _Server("web", "s1", "lb")
+    key = ServerCommands("web", "s1", "lb")
     up = Want("10.0.0.1", 8000, 3, "ready")
-    assert _commands(key, runtime(5), up) == [
+    assert server_commands(key, runtime(5), up) == [
         "set server web/s1 addr 10.0.0.1 port 8000",
         "set weight web/s1 3",
         "set server web/s1 state ready",
@@ -347,15 +351,17 @@ def test_commands_take_a_slot_in_and_out_of_service() -> None:
     serving = runtime(4, "10.0.0.1", 8000, 3)
     assert serving.matches(up)
     free = Want("127.0.0.1", 1, 1, "maint")
-    assert _commands(key, serving, free) == [
+    assert server_commands(key, serving, free) == [
         "set server web/s1 state maint",
         "set server web/s1 addr 127.0.0.1 port 1",
         "set weight web/s1 1",
     ]
     drain = Want("10.0.0.1", 8000, 3, "drain")
-    assert _commands(key, serving, drain) == ["set server web/s1 state drain"]
+    assert server_commands(key, serving, drain) == ["set server web/s1 state drain"]
     assert runtime(8, "10.0.0.1", 8000, 3).matches(drain)
-    assert _commands(key, runtime(8, "10.0.0.1", 8000, 3), up) == ["set server web/s1 state ready"]
+    assert server_commands(key, runtime(8, "10.0.0.1", 8000, 3), up) == [
+        "set server web/s1 state ready"
+    ]
 
 
 def test_transitions_from_what_the_runtime_was_set_to() -> None:
@@ -364,20 +370,23 @@ def test_transitions_from_what_the_runtime_was_set_to() -> None:
     moved = Slot("s1", inst("a", port=9000, weight=3))
     free = Slot("s1")
 
-    def transition(before: Slot, after: Slot) -> list[str]:
+    def commands_between(before: Slot, after: Slot) -> list[str]:
         base, now = (Assigned((s,), ((s,),)) for s in (before, after))
-        return _transition(_Plan("web", now, base, [0], "lb"), 0)[1].split("; ")
+        return transition(Plan("web", now, base, [0], "lb"), 0)[1].split("; ")
 
-    assert transition(free, up) == [
+    assert commands_between(free, up) == [
         "set server web/s1 addr 10.0.0.1 port 8000",
         "set weight web/s1 3",
         "set server web/s1 state ready",
     ]
-    assert transition(up, draining) == ["set server web/s1 state drain"]
+    assert commands_between(up, draining) == ["set server web/s1 state drain"]
     # Leaving drain always sets the weight: after a reload a draining server is weight 0.
-    assert transition(draining, up) == ["set weight web/s1 3", "set server web/s1 state ready"]
-    assert transition(up, moved) == ["set server web/s1 addr 10.0.0.1 port 9000"]
-    assert transition(up, free) == [
+    assert commands_between(draining, up) == [
+        "set weight web/s1 3",
+        "set server web/s1 state ready",
+    ]
+    assert commands_between(up, moved) == ["set server web/s1 addr 10.0.0.1 port 9000"]
+    assert commands_between(up, free) == [
         "set server web/s1 state maint",
         "set server web/s1 addr 127.0.0.1 port 1",
         "set weight web/s1 1",
@@ -386,10 +395,10 @@ def test_transitions_from_what_the_runtime_was_set_to() -> None:
 
 def test_backend_state_reads_the_slot_line_and_copes_with_another_order() -> None:
     lines = [state_line(f"s{n}", "10.0.0.1", 8000 + n, 0, 1) for n in (1, 2, 3)]
-    state = _BackendState("web", HEADER + "\n".join(lines) + "\n\n")
+    state = BackendState("web", HEADER + "\n".join(lines) + "\n\n")
     assert state.count == 3
     assert state.server(1, "s2").port == 8002
-    shuffled = _BackendState("web", HEADER + "\n".join(reversed(lines)) + "\n")
+    shuffled = BackendState("web", HEADER + "\n".join(reversed(lines)) + "\n")
     assert shuffled.server(0, "s1").port == 8001
     assert shuffled.server(2, "s3").port == 8003
 

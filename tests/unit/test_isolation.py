@@ -13,7 +13,6 @@ from structlog.testing import capture_logs
 
 from lbsync import isolation, metrics
 from lbsync.config import CommandTarget
-from lbsync.drivers.base import StagedConfig
 from lbsync.errors import (
     LbsyncError,
     RenderError,
@@ -25,6 +24,7 @@ from lbsync.isolation import Unattributable, find_culprits
 from lbsync.model import HealthMark, Instance, KeyEvent, Snapshot, SourceEvents, State
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
+from lbsync.stage.tree import StagedConfig
 from lbsync.structure import haproxy_line_shape, nginx_line_shape
 from lbsync.testing import FakeCatalog, FakeDriver
 

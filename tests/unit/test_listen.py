@@ -9,16 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lbsync.drivers.listen import (
-    ListenAddress,
-    NginxFiles,
-    check_listen,
-    haproxy_listens,
-    mentions,
-    nginx_listens,
-    parse_haproxy_bind,
-    parse_nginx_listen,
-)
+from lbsync.drivers.listen import ListenAddress, check_listen, haproxy_listens, parse_haproxy_bind
+from lbsync.drivers.nginx.config import NginxFiles, mentions, nginx_listens, parse_nginx_listen
 from lbsync.errors import ListenConflict
 from tests.harness.net import free_port
 

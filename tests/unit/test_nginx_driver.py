@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbsync.drivers.nginx import first_look
+from lbsync.drivers.nginx.driver import first_look
 
 
 @pytest.mark.parametrize(

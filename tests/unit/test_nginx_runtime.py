@@ -11,11 +11,11 @@ import pytest
 import structlog.testing
 
 from lbsync.config import NginxTarget, TemplateSettings
-from lbsync.drivers.listen import nginx_listens
-from lbsync.drivers.lua import _explain, _Source, lua_blocks, strip_lua_blocks
-from lbsync.drivers.nginx import NginxDriver
-from lbsync.drivers.nginx_control import ControlState, PushResult, StalePush, digest
-from lbsync.drivers.nginx_runtime import LUA_DIR, RuntimeSync, peers
+from lbsync.drivers.nginx.config import nginx_listens
+from lbsync.drivers.nginx.control import ControlState, PushResult, StalePush, digest
+from lbsync.drivers.nginx.driver import NginxDriver
+from lbsync.drivers.nginx.lua import _explain, _Source, lua_blocks, strip_lua_blocks
+from lbsync.drivers.nginx.runtime import LUA_DIR, RuntimeSync, peers
 from lbsync.errors import ConfigError, DriverError
 from lbsync.model import Instance, Service, Snapshot, State
 from lbsync.render import Renderer
@@ -236,7 +236,7 @@ def test_after_a_reload_the_snapshot_it_loaded_is_pushed_to_the_new_generation()
     grown = snap(12, *BASE.services.values(), svc("new", inst("n")))
     assert not runtime.update(BASE, grown)  # structural: the pipeline reloads
     details = runtime.before_reload()
-    assert details["control_generation"] == "g1"
+    assert details.generation == "g1"
     fake.restart("g2")  # what the SIGHUP does
     fake.pushes.clear()
     runtime.after_reload(details)
@@ -244,7 +244,7 @@ def test_after_a_reload_the_snapshot_it_loaded_is_pushed_to_the_new_generation()
 
     # a rollback reloads again: what was loaded before is pushed
     details = runtime.before_reload()
-    assert details["control_push"] is grown
+    assert details.push is grown
     fake.restart("g3")
     runtime.after_reload(details)
     assert fake.state().services == {"api": 12, "app": 12, "new": 12}

@@ -11,8 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lbsync import fileio, stage
+from lbsync import fileio
 from lbsync.errors import StageError
+from lbsync.stage import swap
+from lbsync.stage import tree as staging
 
 # --- helpers -----------------------------------------------------------------------------
 
@@ -64,7 +66,7 @@ def test_stage_rewrites_absolute_include_to_the_staged_tree(tmp_path: Path) -> N
     root = _live_tree(tmp_path)
     dest = root / "conf.d" / "upstreams.conf"
 
-    tree = stage.stage_files(_target(root / "nginx.conf"), {dest: b"new\n"}, tmp_path / "work")
+    tree = staging.stage_files(_target(root / "nginx.conf"), {dest: b"new\n"}, tmp_path / "work")
 
     assert tree.main == tree.root / "nginx.conf"
     assert tree.files == {dest: tree.root / "conf.d" / "upstreams.conf"}
@@ -83,7 +85,7 @@ def test_stage_never_writes_into_live_files(tmp_path: Path) -> None:
     dest = root / "conf.d" / "old.conf"
     live = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
-    with stage.staged(_target(root / "nginx.conf"), {dest: b"# new\n"}, tmp_path / "w") as tree:
+    with staging.staged(_target(root / "nginx.conf"), {dest: b"# new\n"}, tmp_path / "w") as tree:
         assert tree.files[dest].read_bytes() == b"# new\n"
         assert (tree.root / "mime.types").read_bytes() == live[root / "mime.types"]
 
@@ -100,7 +102,7 @@ def test_stage_leaves_lookalike_paths_and_urls_alone(tmp_path: Path) -> None:
     )
     (root / "conf.d" / "paths.conf").write_text(text)
 
-    tree = stage.stage_files(_target(root / "nginx.conf"), {}, tmp_path / "work")
+    tree = staging.stage_files(_target(root / "nginx.conf"), {}, tmp_path / "work")
 
     staged = (tree.root / "conf.d" / "paths.conf").read_text()
     assert f"{root}-extra/x.conf" in staged
@@ -116,7 +118,7 @@ def test_stage_puts_outside_dest_under_external_and_rewrites_it(tmp_path: Path) 
     conf = root / "nginx.conf"
     conf.write_text(conf.read_text().replace("http {", f"http {{\n    include {outside};"))
 
-    tree = stage.stage_files(_target(conf), {outside: b"up\n"}, tmp_path / "work")
+    tree = staging.stage_files(_target(conf), {outside: b"up\n"}, tmp_path / "work")
 
     staged_out = tree.root / ".lbsync-external" / str(outside).lstrip("/")
     assert tree.files[outside] == staged_out
@@ -133,7 +135,7 @@ def test_stage_mirrors_an_outside_glob_that_matches_a_dest(tmp_path: Path) -> No
     conf = root / "nginx.conf"
     conf.write_text(conf.read_text().replace("http {", f"http {{\n    include {lb_dir}/*.conf;"))
 
-    tree = stage.stage_files(_target(conf), {lb_dir / "gen.conf": b"gen\n"}, tmp_path / "work")
+    tree = staging.stage_files(_target(conf), {lb_dir / "gen.conf": b"gen\n"}, tmp_path / "work")
 
     mirror = tree.root / ".lbsync-external" / str(lb_dir).lstrip("/")
     assert f"include {mirror}/*.conf;" in tree.main.read_text()  # type: ignore[union-attr]
@@ -151,7 +153,9 @@ def test_stage_repoints_absolute_symlinks_and_writes_through_linked_dest(
     (root / "sites-enabled" / "app").symlink_to(root / "sites-available" / "app")
     dest = root / "sites-enabled" / "app"
 
-    tree = stage.stage_files(_target(root / "nginx.conf"), {dest: b"# new site\n"}, tmp_path / "w")
+    tree = staging.stage_files(
+        _target(root / "nginx.conf"), {dest: b"# new site\n"}, tmp_path / "w"
+    )
 
     link = tree.root / "sites-enabled" / "app"
     assert link.is_symlink()
@@ -165,7 +169,7 @@ def test_stage_of_a_rendered_main_config_rewrites_it_too(tmp_path: Path) -> None
     main = root / "nginx.conf"
     new_main = f"events {{}}\nhttp {{ include {root}/conf.d/*.conf; }}\n".encode()
 
-    tree = stage.stage_files(_target(main), {main: new_main}, tmp_path / "work")
+    tree = staging.stage_files(_target(main), {main: new_main}, tmp_path / "work")
 
     assert tree.main == tree.files[main]
     assert tree.main.read_text() == f"events {{}}\nhttp {{ include {tree.root}/conf.d/*.conf; }}\n"
@@ -175,7 +179,7 @@ def test_stage_of_a_rendered_main_config_rewrites_it_too(tmp_path: Path) -> None
 def test_stage_without_config_holds_only_the_rendered_files(tmp_path: Path) -> None:
     dest = tmp_path / "etc" / "lb" / "backends.json"
 
-    tree = stage.stage_files(_target(None), {dest: b"{}"}, tmp_path / "work")
+    tree = staging.stage_files(_target(None), {dest: b"{}"}, tmp_path / "work")
 
     assert tree.main is None
     assert tree.files[dest].read_bytes() == b"{}"
@@ -189,7 +193,7 @@ def test_staged_context_manager_removes_the_tree_even_on_error(tmp_path: Path) -
     seen: list[Path] = []
 
     def validate_and_fail() -> None:
-        with stage.staged(_target(root / "nginx.conf"), {}, work) as tree:
+        with staging.staged(_target(root / "nginx.conf"), {}, work) as tree:
             seen.append(tree.root)
             raise RuntimeError("validation blew up")
 
@@ -202,7 +206,7 @@ def test_staged_context_manager_removes_the_tree_even_on_error(tmp_path: Path) -
 def test_stage_refuses_a_workdir_inside_the_config_dir(tmp_path: Path) -> None:
     root = _live_tree(tmp_path)
     with pytest.raises(StageError, match="inside the LB's config directory") as info:
-        stage.stage_files(_target(root / "nginx.conf"), {}, root / "lbsync-stage")
+        staging.stage_files(_target(root / "nginx.conf"), {}, root / "lbsync-stage")
     assert info.value.path == str(root)
     assert list((root / "lbsync-stage").iterdir()) == []
 
@@ -212,7 +216,7 @@ def test_stage_of_a_missing_config_dir_is_a_stage_error_and_leaves_nothing(
 ) -> None:
     work = tmp_path / "work"
     with pytest.raises(StageError, match="does not exist"):
-        stage.stage_files(_target(tmp_path / "nope" / "nginx.conf"), {}, work)
+        staging.stage_files(_target(tmp_path / "nope" / "nginx.conf"), {}, work)
     assert list(work.iterdir()) == []
 
 
@@ -229,7 +233,7 @@ def test_swap_keeps_owner_and_mode_and_backs_up_previous(tmp_path: Path) -> None
     before = dest.stat()
     backups = tmp_path / "backup"
 
-    record = stage.swap_in({dest: b"new\n"}, backups)
+    record = swap.swap_in({dest: b"new\n"}, backups)
 
     after = dest.stat()
     assert dest.read_bytes() == b"new\n"
@@ -247,14 +251,14 @@ def test_new_file_gets_0644_and_restore_removes_it(tmp_path: Path) -> None:
     dest = tmp_path / "new.conf"
     old_umask = os.umask(0o077)
     try:
-        record = stage.swap_in({dest: b"hello\n"}, tmp_path / "backup")
+        record = swap.swap_in({dest: b"hello\n"}, tmp_path / "backup")
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(dest.stat().st_mode) == 0o644
     assert record.entries[0].previous is None
     assert not (tmp_path / "backup" / str(dest).lstrip("/")).exists()
 
-    stage.restore(record)
+    swap.restore(record)
 
     assert not dest.exists()
 
@@ -263,9 +267,9 @@ def test_restore_puts_previous_content_back_with_its_mode(tmp_path: Path) -> Non
     dest = tmp_path / "a.conf"
     dest.write_bytes(b"good\n")
     os.chmod(dest, 0o600)
-    record = stage.swap_in({dest: b"bad\n"}, tmp_path / "backup")
+    record = swap.swap_in({dest: b"bad\n"}, tmp_path / "backup")
 
-    stage.restore(record)
+    swap.restore(record)
 
     assert dest.read_bytes() == b"good\n"
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
@@ -276,9 +280,9 @@ def test_template_mode_overrides_and_restore_puts_the_old_mode_back(tmp_path: Pa
     dest = tmp_path / "a.conf"
     dest.write_bytes(b"x")
     os.chmod(dest, 0o644)
-    record = stage.swap_in({dest: b"y"}, tmp_path / "backup", modes={dest: 0o600})
+    record = swap.swap_in({dest: b"y"}, tmp_path / "backup", modes={dest: 0o600})
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
-    stage.restore(record)
+    swap.restore(record)
     assert stat.S_IMODE(dest.stat().st_mode) == 0o644
 
 
@@ -287,7 +291,7 @@ def test_unchanged_file_is_not_rewritten(tmp_path: Path) -> None:
     dest.write_bytes(b"same\n")
     inode = dest.stat().st_ino
 
-    record = stage.swap_in({dest: b"same\n"}, tmp_path / "backup")
+    record = swap.swap_in({dest: b"same\n"}, tmp_path / "backup")
 
     assert record.entries == ()
     assert dest.stat().st_ino == inode
@@ -304,7 +308,7 @@ def test_symlinked_dest_is_written_through_when_followed_and_the_link_kept(
     link = tmp_path / "enabled.conf"
     link.symlink_to(real)
 
-    record = stage.swap_in({link: b"new\n"}, tmp_path / "backup", follow_symlinks={link})
+    record = swap.swap_in({link: b"new\n"}, tmp_path / "backup", follow_symlinks={link})
 
     assert link.is_symlink()
     assert os.readlink(link) == str(real)
@@ -314,7 +318,7 @@ def test_symlinked_dest_is_written_through_when_followed_and_the_link_kept(
     assert _leftovers(real.parent) == []
     assert _leftovers(tmp_path) == []
     assert record.paths == (real,)
-    stage.restore(record)
+    swap.restore(record)
     assert real.read_bytes() == b"old\n"
     assert link.is_symlink()
 
@@ -347,7 +351,7 @@ def test_symlinked_dest_is_refused_and_its_target_untouched(
     planted.symlink_to(victim)
 
     with pytest.raises(StageError, match="is a symlink") as info:
-        stage.swap_in(
+        swap.swap_in(
             {ok: b"new a\n", planted: b"rendered\n"},
             tmp_path / "backup",
             settle_later=settle_later,
@@ -367,8 +371,8 @@ def test_current_bytes_refuses_a_symlink_unless_followed(tmp_path: Path) -> None
     link.symlink_to(victim)
 
     with pytest.raises(StageError, match=f"is a symlink \\(to '{victim}'\\)"):
-        stage.current_bytes(link)
-    assert stage.current_bytes(link, follow_symlinks=True) == b"root:secret\n"
+        swap.current_bytes(link)
+    assert swap.current_bytes(link, follow_symlinks=True) == b"root:secret\n"
 
 
 def test_a_symlink_planted_at_a_temp_name_is_not_followed(
@@ -382,7 +386,7 @@ def test_a_symlink_planted_at_a_temp_name_is_not_followed(
     planted = tmp_path / ".upstreams.conf.lbsync-guessed.tmp"
     planted.symlink_to(victim)
 
-    stage.swap_in({dest: b"new\n"}, tmp_path / "backup")
+    swap.swap_in({dest: b"new\n"}, tmp_path / "backup")
 
     assert dest.read_bytes() == b"new\n"
     assert not dest.is_symlink()
@@ -402,12 +406,12 @@ def test_a_symlink_planted_at_the_backup_names_is_not_followed(tmp_path: Path) -
     previous_link = backup.with_name(f".{backup.name}.lbsync-previous")
     previous_link.symlink_to(victim)
 
-    stage.settle(stage.swap_in({dest: b"new\n"}, backups, settle_later=True))
+    swap.settle(swap.swap_in({dest: b"new\n"}, backups, settle_later=True))
     assert backup.read_bytes() == b"old\n"
     assert not backup.is_symlink()
     backup.unlink()
     backup.symlink_to(victim)
-    stage.swap_in({dest: b"newer\n"}, backups)  # the copying path
+    swap.swap_in({dest: b"newer\n"}, backups)  # the copying path
 
     assert backup.read_bytes() == b"new\n"
     assert not backup.is_symlink()
@@ -432,7 +436,7 @@ def test_in_place_write_does_not_follow_a_symlink_planted_meanwhile(
     monkeypatch.setattr(fileio.os, "rename", swapped_for_a_link)
 
     with pytest.raises(StageError, match="is a symlink"):
-        stage.swap_in({dest: b"new\n"}, tmp_path / "backup")
+        swap.swap_in({dest: b"new\n"}, tmp_path / "backup")
 
     assert _file_facts(victim) == before
 
@@ -447,14 +451,14 @@ def test_rename_impossible_falls_back_to_in_place_write(
     inode = dest.stat().st_ino
     _fail_replace_for(monkeypatch, dest, code)
 
-    record = stage.swap_in({dest: b"new\n"}, tmp_path / "backup")
+    record = swap.swap_in({dest: b"new\n"}, tmp_path / "backup")
 
     assert dest.read_bytes() == b"new\n"
     assert dest.stat().st_ino == inode, "in place: same inode, as a bind mount needs"
     assert stat.S_IMODE(dest.stat().st_mode) == 0o640
     assert _leftovers(tmp_path) == []
 
-    stage.restore(record)
+    swap.restore(record)
 
     assert dest.read_bytes() == b"old content, longer than the new one\n"
     assert dest.stat().st_ino == inode
@@ -476,7 +480,7 @@ def test_no_temp_file_possible_falls_back_to_in_place_write(
 
     monkeypatch.setattr(fileio, "_create_temp", read_only_dir)
 
-    stage.swap_in({dest: b"new\n"}, tmp_path / "backup")
+    swap.swap_in({dest: b"new\n"}, tmp_path / "backup")
 
     assert dest.read_bytes() == b"new\n"
     assert dest.stat().st_ino == inode
@@ -491,7 +495,7 @@ def test_failure_mid_way_restores_the_files_already_swapped(
     _fail_replace_for(monkeypatch, b, errno.EIO)
 
     with pytest.raises(StageError) as info:
-        stage.swap_in({a: b"new a", b: b"new b", c: b"new c"}, tmp_path / "backup")
+        swap.swap_in({a: b"new a", b: b"new b", c: b"new c"}, tmp_path / "backup")
 
     assert info.value.path == str(b)
     assert isinstance(info.value.__cause__, OSError)
@@ -507,7 +511,7 @@ def test_failure_mid_way_removes_a_file_that_was_new(
     _fail_replace_for(monkeypatch, broken, errno.ENOSPC)
 
     with pytest.raises(StageError, match="cannot replace"):
-        stage.swap_in({new: b"n", broken: b"b"}, tmp_path / "backup")
+        swap.swap_in({new: b"n", broken: b"b"}, tmp_path / "backup")
 
     assert not new.exists()
     assert broken.read_bytes() == b"old"
@@ -516,11 +520,11 @@ def test_failure_mid_way_removes_a_file_that_was_new(
 
 def test_current_bytes(tmp_path: Path) -> None:
     path = tmp_path / "f"
-    assert stage.current_bytes(path) is None
+    assert swap.current_bytes(path) is None
     path.write_bytes(b"x")
-    assert stage.current_bytes(path) == b"x"
+    assert swap.current_bytes(path) == b"x"
     with pytest.raises(StageError) as info:
-        stage.current_bytes(tmp_path)
+        swap.current_bytes(tmp_path)
     assert info.value.path == str(tmp_path)
     assert isinstance(info.value.__cause__, OSError)
 
@@ -528,7 +532,7 @@ def test_current_bytes(tmp_path: Path) -> None:
 # --- a staged tree kept between rounds -----------------------------------------------------
 
 
-def _staged_root(area: stage.StagingArea, rendered: dict[Path, bytes]) -> Path:
+def _staged_root(area: staging.StagingArea, rendered: dict[Path, bytes]) -> Path:
     with area.staged(rendered) as tree:
         for dest, data in rendered.items():
             assert tree.files[dest].read_bytes() == data
@@ -540,10 +544,10 @@ def _staged_root(area: stage.StagingArea, rendered: dict[Path, bytes]) -> Path:
 def test_staging_area_reuses_its_tree_while_only_rendered_files_change(tmp_path: Path) -> None:
     root = _live_tree(tmp_path)
     dest = root / "conf.d" / "upstreams.conf"
-    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+    area = staging.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
 
     first = _staged_root(area, {dest: b"one\n"})
-    stage.swap_in({dest: b"one\n"}, tmp_path / "backup")  # the live dest changes each round
+    swap.swap_in({dest: b"one\n"}, tmp_path / "backup")  # the live dest changes each round
     assert _staged_root(area, {dest: b"two\n"}) == first
     assert _staged_root(area, {dest: b"two\n"}) == first
     assert dest.read_bytes() == b"one\n", "staging must not touch the live tree"
@@ -557,7 +561,7 @@ def test_staging_area_reuses_its_tree_while_only_rendered_files_change(tmp_path:
 def test_staging_area_rebuilds_when_the_live_tree_changes(tmp_path: Path, change: str) -> None:
     root = _live_tree(tmp_path)
     dest = root / "conf.d" / "upstreams.conf"
-    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+    area = staging.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
     first = _staged_root(area, {dest: b"up\n"})
 
     old = root / "conf.d" / "old.conf"
@@ -590,7 +594,7 @@ def test_staging_area_rebuilds_when_the_live_tree_changes(tmp_path: Path, change
 def test_staging_area_rebuilds_a_tree_removed_under_it(tmp_path: Path) -> None:
     root = _live_tree(tmp_path)
     dest = root / "conf.d" / "upstreams.conf"
-    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+    area = staging.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
     first = _staged_root(area, {dest: b"up\n"})
     for path in sorted(first.rglob("*"), reverse=True):
         path.unlink() if not path.is_dir() or path.is_symlink() else path.rmdir()
@@ -602,7 +606,7 @@ def test_staging_area_rebuilds_a_tree_removed_under_it(tmp_path: Path) -> None:
 def test_staging_area_always_rebuilds_for_an_outside_dest(tmp_path: Path) -> None:
     root = _live_tree(tmp_path)
     outside = tmp_path / "srv" / "lb" / "upstreams.conf"
-    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+    area = staging.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
     first = _staged_root(area, {outside: b"up\n"})
     assert _staged_root(area, {outside: b"up\n"}) != first
     assert not first.exists()
@@ -621,15 +625,15 @@ def test_settle_later_writes_the_backup_and_syncs_the_dir_in_settle(
     new = tmp_path / "conf.d" / "new.conf"
     backups = tmp_path / "backup"
     synced: list[Path] = []
-    real_fsync_dir = stage.fsync_dir
+    real_fsync_dir = swap.fsync_dir
 
     def fsync_dir(dir_fd: int) -> None:
         synced.append(Path(os.readlink(f"/proc/self/fd/{dir_fd}")))
         real_fsync_dir(dir_fd)
 
-    monkeypatch.setattr(stage, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(swap, "fsync_dir", fsync_dir)
 
-    record = stage.swap_in({dest: b"new\n", new: b"n\n"}, backups, settle_later=True)
+    record = swap.swap_in({dest: b"new\n", new: b"n\n"}, backups, settle_later=True)
 
     assert dest.read_bytes() == b"new\n"
     assert new.read_bytes() == b"n\n"
@@ -637,14 +641,14 @@ def test_settle_later_writes_the_backup_and_syncs_the_dir_in_settle(
     assert {e.path: e.backup for e in record.entries} == {dest: backup, new: None}
     assert not backup.exists()
     assert synced == []
-    stage.settle(record)
+    swap.settle(record)
     assert backup.read_bytes() == b"old\n"
     assert backup.stat().st_ino == old_inode, "the replaced file itself, linked: no copy"
     assert [p.name for p in backup.parent.iterdir()] == [backup.name]
     assert synced == [new.parent, dest.parent]
-    stage.settle(record)  # once only
+    swap.settle(record)  # once only
     assert len(synced) == 2
-    stage.restore(record)  # restore works from the record, settled or not
+    swap.restore(record)  # restore works from the record, settled or not
     assert dest.read_bytes() == b"old\n"
     assert not new.exists()
 
@@ -662,10 +666,10 @@ def test_settle_later_copies_the_backup_when_it_cannot_keep_the_old_file(
         def cross_device(*_args: object, **_kwargs: object) -> None:
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
-        monkeypatch.setattr(stage.os, "link", cross_device)
+        monkeypatch.setattr(swap.os, "link", cross_device)
 
-    record = stage.swap_in({dest: b"new\n"}, tmp_path / "backup", settle_later=True)
-    stage.settle(record)
+    record = swap.swap_in({dest: b"new\n"}, tmp_path / "backup", settle_later=True)
+    swap.settle(record)
 
     backup = tmp_path / "backup" / str(dest).lstrip("/")
     assert dest.read_bytes() == b"new\n"
@@ -679,8 +683,8 @@ def test_settle_logs_a_failed_backup_instead_of_raising(tmp_path: Path) -> None:
     blocker = tmp_path / "backup"
     blocker.write_text("a file where the backup directory should be")
 
-    record = stage.swap_in({dest: b"new\n"}, blocker, settle_later=True)
-    stage.settle(record)
+    record = swap.swap_in({dest: b"new\n"}, blocker, settle_later=True)
+    swap.settle(record)
 
     assert dest.read_bytes() == b"new\n"
     assert record.unsettled == []
@@ -690,7 +694,7 @@ def test_staging_area_overwrites_only_its_own_inode(tmp_path: Path) -> None:
     root = _live_tree(tmp_path)
     dest = root / "conf.d" / "upstreams.conf"
     dest.write_bytes(b"live\n")
-    area = stage.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
+    area = staging.StagingArea(_target(root / "nginx.conf"), tmp_path / "work")
     with area.staged({dest: b"one\n"}) as tree:
         staged = tree.files[dest]
         inode = staged.stat().st_ino

@@ -144,7 +144,7 @@ def test_the_stock_haproxy_template_refuses_a_program_section_through_its_slots(
     """The HAProxy template reads instances through the driver's slots, not ``services``:
     the twin's extras carry the twin instances too."""
     from lbsync.config import HaproxyTarget
-    from lbsync.drivers.haproxy import HaproxyDriver
+    from lbsync.drivers.haproxy.driver import HaproxyDriver
 
     src = STOCK.parent / "haproxy" / "haproxy.cfg.j2"
     config = tmp_path / "haproxy.cfg"

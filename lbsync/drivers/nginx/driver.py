@@ -6,7 +6,7 @@ while the old ones are retitled ``worker process is shutting down``; if it is ba
 logs ``[emerg]`` and keeps the old workers. So "new workers appeared" is the success
 signal, and an ``[emerg]`` appended to the error log since the signal is an early failure.
 
-Runtime mode (``runtime = true``, see ``nginx_runtime`` and docs/nginx-runtime.md) adds:
+Runtime mode (``runtime = true``, see ``runtime`` and docs/nginx-runtime.md) adds:
 membership changes pushed to a Lua balancer instead of a reload, a re-push after every
 reload, ``tick`` to notice restarts done by others, and a Lua syntax check in ``validate``
 (``nginx -t`` never runs Lua). Lua blocks in rendered files are checked in either mode.
@@ -18,28 +18,23 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from lbsync.commands import run_command
 from lbsync.config import NginxTarget
 from lbsync.drivers import procfs
-from lbsync.drivers.base import Driver, ReloadTicket, StagedConfig, register_driver
-from lbsync.drivers.listen import (
-    NginxFiles,
-    check_listen,
-    may_add_listens,
-    mentions,
-    nginx_listens,
-)
-from lbsync.drivers.lua import check_lua, luajit_available
-from lbsync.drivers.nginx_runtime import RuntimeSync
+from lbsync.drivers.base import Driver, ReloadTicket, own_ticket, register_driver, run_checker
+from lbsync.drivers.listen import check_listen
+from lbsync.drivers.nginx.config import NginxFiles, may_add_listens, mentions, nginx_listens
+from lbsync.drivers.nginx.lua import check_lua, luajit_available
+from lbsync.drivers.nginx.runtime import ControlBefore, RuntimeSync
 from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.fileio import read_bytes, read_tail
 from lbsync.model import Snapshot
-from lbsync.stage import EXTERNAL_DIR
+from lbsync.stage.tree import StagedConfig
 from lbsync.structure import nginx_line_shape
 
 log = structlog.get_logger("lbsync.drivers.nginx")
@@ -53,6 +48,15 @@ _FIRST_LOOK_SHARE = 0.8
 _FIRST_LOOK_MAX = 0.1
 _LOG_TAIL_LINES = 20
 _LOG_TAIL_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class NginxTicket(ReloadTicket):
+    master_pid: int
+    master_started: int  # clock ticks since boot (``procfs``): with the pid, one process
+    old_workers: tuple[int, ...]
+    error_log_offset: int | None
+    control: ControlBefore | None  # runtime mode: the Lua side before the signal
 
 
 @register_driver("nginx")
@@ -144,29 +148,18 @@ class NginxDriver(Driver):
         # A failed check never lands in the live error log; nginx -t reports on stderr.
         argv += ["-e", os.devnull]
         try:
-            run_command(
+            run_checker(
                 argv,
+                staged=staged,
+                live_config=self.target.config,
                 timeout=self.target.command_timeout,
-                error=ValidationFailed,
                 what="nginx -t refused the new config",
             )
         except ValidationFailed as err:
-            if err.returncode is None:  # did not run or timed out: nothing to translate
-                raise
-            log.debug("nginx.check_failed", target=self.name, staged=str(staged.root))
-            raise ValidationFailed(
-                f"nginx -t refused the new config (exit {err.returncode})",
-                command=err.command,
-                returncode=err.returncode,
-                stderr=self._live_paths(err.stderr, staged),
-            ) from err
+            if err.returncode is not None:
+                log.debug("nginx.check_failed", target=self.name, staged=str(staged.root))
+            raise
         log.debug("nginx.validated", target=self.name, main=str(staged.main))
-
-    def _live_paths(self, text: str, staged: StagedConfig) -> str:
-        """Name files as the operator knows them (``/etc/nginx/…``), not the staging dir."""
-        root = str(staged.root)
-        text = text.replace(f"{root}/{EXTERNAL_DIR}/", "/")
-        return text.replace(root, os.path.dirname(os.path.abspath(self.target.config)))
 
     def _check_new_listens(self, staged: StagedConfig) -> None:
         """Probe every listen address of the staged config that the live one lacks.
@@ -198,19 +191,13 @@ class NginxDriver(Driver):
 
     # --- reload ------------------------------------------------------------------------
 
-    def reload(self) -> ReloadTicket:
+    def reload(self) -> NginxTicket:
         """Remember the current workers and error-log size, then SIGHUP the master."""
         master = self._master()
         old = tuple(sorted(procfs.children(master.pid)))
-        details: dict[str, Any] = {
-            "master_pid": master.pid,
-            "master_started": master.started,
-            "old_workers": old,
-            "error_log_offset": self._error_log_size(),
-        }
-        if self.runtime is not None:
-            details.update(self.runtime.before_reload())
-        started = time.time()
+        offset = self._error_log_size()
+        control = self.runtime.before_reload() if self.runtime is not None else None
+        started = time.monotonic()
         try:
             os.kill(master.pid, signal.SIGHUP)
         except OSError as exc:
@@ -218,7 +205,14 @@ class NginxDriver(Driver):
                 f"cannot signal nginx master {master.pid}: {exc.strerror}", target=self.name
             ) from exc
         log.info("nginx.reload_sent", target=self.name, master_pid=master.pid, workers=list(old))
-        return ReloadTicket(started_at=started, details=details)
+        return NginxTicket(
+            started_at=started,
+            master_pid=master.pid,
+            master_started=master.started,
+            old_workers=old,
+            error_log_offset=offset,
+            control=control,
+        )
 
     def _master(self) -> procfs.ProcStat:
         """The master named by the pid file; ``ReloadFailed`` naming the file otherwise."""
@@ -265,38 +259,38 @@ class NginxDriver(Driver):
         before nginx can have started its workers is wasted, so the first one waits for
         most of what the last reload took.
         """
-        details = ticket.details
+        own = own_ticket(ticket, NginxTicket, self.name)
         deadline = time.monotonic() + self.target.verify_timeout
         time.sleep(min(first_look(self._reload_seconds), self.target.verify_timeout))
         pause = _POLL_FIRST
         while True:
-            master = self._same_master(details)
-            emerg = self._emergencies(details.get("error_log_offset"))
+            master = self._same_master(own)
+            emerg = self._emergencies(own.error_log_offset)
             if emerg:
                 raise VerifyFailed(
                     "nginx refused the new config on reload:\n" + "\n".join(emerg),
                     target=self.name,
                 )
-            fresh = _new_workers(master.pid, set(details["old_workers"]))
+            fresh = _new_workers(master.pid, set(own.old_workers))
             if fresh:
-                self._reload_seconds = time.time() - ticket.started_at
+                self._reload_seconds = time.monotonic() - own.started_at
                 log.debug("nginx.reloaded", target=self.name, master_pid=master.pid, workers=fresh)
-                if self.runtime is not None:
-                    self.runtime.after_reload(details)
+                if self.runtime is not None and own.control is not None:
+                    self.runtime.after_reload(own.control)
                 return
             if time.monotonic() >= deadline:
                 raise VerifyFailed(
                     f"no new nginx workers within {self.target.verify_timeout:g}s of the "
-                    f"reload signal{self._log_tail(details.get('error_log_offset'))}",
+                    f"reload signal{self._log_tail(own.error_log_offset)}",
                     target=self.name,
                 )
             time.sleep(pause)
             pause = min(pause * 2, _POLL_MAX)
 
-    def _same_master(self, details: Mapping[str, Any]) -> procfs.ProcStat:
-        pid = int(details["master_pid"])
+    def _same_master(self, ticket: NginxTicket) -> procfs.ProcStat:
+        pid = ticket.master_pid
         proc = procfs.stat(pid)
-        if proc is None or not proc.alive or proc.started != details["master_started"]:
+        if proc is None or not proc.alive or proc.started != ticket.master_started:
             raise VerifyFailed(f"nginx master {pid} died after the reload signal", target=self.name)
         return proc
 

@@ -34,7 +34,7 @@ import functools
 import ipaddress
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,22 +43,22 @@ import structlog
 
 from lbsync import metrics
 from lbsync.config import NginxTarget
-from lbsync.drivers.control_token import load_or_create
-from lbsync.drivers.lua import lua_modules
-from lbsync.drivers.nginx_control import ControlClient, ControlState, StalePush, digest
+from lbsync.drivers.membership import meta_changed, other_keys_changed
+from lbsync.drivers.nginx.control import ControlClient, ControlState, StalePush, digest
+from lbsync.drivers.nginx.control_token import load_or_create
+from lbsync.drivers.nginx.lua import lua_modules
 from lbsync.errors import DriverError
 from lbsync.model import Service, Snapshot
 
 log = structlog.get_logger("lbsync.drivers.nginx")
 
-LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
 DICT_SIZE = "16m"  # keep it fixed: a size change wipes the shared dict on reload
 STATIC_BALANCE = frozenset({"least_conn", "ip_hash", "random"})  # not done by the Lua side
 _WAIT_FIRST = 0.005
 _WAIT_MAX = 0.05
 _UNREACHABLE_GRACE = 0.2  # after a verified reload, how long a refused control port may last
 _OLD_WORKERS_GRACE = 1.0  # after a reload, how long pushes refused by old workers are retried
-_MEMBERSHIP_KEY_PARTS = 4  # "", "services", <service>, "instances"|"health", <id>
 
 
 class _Decline(Exception):
@@ -101,24 +101,13 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _is_membership_key(key: str) -> bool:
-    parts = key.split("/")
-    return (
-        len(parts) == _MEMBERSHIP_KEY_PARTS + 1
-        and parts[1] == "services"
-        and parts[3] in ("instances", "health")
-    )
-
-
 def _same_instances_apart_from_membership(old: Service, new: Service) -> str | None:
     """Why ``old → new`` needs more than a push, or None."""
     if old.settings != new.settings:
         return "settings changed"
-    before = {i.id: i for i in old.instances}
-    for inst in new.instances:
-        prev = before.get(inst.id)
-        if prev is not None and prev.meta != inst.meta:
-            return f"instance {inst.id}: meta changed"
+    why = meta_changed(old, new)
+    if why:
+        return why
     if not lua_balanced(new):
         return f"balance {new.settings.get('balance')} is not done by the Lua balancer"
     if not pushable(new):
@@ -127,6 +116,14 @@ def _same_instances_apart_from_membership(old: Service, new: Service) -> str | N
 
 
 # --- the driver's runtime state -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlBefore:
+    """The Lua side before a reload: its generation, and the snapshot to push after."""
+
+    generation: str | None
+    push: Snapshot | None
 
 
 class RuntimeSync:
@@ -151,7 +148,6 @@ class RuntimeSync:
         self._pending: Snapshot | None = None  # what the coming reload loads
         self._next_poll = 0.0
         self._reachable: bool | None = None
-        self._keys_memo: tuple[Snapshot, dict[str, str]] | None = None
 
     @property
     def name(self) -> str:
@@ -220,7 +216,7 @@ class RuntimeSync:
             raise _Decline("no applied snapshot to compare with")
         if set(old.services) != set(new.services):
             raise _Decline("an upstream appeared or disappeared")
-        if self._other_keys(old) != self._other_keys(new):
+        if other_keys_changed(old, new):
             raise _Decline("keys outside the instance schema changed")
         changed = [
             name
@@ -234,12 +230,6 @@ class RuntimeSync:
             if why:
                 raise _Decline(f"{name}: {why}")
         return changed
-
-    def _other_keys(self, snapshot: Snapshot) -> dict[str, str]:
-        if self._keys_memo is None or self._keys_memo[0] is not snapshot:
-            other = {k: v for k, v in snapshot.keys.items() if not _is_membership_key(k)}
-            self._keys_memo = (snapshot, other)
-        return self._keys_memo[1]
 
     def _push(self, snapshot: Snapshot, names: list[str]) -> bool:
         """Push ``names``; if nginx turns out to be on a generation we never synced, push
@@ -284,23 +274,22 @@ class RuntimeSync:
 
     # -- around a reload -------------------------------------------------------------------
 
-    def before_reload(self) -> dict[str, Any]:
-        """Ticket details: the generation before the signal, and what to push after it."""
+    def before_reload(self) -> ControlBefore:
+        """For the ticket: the generation before the signal, and what to push after it."""
         push = self._pending or self._loaded
         self._pending = None
         try:
             before: str | None = self.client.state().generation
         except DriverError:
             before = None
-        return {"control_generation": before, "control_push": push}
+        return ControlBefore(generation=before, push=push)
 
-    def after_reload(self, details: Mapping[str, Any]) -> None:
+    def after_reload(self, control: ControlBefore) -> None:
         """Wait (bounded) for the new generation to answer, then push every upstream.
 
         Never raises: a failure is logged, and ``tick`` retries.
         """
-        snapshot: Snapshot | None = details.get("control_push")
-        before = details.get("control_generation")
+        snapshot, before = control.push, control.generation
         started = time.monotonic()
         deadline = started + min(self.target.verify_timeout, 5.0)
         pause = _WAIT_FIRST
