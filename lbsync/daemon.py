@@ -40,7 +40,8 @@ from lbsync.drivers.base import Driver, driver_for
 from lbsync.errors import InvalidValue, LbsyncError
 from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
-from lbsync.pipeline import Outcome, TargetPipeline
+from lbsync.outcome import Outcome
+from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
 from lbsync.scheduler import Clock, Guard, Scheduler
 

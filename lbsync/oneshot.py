@@ -18,7 +18,8 @@ from lbsync.drivers.base import Driver, driver_for
 from lbsync.errors import LbsyncError, StageError
 from lbsync.fileio import opened_dir, touch
 from lbsync.model import Snapshot, SourceReset
-from lbsync.pipeline import Outcome, TargetPipeline
+from lbsync.outcome import Outcome
+from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
 
 ReadAll = Callable[[Settings], SourceReset]

@@ -19,9 +19,8 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import structlog
 
@@ -39,12 +38,11 @@ from lbsync.errors import (
 )
 from lbsync.isolation import HeldService, Unattributable
 from lbsync.model import Snapshot
+from lbsync.outcome import Outcome
 from lbsync.render import Renderer
 from lbsync.structure import StructureCheck
 
 log = structlog.get_logger("lbsync.pipeline")
-
-Action = Literal["unchanged", "runtime", "reloaded", "rolled_back", "failed"]
 
 
 @dataclass(frozen=True)
@@ -69,21 +67,6 @@ class Plan:
             old_name = str(path) if self.current[path] is not None else "/dev/null"
             chunks.extend(difflib.unified_diff(before, after, old_name, str(path)))
         return "".join(chunks)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    target: str
-    revision: int
-    action: Action
-    files: tuple[str, ...] = ()
-    error: LbsyncError | None = None
-    durations: Mapping[str, float] = field(default_factory=dict)
-    held: Mapping[str, HeldService] = field(default_factory=dict)  # services held back
-
-    @property
-    def ok(self) -> bool:
-        return self.action in ("unchanged", "runtime", "reloaded")
 
 
 class TargetPipeline:
