@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import queue
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -38,12 +36,13 @@ from lbsync.catalog import Catalog
 from lbsync.config import Settings, load_settings
 from lbsync.drivers.base import Driver, driver_for
 from lbsync.errors import InvalidValue, LbsyncError
+from lbsync.guard import Guard, confirmed_at
 from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
-from lbsync.scheduler import Clock, Guard, Scheduler
+from lbsync.scheduler import Clock, Scheduler
 
 log = structlog.get_logger("lbsync.daemon")
 
@@ -59,7 +58,6 @@ _STUCK = 30.0  # /healthz fails when the loop has not turned for this long
 _PERSIST_EVERY = 5.0
 _PERSIST_QUIET = 1.0
 _PERSIST_LATEST = 30.0
-CONFIRM_FILE = "confirm"
 
 
 class Source(Protocol):
@@ -179,7 +177,9 @@ class Daemon:
             self.flags.reconfigure = False
             self.reconfigure()
         self._drain_messages(self._wait_budget())
-        if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
+        if self.catalog.synced and (
+            self.scheduler.is_due() or self.guard.may_end(confirmed_at(self.settings.state_dir))
+        ):
             self.run_round()
         self._save_last_good()
         for pipeline in self.pipelines:
@@ -205,7 +205,7 @@ class Daemon:
         snapshot = self.catalog.snapshot()
         was_held = self.guard.held
         metrics.set_catalog(snapshot)
-        if not self.guard.admit(self._admitted, snapshot, self._confirmed_at()):
+        if not self.guard.admit(self._admitted, snapshot, confirmed_at(self.settings.state_dir)):
             if was_held != self.guard.held:
                 self._log_hold(snapshot)
             metrics.set_holding(True)
@@ -307,21 +307,8 @@ class Daemon:
             confirm=f"lbsync confirm -c {self.config_path or 'lbsync.toml'}",
         )
 
-    def _confirmed_at(self) -> float:
-        """When ``lbsync confirm`` last touched its file; a symlink there counts for nothing."""
-        try:
-            info = os.stat(self.settings.state_dir / CONFIRM_FILE, follow_symlinks=False)
-        except OSError:
-            return 0.0
-        return info.st_mtime if stat.S_ISREG(info.st_mode) else 0.0
-
     def _hold_may_end(self) -> bool:
-        """A held update whose hold time is up, or that an operator has confirmed."""
-        if self.guard.held is None:
-            return False
-        release = self.guard.release_at()
-        confirmed = self._confirmed_at() > (self.guard.held_since_wall or float("inf"))
-        return confirmed or (release is not None and self._clock() >= release)
+        return self.guard.may_end(confirmed_at(self.settings.state_dir))
 
     def _load_last_good(self) -> None:
         saved = lastgood.load(self.settings.state_dir, self.settings.etcd.prefix)
