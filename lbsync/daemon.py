@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Protocol
@@ -37,6 +37,7 @@ from lbsync.config import Settings, load_settings
 from lbsync.drivers.base import Driver, driver_for
 from lbsync.errors import InvalidValue, LbsyncError
 from lbsync.guard import Guard, confirmed_at
+from lbsync.health import Health, status_document
 from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.outcome import Outcome
@@ -50,7 +51,6 @@ log = structlog.get_logger("lbsync.daemon")
 # is acted on. Each wake-up costs CPU even when idle (a timed wait is ~75 us of system
 # time on a VM); with the source's and the HTTP server's, 0.2 s made 5.3 ms/s idle.
 _TICK = 0.5
-_STUCK = 30.0  # /healthz fails when the loop has not turned for this long
 # The last applied catalog is saved once changes pause (_PERSIST_QUIET s without an
 # applied round), at most every _PERSIST_EVERY s, and at least every _PERSIST_LATEST s
 # while changes keep coming: a save is ~13 ms of CPU at 10,000 instances, and only a
@@ -84,33 +84,6 @@ class Flags:
 
     stop: bool = False
     reconfigure: bool = False
-
-
-@dataclass
-class Health:
-    """What the loop knows about itself, for logs and the status endpoint."""
-
-    connected: bool = False
-    synced: bool = False  # a full read of etcd has been applied to the catalog
-    revision: int = 0
-    last_loop: float = 0.0
-    disconnected_since: float | None = None
-    # Set while running on the persisted catalog: how old it was when loaded, and when.
-    last_good_age: float | None = None
-    last_good_loaded_at: float | None = None
-    endpoint: str | None = None
-    ready_notified: bool = False
-    outcomes: dict[str, Outcome] = field(default_factory=dict)
-
-    def staleness(self, now: float) -> float:
-        """How far behind etcd the catalog may be (0 while connected and synced)."""
-        if self.connected and self.synced:
-            return 0.0
-        if not self.synced and self.last_good_age is not None and self.last_good_loaded_at:
-            return self.last_good_age + (now - self.last_good_loaded_at)
-        if self.disconnected_since is not None:
-            return now - self.disconnected_since
-        return float("inf")
 
 
 class Daemon:
@@ -340,54 +313,13 @@ class Daemon:
     # --- what the outside world sees: /healthz, /readyz, /status, systemd -----------
 
     def healthy(self) -> tuple[bool, str]:
-        """The main loop is turning."""
-        idle = self._clock() - self.health.last_loop
-        if idle > _STUCK:
-            return False, f"main loop has not turned for {idle:.0f}s"
-        return True, ""
+        return self.health.healthy(self._clock())
 
     def ready(self) -> tuple[bool, str]:
-        """First sync done, and etcd reachable or the catalog fresh enough."""
-        if not (self.health.synced or self.health.last_good_age is not None):
-            return False, "no catalog yet: waiting for the first read of etcd"
-        staleness = self.health.staleness(self._clock())
-        if staleness > self.settings.http.max_staleness:
-            return False, f"etcd unreachable; catalog is {staleness:.0f}s stale"
-        if not self.health.connected:
-            return True, f"etcd unreachable; serving a catalog {staleness:.0f}s stale"
-        return True, ""
+        return self.health.ready(self._clock(), self.settings.http.max_staleness)
 
     def status_document(self) -> dict[str, object]:
-        now = self._clock()
-        held = self.guard.held
-        return {
-            "revision": self.catalog.revision,
-            "etcd": {
-                "connected": self.health.connected,
-                "endpoint": self.health.endpoint,
-                "synced": self.health.synced,
-                "staleness_s": _finite(self.health.staleness(now)),
-            },
-            "held": None
-            if held is None
-            else {
-                "reason": held.reason,
-                "removed": held.removed,
-                "total": held.total,
-                "since": self.guard.held_since_wall,
-                "needs_confirmation": held.needs_confirmation,
-            },
-            # list() first: the main loop may change these while this (HTTP) thread reads
-            "rejected": {key: err.reason for key, err in list(self.catalog.rejected.items())},
-            "targets": {
-                name: _outcome_document(o) for name, o in list(self.health.outcomes.items())
-            },
-            "runtime": {
-                p.driver.name: status
-                for p in self.pipelines
-                if (status := p.driver.runtime_status()) is not None
-            },
-        }
+        return status_document(self.health, self.guard, self.catalog, self.pipelines, self._clock())
 
     def _start_http(self) -> None:
         if self.settings.http.listen is None:
@@ -440,14 +372,7 @@ class Daemon:
                 return
 
     def _note_status(self, status: SourceStatus) -> None:
-        was = self.health.connected
-        self.health.connected = status.connected
-        self.health.endpoint = status.endpoint or self.health.endpoint
-        if status.connected:
-            self.health.disconnected_since = None
-        elif self.health.disconnected_since is None:
-            self.health.disconnected_since = self._clock()
-        if was != status.connected:
+        if self.health.note_status(status, self._clock()):
             event = "source.connected" if status.connected else "source.lost"
             log.info(event, endpoint=status.endpoint, error=status.error, revision=status.revision)
 
@@ -480,21 +405,6 @@ class Daemon:
 def _warn_rejected(err: InvalidValue) -> None:
     metrics.value_rejected()
     log.warning("value.rejected", **{**err.context(), "error": str(err)})
-
-
-def _finite(value: float) -> float | None:
-    return None if value == float("inf") else round(value, 3)
-
-
-def _outcome_document(outcome: Outcome) -> dict[str, object]:
-    return {
-        "action": outcome.action,
-        "revision": outcome.revision,
-        "files": list(outcome.files),
-        "error": str(outcome.error) if outcome.error else None,
-        "ms": dict(outcome.durations),
-        "held": {name: held.document() for name, held in outcome.held.items()},
-    }
 
 
 def last_good_due(now: float, saved_at: float, applied_at: float) -> bool:
