@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import queue
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
 
 import structlog
 
@@ -44,6 +41,7 @@ from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
 from lbsync.scheduler import Clock, Scheduler
+from lbsync.source.runner import Source, SourceRunner
 
 log = structlog.get_logger("lbsync.daemon")
 
@@ -58,14 +56,6 @@ _TICK = 0.5
 _PERSIST_EVERY = 5.0
 _PERSIST_QUIET = 1.0
 _PERSIST_LATEST = 30.0
-
-
-class Source(Protocol):
-    """What the daemon needs of a source: ``lbsync.source.etcd.EtcdSource`` or a fake."""
-
-    def run(self, emit: Callable[[SourceMessage], None], stop: threading.Event) -> None: ...
-
-    def close(self) -> None: ...
 
 
 SourceFactory = Callable[[Settings], Source]
@@ -103,7 +93,6 @@ class Daemon:
         self._source_factory = source_factory
         self._driver_factory = driver_factory
         self._clock = clock
-        self._messages: queue.Queue[SourceMessage] = queue.Queue()
         self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
         self.scheduler = Scheduler(settings.wait, clock)
         self.guard = Guard(settings.guard, clock)
@@ -116,9 +105,7 @@ class Daemon:
         self._watchdog_at = 0.0
         self.http_server: StatusServer | None = None
         metrics.init_targets(p.name for p in self.pipelines)
-        self._source: Source | None = None
-        self._source_stop = threading.Event()
-        self._source_thread: threading.Thread | None = None
+        self._source: SourceRunner | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -149,10 +136,10 @@ class Daemon:
         if self.flags.reconfigure:
             self.flags.reconfigure = False
             self.reconfigure()
-        self._drain_messages(self._wait_budget())
-        if self.catalog.synced and (
-            self.scheduler.is_due() or self.guard.may_end(confirmed_at(self.settings.state_dir))
-        ):
+        if self._source is not None:
+            for message in self._source.messages(self._wait_budget()):
+                self.handle(message)
+        if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
             self.run_round()
         self._save_last_good()
         for pipeline in self.pipelines:
@@ -226,7 +213,8 @@ class Daemon:
                 services=sorted(touched),
             )
         else:
-            self._note_status(message)
+            # the source logs source.connected / source.lost itself
+            self.health.note_status(message, self._clock())
         self.health.revision = self.catalog.revision
         synced_at = time.time() if not isinstance(message, SourceStatus) else None
         metrics.set_etcd(self.health.connected, self.catalog.revision, synced_at)
@@ -357,49 +345,15 @@ class Daemon:
             due = until if due is None else min(due, until)
         return _TICK if due is None else min(due, _TICK)
 
-    def _drain_messages(self, timeout: float) -> None:
-        """Block up to ``timeout`` for one message, then take whatever else is queued."""
-        try:
-            self.handle(
-                self._messages.get(timeout=timeout) if timeout > 0 else self._messages.get_nowait()
-            )
-        except queue.Empty:
-            return
-        while True:
-            try:
-                self.handle(self._messages.get_nowait())
-            except queue.Empty:
-                return
-
-    def _note_status(self, status: SourceStatus) -> None:
-        if self.health.note_status(status, self._clock()):
-            event = "source.connected" if status.connected else "source.lost"
-            log.info(event, endpoint=status.endpoint, error=status.error, revision=status.revision)
-
     def _start_source(self, source: Source | None = None) -> None:
-        self._source = source or self._source_factory(self.settings)
-        self._source_stop = threading.Event()
-        self._source_thread = threading.Thread(
-            target=self._source.run,
-            args=(self._messages.put, self._source_stop),
-            name="lbsync-source",
-            daemon=True,
-        )
-        self._source_thread.start()
+        self._source = SourceRunner(source or self._source_factory(self.settings))
+        self._source.start()
 
     def _stop_source(self) -> None:
-        self._source_stop.set()
-        thread = self._source_thread
-        if thread is not None:
+        if self._source is not None:
             # a hung etcd call runs out its timeout; then the source returns
-            thread.join(timeout=self.settings.etcd.timeout + 2)
-        if thread is not None and thread.is_alive():
-            # never close its channels under it: gRPC crashes on that race
-            log.warning("source.stop_timeout", timeout_s=self.settings.etcd.timeout)
-        elif self._source is not None:
-            self._source.close()
-        self._source = self._source_thread = None
-        self._messages = queue.Queue()
+            self._source.stop(timeout=self.settings.etcd.timeout + 2)
+        self._source = None
 
 
 def _warn_rejected(err: InvalidValue) -> None:

@@ -40,16 +40,14 @@ class Health:
             return now - self.disconnected_since
         return float("inf")
 
-    def note_status(self, status: SourceStatus, now: float) -> bool:
-        """Take the source's connection state; True when it flipped."""
-        was = self.connected
+    def note_status(self, status: SourceStatus, now: float) -> None:
+        """Take the source's connection state."""
         self.connected = status.connected
         self.endpoint = status.endpoint or self.endpoint
         if status.connected:
             self.disconnected_since = None
         elif self.disconnected_since is None:
             self.disconnected_since = now
-        return was != status.connected
 
     def healthy(self, now: float) -> tuple[bool, str]:
         """The main loop is turning."""

@@ -21,7 +21,7 @@ import structlog
 from lbsync.config import EtcdSettings
 from lbsync.errors import ConfigError, InvalidValue, SourceError
 from lbsync.model import State
-from lbsync.source.etcd import EtcdWriter, Lease
+from lbsync.source.writer import EtcdWriter, Lease
 from lbsync.values import (
     INSTANCE_ID,
     SERVICE_NAME,

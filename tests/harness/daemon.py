@@ -9,7 +9,7 @@ from lbsync.config import Settings
 from lbsync.daemon import Daemon
 from lbsync.model import Snapshot
 from lbsync.outcome import Outcome
-from lbsync.source.etcd import EtcdWriter
+from lbsync.source.writer import EtcdWriter
 
 
 class RunningDaemon:

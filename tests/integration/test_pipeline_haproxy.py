@@ -20,7 +20,7 @@ from lbsync.config import Settings, settings_from_dict
 from lbsync.drivers.haproxy import HaproxyDriver, config_servers
 from lbsync.model import Service, Snapshot
 from lbsync.render import Renderer
-from lbsync.source.etcd import EtcdWriter
+from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
 from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
