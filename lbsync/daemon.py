@@ -10,7 +10,7 @@ never cut in half:
   the old one kept; a good one takes effect and everything is re-rendered.
 
 No round runs before the first full read of etcd (or, after a restart while etcd is down,
-before the persisted last-known-good catalog is loaded): an unreachable etcd never becomes
+before the saved catalog is loaded): an unreachable etcd never becomes
 an empty config. Every snapshot passes the guard before it is applied; a held update waits
 for ``guard.hold`` or for ``lbsync confirm`` (a touch of ``<state_dir>/confirm``).
 """
@@ -28,7 +28,7 @@ from types import FrameType
 
 import structlog
 
-from lbsync import lastgood, metrics, systemd
+from lbsync import metrics, saved_catalog, systemd
 from lbsync.catalog import Catalog
 from lbsync.config import Settings, load_settings
 from lbsync.drivers.base import Driver, driver_for
@@ -40,6 +40,7 @@ from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, Sou
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
+from lbsync.saved_catalog import SaveSchedule
 from lbsync.scheduler import Clock, Scheduler
 from lbsync.source.runner import Source, SourceRunner
 
@@ -49,13 +50,6 @@ log = structlog.get_logger("lbsync.daemon")
 # is acted on. Each wake-up costs CPU even when idle (a timed wait is ~75 us of system
 # time on a VM); with the source's and the HTTP server's, 0.2 s made 5.3 ms/s idle.
 _TICK = 0.5
-# The last applied catalog is saved once changes pause (_PERSIST_QUIET s without an
-# applied round), at most every _PERSIST_EVERY s, and at least every _PERSIST_LATEST s
-# while changes keep coming: a save is ~13 ms of CPU at 10,000 instances, and only a
-# restart while etcd is down reads it.
-_PERSIST_EVERY = 5.0
-_PERSIST_QUIET = 1.0
-_PERSIST_LATEST = 30.0
 
 
 SourceFactory = Callable[[Settings], Source]
@@ -98,8 +92,7 @@ class Daemon:
         self.guard = Guard(settings.guard, clock)
         self.pipelines = self._build_pipelines(settings)
         self._admitted: Snapshot | None = None
-        self._unsaved = False
-        self._saved_at = self._applied_at = clock()
+        self._save_schedule = SaveSchedule(clock)
         self._changed_at: float | None = None  # first change not yet applied
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
@@ -112,7 +105,7 @@ class Daemon:
     def run(self) -> None:
         """Until ``flags.stop``: take source messages, run rounds when due."""
         self._start_http()
-        self._load_last_good()
+        self._load_saved_catalog()
         self._start_source()
         log.info("daemon.started", targets=[p.name for p in self.pipelines])
         try:
@@ -121,7 +114,7 @@ class Daemon:
         finally:
             systemd.stopping()
             self._stop_source()
-            self._save_last_good(force=True)
+            self._save_catalog(force=True)
             if self.http_server is not None:
                 self.http_server.stop()
             log.info("daemon.stopped", revision=self.catalog.revision)
@@ -141,7 +134,7 @@ class Daemon:
                 self.handle(message)
         if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
             self.run_round()
-        self._save_last_good()
+        self._save_catalog()
         for pipeline in self.pipelines:
             # drivers with runtime state check it here (rate-limited by the driver)
             pipeline.driver.tick(pipeline.applied)
@@ -177,7 +170,7 @@ class Daemon:
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
         if all(o.ok for o in outcomes):
-            self._unsaved, self._applied_at = True, self._clock()
+            self._save_schedule.applied()
         if self.health.synced and not self.health.ready_notified:
             # READY after the first round from etcd whatever its outcome: a failing template
             # must not make systemd kill and restart lbsync in a loop (the LB is untouched
@@ -250,7 +243,7 @@ class Daemon:
         log.info("reconfigure.done", targets=[p.name for p in pipelines], etcd=etcd_changed)
         systemd.ready("configuration re-read")
 
-    # --- guard and last-known-good --------------------------------------------------
+    # --- guard and saved catalog ----------------------------------------------------
 
     def _log_hold(self, snapshot: Snapshot) -> None:
         held = self.guard.held
@@ -271,32 +264,31 @@ class Daemon:
     def _hold_may_end(self) -> bool:
         return self.guard.may_end(confirmed_at(self.settings.state_dir))
 
-    def _load_last_good(self) -> None:
-        saved = lastgood.load(self.settings.state_dir, self.settings.etcd.prefix)
+    def _load_saved_catalog(self) -> None:
+        saved = saved_catalog.load(self.settings.state_dir, self.settings.etcd.prefix)
         if saved is None:
             return
         self.catalog.reset(saved.reset)
         self._admitted = self.catalog.snapshot()
-        self.health.last_good_age = saved.age()
-        self.health.last_good_loaded_at = self._clock()
+        self.health.saved_catalog_age = saved.age()
+        self.health.saved_catalog_loaded_at = self._clock()
         self.scheduler.changed()
         log.info(
-            "lastgood.loaded",
+            "catalog.loaded",
             revision=saved.reset.revision,
             keys=len(saved.reset.kvs),
             age_s=round(saved.age(), 1),
         )
 
-    def _save_last_good(self, *, force: bool = False) -> None:
-        due = force or last_good_due(self._clock(), self._saved_at, self._applied_at)
-        if not (self._unsaved and due and self._admitted is not None and self.health.synced):
+    def _save_catalog(self, *, force: bool = False) -> None:
+        due = self._save_schedule.due(force=force)
+        if not (due and self._admitted is not None and self.health.synced):
             return
         try:
-            lastgood.save(self.settings.state_dir, self.settings.etcd.prefix, self._admitted)
+            saved_catalog.save(self.settings.state_dir, self.settings.etcd.prefix, self._admitted)
         except LbsyncError as err:
-            log.error("lastgood.save_failed", **{**err.context(), "error": str(err)})
-        self._unsaved = False
-        self._saved_at = self._clock()
+            log.error("catalog.save_failed", **{**err.context(), "error": str(err)})
+        self._save_schedule.saved()
 
     # --- what the outside world sees: /healthz, /readyz, /status, systemd -----------
 
@@ -359,14 +351,6 @@ class Daemon:
 def _warn_rejected(err: InvalidValue) -> None:
     metrics.value_rejected()
     log.warning("value.rejected", **{**err.context(), "error": str(err)})
-
-
-def last_good_due(now: float, saved_at: float, applied_at: float) -> bool:
-    """Whether an unsaved catalog should be saved now (see ``_PERSIST_*``)."""
-    since_save = now - saved_at
-    if since_save >= _PERSIST_LATEST:
-        return True
-    return since_save >= _PERSIST_EVERY and now - applied_at >= _PERSIST_QUIET
 
 
 def settle_memory() -> None:

@@ -24,8 +24,8 @@ class Health:
     last_loop: float = 0.0
     disconnected_since: float | None = None
     # Set while running on the persisted catalog: how old it was when loaded, and when.
-    last_good_age: float | None = None
-    last_good_loaded_at: float | None = None
+    saved_catalog_age: float | None = None
+    saved_catalog_loaded_at: float | None = None
     endpoint: str | None = None
     ready_notified: bool = False
     outcomes: dict[str, Outcome] = field(default_factory=dict)
@@ -34,8 +34,8 @@ class Health:
         """How far behind etcd the catalog may be (0 while connected and synced)."""
         if self.connected and self.synced:
             return 0.0
-        if not self.synced and self.last_good_age is not None and self.last_good_loaded_at:
-            return self.last_good_age + (now - self.last_good_loaded_at)
+        if not self.synced and self.saved_catalog_age is not None and self.saved_catalog_loaded_at:
+            return self.saved_catalog_age + (now - self.saved_catalog_loaded_at)
         if self.disconnected_since is not None:
             return now - self.disconnected_since
         return float("inf")
@@ -58,7 +58,7 @@ class Health:
 
     def ready(self, now: float, max_staleness: float) -> tuple[bool, str]:
         """First sync done, and etcd reachable or the catalog fresh enough."""
-        if not (self.synced or self.last_good_age is not None):
+        if not (self.synced or self.saved_catalog_age is not None):
             return False, "no catalog yet: waiting for the first read of etcd"
         staleness = self.staleness(now)
         if staleness > max_staleness:

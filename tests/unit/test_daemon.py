@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lbsync import daemon as daemon_module
+from lbsync import saved_catalog
 from lbsync.cli import main as cli
 from lbsync.config import Settings, settings_from_dict
 from lbsync.daemon import Daemon, etcd_source
@@ -315,7 +316,7 @@ def test_empty_prefix_never_empties_the_lb_without_confirmation(tmp_path: Path, 
         run.stop()
 
 
-def test_restart_while_etcd_is_down_starts_from_last_known_good(
+def test_restart_while_etcd_is_down_starts_from_the_saved_catalog(
     tmp_path: Path, source: FakeSource, driver: FakeDriver, out: Path
 ) -> None:
     settings = make_settings(tmp_path)
@@ -400,7 +401,7 @@ def test_a_full_load_settles_memory(
         (130.0, 100.0, 129.9, True),  # ... but then, whatever
     ],
 )
-def test_last_good_is_saved_when_changes_pause_or_after_30_s(
+def test_the_catalog_is_saved_when_changes_pause_or_after_30_s(
     now: float, saved_at: float, applied_at: float, due: bool
 ) -> None:
-    assert daemon_module.last_good_due(now, saved_at, applied_at) is due
+    assert saved_catalog.save_due(now, saved_at, applied_at) is due
