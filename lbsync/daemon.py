@@ -227,7 +227,7 @@ class Daemon:
             # built here so that unreadable TLS or password files reject the new config
             source = self._source_factory(settings) if etcd_changed else None
         except LbsyncError as err:
-            log.error("reconfigure.rejected", **{**err.context(), "error": str(err)})
+            log.error("reconfigure.rejected", error=err)
             return
         systemd.reloading()
         self.settings, self.pipelines = settings, pipelines
@@ -287,7 +287,7 @@ class Daemon:
         try:
             saved_catalog.save(self.settings.state_dir, self.settings.etcd.prefix, self._admitted)
         except LbsyncError as err:
-            log.error("catalog.save_failed", **{**err.context(), "error": str(err)})
+            log.error("catalog.save_failed", error=err)
         self._save_schedule.saved()
 
     # --- what the outside world sees: /healthz, /readyz, /status, systemd -----------
@@ -350,7 +350,7 @@ class Daemon:
 
 def _warn_rejected(err: InvalidValue) -> None:
     metrics.value_rejected()
-    log.warning("value.rejected", **{**err.context(), "error": str(err)})
+    log.warning("value.rejected", error=err)
 
 
 def settle_memory() -> None:

@@ -226,11 +226,12 @@ class TargetPipeline:
         metrics.service_held(self.name, type(error).__name__)
         log.error(
             "service.held",
-            **{**error.context(), "target": self.name, "service": name},
+            target=self.name,
+            service=name,
             keys=list(keys),
             revision=snapshot.revision,
             attempt=attempt,
-            error=str(error),
+            error=error,
         )
 
     def _release_changed(self, wanted: Snapshot) -> dict[str, HeldService]:
@@ -299,13 +300,10 @@ class TargetPipeline:
             self.driver.verify(self.driver.reload())
         except LbsyncError as err:
             metrics.alert("rollback_failed")
-            log.critical(
-                "rollback.failed",
-                **{**err.context(), "target": self.name, "cause": str(cause), "error": str(err)},
-            )
+            log.critical("rollback.failed", target=self.name, cause=cause, error=err)
             return
         metrics.alert("rollback")
-        log.error("rollback.done", **{**cause.context(), "target": self.name, "cause": str(cause)})
+        log.error("rollback.done", target=self.name, cause=cause)
 
     def _report(self, outcome: Outcome, timings: dict[str, float]) -> Outcome:
         outcome = Outcome(
@@ -326,8 +324,7 @@ class TargetPipeline:
         if outcome.held:
             fields["held"] = sorted(outcome.held)
         if outcome.error is not None:
-            err = outcome.error
-            log.error(f"apply.{outcome.action}", **{**err.context(), **fields, "error": str(err)})
+            log.error(f"apply.{outcome.action}", **fields, error=outcome.error)
         elif outcome.action == "unchanged":
             log.debug("apply.unchanged", **fields)
         else:
