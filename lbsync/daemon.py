@@ -38,7 +38,7 @@ from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, Sou
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
-from lbsync.saved_catalog import SaveSchedule
+from lbsync.saved_catalog import Saver
 from lbsync.scheduler import Clock, Scheduler
 from lbsync.source.runner import Source, SourceRunner
 
@@ -90,7 +90,7 @@ class Daemon:
         self.guard = Guard(settings.guard, clock)
         self.pipelines = self._build_pipelines(settings)
         self._admitted: Snapshot | None = None
-        self._save_schedule = SaveSchedule(clock)
+        self._saver = Saver(clock)
         self._changed_at: float | None = None  # first change not yet applied
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
@@ -168,7 +168,7 @@ class Daemon:
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
         if all(o.ok for o in outcomes):
-            self._save_schedule.applied()
+            self._saver.applied()
         if self.health.synced and not self.health.ready_notified:
             # READY after the first round from etcd whatever its outcome: a failing template
             # must not make systemd kill and restart lbsync in a loop (the LB is untouched
@@ -244,20 +244,12 @@ class Daemon:
     # --- guard and saved catalog ----------------------------------------------------
 
     def _log_hold(self, snapshot: Snapshot) -> None:
-        held = self.guard.held
-        if held is None:
+        if self.guard.held is None:
             return
         for pipeline in self.pipelines:
             metrics.guard_held(pipeline.name)
-        log.warning(
-            "guard.held",
-            revision=snapshot.revision,
-            reason=held.reason,
-            removed=held.removed,
-            total=held.total,
-            hold_s=None if held.needs_confirmation else self.settings.guard.hold,
-            confirm=f"lbsync confirm -c {self.config_path or 'lbsync.toml'}",
-        )
+        confirm = f"lbsync confirm -c {self.config_path or 'lbsync.toml'}"
+        self.guard.log_held(snapshot.revision, confirm)
 
     def _hold_may_end(self) -> bool:
         return self.guard.may_end(confirmed_at(self.settings.state_dir))
@@ -271,22 +263,11 @@ class Daemon:
         self.health.saved_catalog_age = saved.age()
         self.health.saved_catalog_loaded_at = self._clock()
         self.scheduler.changed()
-        log.info(
-            "catalog.loaded",
-            revision=saved.reset.revision,
-            keys=len(saved.reset.kvs),
-            age_s=round(saved.age(), 1),
-        )
 
     def _save_catalog(self, *, force: bool = False) -> None:
-        due = self._save_schedule.due(force=force)
-        if not (due and self._admitted is not None and self.health.synced):
-            return
-        try:
-            saved_catalog.save(self.settings.state_dir, self.settings.etcd.prefix, self._admitted)
-        except LbsyncError as err:
-            log.error("catalog.save_failed", error=err)
-        self._save_schedule.saved()
+        if self._admitted is not None and self.health.synced:
+            state_dir, prefix = self.settings.state_dir, self.settings.etcd.prefix
+            self._saver.save_if_due(state_dir, prefix, self._admitted, force=force)
 
     # --- what the outside world sees: /healthz, /readyz, /status, systemd -----------
 

@@ -15,11 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from lbsync.config import GuardSettings
 from lbsync.errors import StageError
 from lbsync.fileio import opened_dir, touch
 from lbsync.model import Snapshot
 from lbsync.scheduler import Clock
+
+log = structlog.get_logger("lbsync.guard")
 
 CONFIRM_FILE = "confirm"
 
@@ -130,6 +134,21 @@ class Guard:
         release = self.release_at()
         confirmed = confirmed_at > (self.held_since_wall or float("inf"))
         return confirmed or (release is not None and self.clock() >= release)
+
+    def log_held(self, revision: int, confirm: str) -> None:
+        """One ``guard.held`` event for the update now held; ``confirm``: the command to run."""
+        held = self.held
+        if held is None:
+            return
+        log.warning(
+            "guard.held",
+            revision=revision,
+            reason=held.reason,
+            removed=held.removed,
+            total=held.total,
+            hold_s=None if held.needs_confirmation else self.settings.hold,
+            confirm=confirm,
+        )
 
     def _release(self) -> None:
         self.held = None

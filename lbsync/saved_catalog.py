@@ -5,7 +5,7 @@ the prefix, and every raw key under the prefix. On load it becomes an ordinary
 ``SourceReset`` and goes through the catalog's validation like any read from etcd.
 Writes are atomic (``fileio.atomic_write``: temp file, fsync, rename, never through a
 symlink), and throttled by the daemon: losing the latest save costs nothing but
-staleness (``SaveSchedule``). A symlink at the file's name is not read either
+staleness (``Saver``). A symlink at the file's name is not read either
 (``catalog.unreadable``).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from lbsync.errors import StageError
+from lbsync.errors import LbsyncError, StageError
 from lbsync.fileio import atomic_write, opened_dir, read_bytes
 from lbsync.model import KeyValue, Snapshot, SourceReset
 from lbsync.scheduler import Clock
@@ -82,7 +82,9 @@ def load(state_dir: Path, prefix: str) -> Saved | None:
         KeyValue(key=prefix + key, value=str(value).encode(), mod_revision=revision)
         for key, value in sorted(keys.items())
     )
-    return Saved(SourceReset(revision=revision, kvs=kvs), saved_at)
+    saved = Saved(SourceReset(revision=revision, kvs=kvs), saved_at)
+    log.info("catalog.loaded", revision=revision, keys=len(kvs), age_s=round(saved.age(), 1))
+    return saved
 
 
 def save_due(now: float, saved_at: float, applied_at: float) -> bool:
@@ -93,8 +95,8 @@ def save_due(now: float, saved_at: float, applied_at: float) -> bool:
     return since_save >= SAVE_EVERY and now - applied_at >= SAVE_QUIET
 
 
-class SaveSchedule:
-    """When the daemon saves: an applied round makes the catalog unsaved, ``save_due`` says when."""
+class Saver:
+    """Saves the daemon's applied catalog when ``save_due`` says so, or on stop (``force``)."""
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -105,13 +107,17 @@ class SaveSchedule:
         """A round applied a new catalog to every target."""
         self._unsaved, self._applied_at = True, self._clock()
 
-    def due(self, *, force: bool = False) -> bool:
-        """There is an unsaved catalog and it is time (``force``: on stop) to save it."""
-        return self._unsaved and (
-            force or save_due(self._clock(), self._saved_at, self._applied_at)
-        )
-
-    def saved(self) -> None:
-        """A save was attempted: a failed one is not retried before the next applied round."""
+    def save_if_due(
+        self, state_dir: Path, prefix: str, snapshot: Snapshot, *, force: bool = False
+    ) -> None:
+        """Save ``snapshot`` if it is time; a failed save waits for the next applied round."""
+        if not self._unsaved:
+            return
+        if not (force or save_due(self._clock(), self._saved_at, self._applied_at)):
+            return
+        try:
+            save(state_dir, prefix, snapshot)
+        except LbsyncError as err:
+            log.error("catalog.save_failed", error=err)
         self._unsaved = False
         self._saved_at = self._clock()
