@@ -88,7 +88,7 @@ class Daemon:
         self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
         self.scheduler = Scheduler(settings.wait, clock)
         self.guard = Guard(settings.guard, clock)
-        self.pipelines = self._build_pipelines(settings)
+        self.pipelines = build_pipelines(settings, self._driver_factory)
         self._admitted: Snapshot | None = None
         self._saver = Saver(clock)
         self._changed_at: float | None = None  # first change not yet applied
@@ -217,7 +217,7 @@ class Daemon:
             return
         try:
             settings = load_settings(self.config_path)
-            pipelines = self._build_pipelines(settings)
+            pipelines = build_pipelines(settings, self._driver_factory)
             for pipeline in pipelines:
                 for template in pipeline.target.templates:
                     pipeline.renderer.load(template.src)
@@ -252,7 +252,10 @@ class Daemon:
         self.guard.log_held(snapshot.revision, confirm)
 
     def _hold_may_end(self) -> bool:
-        return self.guard.may_end(confirmed_at(self.settings.state_dir))
+        # the confirm file is read only while an update is held
+        return self.guard.held is not None and self.guard.may_end(
+            confirmed_at(self.settings.state_dir)
+        )
 
     def _load_saved_catalog(self) -> None:
         saved = saved_catalog.load(self.settings.state_dir, self.settings.etcd.prefix)
@@ -301,20 +304,9 @@ class Daemon:
 
     # --- helpers ---------------------------------------------------------------------
 
-    def _build_pipelines(self, settings: Settings) -> list[TargetPipeline]:
-        renderer = Renderer(sandbox=settings.render.sandbox)
-        return [
-            TargetPipeline(target, self._driver_factory(target), renderer, settings.state_dir)
-            for target in settings.targets
-        ]
-
     def _wait_budget(self) -> float:
         due = self.scheduler.due_in() if self.catalog.synced else None
-        release = self.guard.release_at()
-        if release is not None:
-            until = max(0.0, release - self._clock())
-            due = until if due is None else min(due, until)
-        return _TICK if due is None else min(due, _TICK)
+        return wait_budget(due, self.guard.release_at(), self._clock())
 
     def _start_source(self, source: Source | None = None) -> None:
         self._source = SourceRunner(source or self._source_factory(self.settings))
@@ -330,3 +322,20 @@ class Daemon:
 def _warn_rejected(err: InvalidValue) -> None:
     metrics.value_rejected()
     log.warning("value.rejected", error=err)
+
+
+def build_pipelines(settings: Settings, driver_factory: DriverFactory) -> list[TargetPipeline]:
+    """One pipeline per target, all sharing one renderer (its template cache)."""
+    renderer = Renderer(sandbox=settings.render.sandbox)
+    return [
+        TargetPipeline(target, driver_factory(target), renderer, settings.state_dir)
+        for target in settings.targets
+    ]
+
+
+def wait_budget(due: float | None, release: float | None, now: float) -> float:
+    """How long the loop may block: until a round is due, a hold ends, or ``_TICK``."""
+    if release is not None:
+        until = max(0.0, release - now)
+        due = until if due is None else min(due, until)
+    return _TICK if due is None else min(due, _TICK)
