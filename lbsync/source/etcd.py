@@ -20,7 +20,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -29,7 +28,8 @@ from pyetcd.utils import prefix_range_end
 
 from lbsync.config import EtcdSettings
 from lbsync.errors import RevisionCompacted, SourceError, SourceUnavailable
-from lbsync.model import SourceEvents, SourceMessage, SourceReset, SourceStatus
+from lbsync.model import SourceEvents, SourceMessage, SourceReset
+from lbsync.source.attempts import LoopState
 from lbsync.source.client import (
     TokenRejected,
     check_settings,
@@ -58,7 +58,6 @@ BACKOFF_CAP = 1.0
 # How often blocking loops look at the stop event; bounds how late run() returns
 # (and costs a wake-up each time, even when idle: see daemon._TICK).
 _POLL = 0.5
-_REPEAT_WARNING = 30.0  # seconds between two warnings about one run of failed attempts
 
 
 class _Backoff:
@@ -180,7 +179,7 @@ class EtcdSource:
 
     def _supervise(self, emit: Callable[[SourceMessage], None], stop: threading.Event) -> None:
         backoff = _Backoff()
-        state = _LoopState()
+        state = LoopState()
         while not (stop.is_set() or self._closed):
             try:
                 if state.revision is None:
@@ -206,7 +205,7 @@ class EtcdSource:
                 self._lost(exc, emit, state)
                 stop.wait(backoff.next())
 
-    def _reset(self, emit: Callable[[SourceMessage], None], state: _LoopState) -> int:
+    def _reset(self, emit: Callable[[SourceMessage], None], state: LoopState) -> int:
         reset = self.read_all()
         log.info(
             "source.read",
@@ -219,38 +218,14 @@ class EtcdSource:
         return reset.revision
 
     def _lost(
-        self, exc: SourceError, emit: Callable[[SourceMessage], None], state: _LoopState
+        self, exc: SourceError, emit: Callable[[SourceMessage], None], state: LoopState
     ) -> None:
-        """Report a failed attempt: a warning when the connection is lost, when a run of
-        failures starts (etcd down at start, a refused password), and again every
-        ``_REPEAT_WARNING`` seconds while it lasts; the attempts in between at debug."""
-        endpoint = exc.endpoint or self.endpoint
-        now = time.monotonic()
-        state.failures += 1
-        fields = {
-            "endpoint": endpoint,
-            "revision": state.revision,
-            "error": str(exc),
-            "attempts": state.failures,
-        }
-        if state.connected:
-            log.warning("source.lost", **fields)
-            state.warned_at = now
-        elif state.warned_at is None or now - state.warned_at >= _REPEAT_WARNING:
-            log.warning("source.unavailable", **fields)
-            state.warned_at = now
-        else:
-            log.debug("source.unavailable", **fields)
-        state.connected = False
+        status = state.lost(exc, exc.endpoint or self.endpoint)
         self._disconnect()
-        emit(
-            SourceStatus(
-                connected=False, endpoint=endpoint, error=str(exc), revision=state.revision or 0
-            )
-        )
+        emit(status)
 
     def _watch(
-        self, state: _LoopState, emit: Callable[[SourceMessage], None], stop: threading.Event
+        self, state: LoopState, emit: Callable[[SourceMessage], None], stop: threading.Event
     ) -> Iterator[int]:
         """Watch from ``state.revision`` + 1; yields the resume revision after each response.
 
@@ -285,7 +260,7 @@ class EtcdSource:
         endpoint: str,
         emit: Callable[[SourceMessage], None],
         stop: threading.Event,
-        state: _LoopState,
+        state: LoopState,
     ) -> Iterator[int]:
         """Apply responses until stop; a silent stream raises SourceUnavailable.
 
@@ -316,7 +291,7 @@ class EtcdSource:
                 continue
             last_seen = time.monotonic()
             if response.created and not (response.canceled or response.compact_revision):
-                self._established(endpoint, revision, emit, state)
+                emit(state.established(endpoint, revision))
             elif not (response.events or response.canceled or response.compact_revision):
                 progress_answered = True
             revision = self._apply(response, revision, endpoint, emit)
@@ -341,19 +316,6 @@ class EtcdSource:
                 "an idle watch is checked with a read instead",
             )
 
-    def _established(
-        self,
-        endpoint: str,
-        revision: int,
-        emit: Callable[[SourceMessage], None],
-        state: _LoopState,
-    ) -> None:
-        event = "source.resumed" if state.ever_connected else "source.connected"
-        log.info(event, endpoint=endpoint, revision=revision, failed_attempts=state.failures)
-        state.connected = state.ever_connected = True
-        state.failures, state.warned_at = 0, None
-        emit(SourceStatus(connected=True, endpoint=endpoint, revision=revision))
-
     @staticmethod
     def _apply(
         response: Any, revision: int, endpoint: str, emit: Callable[[SourceMessage], None]
@@ -375,14 +337,3 @@ class EtcdSource:
         if events:
             emit(SourceEvents(revision=revision, events=tuple(events)))
         return revision
-
-
-@dataclass
-class _LoopState:
-    """What the supervised loop carries between attempts."""
-
-    revision: int | None = None  # resume after this; None: a full read comes first
-    connected: bool = False
-    ever_connected: bool = False
-    failures: int = 0  # failed attempts since the watch was last established
-    warned_at: float | None = None  # when the current run of failures was last warned
