@@ -148,7 +148,7 @@ class Etcd:
     def writer(self) -> Any:
         """lbsync's own ``EtcdWriter``: what the latency benches time a put with."""
         from lbsync.config import EtcdSettings
-        from lbsync.source.etcd import EtcdWriter
+        from lbsync.source.writer import EtcdWriter
 
         return EtcdWriter(EtcdSettings(endpoints=[self.endpoint], prefix=PREFIX))
 

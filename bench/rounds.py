@@ -27,10 +27,10 @@ from typing import Any
 
 from bench import env, inprocess, report
 from lbsync.config import GuardSettings
+from lbsync.guard import judge
 from lbsync.logging import configure_logging
 from lbsync.model import KeyEvent, SourceEvents
 from lbsync.pipeline import TargetPipeline
-from lbsync.scheduler import judge
 from lbsync.stage import swap
 
 # (row label, owner, object attribute path); indented labels are part of the one above.

@@ -4,7 +4,7 @@ etcd holds the instances before lbsync starts; nginx serves a placeholder upstre
 so the first round really writes, validates and reloads. Each run starts with an empty
 ``state_dir`` (no persisted catalog) and a placeholder file again. The clock starts just
 before ``Popen`` (wall clock) and stops at the timestamp of the first ``apply.*`` event;
-``daemon.started``, ``etcd_read`` and ``nginx.reload_sent`` split it into phases.
+``daemon.started``, ``source.read`` and ``nginx.reload_sent`` split it into phases.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run(instances: int, runs: int) -> dict[str, Any]:
                     {
                         "total_ms": (end - t0) * 1000,
                         "to_daemon_started_ms": (_ts(lb, "daemon.started") - t0) * 1000,
-                        "to_etcd_read_ms": (_ts(lb, "etcd_read") - t0) * 1000,
+                        "to_source_read_ms": (_ts(lb, "source.read") - t0) * 1000,
                         "to_reload_sent_ms": (_ts(lb, "nginx.reload_sent") - t0) * 1000,
                         "round_ms": applied["ms"],
                         "rss_mb": rss,
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             i + 1,
             x["to_daemon_started_ms"],
-            x["to_etcd_read_ms"],
+            x["to_source_read_ms"],
             x["round_ms"].get("render", 0.0),
             x["round_ms"].get("validate", 0.0),
             x["to_reload_sent_ms"],

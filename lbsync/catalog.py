@@ -7,7 +7,7 @@ parsed by ``lbsync.values`` (the schema), and a bad value is dropped with one re
 naming its key — the rest of the catalog still renders. *Any* exception while decoding or
 checking a value counts as a rejection of that key, never as an error of the catalog.
 
-Keys (relative to the prefix)::
+Values by key (the layout is ``lbsync.keys``'s; keys relative to the prefix)::
 
     /services/<service>/instances/<id>   {"host", "port", "weight", "state", "meta"} | "host:port"
     /services/<service>/health/<id>      {"status", "reason", "by"} | "down" | "drain" | "up"
@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from lbsync import keys
 from lbsync.errors import InvalidValue
 from lbsync.model import (
     HealthMark,
@@ -34,8 +35,6 @@ from lbsync.model import (
     SourceReset,
 )
 from lbsync.values import (
-    INSTANCE_ID,
-    SERVICE_NAME,
     Registration,
     parse_health,
     parse_registration,
@@ -167,7 +166,7 @@ class Catalog:
             return None
         self._keys[relative] = value.decode("utf-8", errors="replace")
         self._rejected.pop(key, None)
-        where = _schema_place(relative)
+        where = keys.place(relative)
         if where is None:
             return None
         service, kind, iid = where
@@ -202,7 +201,7 @@ class Catalog:
             return None
         self._keys.pop(relative, None)
         self._rejected.pop(key, None)
-        where = _schema_place(relative)
+        where = keys.place(relative)
         if where is None or where[0] not in self._services:
             return None
         service, kind, iid = where
@@ -230,22 +229,3 @@ class Catalog:
 def _unexpected(exc: Exception) -> str:
     """The reason recorded for an exception the schema did not raise on purpose."""
     return f"value could not be read ({type(exc).__name__}: {str(exc)[:120]!r})"
-
-
-def _schema_place(relative: str) -> tuple[str, str, str] | None:
-    """``/services/web/instances/a`` → ``("web", "instances", "a")``; None if off-schema.
-
-    A service or id that is not a safe name is off-schema: it is kept as a raw key only and
-    never becomes an upstream or server name.
-    """
-    parts = relative.split("/")
-    if len(parts) < 4 or parts[0] != "" or parts[1] != "services":
-        return None
-    service = parts[2]
-    if not SERVICE_NAME.fullmatch(service):
-        return None
-    if len(parts) == 4 and parts[3] == "settings":
-        return service, "settings", ""
-    if len(parts) == 5 and parts[3] in ("instances", "health") and INSTANCE_ID.fullmatch(parts[4]):
-        return service, parts[3], parts[4]
-    return None

@@ -256,11 +256,11 @@ def _key_value(item: str) -> tuple[str, str]:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from lbsync import oneshot
+    from lbsync import guard
 
     settings = _settings(args)
     prepare_state_dir(settings)
-    path = oneshot.confirm_held(settings)
+    path = guard.confirm_held(settings.state_dir)
     print(f"confirmed ({path}); the daemon applies the held update within a second")
     return EXIT_OK
 

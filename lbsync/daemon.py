@@ -10,39 +10,37 @@ never cut in half:
   the old one kept; a good one takes effect and everything is re-rendered.
 
 No round runs before the first full read of etcd (or, after a restart while etcd is down,
-before the persisted last-known-good catalog is loaded): an unreachable etcd never becomes
+before the saved catalog is loaded): an unreachable etcd never becomes
 an empty config. Every snapshot passes the guard before it is applied; a held update waits
 for ``guard.hold`` or for ``lbsync confirm`` (a touch of ``<state_dir>/confirm``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import os
-import queue
 import signal
-import stat
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
 
 import structlog
 
-from lbsync import lastgood, metrics, systemd
+from lbsync import memory, metrics, saved_catalog, systemd
 from lbsync.catalog import Catalog
 from lbsync.config import Settings, load_settings
-from lbsync.drivers.base import Driver, driver_for
+from lbsync.drivers.base import DriverFactory, driver_for
 from lbsync.errors import InvalidValue, LbsyncError
+from lbsync.guard import Guard, confirmed_at
+from lbsync.health import Health, status_document
 from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
-from lbsync.pipeline import Outcome, TargetPipeline
+from lbsync.outcome import Outcome
+from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
-from lbsync.scheduler import Clock, Guard, Scheduler
+from lbsync.saved_catalog import Saver
+from lbsync.scheduler import Clock, Scheduler
+from lbsync.source.runner import Source, SourceRunner
 
 log = structlog.get_logger("lbsync.daemon")
 
@@ -50,27 +48,9 @@ log = structlog.get_logger("lbsync.daemon")
 # is acted on. Each wake-up costs CPU even when idle (a timed wait is ~75 us of system
 # time on a VM); with the source's and the HTTP server's, 0.2 s made 5.3 ms/s idle.
 _TICK = 0.5
-_STUCK = 30.0  # /healthz fails when the loop has not turned for this long
-# The last applied catalog is saved once changes pause (_PERSIST_QUIET s without an
-# applied round), at most every _PERSIST_EVERY s, and at least every _PERSIST_LATEST s
-# while changes keep coming: a save is ~13 ms of CPU at 10,000 instances, and only a
-# restart while etcd is down reads it.
-_PERSIST_EVERY = 5.0
-_PERSIST_QUIET = 1.0
-_PERSIST_LATEST = 30.0
-CONFIRM_FILE = "confirm"
-
-
-class Source(Protocol):
-    """What the daemon needs of a source: ``lbsync.source.etcd.EtcdSource`` or a fake."""
-
-    def run(self, emit: Callable[[SourceMessage], None], stop: threading.Event) -> None: ...
-
-    def close(self) -> None: ...
 
 
 SourceFactory = Callable[[Settings], Source]
-DriverFactory = Callable[..., Driver]
 
 
 def etcd_source(settings: Settings) -> Source:
@@ -85,33 +65,6 @@ class Flags:
 
     stop: bool = False
     reconfigure: bool = False
-
-
-@dataclass
-class Health:
-    """What the loop knows about itself, for logs and the status endpoint."""
-
-    connected: bool = False
-    synced: bool = False  # a full read of etcd has been applied to the catalog
-    revision: int = 0
-    last_loop: float = 0.0
-    disconnected_since: float | None = None
-    # Set while running on the persisted catalog: how old it was when loaded, and when.
-    last_good_age: float | None = None
-    last_good_loaded_at: float | None = None
-    endpoint: str | None = None
-    ready_notified: bool = False
-    outcomes: dict[str, Outcome] = field(default_factory=dict)
-
-    def staleness(self, now: float) -> float:
-        """How far behind etcd the catalog may be (0 while connected and synced)."""
-        if self.connected and self.synced:
-            return 0.0
-        if not self.synced and self.last_good_age is not None and self.last_good_loaded_at:
-            return self.last_good_age + (now - self.last_good_loaded_at)
-        if self.disconnected_since is not None:
-            return now - self.disconnected_since
-        return float("inf")
 
 
 class Daemon:
@@ -131,29 +84,25 @@ class Daemon:
         self._source_factory = source_factory
         self._driver_factory = driver_factory
         self._clock = clock
-        self._messages: queue.Queue[SourceMessage] = queue.Queue()
         self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
         self.scheduler = Scheduler(settings.wait, clock)
         self.guard = Guard(settings.guard, clock)
-        self.pipelines = self._build_pipelines(settings)
+        self.pipelines = build_pipelines(settings, self._driver_factory)
         self._admitted: Snapshot | None = None
-        self._unsaved = False
-        self._saved_at = self._applied_at = clock()
+        self._saver = Saver(clock)
         self._changed_at: float | None = None  # first change not yet applied
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
         self.http_server: StatusServer | None = None
         metrics.init_targets(p.name for p in self.pipelines)
-        self._source: Source | None = None
-        self._source_stop = threading.Event()
-        self._source_thread: threading.Thread | None = None
+        self._source: SourceRunner | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
     def run(self) -> None:
         """Until ``flags.stop``: take source messages, run rounds when due."""
         self._start_http()
-        self._load_last_good()
+        self._load_saved_catalog()
         self._start_source()
         log.info("daemon.started", targets=[p.name for p in self.pipelines])
         try:
@@ -162,7 +111,7 @@ class Daemon:
         finally:
             systemd.stopping()
             self._stop_source()
-            self._save_last_good(force=True)
+            self._save_catalog(force=True)
             if self.http_server is not None:
                 self.http_server.stop()
             log.info("daemon.stopped", revision=self.catalog.revision)
@@ -177,10 +126,12 @@ class Daemon:
         if self.flags.reconfigure:
             self.flags.reconfigure = False
             self.reconfigure()
-        self._drain_messages(self._wait_budget())
+        if self._source is not None:
+            for message in self._source.messages(self._wait_budget()):
+                self.handle(message)
         if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
             self.run_round()
-        self._save_last_good()
+        self._save_catalog()
         for pipeline in self.pipelines:
             # drivers with runtime state check it here (rate-limited by the driver)
             pipeline.driver.tick(pipeline.applied)
@@ -204,7 +155,7 @@ class Daemon:
         snapshot = self.catalog.snapshot()
         was_held = self.guard.held
         metrics.set_catalog(snapshot)
-        if not self.guard.admit(self._admitted, snapshot, self._confirmed_at()):
+        if not self.guard.admit(self._admitted, snapshot, confirmed_at(self.settings.state_dir)):
             if was_held != self.guard.held:
                 self._log_hold(snapshot)
             metrics.set_holding(True)
@@ -216,7 +167,7 @@ class Daemon:
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
         if all(o.ok for o in outcomes):
-            self._unsaved, self._applied_at = True, self._clock()
+            self._saver.applied()
         if self.health.synced and not self.health.ready_notified:
             # READY after the first round from etcd whatever its outcome: a failing template
             # must not make systemd kill and restart lbsync in a loop (the LB is untouched
@@ -238,7 +189,7 @@ class Daemon:
             self._changed_at = self._clock()
         if isinstance(message, SourceReset):
             self.catalog.reset(message)
-            settle_memory()
+            memory.settle()
             self.health.synced = True
             self.scheduler.changed()
             log.info("catalog.reset", revision=message.revision, keys=len(message.kvs))
@@ -252,7 +203,8 @@ class Daemon:
                 services=sorted(touched),
             )
         else:
-            self._note_status(message)
+            # the source logs source.connected / source.lost itself
+            self.health.note_status(message, self._clock())
         self.health.revision = self.catalog.revision
         synced_at = time.time() if not isinstance(message, SourceStatus) else None
         metrics.set_etcd(self.health.connected, self.catalog.revision, synced_at)
@@ -264,7 +216,7 @@ class Daemon:
             return
         try:
             settings = load_settings(self.config_path)
-            pipelines = self._build_pipelines(settings)
+            pipelines = build_pipelines(settings, self._driver_factory)
             for pipeline in pipelines:
                 for template in pipeline.target.templates:
                     pipeline.renderer.load(template.src)
@@ -272,7 +224,7 @@ class Daemon:
             # built here so that unreadable TLS or password files reject the new config
             source = self._source_factory(settings) if etcd_changed else None
         except LbsyncError as err:
-            log.error("reconfigure.rejected", **{**err.context(), "error": str(err)})
+            log.error("reconfigure.rejected", error=err)
             return
         systemd.reloading()
         self.settings, self.pipelines = settings, pipelines
@@ -288,118 +240,47 @@ class Daemon:
         log.info("reconfigure.done", targets=[p.name for p in pipelines], etcd=etcd_changed)
         systemd.ready("configuration re-read")
 
-    # --- guard and last-known-good --------------------------------------------------
+    # --- guard and saved catalog ----------------------------------------------------
 
     def _log_hold(self, snapshot: Snapshot) -> None:
-        held = self.guard.held
-        if held is None:
+        if self.guard.held is None:
             return
         for pipeline in self.pipelines:
             metrics.guard_held(pipeline.name)
-        log.warning(
-            "guard.held",
-            revision=snapshot.revision,
-            reason=held.reason,
-            removed=held.removed,
-            total=held.total,
-            hold_s=None if held.needs_confirmation else self.settings.guard.hold,
-            confirm=f"lbsync confirm -c {self.config_path or 'lbsync.toml'}",
-        )
-
-    def _confirmed_at(self) -> float:
-        """When ``lbsync confirm`` last touched its file; a symlink there counts for nothing."""
-        try:
-            info = os.stat(self.settings.state_dir / CONFIRM_FILE, follow_symlinks=False)
-        except OSError:
-            return 0.0
-        return info.st_mtime if stat.S_ISREG(info.st_mode) else 0.0
+        confirm = f"lbsync confirm -c {self.config_path or 'lbsync.toml'}"
+        self.guard.log_held(snapshot.revision, confirm)
 
     def _hold_may_end(self) -> bool:
-        """A held update whose hold time is up, or that an operator has confirmed."""
-        if self.guard.held is None:
-            return False
-        release = self.guard.release_at()
-        confirmed = self._confirmed_at() > (self.guard.held_since_wall or float("inf"))
-        return confirmed or (release is not None and self._clock() >= release)
+        # the confirm file is read only while an update is held
+        return self.guard.held is not None and self.guard.may_end(
+            confirmed_at(self.settings.state_dir)
+        )
 
-    def _load_last_good(self) -> None:
-        saved = lastgood.load(self.settings.state_dir, self.settings.etcd.prefix)
+    def _load_saved_catalog(self) -> None:
+        saved = saved_catalog.load(self.settings.state_dir, self.settings.etcd.prefix)
         if saved is None:
             return
         self.catalog.reset(saved.reset)
         self._admitted = self.catalog.snapshot()
-        self.health.last_good_age = saved.age()
-        self.health.last_good_loaded_at = self._clock()
+        self.health.saved_catalog_age = saved.age()
+        self.health.saved_catalog_loaded_at = self._clock()
         self.scheduler.changed()
-        log.info(
-            "lastgood.loaded",
-            revision=saved.reset.revision,
-            keys=len(saved.reset.kvs),
-            age_s=round(saved.age(), 1),
-        )
 
-    def _save_last_good(self, *, force: bool = False) -> None:
-        due = force or last_good_due(self._clock(), self._saved_at, self._applied_at)
-        if not (self._unsaved and due and self._admitted is not None and self.health.synced):
-            return
-        try:
-            lastgood.save(self.settings.state_dir, self.settings.etcd.prefix, self._admitted)
-        except LbsyncError as err:
-            log.error("lastgood.save_failed", **{**err.context(), "error": str(err)})
-        self._unsaved = False
-        self._saved_at = self._clock()
+    def _save_catalog(self, *, force: bool = False) -> None:
+        if self._admitted is not None and self.health.synced:
+            state_dir, prefix = self.settings.state_dir, self.settings.etcd.prefix
+            self._saver.save_if_due(state_dir, prefix, self._admitted, force=force)
 
     # --- what the outside world sees: /healthz, /readyz, /status, systemd -----------
 
     def healthy(self) -> tuple[bool, str]:
-        """The main loop is turning."""
-        idle = self._clock() - self.health.last_loop
-        if idle > _STUCK:
-            return False, f"main loop has not turned for {idle:.0f}s"
-        return True, ""
+        return self.health.healthy(self._clock())
 
     def ready(self) -> tuple[bool, str]:
-        """First sync done, and etcd reachable or the catalog fresh enough."""
-        if not (self.health.synced or self.health.last_good_age is not None):
-            return False, "no catalog yet: waiting for the first read of etcd"
-        staleness = self.health.staleness(self._clock())
-        if staleness > self.settings.http.max_staleness:
-            return False, f"etcd unreachable; catalog is {staleness:.0f}s stale"
-        if not self.health.connected:
-            return True, f"etcd unreachable; serving a catalog {staleness:.0f}s stale"
-        return True, ""
+        return self.health.ready(self._clock(), self.settings.http.max_staleness)
 
     def status_document(self) -> dict[str, object]:
-        now = self._clock()
-        held = self.guard.held
-        return {
-            "revision": self.catalog.revision,
-            "etcd": {
-                "connected": self.health.connected,
-                "endpoint": self.health.endpoint,
-                "synced": self.health.synced,
-                "staleness_s": _finite(self.health.staleness(now)),
-            },
-            "held": None
-            if held is None
-            else {
-                "reason": held.reason,
-                "removed": held.removed,
-                "total": held.total,
-                "since": self.guard.held_since_wall,
-                "needs_confirmation": held.needs_confirmation,
-            },
-            # list() first: the main loop may change these while this (HTTP) thread reads
-            "rejected": {key: err.reason for key, err in list(self.catalog.rejected.items())},
-            "targets": {
-                name: _outcome_document(o) for name, o in list(self.health.outcomes.items())
-            },
-            "runtime": {
-                p.driver.name: status
-                for p in self.pipelines
-                if (status := p.driver.runtime_status()) is not None
-            },
-        }
+        return status_document(self.health, self.guard, self.catalog, self.pipelines, self._clock())
 
     def _start_http(self) -> None:
         if self.settings.http.listen is None:
@@ -422,122 +303,38 @@ class Daemon:
 
     # --- helpers ---------------------------------------------------------------------
 
-    def _build_pipelines(self, settings: Settings) -> list[TargetPipeline]:
-        renderer = Renderer(sandbox=settings.render.sandbox)
-        return [
-            TargetPipeline(target, self._driver_factory(target), renderer, settings.state_dir)
-            for target in settings.targets
-        ]
-
     def _wait_budget(self) -> float:
         due = self.scheduler.due_in() if self.catalog.synced else None
-        release = self.guard.release_at()
-        if release is not None:
-            until = max(0.0, release - self._clock())
-            due = until if due is None else min(due, until)
-        return _TICK if due is None else min(due, _TICK)
-
-    def _drain_messages(self, timeout: float) -> None:
-        """Block up to ``timeout`` for one message, then take whatever else is queued."""
-        try:
-            self.handle(
-                self._messages.get(timeout=timeout) if timeout > 0 else self._messages.get_nowait()
-            )
-        except queue.Empty:
-            return
-        while True:
-            try:
-                self.handle(self._messages.get_nowait())
-            except queue.Empty:
-                return
-
-    def _note_status(self, status: SourceStatus) -> None:
-        was = self.health.connected
-        self.health.connected = status.connected
-        self.health.endpoint = status.endpoint or self.health.endpoint
-        if status.connected:
-            self.health.disconnected_since = None
-        elif self.health.disconnected_since is None:
-            self.health.disconnected_since = self._clock()
-        if was != status.connected:
-            event = "source.connected" if status.connected else "source.lost"
-            log.info(event, endpoint=status.endpoint, error=status.error, revision=status.revision)
+        return wait_budget(due, self.guard.release_at(), self._clock())
 
     def _start_source(self, source: Source | None = None) -> None:
-        self._source = source or self._source_factory(self.settings)
-        self._source_stop = threading.Event()
-        self._source_thread = threading.Thread(
-            target=self._source.run,
-            args=(self._messages.put, self._source_stop),
-            name="lbsync-source",
-            daemon=True,
-        )
-        self._source_thread.start()
+        self._source = SourceRunner(source or self._source_factory(self.settings))
+        self._source.start()
 
     def _stop_source(self) -> None:
-        self._source_stop.set()
-        thread = self._source_thread
-        if thread is not None:
+        if self._source is not None:
             # a hung etcd call runs out its timeout; then the source returns
-            thread.join(timeout=self.settings.etcd.timeout + 2)
-        if thread is not None and thread.is_alive():
-            # never close its channels under it: gRPC crashes on that race
-            log.warning("source.stop_timeout", timeout_s=self.settings.etcd.timeout)
-        elif self._source is not None:
-            self._source.close()
-        self._source = self._source_thread = None
-        self._messages = queue.Queue()
+            self._source.stop(timeout=self.settings.etcd.timeout + 2)
+        self._source = None
 
 
 def _warn_rejected(err: InvalidValue) -> None:
     metrics.value_rejected()
-    log.warning("value.rejected", **{**err.context(), "error": str(err)})
+    log.warning("value.rejected", error=err)
 
 
-def _finite(value: float) -> float | None:
-    return None if value == float("inf") else round(value, 3)
+def build_pipelines(settings: Settings, driver_factory: DriverFactory) -> list[TargetPipeline]:
+    """One pipeline per target, all sharing one renderer (its template cache)."""
+    renderer = Renderer(sandbox=settings.render.sandbox)
+    return [
+        TargetPipeline(target, driver_factory(target), renderer, settings.state_dir)
+        for target in settings.targets
+    ]
 
 
-def _outcome_document(outcome: Outcome) -> dict[str, object]:
-    return {
-        "action": outcome.action,
-        "revision": outcome.revision,
-        "files": list(outcome.files),
-        "error": str(outcome.error) if outcome.error else None,
-        "ms": dict(outcome.durations),
-        "held": {name: held.document() for name, held in outcome.held.items()},
-    }
-
-
-def last_good_due(now: float, saved_at: float, applied_at: float) -> bool:
-    """Whether an unsaved catalog should be saved now (see ``_PERSIST_*``)."""
-    since_save = now - saved_at
-    if since_save >= _PERSIST_LATEST:
-        return True
-    return since_save >= _PERSIST_EVERY and now - applied_at >= _PERSIST_QUIET
-
-
-def settle_memory() -> None:
-    """After a full load of the catalog, which is long-lived from then on.
-
-    Moves it out of the cyclic collector's way (full collections over it, 30-40 ms at
-    10,000 instances, used to land in the middle of rounds), then hands the heap that
-    the load freed (the etcd response, its protobuf objects, the raw values) back to the
-    system: glibc keeps it otherwise, 3.5 MB of RSS at 10,000 instances (bench scale).
-    """
-    gc.collect()
-    gc.freeze()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``; None elsewhere (musl has none)."""
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    return trim
-
-
-_malloc_trim = _find_malloc_trim()
+def wait_budget(due: float | None, release: float | None, now: float) -> float:
+    """How long the loop may block: until a round is due, a hold ends, or ``_TICK``."""
+    if release is not None:
+        until = max(0.0, release - now)
+        due = until if due is None else min(due, until)
+    return _TICK if due is None else min(due, _TICK)

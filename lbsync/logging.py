@@ -3,6 +3,11 @@
 Every decision the daemon makes (change seen, render skipped, held, validated, swapped,
 reloaded, verified, rolled back) is one structured event with its target, revision,
 counts and durations; callers use ``structlog.get_logger("lbsync.<stage>")``.
+
+An ``LbsyncError`` is logged as the value itself (``log.error("apply.failed", error=err)``):
+the ``_expand_errors`` processor writes its message and its ``context()`` fields, so no
+caller spells them out. That processor is installed by ``configure_logging``; before it
+runs (library use, ``structlog.testing.capture_logs``) the event holds the exception.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import sys
 from typing import Literal, TextIO
 
 import structlog
+
+from lbsync.errors import LbsyncError
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -36,6 +43,7 @@ def configure_logging(
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info if use_json else _keep,
+            _expand_errors,
             _stringify_paths,
             renderer,
         ],
@@ -50,6 +58,26 @@ def configure_logging(
 def _keep(
     _logger: object, _name: str, event: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
+    return event
+
+
+def _expand_errors(
+    _logger: object, _name: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Every ``LbsyncError`` value becomes its message, plus its ``context()`` fields.
+
+    Explicit keys of the call win over context keys; ``error``'s context comes before any
+    other error's (``cause``).
+    """
+    errors = sorted(
+        ((key, value) for key, value in event.items() if isinstance(value, LbsyncError)),
+        key=lambda item: item[0] != "error",
+    )
+    for key, err in errors:
+        event[key] = str(err)
+    for _key, err in errors:
+        for field, value in err.context().items():
+            event.setdefault(field, value)
     return event
 
 

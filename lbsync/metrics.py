@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -32,9 +32,7 @@ from prometheus_client.gc_collector import GCCollector
 from lbsync import __version__
 from lbsync.errors import ValidationFailed
 from lbsync.model import Service, Snapshot, State
-
-if TYPE_CHECKING:  # pipeline may import this module: no import cycle at run time
-    from lbsync.pipeline import Outcome
+from lbsync.outcome import Action, Outcome
 
 # ``*_created`` series double every counter and histogram for no operational value.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -46,7 +44,7 @@ ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
 
-ACTIONS = ("unchanged", "runtime", "reloaded", "rolled_back", "failed")
+ACTIONS: tuple[Action, ...] = get_args(Action)
 STAGES = ("render", "validate", "runtime", "swap", "reload", "verify")
 
 # Stage durations: nginx -t on a small config is ~5 ms, HAProxy -c at 10k servers ~64 ms,

@@ -6,23 +6,21 @@ it never writes a destination and never reloads. ``apply_once`` runs one full ro
 
 from __future__ import annotations
 
-import errno
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lbsync.catalog import Catalog
-from lbsync.config import Settings, Target
-from lbsync.drivers.base import Driver, driver_for
-from lbsync.errors import LbsyncError, StageError
-from lbsync.fileio import opened_dir, touch
+from lbsync.config import Settings
+from lbsync.drivers.base import DriverFactory, driver_for
+from lbsync.errors import LbsyncError
 from lbsync.model import Snapshot, SourceReset
-from lbsync.pipeline import Outcome, TargetPipeline
+from lbsync.outcome import Outcome
+from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
 
 ReadAll = Callable[[Settings], SourceReset]
-DriverFactory = Callable[[Target], Driver]
 
 
 def read_etcd(settings: Settings) -> SourceReset:
@@ -106,24 +104,3 @@ def check_config(settings: Settings) -> list[str]:
             renderer.load(template.src)
             checked.append(f"{target.name}: {template.src} -> {template.dest}")
     return checked
-
-
-def confirm_held(settings: Settings) -> Path:
-    """Tell a running daemon to apply the update its guard is holding (touches a file).
-
-    The file is created or touched relative to the state directory's descriptor, never
-    through a symlink: one planted at its name is refused, not followed."""
-    from lbsync.daemon import CONFIRM_FILE
-
-    path = settings.state_dir / CONFIRM_FILE
-    try:
-        with opened_dir(settings.state_dir, create=True, follow_symlinks=False) as dir_fd:
-            touch(dir_fd, CONFIRM_FILE)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StageError(
-                "the confirm file is a symlink: refused (remove it; lbsync creates the file)",
-                path=str(path),
-            ) from exc
-        raise StageError(f"cannot write the confirmation: {exc.strerror}", path=str(path)) from exc
-    return path

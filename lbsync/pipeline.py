@@ -19,9 +19,8 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import structlog
 
@@ -39,14 +38,13 @@ from lbsync.errors import (
 )
 from lbsync.isolation import HeldService, Unattributable
 from lbsync.model import Snapshot
+from lbsync.outcome import Outcome
 from lbsync.render import Renderer
 from lbsync.stage import swap
 from lbsync.stage.tree import StagingArea
 from lbsync.structure import StructureCheck
 
 log = structlog.get_logger("lbsync.pipeline")
-
-Action = Literal["unchanged", "runtime", "reloaded", "rolled_back", "failed"]
 
 
 @dataclass(frozen=True)
@@ -71,21 +69,6 @@ class Plan:
             old_name = str(path) if self.current[path] is not None else "/dev/null"
             chunks.extend(difflib.unified_diff(before, after, old_name, str(path)))
         return "".join(chunks)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    target: str
-    revision: int
-    action: Action
-    files: tuple[str, ...] = ()
-    error: LbsyncError | None = None
-    durations: Mapping[str, float] = field(default_factory=dict)
-    held: Mapping[str, HeldService] = field(default_factory=dict)  # services held back
-
-    @property
-    def ok(self) -> bool:
-        return self.action in ("unchanged", "runtime", "reloaded")
 
 
 class TargetPipeline:
@@ -245,11 +228,12 @@ class TargetPipeline:
         metrics.service_held(self.name, type(error).__name__)
         log.error(
             "service.held",
-            **{**error.context(), "target": self.name, "service": name},
+            target=self.name,
+            service=name,
             keys=list(keys),
             revision=snapshot.revision,
             attempt=attempt,
-            error=str(error),
+            error=error,
         )
 
     def _release_changed(self, wanted: Snapshot) -> dict[str, HeldService]:
@@ -318,13 +302,10 @@ class TargetPipeline:
             self.driver.verify(self.driver.reload())
         except LbsyncError as err:
             metrics.alert("rollback_failed")
-            log.critical(
-                "rollback.failed",
-                **{**err.context(), "target": self.name, "cause": str(cause), "error": str(err)},
-            )
+            log.critical("rollback.failed", target=self.name, cause=cause, error=err)
             return
         metrics.alert("rollback")
-        log.error("rollback.done", **{**cause.context(), "target": self.name, "cause": str(cause)})
+        log.error("rollback.done", target=self.name, cause=cause)
 
     def _report(self, outcome: Outcome, timings: dict[str, float]) -> Outcome:
         outcome = Outcome(
@@ -345,8 +326,7 @@ class TargetPipeline:
         if outcome.held:
             fields["held"] = sorted(outcome.held)
         if outcome.error is not None:
-            err = outcome.error
-            log.error(f"apply.{outcome.action}", **{**err.context(), **fields, "error": str(err)})
+            log.error(f"apply.{outcome.action}", **fields, error=outcome.error)
         elif outcome.action == "unchanged":
             log.debug("apply.unchanged", **fields)
         else:

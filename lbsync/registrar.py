@@ -20,32 +20,15 @@ import structlog
 
 from lbsync.config import EtcdSettings
 from lbsync.errors import ConfigError, InvalidValue, SourceError
+from lbsync.keys import health_key, instance_key
 from lbsync.model import State
-from lbsync.source.etcd import EtcdWriter, Lease
+from lbsync.source.writer import EtcdWriter, Lease
 from lbsync.values import (
-    INSTANCE_ID,
-    SERVICE_NAME,
     parse_health,
     parse_registration,
 )
 
 log = structlog.get_logger("lbsync.registrar")
-
-
-def instance_key(prefix: str, service: str, instance: str) -> str:
-    return f"{prefix}/services/{_name(service, instance)}/instances/{instance}"
-
-
-def health_key(prefix: str, service: str, instance: str) -> str:
-    return f"{prefix}/services/{_name(service, instance)}/health/{instance}"
-
-
-def _name(service: str, instance: str) -> str:
-    if not SERVICE_NAME.fullmatch(service):
-        raise ConfigError(f"service name {service!r} must match {SERVICE_NAME.pattern}")
-    if not INSTANCE_ID.fullmatch(instance):
-        raise ConfigError(f"instance id {instance!r} must match {INSTANCE_ID.pattern}")
-    return service
 
 
 @dataclass(frozen=True)

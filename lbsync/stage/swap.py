@@ -157,7 +157,7 @@ def restore(record: SwapRecord) -> None:
             _restore_one(entry)
         except StageError as err:
             failures.append(err)
-            log.error("stage.restore_failed", error=str(err), **err.context())
+            log.error("stage.restore_failed", error=err)
     if failures:
         first = failures[0]
         raise StageError(
@@ -285,7 +285,7 @@ def _undo(done: list[SwapEntry], cause: StageError) -> None:
         try:
             _restore_one(entry)
         except StageError as err:
-            log.critical("stage.undo_failed", cause=str(cause), error=str(err), **err.context())
+            log.critical("stage.undo_failed", cause=cause, error=err)
 
 
 def _backup_path(backup_dir: Path, dest: Path) -> Path:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from lbsync.config import Settings
 from lbsync.daemon import Daemon
 from lbsync.model import Snapshot
-from lbsync.pipeline import Outcome
-from lbsync.source.etcd import EtcdWriter
+from lbsync.outcome import Outcome
+from lbsync.source.writer import EtcdWriter
 
 
 class RunningDaemon:

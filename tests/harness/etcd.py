@@ -34,7 +34,7 @@ import pytest
 
 from lbsync.config import EtcdSettings
 from lbsync.model import SourceEvents, SourceMessage, SourceReset, SourceStatus
-from lbsync.source.etcd import EtcdSource, EtcdWriter
+from lbsync.source import EtcdSource, EtcdWriter
 from tests.harness.net import free_port, wait_for
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lbsync.config import EtcdSettings, Settings
-from lbsync.source.etcd import EtcdWriter
+from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
 from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer

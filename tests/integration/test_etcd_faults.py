@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from lbsync.config import EtcdSettings, Settings
-from lbsync.daemon import Daemon, Health
+from lbsync.daemon import Daemon
 from lbsync.errors import SourceError
+from lbsync.health import Health
 from lbsync.model import SourceMessage
-from lbsync.source.etcd import EtcdSource, EtcdWriter
+from lbsync.source import EtcdSource, EtcdWriter
 from tests.harness.backends import Backend, only_served_by
 from tests.harness.etcd import EtcdCluster, EtcdServer, SourceRecorder, TcpProxy
 from tests.harness.net import wait_for

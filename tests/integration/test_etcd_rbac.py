@@ -21,8 +21,9 @@ import pytest
 
 from lbsync.config import EtcdSettings
 from lbsync.errors import ConfigError, SourceError
+from lbsync.keys import health_key, instance_key
 from lbsync.model import State
-from lbsync.registrar import InstanceSpec, Registrar, health_key, instance_key, mark
+from lbsync.registrar import InstanceSpec, Registrar, mark
 from lbsync.source import EtcdWriter
 from tests.harness.etcd import ROOT_PASSWORD, EtcdServer, RunningSource, TlsFiles
 from tests.harness.net import wait_for

@@ -216,7 +216,7 @@ def test_user_and_password_work_over_plain_http_with_a_warning(
         settings = etcd_settings(server.endpoint, user=USER, password_file=password_file)
         with structlog.testing.capture_logs() as logs, EtcdWriter(settings) as writer:
             writer.put(f"{PREFIX}/a", "1")
-        assert any(entry["event"] == "etcd_auth_without_tls" for entry in logs)
+        assert any(entry["event"] == "source.auth_without_tls" for entry in logs)
         source = EtcdSource(settings)
         try:
             assert [kv.key for kv in source.read_all().kvs] == [f"{PREFIX}/a"]

@@ -111,7 +111,7 @@ def test_an_idle_watch_through_the_proxy_is_kept(
         rec = running.recorder
         wait_for(rec.connected, what="the watch through the proxy")
         wait_for(
-            lambda: sum(e["event"] == "etcd_progress_unanswered" for e in logs) == 1,
+            lambda: sum(e["event"] == "source.progress_unanswered" for e in logs) == 1,
             what="the silent stream to be checked with a read",
         )
         writer.put(f"{PREFIX}/after-silence", "1")

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lbsync import metrics
 from lbsync.errors import ConfigError, ValidationFailed
 from lbsync.http import MAX_REQUEST_HEAD, StatusServer
-from lbsync.pipeline import Outcome
+from lbsync.outcome import Outcome
 from lbsync.testing import snapshot_from
 from tests.harness.net import wait_for
 

@@ -31,7 +31,7 @@ from lbsync.errors import ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, Snapshot
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
-from lbsync.source.etcd import EtcdWriter
+from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, http_get, inst, keep_alive_load, membership
 from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer

@@ -21,7 +21,7 @@ from lbsync.drivers.haproxy.driver import HaproxyDriver
 from lbsync.drivers.haproxy.state import config_servers
 from lbsync.model import Service, Snapshot
 from lbsync.render import Renderer
-from lbsync.source.etcd import EtcdWriter
+from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
 from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
@@ -266,7 +266,7 @@ def test_a_restarted_daemon_renders_the_same_config_and_reloads_nothing(
     second = RunningDaemon(settings)
     try:
         wait_for(lambda: second.caught_up(writer), what="the second daemon to catch up")
-        # (the persisted last-known-good catalog, then etcd's read: both render the same)
+        # (the saved catalog, then etcd's read: both render the same)
         assert set(second.actions()) == {"unchanged"}
         writer.put(key("web", "instances", "b1"), registration(backends[0]))
         wait_for(lambda: only_served_by(web.port, {"b1", "b2", "b3"}), what="b1 back")

@@ -9,7 +9,7 @@ import pytest
 
 from lbsync.cli import main as cli
 from lbsync.config import Settings, settings_from_dict
-from lbsync.source.etcd import EtcdWriter
+from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, http_get, only_served_by
 from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lbsync.source.etcd import EtcdWriter
+from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import wait_for

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lbsync import daemon as daemon_module
+from lbsync import memory, saved_catalog
 from lbsync.cli import main as cli
 from lbsync.config import Settings, settings_from_dict
 from lbsync.daemon import Daemon, etcd_source
@@ -315,7 +315,7 @@ def test_empty_prefix_never_empties_the_lb_without_confirmation(tmp_path: Path, 
         run.stop()
 
 
-def test_restart_while_etcd_is_down_starts_from_last_known_good(
+def test_restart_while_etcd_is_down_starts_from_the_saved_catalog(
     tmp_path: Path, source: FakeSource, driver: FakeDriver, out: Path
 ) -> None:
     settings = make_settings(tmp_path)
@@ -365,15 +365,15 @@ def test_settle_memory_freezes_what_is_loaded_and_trims_the_heap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trims: list[int] = []
-    monkeypatch.setattr(daemon_module, "_malloc_trim", lambda pad: trims.append(pad) or 1)
+    monkeypatch.setattr(memory, "_malloc_trim", lambda pad: trims.append(pad) or 1)
     before = gc.get_freeze_count()
     loaded = [[n] for n in range(1000)]
 
-    daemon_module.settle_memory()
+    memory.settle()
 
     assert gc.get_freeze_count() >= before + len(loaded)
     assert trims == [0]
-    assert daemon_module._find_malloc_trim() is not None, "glibc has malloc_trim"
+    assert memory._find_malloc_trim() is not None, "glibc has malloc_trim"
     gc.unfreeze()
 
 
@@ -381,7 +381,7 @@ def test_a_full_load_settles_memory(
     tmp_path: Path, source: FakeSource, driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(daemon_module, "settle_memory", lambda: calls.append(1))
+    monkeypatch.setattr(memory, "settle", lambda: calls.append(1))
     run = Running(make_settings(tmp_path), source, driver)
     try:
         first_round_applied(run)
@@ -400,7 +400,7 @@ def test_a_full_load_settles_memory(
         (130.0, 100.0, 129.9, True),  # ... but then, whatever
     ],
 )
-def test_last_good_is_saved_when_changes_pause_or_after_30_s(
+def test_the_catalog_is_saved_when_changes_pause_or_after_30_s(
     now: float, saved_at: float, applied_at: float, due: bool
 ) -> None:
-    assert daemon_module.last_good_due(now, saved_at, applied_at) is due
+    assert saved_catalog.save_due(now, saved_at, applied_at) is due

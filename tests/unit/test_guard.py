@@ -1,5 +1,5 @@
 from lbsync.config import GuardSettings
-from lbsync.scheduler import Guard, judge
+from lbsync.guard import Guard, judge
 from lbsync.testing import snapshot_from
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from lbsync import metrics
 from lbsync.errors import RenderError, ValidationFailed, VerifyFailed
-from lbsync.pipeline import Outcome
+from lbsync.outcome import Outcome
 from lbsync.testing import snapshot_from
 
 _names = itertools.count()

@@ -9,7 +9,7 @@ import pytest
 
 from lbsync.config import EtcdSettings
 from lbsync.errors import ConfigError, LeaseExpired, RevisionCompacted, SourceError
-from lbsync.source.etcd import EtcdSource, EtcdWriter
+from lbsync.source import EtcdSource, EtcdWriter
 
 
 def settings(**values: object) -> EtcdSettings:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lbsync import oneshot
 from lbsync.cli import main
 from lbsync.config import Settings, prepare_state_dir, settings_from_dict
-from lbsync.daemon import CONFIRM_FILE, Daemon
+from lbsync.daemon import Daemon
 from lbsync.errors import ConfigError, StageError
+from lbsync.guard import CONFIRM_FILE, confirm_held, confirmed_at
 from lbsync.testing import FakeDriver
 
 OTHER_UID = 12345
@@ -172,9 +172,9 @@ def test_confirm_creates_a_private_file_and_touches_it_again(tmp_path: Path) -> 
     state = tmp_path / "state"
     settings = _settings(tmp_path, state)
 
-    path = oneshot.confirm_held(settings)
+    path = confirm_held(settings.state_dir)
     os.utime(path, (1_000_000, 1_000_000))
-    oneshot.confirm_held(settings)
+    confirm_held(settings.state_dir)
 
     assert path == state / CONFIRM_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 & ~_umask()
@@ -190,7 +190,7 @@ def test_confirm_refuses_a_planted_symlink_and_leaves_its_target_alone(
     (state / CONFIRM_FILE).symlink_to(victim)
 
     with pytest.raises(StageError, match="the confirm file is a symlink: refused"):
-        oneshot.confirm_held(_settings(tmp_path, state))
+        confirm_held(_settings(tmp_path, state).state_dir)
     assert main(["confirm", "-c", str(_config_file(tmp_path, state))]) == 1
 
     assert "confirm file is a symlink" in capsys.readouterr().err
@@ -208,7 +208,7 @@ def test_confirm_refuses_a_dangling_symlink_instead_of_creating_its_target(
     (state / CONFIRM_FILE).symlink_to(target)
 
     with pytest.raises(StageError, match="symlink"):
-        oneshot.confirm_held(_settings(tmp_path, state))
+        confirm_held(_settings(tmp_path, state).state_dir)
 
     assert not target.exists()
 
@@ -221,8 +221,8 @@ def test_the_daemon_reads_the_confirm_time_without_following_a_symlink(tmp_path:
     daemon = Daemon(_settings(tmp_path, state), driver_factory=lambda _t: FakeDriver())
     (state / CONFIRM_FILE).symlink_to(victim)
 
-    assert daemon._confirmed_at() == 0.0
+    assert confirmed_at(daemon.settings.state_dir) == 0.0
 
     (state / CONFIRM_FILE).unlink()
-    path = oneshot.confirm_held(daemon.settings)
-    assert daemon._confirmed_at() == path.stat().st_mtime > 0.0
+    path = confirm_held(daemon.settings.state_dir)
+    assert confirmed_at(daemon.settings.state_dir) == path.stat().st_mtime > 0.0

@@ -5,7 +5,8 @@ the prefix, and every raw key under the prefix. On load it becomes an ordinary
 ``SourceReset`` and goes through the catalog's validation like any read from etcd.
 Writes are atomic (``fileio.atomic_write``: temp file, fsync, rename, never through a
 symlink), and throttled by the daemon: losing the latest save costs nothing but
-staleness. A symlink at the file's name is not read either (``lastgood.unreadable``).
+staleness (``Saver``). A symlink at the file's name is not read either
+(``catalog.unreadable``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ from pathlib import Path
 
 import structlog
 
-from lbsync.errors import StageError
+from lbsync.errors import LbsyncError, StageError
 from lbsync.fileio import atomic_write, opened_dir, read_bytes
 from lbsync.model import KeyValue, Snapshot, SourceReset
+from lbsync.scheduler import Clock
 
-log = structlog.get_logger("lbsync.lastgood")
+log = structlog.get_logger("lbsync.saved_catalog")
 
 FILENAME = "last-applied.json"
+# The daemon saves once changes pause (SAVE_QUIET s without an applied round), at most
+# every SAVE_EVERY s, and at least every SAVE_LATEST s while changes keep coming: a save
+# is ~13 ms of CPU at 10,000 instances, and only a restart while etcd is down reads it.
+SAVE_EVERY = 5.0
+SAVE_QUIET = 1.0
+SAVE_LATEST = 30.0
 
 
 @dataclass(frozen=True)
@@ -63,17 +71,53 @@ def load(state_dir: Path, prefix: str) -> Saved | None:
         data = json.loads(read_bytes(path, follow_symlinks=False))  # a symlink: ELOOP
         revision, saved_at, keys = int(data["revision"]), float(data["saved_at"]), data["keys"]
         if data["prefix"] != prefix:
-            log.warning(
-                "lastgood.other_prefix", path=str(path), saved=data["prefix"], prefix=prefix
-            )
+            log.warning("catalog.other_prefix", path=str(path), saved=data["prefix"], prefix=prefix)
             return None
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("lastgood.unreadable", path=str(path), error=str(exc))
+        log.warning("catalog.unreadable", path=str(path), error=str(exc))
         return None
     kvs = tuple(
         KeyValue(key=prefix + key, value=str(value).encode(), mod_revision=revision)
         for key, value in sorted(keys.items())
     )
-    return Saved(SourceReset(revision=revision, kvs=kvs), saved_at)
+    saved = Saved(SourceReset(revision=revision, kvs=kvs), saved_at)
+    log.info("catalog.loaded", revision=revision, keys=len(kvs), age_s=round(saved.age(), 1))
+    return saved
+
+
+def save_due(now: float, saved_at: float, applied_at: float) -> bool:
+    """Whether an unsaved catalog should be saved now (see ``SAVE_*``)."""
+    since_save = now - saved_at
+    if since_save >= SAVE_LATEST:
+        return True
+    return since_save >= SAVE_EVERY and now - applied_at >= SAVE_QUIET
+
+
+class Saver:
+    """Saves the daemon's applied catalog when ``save_due`` says so, or on stop (``force``)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._unsaved = False
+        self._saved_at = self._applied_at = clock()
+
+    def applied(self) -> None:
+        """A round applied a new catalog to every target."""
+        self._unsaved, self._applied_at = True, self._clock()
+
+    def save_if_due(
+        self, state_dir: Path, prefix: str, snapshot: Snapshot, *, force: bool = False
+    ) -> None:
+        """Save ``snapshot`` if it is time; a failed save waits for the next applied round."""
+        if not self._unsaved:
+            return
+        if not (force or save_due(self._clock(), self._saved_at, self._applied_at)):
+            return
+        try:
+            save(state_dir, prefix, snapshot)
+        except LbsyncError as err:
+            log.error("catalog.save_failed", error=err)
+        self._unsaved = False
+        self._saved_at = self._clock()

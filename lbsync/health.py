@@ -1,0 +1,116 @@
+"""What the daemon knows about itself: ``Health``, and what /healthz, /readyz and /status say."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lbsync.catalog import Catalog
+from lbsync.guard import Guard
+from lbsync.model import SourceStatus
+from lbsync.outcome import Outcome
+from lbsync.pipeline import TargetPipeline
+
+STUCK = 30.0  # /healthz fails when the loop has not turned for this long
+
+
+@dataclass
+class Health:
+    """What the loop knows about itself, for logs and the status endpoint."""
+
+    connected: bool = False
+    synced: bool = False  # a full read of etcd has been applied to the catalog
+    revision: int = 0
+    last_loop: float = 0.0
+    disconnected_since: float | None = None
+    # Set while running on the persisted catalog: how old it was when loaded, and when.
+    saved_catalog_age: float | None = None
+    saved_catalog_loaded_at: float | None = None
+    endpoint: str | None = None
+    ready_notified: bool = False
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    def staleness(self, now: float) -> float:
+        """How far behind etcd the catalog may be (0 while connected and synced)."""
+        if self.connected and self.synced:
+            return 0.0
+        if not self.synced and self.saved_catalog_age is not None and self.saved_catalog_loaded_at:
+            return self.saved_catalog_age + (now - self.saved_catalog_loaded_at)
+        if self.disconnected_since is not None:
+            return now - self.disconnected_since
+        return float("inf")
+
+    def note_status(self, status: SourceStatus, now: float) -> None:
+        """Take the source's connection state."""
+        self.connected = status.connected
+        self.endpoint = status.endpoint or self.endpoint
+        if status.connected:
+            self.disconnected_since = None
+        elif self.disconnected_since is None:
+            self.disconnected_since = now
+
+    def healthy(self, now: float) -> tuple[bool, str]:
+        """The main loop is turning."""
+        idle = now - self.last_loop
+        if idle > STUCK:
+            return False, f"main loop has not turned for {idle:.0f}s"
+        return True, ""
+
+    def ready(self, now: float, max_staleness: float) -> tuple[bool, str]:
+        """First sync done, and etcd reachable or the catalog fresh enough."""
+        if not (self.synced or self.saved_catalog_age is not None):
+            return False, "no catalog yet: waiting for the first read of etcd"
+        staleness = self.staleness(now)
+        if staleness > max_staleness:
+            return False, f"etcd unreachable; catalog is {staleness:.0f}s stale"
+        if not self.connected:
+            return True, f"etcd unreachable; serving a catalog {staleness:.0f}s stale"
+        return True, ""
+
+
+def status_document(
+    health: Health, guard: Guard, catalog: Catalog, pipelines: Sequence[TargetPipeline], now: float
+) -> dict[str, object]:
+    """The ``/status`` document. Runs on an HTTP thread while the main loop goes on."""
+    held = guard.held
+    return {
+        "revision": catalog.revision,
+        "etcd": {
+            "connected": health.connected,
+            "endpoint": health.endpoint,
+            "synced": health.synced,
+            "staleness_s": _finite(health.staleness(now)),
+        },
+        "held": None
+        if held is None
+        else {
+            "reason": held.reason,
+            "removed": held.removed,
+            "total": held.total,
+            "since": guard.held_since_wall,
+            "needs_confirmation": held.needs_confirmation,
+        },
+        # list() first: the main loop may change these while this (HTTP) thread reads
+        "rejected": {key: err.reason for key, err in list(catalog.rejected.items())},
+        "targets": {name: _outcome_document(o) for name, o in list(health.outcomes.items())},
+        "runtime": {
+            p.driver.name: status
+            for p in pipelines
+            if (status := p.driver.runtime_status()) is not None
+        },
+    }
+
+
+def _finite(value: float) -> float | None:
+    return None if value == float("inf") else round(value, 3)
+
+
+def _outcome_document(outcome: Outcome) -> dict[str, object]:
+    return {
+        "action": outcome.action,
+        "revision": outcome.revision,
+        "files": list(outcome.files),
+        "error": str(outcome.error) if outcome.error else None,
+        "ms": dict(outcome.durations),
+        "held": {name: held.document() for name, held in outcome.held.items()},
+    }

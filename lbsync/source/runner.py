@@ -1,0 +1,73 @@
+"""A source in its own thread: the thread, the queue it fills and the event that stops it.
+
+Only the main thread touches the catalog and the LB; the source hands over frozen
+messages through the queue, which the main loop drains between rounds.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import structlog
+
+from lbsync.model import SourceMessage
+
+log = structlog.get_logger("lbsync.source")
+
+
+class Source(Protocol):
+    """What the runner needs of a source: ``lbsync.source.EtcdSource`` or a fake."""
+
+    def run(self, emit: Callable[[SourceMessage], None], stop: threading.Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SourceRunner:
+    """Runs one source in a daemon thread until ``stop``; one runner per source."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self._messages: queue.Queue[SourceMessage] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=source.run,
+            args=(self._messages.put, self._stop),
+            name="lbsync-source",
+            daemon=True,
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def messages(self, timeout: float) -> Iterator[SourceMessage]:
+        """Block up to ``timeout`` for one message, then yield whatever else is queued."""
+        message = self._next(timeout)
+        while message is not None:
+            yield message
+            message = self._next(0.0)
+
+    def _next(self, timeout: float) -> SourceMessage | None:
+        try:
+            if timeout > 0:
+                return self._messages.get(timeout=timeout)
+            return self._messages.get_nowait()
+        except queue.Empty:
+            return None
+
+    def stop(self, timeout: float) -> None:
+        """Stop the thread; wait up to ``timeout`` for a hung call to run out its own.
+
+        A thread still alive after that is left to finish on its own: its channels are
+        never closed under it (gRPC crashes on that race). Messages still queued are dropped.
+        """
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            log.warning("source.stop_timeout", timeout_s=timeout)
+        else:
+            self.source.close()

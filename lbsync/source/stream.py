@@ -1,0 +1,136 @@
+"""What etcd sends, as lbsync's models: paged consistent reads, key decoding, and one raw
+gRPC watch stream with our own request iterator (for progress requests) and reader thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import structlog
+from pyetcd import etcdrpc
+from pyetcd.etcdrpc import kv_pb2
+
+from lbsync.model import KeyEvent, KeyValue, SourceReset
+
+log = structlog.get_logger("lbsync.source")
+
+
+def watch_prefix(prefix: str) -> bytes:
+    """Keys *under* the prefix: ``/lbsync`` watches ``/lbsync/``, not ``/lbsync-other``."""
+    return prefix.encode() if prefix.endswith("/") else f"{prefix}/".encode()
+
+
+def _decode_key(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        log.warning("source.key_skipped", key=repr(raw), reason="key is not UTF-8")
+        return None
+
+
+def _key_values(kvs: Any) -> list[KeyValue]:
+    out = []
+    for kv in kvs:
+        key = _decode_key(kv.key)
+        if key is not None:
+            out.append(KeyValue(key=key, value=bytes(kv.value), mod_revision=kv.mod_revision))
+    return out
+
+
+def key_events(events: Any) -> list[KeyEvent]:
+    out = []
+    for event in events:
+        key = _decode_key(event.kv.key)
+        if key is None:
+            continue
+        revision = int(event.kv.mod_revision)
+        if event.type == kv_pb2.Event.DELETE:
+            out.append(KeyEvent(kind="delete", key=key, mod_revision=revision))
+        else:
+            out.append(
+                KeyEvent(kind="put", key=key, value=bytes(event.kv.value), mod_revision=revision)
+            )
+    return out
+
+
+def read_pages(client: Any, start: bytes, end: bytes, page_size: int) -> SourceReset:
+    """Page through [start, end) with every page pinned to the first page's revision."""
+    kvs: list[KeyValue] = []
+    revision: int | None = None
+    while True:
+        resp = client.get_range_response(start, end, limit=page_size, revision=revision)
+        if revision is None:
+            revision = int(resp.header.revision)
+        kvs.extend(_key_values(resp.kvs))
+        if not resp.more or not resp.kvs:
+            return SourceReset(revision=revision, kvs=tuple(kvs))
+        start = bytes(resp.kvs[-1].key) + b"\0"
+
+
+class StreamEnded(Exception):
+    """The server closed the watch stream without an error (pitfall 6)."""
+
+
+_END = object()
+
+
+class WatchStream:
+    """One gRPC Watch call on one prefix: our own request iterator, a reader thread.
+
+    The request iterator sends the create request, then a progress request every
+    ``progress_every`` seconds until closed. The reader thread moves responses (and the
+    final error or end) into a queue, so the caller can wait with a timeout.
+    """
+
+    def __init__(self, client: Any, create: Any, *, progress_every: float) -> None:
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._responses: queue.Queue[Any] = queue.Queue()
+        self._progress_every = progress_every
+        self._requests.put(etcdrpc.WatchRequest(create_request=create))
+        stub = etcdrpc.WatchStub(client.channel)
+        self._call = stub.Watch(
+            self._request_iter(),
+            credentials=client.call_credentials,
+            metadata=client.metadata,
+        )
+        self._reader = threading.Thread(target=self._read, name="lbsync-etcd-watch", daemon=True)
+        self._reader.start()
+
+    def _request_iter(self) -> Iterator[Any]:
+        progress = etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest())
+        while True:
+            try:
+                request = self._requests.get(timeout=self._progress_every)
+            except queue.Empty:
+                request = progress
+            if request is None:
+                return
+            yield request
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._responses.put(response)
+            self._responses.put(_END)
+        except Exception as exc:  # handed to the caller's thread, which translates it
+            self._responses.put(exc)
+
+    def get(self, timeout: float) -> Any | None:
+        """The next response, or None after ``timeout``. Raises the stream's error or end."""
+        try:
+            item = self._responses.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is _END:
+            raise StreamEnded("the watch stream ended")
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+        self._reader.join(timeout=5)
