@@ -12,6 +12,7 @@ Keys (relative to the prefix)::
     /services/<service>/instances/<id>   {"host", "port", "weight", "state", "meta"} | "host:port"
     /services/<service>/health/<id>      {"status", "reason", "by"} | "down" | "drain" | "up"
     /services/<service>/settings         {"balance": "least_conn", ...}
+    /services/<service>/probes/<id>/<prober>  {"status": "down", "reason", "since"}  (leased)
 
 Every other key under the prefix is kept only as a raw key for ``getv``/``ls``.
 """
@@ -27,17 +28,22 @@ from lbsync.model import (
     Instance,
     KeyEvent,
     KeyValue,
+    ProbeVerdict,
     Service,
     SettingValue,
     Snapshot,
     SourceEvents,
     SourceReset,
+    State,
 )
+from lbsync.probes import DEFAULT_POLICY, ProbePolicy, in_panic, quorum_down
 from lbsync.values import (
     INSTANCE_ID,
+    PROBER_NAME,
     SERVICE_NAME,
     Registration,
     parse_health,
+    parse_probe,
     parse_registration,
     parse_settings,
 )
@@ -45,36 +51,55 @@ from lbsync.values import (
 Reject = Callable[[InvalidValue], None]
 
 
+# What an Instance was built from; the same inputs (by identity) give the same Instance.
+_Built = tuple[Registration, HealthMark | None, Mapping[str, ProbeVerdict] | None, bool, Instance]
+
+
 @dataclass
 class _ServiceState:
     registrations: dict[str, Registration] = field(default_factory=dict)
     health: dict[str, HealthMark] = field(default_factory=dict)
     settings: dict[str, SettingValue] = field(default_factory=dict)
-    # The Instance last built for each id, with the registration and health mark it was
-    # built from: a rebuild after one event makes one new Instance, not one per instance.
-    instances: dict[str, tuple[Registration, HealthMark | None, Instance]] = field(
-        default_factory=dict
-    )
+    # Verdicts by instance id, then prober; an inner dict is replaced (never mutated) on
+    # every change, so an unchanged one is the same object as at the last build.
+    probes: dict[str, dict[str, ProbeVerdict]] = field(default_factory=dict)
+    # The Instance last built for each id, with what it was built from: a rebuild after one
+    # event makes one new Instance, not one per instance.
+    instances: dict[str, _Built] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.registrations or self.health or self.settings)
+        return not (self.registrations or self.health or self.settings or self.probes)
 
-    def build(self, name: str) -> Service:
-        built: dict[str, tuple[Registration, HealthMark | None, Instance]] = {}
-        for iid, reg in sorted(self.registrations.items()):
-            health = self.health.get(iid)
+    def build(self, name: str, policy: ProbePolicy = DEFAULT_POLICY) -> Service:
+        ids = sorted(self.registrations)
+        bases = [self._base_state(iid) for iid in ids]
+        probed = [quorum_down(self.probes.get(iid), policy.quorum) for iid in ids]
+        panic = in_panic(bases, probed, policy.panic_threshold)
+        built: dict[str, _Built] = {}
+        for iid, probed_down in zip(ids, probed, strict=True):
+            reg, health = self.registrations[iid], self.health.get(iid)
+            verdicts = self.probes.get(iid)
+            applied = probed_down and not panic
             last = self.instances.get(iid)
-            if last is not None and last[0] is reg and last[1] is health:
+            if last is not None and _same_inputs(last, reg, health, verdicts, applied):
                 built[iid] = last  # parsed objects are replaced on every put: same = unchanged
             else:
-                built[iid] = (reg, health, _instance(iid, reg, health))
+                instance = _instance(
+                    iid, reg, health, verdicts or {}, probed_down=probed_down, applied=applied
+                )
+                built[iid] = (reg, health, verdicts, applied, instance)
         self.instances = built
         return Service.model_construct(
             _SERVICE_FIELDS,
             name=name,
-            instances=tuple(entry[2] for entry in built.values()),
+            instances=tuple(entry[4] for entry in built.values()),
             settings=dict(sorted(self.settings.items())),
+            panic=panic,
         )
+
+    def _base_state(self, iid: str) -> State:
+        health = self.health.get(iid)
+        return self.registrations[iid].state.worse(health.status if health else None)
 
 
 # Every field is set, and a frozen model never changes its fields-set: one shared set
@@ -83,25 +108,50 @@ _INSTANCE_FIELDS = set(Instance.model_fields)
 _SERVICE_FIELDS = set(Service.model_fields)
 
 
-def _instance(iid: str, reg: Registration, health: HealthMark | None) -> Instance:
+def _same_inputs(
+    last: _Built,
+    reg: Registration,
+    health: HealthMark | None,
+    verdicts: Mapping[str, ProbeVerdict] | None,
+    applied: bool,
+) -> bool:
+    return last[0] is reg and last[1] is health and last[2] is verdicts and last[3] == applied
+
+
+def _instance(
+    iid: str,
+    reg: Registration,
+    health: HealthMark | None,
+    verdicts: Mapping[str, ProbeVerdict],
+    *,
+    probed_down: bool,
+    applied: bool,
+) -> Instance:
+    """``applied``: the quorum's down verdict counts (it does not while the service panics)."""
+    state = reg.state.worse(health.status if health else None)
     return Instance.model_construct(
         _INSTANCE_FIELDS,
         id=iid,
         host=reg.host,
         port=reg.port,
         weight=reg.weight,
-        state=reg.state.worse(health.status if health else None),
+        state=state.worse(State.DOWN if applied else None),
         registered_state=reg.state,
         health=health,
         meta=reg.meta,
+        probes=verdicts,
+        probed_down=probed_down,
     )
 
 
 class Catalog:
     """The current state of the prefix, updated one event at a time."""
 
-    def __init__(self, prefix: str, on_reject: Reject | None = None) -> None:
+    def __init__(
+        self, prefix: str, on_reject: Reject | None = None, probes: ProbePolicy = DEFAULT_POLICY
+    ) -> None:
         self.prefix = prefix.rstrip("/")
+        self._probe_policy = probes
         self.revision = 0
         self._on_reject = on_reject or (lambda _err: None)
         self._keys: dict[str, str] = {}
@@ -149,7 +199,7 @@ class Catalog:
                 self._services.pop(name, None)
                 self._built.pop(name, None)
             else:
-                self._built[name] = state.build(name)
+                self._built[name] = state.build(name, self._probe_policy)
         self._dirty.clear()
         services = {name: self._built[name] for name in sorted(self._built)}
         return Snapshot.model_construct(
@@ -185,6 +235,10 @@ class Catalog:
             state.registrations[iid] = parse_registration(key, value)
         elif kind == "health":
             state.health[iid] = parse_health(key, value)
+        elif kind == "probes":
+            iid, prober = iid.split("/")
+            verdict = parse_probe(key, value)
+            state.probes[iid] = {**state.probes.get(iid, {}), prober: verdict}
         else:
             state.settings, refused = parse_settings(key, value)
             if refused is not None:  # the good settings stay: one rejection for the rest
@@ -216,6 +270,13 @@ class Catalog:
             state.registrations.pop(iid, None)
         elif kind == "health":
             state.health.pop(iid, None)
+        elif kind == "probes":
+            iid, prober = iid.split("/")
+            remaining = {p: v for p, v in state.probes.get(iid, {}).items() if p != prober}
+            if remaining:
+                state.probes[iid] = remaining
+            else:
+                state.probes.pop(iid, None)
         else:
             state.settings = {}
 
@@ -235,6 +296,9 @@ def _unexpected(exc: Exception) -> str:
 def _schema_place(relative: str) -> tuple[str, str, str] | None:
     """``/services/web/instances/a`` → ``("web", "instances", "a")``; None if off-schema.
 
+    A probe verdict ``/services/web/probes/a/p1`` → ``("web", "probes", "a/p1")``: instance id
+    and prober name, both safe names (so the ``/`` splits them unambiguously).
+
     A service or id that is not a safe name is off-schema: it is kept as a raw key only and
     never becomes an upstream or server name.
     """
@@ -248,4 +312,11 @@ def _schema_place(relative: str) -> tuple[str, str, str] | None:
         return service, "settings", ""
     if len(parts) == 5 and parts[3] in ("instances", "health") and INSTANCE_ID.fullmatch(parts[4]):
         return service, parts[3], parts[4]
+    if (
+        len(parts) == 6
+        and parts[3] == "probes"
+        and INSTANCE_ID.fullmatch(parts[4])
+        and PROBER_NAME.fullmatch(parts[5])
+    ):
+        return service, "probes", f"{parts[4]}/{parts[5]}"
     return None
