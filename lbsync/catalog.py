@@ -166,6 +166,12 @@ class Catalog:
         """Keys whose current value was refused, with why."""
         return self._rejected
 
+    def set_probe_policy(self, policy: ProbePolicy) -> None:
+        """A new quorum or panic threshold (SIGHUP): every service is rebuilt with it."""
+        if policy != self._probe_policy:
+            self._probe_policy = policy
+            self._dirty.update(self._services)
+
     def reset(self, reset: SourceReset) -> None:
         """Replace everything with a full read (start-up or after compaction)."""
         self._keys.clear()

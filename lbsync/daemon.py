@@ -41,6 +41,7 @@ from lbsync.errors import InvalidValue, LbsyncError
 from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.pipeline import Outcome, TargetPipeline
+from lbsync.probes import PanicWatch, policy_of
 from lbsync.render import Renderer
 from lbsync.scheduler import Clock, Guard, Scheduler
 
@@ -132,7 +133,10 @@ class Daemon:
         self._driver_factory = driver_factory
         self._clock = clock
         self._messages: queue.Queue[SourceMessage] = queue.Queue()
-        self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
+        self.catalog = Catalog(
+            settings.etcd.prefix, on_reject=_warn_rejected, probes=policy_of(settings.probe)
+        )
+        self.panics = PanicWatch()
         self.scheduler = Scheduler(settings.wait, clock)
         self.guard = Guard(settings.guard, clock)
         self.pipelines = self._build_pipelines(settings)
@@ -204,6 +208,7 @@ class Daemon:
         snapshot = self.catalog.snapshot()
         was_held = self.guard.held
         metrics.set_catalog(snapshot)
+        self.panics.update(snapshot)
         if not self.guard.admit(self._admitted, snapshot, self._confirmed_at()):
             if was_held != self.guard.held:
                 self._log_hold(snapshot)
@@ -279,9 +284,12 @@ class Daemon:
         self.scheduler = Scheduler(settings.wait, self._clock)
         self.guard = Guard(settings.guard, self._clock)
         self.scheduler.changed()
+        self.catalog.set_probe_policy(policy_of(settings.probe))
         if source is not None:
             self._stop_source()
-            self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
+            self.catalog = Catalog(
+                settings.etcd.prefix, on_reject=_warn_rejected, probes=policy_of(settings.probe)
+            )
             self.health.synced = False
             self._start_source(source)
         metrics.init_targets(p.name for p in pipelines)
@@ -391,6 +399,7 @@ class Daemon:
             },
             # list() first: the main loop may change these while this (HTTP) thread reads
             "rejected": {key: err.reason for key, err in list(self.catalog.rejected.items())},
+            "probe_panic": sorted(self.panics.services),
             "targets": {
                 name: _outcome_document(o) for name, o in list(self.health.outcomes.items())
             },

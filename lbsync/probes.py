@@ -14,9 +14,14 @@ Pure functions over frozen values, called by the catalog's per-service build.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from lbsync.model import ProbeVerdict, State
+import structlog
+
+from lbsync.config import ProbeSettings
+from lbsync.model import ProbeVerdict, Snapshot, State
+
+log = structlog.get_logger("lbsync.probes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +33,10 @@ class ProbePolicy:
 
 
 DEFAULT_POLICY = ProbePolicy()
+
+
+def policy_of(settings: ProbeSettings) -> ProbePolicy:
+    return ProbePolicy(quorum=settings.quorum, panic_threshold=settings.panic_threshold)
 
 
 def quorum_down(verdicts: Mapping[str, ProbeVerdict] | None, quorum: int | None) -> bool:
@@ -53,3 +62,25 @@ def in_panic(base_states: Sequence[State], probed_down: Sequence[bool], threshol
     up = [down for state, down in zip(base_states, probed_down, strict=True) if state is State.UP]
     taken_out = sum(up)
     return taken_out > 0 and taken_out > threshold * len(up)
+
+
+@dataclass
+class PanicWatch:
+    """The services in panic, with one ``probe.panic`` / ``probe.panic_over`` event per change."""
+
+    services: frozenset[str] = field(default_factory=frozenset)
+
+    def update(self, snapshot: Snapshot) -> None:
+        now = frozenset(name for name, service in snapshot.services.items() if service.panic)
+        for name in sorted(now - self.services):
+            service = snapshot.services[name]
+            log.warning(
+                "probe.panic",
+                service=name,
+                probed_down=sum(1 for i in service.instances if i.probed_down),
+                instances=len(service.instances),
+                revision=snapshot.revision,
+            )
+        for name in sorted(self.services - now):
+            log.info("probe.panic_over", service=name, revision=snapshot.revision)
+        self.services = now

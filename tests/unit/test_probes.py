@@ -3,11 +3,13 @@
 import json
 
 import pytest
+import structlog
 
+from lbsync import metrics
 from lbsync.catalog import Catalog
 from lbsync.errors import InvalidValue
 from lbsync.model import KeyEvent, KeyValue, ProbeVerdict, SourceEvents, State
-from lbsync.probes import DEFAULT_POLICY, ProbePolicy, in_panic, quorum_down
+from lbsync.probes import DEFAULT_POLICY, PanicWatch, ProbePolicy, in_panic, quorum_down
 from lbsync.values import parse_probe
 
 P = "/lbsync"
@@ -230,3 +232,40 @@ def test_parse_probe_reads_a_full_verdict() -> None:
         status=State.DOWN, reason="HTTP 503 on /healthz", since=1765000000
     )
     assert parse_probe("k", b'{"status": "up"}') == ProbeVerdict(status=State.UP)
+
+
+def test_a_new_policy_rebuilds_every_service_with_it(rejected: list[InvalidValue]) -> None:
+    catalog = fleet(rejected)
+    catalog.apply(event(probe("a", "lb1"), DOWN, 2))
+    catalog.apply(event(probe("a", "lb2"), UP, 3))
+    assert states(catalog)["a"] is State.UP
+    catalog.set_probe_policy(ProbePolicy(quorum=1))
+    assert states(catalog)["a"] is State.DOWN
+    catalog.set_probe_policy(ProbePolicy(quorum=1, panic_threshold=0.0))
+    assert catalog.snapshot().services["web"].panic
+
+
+def test_panic_is_one_event_on_entry_and_one_on_exit_with_a_metric(
+    rejected: list[InvalidValue],
+) -> None:
+    catalog, watch = fleet(rejected), PanicWatch()
+    for rev, iid in enumerate("abc", start=2):
+        catalog.apply(event(probe(iid, "lb1"), DOWN, rev))
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            snapshot = catalog.snapshot()
+            watch.update(snapshot)
+            metrics.set_catalog(snapshot)
+        assert metrics.PROBE_PANIC.labels("web")._value.get() == 1
+        assert metrics.PROBE_PANIC.labels("api")._value.get() == 0
+        catalog.apply(event(probe("c", "lb1"), None, 9))
+        snapshot = catalog.snapshot()
+        watch.update(snapshot)
+        metrics.set_catalog(snapshot)
+    assert [(e["event"], e["service"]) for e in logs] == [
+        ("probe.panic", "web"),
+        ("probe.panic_over", "web"),
+    ]
+    assert logs[0]["probed_down"] == 3
+    assert watch.services == frozenset()
+    assert metrics.PROBE_PANIC.labels("web")._value.get() == 0
