@@ -236,11 +236,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from lbsync import status
+    from lbsync.probes import DEFAULT_POLICY, policy_of
 
-    listen = args.http
-    if listen is None and args.config.exists():
-        listen = load_settings(args.config).http.listen
-    report = status.collect(_etcd_settings(args), listen)
+    listen, probes = args.http, DEFAULT_POLICY
+    if args.config.exists():
+        settings = load_settings(args.config)
+        listen = settings.http.listen if listen is None else listen
+        probes = policy_of(settings.probe)
+    report = status.collect(_etcd_settings(args), listen, probes=probes)
     if args.json:
         print(json.dumps(status.to_json(report), indent=2))
     else:
