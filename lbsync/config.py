@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -418,14 +419,16 @@ class Settings(Section):
     state_dir: Path = Path("/var/lib/lbsync")
     """lbsync's own directory: staging trees, last-known-good copies, the saved catalog;
     one daemon per directory."""
-    targets: list[Target] = Field(alias="target", min_length=1)
+    targets: list[Target] = Field(default=[], alias="target")
     """The load balancers (or other programs) lbsync drives on this host, each a
-    `[[target]]` with its `driver`; at least one."""
+    `[[target]]` with its `driver`; at least one (`lbsync probe` alone needs none)."""
     # Where the file came from, for messages; not part of the file.
     source_path: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
-    def _unique_names_and_dests(self) -> Settings:
+    def _unique_names_and_dests(self, info: ValidationInfo) -> Settings:
+        if not self.targets and not (info.context or {}).get("targets_optional"):
+            raise ValueError("no [[target]]: lbsync needs at least one load balancer to drive")
         names = [t.name for t in self.targets]
         if dup := _first_duplicate(names):
             raise ValueError(f"two targets are named {dup!r}")
@@ -507,8 +510,13 @@ def _first_duplicate(items: list[str]) -> str | None:
     return None
 
 
-def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read, merge with the environment, resolve relative paths, validate. Raises ConfigError."""
+def load_settings(
+    path: Path, environ: Mapping[str, str] | None = None, *, targets_optional: bool = False
+) -> Settings:
+    """Read, merge with the environment, resolve relative paths, validate. Raises ConfigError.
+
+    ``targets_optional``: a file without ``[[target]]`` is accepted (``lbsync probe`` may run
+    where there is no load balancer)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -519,13 +527,18 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", path=str(path)) from exc
     apply_env_overrides(data, os.environ if environ is None else environ)
-    return settings_from_dict(data, base_dir=path.resolve().parent, source=str(path))
+    return settings_from_dict(
+        data, base_dir=path.resolve().parent, source=str(path), targets_optional=targets_optional
+    )
 
 
-def settings_from_dict(data: dict[str, Any], *, base_dir: Path, source: str) -> Settings:
+def settings_from_dict(
+    data: dict[str, Any], *, base_dir: Path, source: str, targets_optional: bool = False
+) -> Settings:
     """Validate a parsed config; ``source`` names it in messages."""
     try:
-        settings = Settings.model_validate(data)
+        context = {"targets_optional": targets_optional}
+        settings = Settings.model_validate(data, context=context)
     except ValidationError as exc:
         raise _config_error(exc, data, source) from exc
     return _resolve_paths(settings, base_dir).model_copy(update={"source_path": Path(source)})
