@@ -9,6 +9,7 @@ prober can check 10,000 instances every 5 s. A check never raises: every failure
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from dataclasses import dataclass
 
@@ -42,10 +43,14 @@ async def run_check(
             return await _http(session, instance, check)
     except TimeoutError:
         return CheckResult(False, f"timeout after {check.timeout:g}s")
+    except OSError as exc:  # aiohttp's connection errors among them: "Connection refused"
+        return CheckResult(False, safe_reason(_os_reason(exc)))
     except aiohttp.ClientError as exc:
         return CheckResult(False, safe_reason(f"{type(exc).__name__}: {exc}"))
-    except OSError as exc:
-        return CheckResult(False, safe_reason(exc.strerror or type(exc).__name__))
+
+
+def _os_reason(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else type(exc).__name__
 
 
 async def _tcp(instance: Instance) -> CheckResult:
