@@ -14,6 +14,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -62,10 +63,14 @@ class Target:
         return self.instance.host, self.instance.port, self.check
 
 
-def targets(snapshot: Snapshot, settings: ProbeSettings) -> dict[tuple[str, str], Target]:
-    """Every instance of every probed service, by (service, instance id)."""
+def targets(
+    snapshot: Snapshot, settings: ProbeSettings, only: Iterable[str] | None = None
+) -> dict[tuple[str, str], Target]:
+    """Every instance of every probed service (of those in ``only``), by (service, id)."""
+    names = snapshot.services.keys() if only is None else set(only) & snapshot.services.keys()
     out: dict[tuple[str, str], Target] = {}
-    for name, service in snapshot.services.items():
+    for name in names:
+        service = snapshot.services[name]
         check = settings.services.get(name)
         if check is None:
             if not settings.all_services:
@@ -92,10 +97,13 @@ class Engine:
     def key(self, service: str, iid: str) -> str:
         return f"{self.prefix}/services/{service}/probes/{iid}/{self.name}"
 
-    def update(self, snapshot: Snapshot) -> None:
-        """Start, restart or stop checks so they match the catalog."""
-        wanted = targets(snapshot, self.settings)
-        for where in self._tasks.keys() - wanted.keys():
+    def update(self, snapshot: Snapshot, touched: set[str] | None = None) -> None:
+        """Start, restart or stop checks so they match the catalog; with ``touched``, only
+        for those services (a verdict the prober wrote comes back on the watch: one service
+        to look at again, not 10,000 instances)."""
+        wanted = targets(snapshot, self.settings, touched)
+        current = {w for w in self._tasks if touched is None or w[0] in touched}
+        for where in current - wanted.keys():
             self._stop(where)
             self.writer.clear(self.key(*where))
         for where, target in wanted.items():

@@ -100,19 +100,23 @@ class Prober:
                 message = await asyncio.wait_for(messages.get(), TICK)
             except TimeoutError:
                 continue
-            self._absorb(message)
+            touched: set[str] | None = set()
+            touched = self._absorb(message, touched)
             while not messages.empty():  # a burst: one update for all of it
-                self._absorb(messages.get_nowait())
-            if self.catalog.synced:
-                engine.update(self.catalog.snapshot())
+                touched = self._absorb(messages.get_nowait(), touched)
+            if self.catalog.synced and touched != set():
+                engine.update(self.catalog.snapshot(), touched)
 
-    def _absorb(self, message: SourceMessage) -> None:
+    def _absorb(self, message: SourceMessage, touched: set[str] | None) -> set[str] | None:
+        """Apply one message; the services it touched added to ``touched`` (None: all)."""
         if isinstance(message, SourceReset):
             self.catalog.reset(message)
-        elif isinstance(message, SourceEvents):
-            self.catalog.apply(message)
-        else:
-            self.connected = message.connected
+            return None
+        if isinstance(message, SourceEvents):
+            changed = self.catalog.apply(message)
+            return None if touched is None else touched | changed
+        self.connected = message.connected
+        return touched
 
     def _server(self) -> StatusServer | None:
         listen = self.settings.probe.listen

@@ -64,3 +64,8 @@ def test_all_services_false_checks_only_the_named_ones() -> None:
 )
 def test_reasons_always_pass_the_schema(text: str) -> None:
     assert SAFE_TEXT.fullmatch(safe_reason(text))
+
+
+def test_only_the_touched_services_are_looked_at() -> None:
+    found = targets(snapshot_from(CATALOG), ProbeSettings(), only={"api", "gone"})
+    assert sorted(found) == [("api", "x")]
