@@ -169,7 +169,8 @@ def _until_down(etcd: env.Etcd, count: int, since: float) -> float:
         if _down(etcd, "s0") >= count:
             return time.monotonic() - since
         time.sleep(0.1)
-    raise env.BenchError("the failing port's instances were not down within 60 s")
+    down = _down(etcd, "s0")
+    raise env.BenchError(f"{count} instances of s0 not down within 60 s ({down} are)")
 
 
 def _metric_or_zero(url: str, name: str, labels: str) -> float:

@@ -212,3 +212,30 @@ def test_a_prober_whose_checks_all_fail_trips_the_panic_threshold_of_that_servic
     finally:
         for backend in others:
             backend.stop()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"status": "down", "reason": "x\\nserver 10.0.0.1:1;"}',
+        '{"status": "drain"}',
+        '{"status": "down", "since": 1e400}',
+        "down",
+    ],
+)
+def test_a_hostile_verdict_is_rejected_and_changes_nothing(
+    value: str,
+    daemon: RunningDaemon,
+    writer: EtcdWriter,
+    nginx_server: NginxServer,
+    backends: list[Backend],
+) -> None:
+    for backend in backends:
+        register(writer, "app", backend)
+    wait_for(lambda: only_served_by(nginx_server.port, {"b1", "b2", "b3"}), what="all served")
+    key = verdict_key("app", "b2", "evil")
+    writer.put(key, value)
+    wait_for(lambda: key in daemon.daemon.catalog.rejected, what="the verdict rejected")
+    wait_for(lambda: daemon.caught_up(writer), what="the daemon at etcd's revision")
+    assert only_served_by(nginx_server.port, {"b1", "b2", "b3"})
+    assert daemon.daemon.catalog.snapshot().services["app"].instances[1].probes == {}
