@@ -137,7 +137,12 @@ def run(instances: int, steady: float) -> dict[str, Any]:
         failed_at = time.monotonic()
         backend.stdin.write(f"fail {ports[0]}\n")
         backend.stdin.flush()
-        to_down = _until_down(etcd, per_port, failed_at)
+        try:
+            to_down = _until_down(etcd, per_port, failed_at)
+        except env.BenchError as exc:
+            fails = _metric(metrics, "lbsync_probe_checks_total", 'result="fail"')
+            status = urllib.request.urlopen(f"http://{listen}/status", timeout=5).read()
+            raise env.BenchError(f"{exc}; failed checks {fails:.0f}; prober {status!r}") from exc
         writes_after = _metric(metrics, "lbsync_probe_etcd_writes_total") - writes0
     finally:
         if prober is not None:
