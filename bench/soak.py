@@ -42,7 +42,7 @@ from bench.soak_model import ANCHOR, Change, Churn, expected_servers, rendered_s
 SETUP_TIMEOUT = 120.0
 QUIET = 0.5  # seconds without an lbsync event: its round is over (--no-churn-after-fault)
 # lbsync's events worth a column: how it noticed and handled each fault.
-NOTABLE = ("source.lost", "catalog.reset", "lastgood.loaded", "reconfigure.", "rollback.")
+NOTABLE = ("source.lost", "catalog.reset", "catalog.loaded", "reconfigure.", "rollback.")
 NOTABLE += ("apply.failed", "service.held", "guard.held")
 
 

@@ -12,6 +12,7 @@ Values by key (the layout is ``lbsync.keys``'s; keys relative to the prefix)::
     /services/<service>/instances/<id>   {"host", "port", "weight", "state", "meta"} | "host:port"
     /services/<service>/health/<id>      {"status", "reason", "by"} | "down" | "drain" | "up"
     /services/<service>/settings         {"balance": "least_conn", ...}
+    /services/<service>/probes/<id>/<prober>  {"status": "down", "reason", "since"}  (leased)
 
 Every other key under the prefix is kept only as a raw key for ``getv``/``ls``.
 """
@@ -28,15 +29,19 @@ from lbsync.model import (
     Instance,
     KeyEvent,
     KeyValue,
+    ProbeVerdict,
     Service,
     SettingValue,
     Snapshot,
     SourceEvents,
     SourceReset,
+    State,
 )
+from lbsync.probes import DEFAULT_POLICY, ProbePolicy, in_panic, quorum_down
 from lbsync.values import (
     Registration,
     parse_health,
+    parse_probe,
     parse_registration,
     parse_settings,
 )
@@ -44,36 +49,55 @@ from lbsync.values import (
 Reject = Callable[[InvalidValue], None]
 
 
+# What an Instance was built from; the same inputs (by identity) give the same Instance.
+_Built = tuple[Registration, HealthMark | None, Mapping[str, ProbeVerdict] | None, bool, Instance]
+
+
 @dataclass
 class _ServiceState:
     registrations: dict[str, Registration] = field(default_factory=dict)
     health: dict[str, HealthMark] = field(default_factory=dict)
     settings: dict[str, SettingValue] = field(default_factory=dict)
-    # The Instance last built for each id, with the registration and health mark it was
-    # built from: a rebuild after one event makes one new Instance, not one per instance.
-    instances: dict[str, tuple[Registration, HealthMark | None, Instance]] = field(
-        default_factory=dict
-    )
+    # Verdicts by instance id, then prober; an inner dict is replaced (never mutated) on
+    # every change, so an unchanged one is the same object as at the last build.
+    probes: dict[str, dict[str, ProbeVerdict]] = field(default_factory=dict)
+    # The Instance last built for each id, with what it was built from: a rebuild after one
+    # event makes one new Instance, not one per instance.
+    instances: dict[str, _Built] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.registrations or self.health or self.settings)
+        return not (self.registrations or self.health or self.settings or self.probes)
 
-    def build(self, name: str) -> Service:
-        built: dict[str, tuple[Registration, HealthMark | None, Instance]] = {}
-        for iid, reg in sorted(self.registrations.items()):
-            health = self.health.get(iid)
+    def build(self, name: str, policy: ProbePolicy = DEFAULT_POLICY) -> Service:
+        ids = sorted(self.registrations)
+        bases = [self._base_state(iid) for iid in ids]
+        probed = [quorum_down(self.probes.get(iid), policy.quorum) for iid in ids]
+        panic = in_panic(bases, probed, policy.panic_threshold)
+        built: dict[str, _Built] = {}
+        for iid, probed_down in zip(ids, probed, strict=True):
+            reg, health = self.registrations[iid], self.health.get(iid)
+            verdicts = self.probes.get(iid)
+            applied = probed_down and not panic
             last = self.instances.get(iid)
-            if last is not None and last[0] is reg and last[1] is health:
+            if last is not None and _same_inputs(last, reg, health, verdicts, applied):
                 built[iid] = last  # parsed objects are replaced on every put: same = unchanged
             else:
-                built[iid] = (reg, health, _instance(iid, reg, health))
+                instance = _instance(
+                    iid, reg, health, verdicts or {}, probed_down=probed_down, applied=applied
+                )
+                built[iid] = (reg, health, verdicts, applied, instance)
         self.instances = built
         return Service.model_construct(
             _SERVICE_FIELDS,
             name=name,
-            instances=tuple(entry[2] for entry in built.values()),
+            instances=tuple(entry[4] for entry in built.values()),
             settings=dict(sorted(self.settings.items())),
+            panic=panic,
         )
+
+    def _base_state(self, iid: str) -> State:
+        health = self.health.get(iid)
+        return self.registrations[iid].state.worse(health.status if health else None)
 
 
 # Every field is set, and a frozen model never changes its fields-set: one shared set
@@ -82,25 +106,50 @@ _INSTANCE_FIELDS = set(Instance.model_fields)
 _SERVICE_FIELDS = set(Service.model_fields)
 
 
-def _instance(iid: str, reg: Registration, health: HealthMark | None) -> Instance:
+def _same_inputs(
+    last: _Built,
+    reg: Registration,
+    health: HealthMark | None,
+    verdicts: Mapping[str, ProbeVerdict] | None,
+    applied: bool,
+) -> bool:
+    return last[0] is reg and last[1] is health and last[2] is verdicts and last[3] == applied
+
+
+def _instance(
+    iid: str,
+    reg: Registration,
+    health: HealthMark | None,
+    verdicts: Mapping[str, ProbeVerdict],
+    *,
+    probed_down: bool,
+    applied: bool,
+) -> Instance:
+    """``applied``: the quorum's down verdict counts (it does not while the service panics)."""
+    state = reg.state.worse(health.status if health else None)
     return Instance.model_construct(
         _INSTANCE_FIELDS,
         id=iid,
         host=reg.host,
         port=reg.port,
         weight=reg.weight,
-        state=reg.state.worse(health.status if health else None),
+        state=state.worse(State.DOWN if applied else None),
         registered_state=reg.state,
         health=health,
         meta=reg.meta,
+        probes=verdicts,
+        probed_down=probed_down,
     )
 
 
 class Catalog:
     """The current state of the prefix, updated one event at a time."""
 
-    def __init__(self, prefix: str, on_reject: Reject | None = None) -> None:
+    def __init__(
+        self, prefix: str, on_reject: Reject | None = None, probes: ProbePolicy = DEFAULT_POLICY
+    ) -> None:
         self.prefix = prefix.rstrip("/")
+        self._probe_policy = probes
         self.revision = 0
         self._on_reject = on_reject or (lambda _err: None)
         self._keys: dict[str, str] = {}
@@ -114,6 +163,12 @@ class Catalog:
     def rejected(self) -> Mapping[str, InvalidValue]:
         """Keys whose current value was refused, with why."""
         return self._rejected
+
+    def set_probe_policy(self, policy: ProbePolicy) -> None:
+        """A new quorum or panic threshold (SIGHUP): every service is rebuilt with it."""
+        if policy != self._probe_policy:
+            self._probe_policy = policy
+            self._dirty.update(self._services)
 
     def reset(self, reset: SourceReset) -> None:
         """Replace everything with a full read (start-up or after compaction)."""
@@ -148,7 +203,7 @@ class Catalog:
                 self._services.pop(name, None)
                 self._built.pop(name, None)
             else:
-                self._built[name] = state.build(name)
+                self._built[name] = state.build(name, self._probe_policy)
         self._dirty.clear()
         services = {name: self._built[name] for name in sorted(self._built)}
         return Snapshot.model_construct(
@@ -184,6 +239,10 @@ class Catalog:
             state.registrations[iid] = parse_registration(key, value)
         elif kind == "health":
             state.health[iid] = parse_health(key, value)
+        elif kind == "probes":
+            iid, prober = iid.split("/")
+            verdict = parse_probe(key, value)
+            state.probes[iid] = {**state.probes.get(iid, {}), prober: verdict}
         else:
             state.settings, refused = parse_settings(key, value)
             if refused is not None:  # the good settings stay: one rejection for the rest
@@ -215,6 +274,13 @@ class Catalog:
             state.registrations.pop(iid, None)
         elif kind == "health":
             state.health.pop(iid, None)
+        elif kind == "probes":
+            iid, prober = iid.split("/")
+            remaining = {p: v for p, v in state.probes.get(iid, {}).items() if p != prober}
+            if remaining:
+                state.probes[iid] = remaining
+            else:
+                state.probes.pop(iid, None)
         else:
             state.settings = {}
 

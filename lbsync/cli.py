@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=cmd_status)
 
+    probe = sub.add_parser(
+        "probe", parents=[common], help="run active health checks, write verdicts to etcd"
+    )
+    probe.set_defaults(handler=cmd_probe)
+
     _add_migrate_confd(sub)
     return parser
 
@@ -157,7 +162,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _etcd_settings(args: argparse.Namespace) -> EtcdSettings:
     """[etcd] from the config file if it exists, then --endpoint/--prefix on top."""
-    base = load_settings(args.config).etcd if args.config.exists() else EtcdSettings()
+    exists = args.config.exists()
+    base = load_settings(args.config, targets_optional=True).etcd if exists else EtcdSettings()
     update: dict[str, object] = {}
     if args.endpoint:
         update["endpoints"] = args.endpoint
@@ -236,15 +242,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from lbsync import status
+    from lbsync.probes import DEFAULT_POLICY, policy_of
 
-    listen = args.http
-    if listen is None and args.config.exists():
-        listen = load_settings(args.config).http.listen
-    report = status.collect(_etcd_settings(args), listen)
+    listen, probes = args.http, DEFAULT_POLICY
+    if args.config.exists():
+        settings = load_settings(args.config, targets_optional=True)
+        listen = settings.http.listen if listen is None else listen
+        probes = policy_of(settings.probe)
+    report = status.collect(_etcd_settings(args), listen, probes=probes)
     if args.json:
         print(json.dumps(status.to_json(report), indent=2))
     else:
         sys.stdout.write(status.format_table(report))
+    return EXIT_OK
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from lbsync.probe.run import Prober, prober_name
+
+    settings = load_settings(args.config, targets_optional=True)
+    try:
+        name = prober_name(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc), path=str(args.config), field="probe.name") from exc
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    Prober(settings, name).run(stop)
     return EXIT_OK
 
 

@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -329,6 +330,78 @@ class HttpSettings(Section):
     stale."""
 
 
+class CheckSettings(Section):
+    """One active health check (HAProxy's rise/fall meaning)."""
+
+    type: Literal["http", "tcp"] = "http"
+    """`http`: a request must get an expected status (and body); `tcp`: a connect must
+    succeed."""
+    method: Literal["GET", "HEAD"] = "GET"
+    """HTTP method of an `http` check."""
+    path: str = Field(default="/", pattern=r"/[A-Za-z0-9_.~!$&'()*+,;=:@%/?-]{0,255}")
+    """Path (and query) an `http` check requests."""
+    status_min: int = Field(default=200, ge=100, le=599)
+    """Lowest HTTP status that counts as healthy."""
+    status_max: int = Field(default=399, ge=100, le=599)
+    """Highest HTTP status that counts as healthy."""
+    host: str | None = Field(default=None, examples=["web.example.com"])
+    """Host header of an `http` check; the instance's address when unset."""
+    body_contains: str | None = Field(default=None, examples=["OK"])
+    """An `http` check also fails unless the body contains this text (the first 64 KiB
+    are read)."""
+    interval: Duration = 5.0
+    """Time between two checks of one instance."""
+    timeout: Duration = 2.0
+    """A check not answered within this long fails."""
+    rise: int = Field(default=2, ge=1, le=100)
+    """Consecutive successes that bring a down instance back up."""
+    fall: int = Field(default=3, ge=1, le=100)
+    """Consecutive failures that take an up instance down."""
+    jitter: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Each wait between checks is shortened or lengthened at random by up to this
+    fraction of `interval`, so thousands of checks do not fire together."""
+
+    @model_validator(mode="after")
+    def _status_range(self) -> CheckSettings:
+        if self.status_min > self.status_max:
+            raise ValueError(f"status_min {self.status_min} is above status_max {self.status_max}")
+        return self
+
+
+class ProbeSettings(Section):
+    """`lbsync probe` (active health checks) and how the daemon combines their verdicts."""
+
+    name: str | None = Field(
+        default=None, pattern=r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}", examples=["lb-1"]
+    )
+    """This prober's name in `probes/<id>/<name>` keys; the host name when unset. Each
+    prober needs its own."""
+    check: CheckSettings = CheckSettings()
+    """The check of every service that has none in `services`."""
+    services: dict[str, CheckSettings] = Field(
+        default={}, examples=[{"api": {"type": "tcp", "interval": "2s"}}]
+    )
+    """Per service: its own check (keys not given take the built-in defaults, not those of
+    `[probe.check]`)."""
+    all_services: bool = True
+    """Probe every registered service (with `check` unless it is in `services`); when
+    false, only the services named in `services`."""
+    lease_ttl: Duration = 10.0
+    """TTL of the prober's etcd lease: a dead prober's verdicts disappear this long after
+    it stops."""
+    max_connections: int = Field(default=256, ge=1, le=100_000)
+    """Checks in flight at once; the rest wait for a free slot."""
+    listen: str | None = Field(default=None, examples=["127.0.0.1:9275"])
+    """`address:port` of the prober's /metrics and /healthz; off when unset."""
+    quorum: int | None = Field(default=None, ge=1, examples=[2])
+    """(daemon) Probers that must say down to take an instance out; a majority of the live
+    probers reporting on it when unset (a single prober is its own majority)."""
+    panic_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    """(daemon) When probes would take more than this fraction of a service's registered-up
+    instances out, probe verdicts are ignored for that service (`probe.panic`); 1.0 turns
+    panic off."""
+
+
 class Settings(Section):
     etcd: EtcdSettings = EtcdSettings()
     """Where the catalog lives: the etcd cluster and the key prefix lbsync watches."""
@@ -340,17 +413,22 @@ class Settings(Section):
     """Hold updates that would take too much out of rotation at once."""
     http: HttpSettings = HttpSettings()
     """lbsync's own HTTP endpoint: /metrics, /healthz, /readyz, /status."""
+    probe: ProbeSettings = ProbeSettings()
+    """Active health checks: `lbsync probe`, and the quorum and panic threshold the daemon
+    applies to their verdicts (docs/health-checks.md)."""
     state_dir: Path = Path("/var/lib/lbsync")
     """lbsync's own directory: staging trees, last-known-good copies, the saved catalog;
     one daemon per directory."""
-    targets: list[Target] = Field(alias="target", min_length=1)
+    targets: list[Target] = Field(default=[], alias="target")
     """The load balancers (or other programs) lbsync drives on this host, each a
-    `[[target]]` with its `driver`; at least one."""
+    `[[target]]` with its `driver`; at least one (`lbsync probe` alone needs none)."""
     # Where the file came from, for messages; not part of the file.
     source_path: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
-    def _unique_names_and_dests(self) -> Settings:
+    def _unique_names_and_dests(self, info: ValidationInfo) -> Settings:
+        if not self.targets and not (info.context or {}).get("targets_optional"):
+            raise ValueError("no [[target]]: lbsync needs at least one load balancer to drive")
         names = [t.name for t in self.targets]
         if dup := _first_duplicate(names):
             raise ValueError(f"two targets are named {dup!r}")
@@ -432,8 +510,13 @@ def _first_duplicate(items: list[str]) -> str | None:
     return None
 
 
-def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read, merge with the environment, resolve relative paths, validate. Raises ConfigError."""
+def load_settings(
+    path: Path, environ: Mapping[str, str] | None = None, *, targets_optional: bool = False
+) -> Settings:
+    """Read, merge with the environment, resolve relative paths, validate. Raises ConfigError.
+
+    ``targets_optional``: a file without ``[[target]]`` is accepted (``lbsync probe`` may run
+    where there is no load balancer)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -444,13 +527,18 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", path=str(path)) from exc
     apply_env_overrides(data, os.environ if environ is None else environ)
-    return settings_from_dict(data, base_dir=path.resolve().parent, source=str(path))
+    return settings_from_dict(
+        data, base_dir=path.resolve().parent, source=str(path), targets_optional=targets_optional
+    )
 
 
-def settings_from_dict(data: dict[str, Any], *, base_dir: Path, source: str) -> Settings:
+def settings_from_dict(
+    data: dict[str, Any], *, base_dir: Path, source: str, targets_optional: bool = False
+) -> Settings:
     """Validate a parsed config; ``source`` names it in messages."""
     try:
-        settings = Settings.model_validate(data)
+        context = {"targets_optional": targets_optional}
+        settings = Settings.model_validate(data, context=context)
     except ValidationError as exc:
         raise _config_error(exc, data, source) from exc
     return _resolve_paths(settings, base_dir).model_copy(update={"source_path": Path(source)})

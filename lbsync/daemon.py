@@ -37,6 +37,7 @@ from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
+from lbsync.probes import PanicWatch, policy_of
 from lbsync.render import Renderer
 from lbsync.saved_catalog import Saver
 from lbsync.scheduler import Clock, Scheduler
@@ -84,7 +85,10 @@ class Daemon:
         self._source_factory = source_factory
         self._driver_factory = driver_factory
         self._clock = clock
-        self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
+        self.catalog = Catalog(
+            settings.etcd.prefix, on_reject=_warn_rejected, probes=policy_of(settings.probe)
+        )
+        self.panics = PanicWatch()
         self.scheduler = Scheduler(settings.wait, clock)
         self.guard = Guard(settings.guard, clock)
         self.pipelines = build_pipelines(settings, self._driver_factory)
@@ -155,6 +159,7 @@ class Daemon:
         snapshot = self.catalog.snapshot()
         was_held = self.guard.held
         metrics.set_catalog(snapshot)
+        self.panics.update(snapshot)
         if not self.guard.admit(self._admitted, snapshot, confirmed_at(self.settings.state_dir)):
             if was_held != self.guard.held:
                 self._log_hold(snapshot)
@@ -231,9 +236,12 @@ class Daemon:
         self.scheduler = Scheduler(settings.wait, self._clock)
         self.guard = Guard(settings.guard, self._clock)
         self.scheduler.changed()
+        self.catalog.set_probe_policy(policy_of(settings.probe))
         if source is not None:
             self._stop_source()
-            self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
+            self.catalog = Catalog(
+                settings.etcd.prefix, on_reject=_warn_rejected, probes=policy_of(settings.probe)
+            )
             self.health.synced = False
             self._start_source(source)
         metrics.init_targets(p.name for p in pipelines)
@@ -280,7 +288,14 @@ class Daemon:
         return self.health.ready(self._clock(), self.settings.http.max_staleness)
 
     def status_document(self) -> dict[str, object]:
-        return status_document(self.health, self.guard, self.catalog, self.pipelines, self._clock())
+        return status_document(
+            self.health,
+            self.guard,
+            self.catalog,
+            self.pipelines,
+            self._clock(),
+            probe_panic=self.panics.services,
+        )
 
     def _start_http(self) -> None:
         if self.settings.http.listen is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from lbsync.catalog import Catalog
@@ -69,7 +69,13 @@ class Health:
 
 
 def status_document(
-    health: Health, guard: Guard, catalog: Catalog, pipelines: Sequence[TargetPipeline], now: float
+    health: Health,
+    guard: Guard,
+    catalog: Catalog,
+    pipelines: Sequence[TargetPipeline],
+    now: float,
+    *,
+    probe_panic: Iterable[str] = (),
 ) -> dict[str, object]:
     """The ``/status`` document. Runs on an HTTP thread while the main loop goes on."""
     held = guard.held
@@ -92,6 +98,7 @@ def status_document(
         },
         # list() first: the main loop may change these while this (HTTP) thread reads
         "rejected": {key: err.reason for key, err in list(catalog.rejected.items())},
+        "probe_panic": sorted(probe_panic),
         "targets": {name: _outcome_document(o) for name, o in list(health.outcomes.items())},
         "runtime": {
             p.driver.name: status

@@ -142,6 +142,12 @@ INSTANCES = Gauge(
     ["service", "state"],
     registry=REGISTRY,
 )
+PROBE_PANIC = Gauge(
+    "lbsync_probe_panic",
+    "1 while probe verdicts are ignored for a service (more than panic_threshold probed down).",
+    ["service"],
+    registry=REGISTRY,
+)
 ETCD_CONNECTED = Gauge(
     "lbsync_etcd_connected", "1 while the etcd watch is established.", registry=REGISTRY
 )
@@ -235,6 +241,8 @@ def set_catalog(snapshot: Snapshot) -> None:
         for state in State:
             with contextlib.suppress(KeyError):
                 INSTANCES.remove(name, state.value)
+        with contextlib.suppress(KeyError):
+            PROBE_PANIC.remove(name)
     for name, service in snapshot.services.items():
         seen = _counted.get(name)
         if seen is not None and seen[0] is service:
@@ -244,6 +252,7 @@ def set_catalog(snapshot: Snapshot) -> None:
             counts[instance.state] += 1
         for state, count in counts.items():
             INSTANCES.labels(name, state.value).set(count)
+        PROBE_PANIC.labels(name).set(1 if service.panic else 0)
         _counted[name] = (service, counts)
 
 

@@ -19,7 +19,8 @@ class Frozen(BaseModel):
 
 
 class State(enum.StrEnum):
-    """An instance's state; the effective state is the worse of registration and health mark."""
+    """An instance's state; the effective state is the worst of registration, health mark and
+    probe verdict."""
 
     UP = "up"
     DRAIN = "drain"
@@ -95,6 +96,14 @@ class HealthMark(Frozen):
     by: str = ""
 
 
+class ProbeVerdict(Frozen):
+    """One prober's verdict on one instance, as ``lbsync probe`` writes it (under its lease)."""
+
+    status: State
+    reason: str = ""
+    since: int = 0  # Unix time (seconds) of the transition to ``status``
+
+
 class Instance(Frozen):
     """One usable registration, validated: host, port and meta are safe to put in a config."""
 
@@ -106,6 +115,10 @@ class Instance(Frozen):
     registered_state: State = State.UP
     health: HealthMark | None = None
     meta: Mapping[str, str] = {}
+    # Live probers' verdicts by prober name, and whether a quorum of them says down (even
+    # when the service's panic threshold makes lbsync ignore it: then ``state`` is not down).
+    probes: Mapping[str, ProbeVerdict] = {}
+    probed_down: bool = False
 
     @property
     def address(self) -> str:
@@ -135,6 +148,9 @@ class Service(Frozen):
     name: str
     instances: tuple[Instance, ...] = ()
     settings: Mapping[str, SettingValue] = {}
+    # Probes would have taken more than the panic threshold of the registered-up instances
+    # out: their verdicts are ignored for this service (see ``lbsync.probes``).
+    panic: bool = False
 
     @property
     def up(self) -> tuple[Instance, ...]:

@@ -1,4 +1,5 @@
-"""``lbsync status``: what etcd says (services, instances, marks) and what the daemon says.
+"""``lbsync status``: what etcd says (services, instances, marks, probe verdicts) and what the
+daemon says.
 
 One read of the prefix, through the same catalog the daemon uses, so the effective state
 shown is the one the templates get and a rejected value is listed with its reason. When
@@ -22,6 +23,7 @@ from lbsync.catalog import Catalog
 from lbsync.config import EtcdSettings
 from lbsync.http import parse_listen
 from lbsync.model import Instance, Snapshot, SourceReset, State
+from lbsync.probes import DEFAULT_POLICY, ProbePolicy
 
 DAEMON_TIMEOUT = 2.0
 
@@ -83,9 +85,13 @@ def collect(
     *,
     read: ReadPrefix = read_prefix,
     fetch: Callable[[str], DaemonStatus] = fetch_daemon_status,
+    probes: ProbePolicy = DEFAULT_POLICY,
 ) -> StatusReport:
-    """Read etcd once (raises ``SourceError``) and, with ``listen``, ask the daemon."""
-    catalog = Catalog(etcd.prefix)
+    """Read etcd once (raises ``SourceError``) and, with ``listen``, ask the daemon.
+
+    ``probes`` should be the daemon's quorum and panic threshold, so the state shown is its.
+    """
+    catalog = Catalog(etcd.prefix, probes=probes)
     catalog.reset(read(etcd))
     rejected = {key: err.reason for key, err in sorted(catalog.rejected.items())}
     daemon = fetch(status_url(listen)) if listen else None
@@ -94,7 +100,9 @@ def collect(
 
 # --- presenting ------------------------------------------------------------------------
 
-HEADER = ("SERVICE", "INSTANCE", "ADDRESS", "WEIGHT", "REGISTERED", "HEALTH MARK", "STATE")
+HEADER = (
+    "SERVICE", "INSTANCE", "ADDRESS", "WEIGHT", "REGISTERED", "HEALTH MARK", "PROBES", "STATE",
+)  # fmt: skip
 
 
 def _mark(instance: Instance) -> str:
@@ -109,15 +117,27 @@ def _mark(instance: Instance) -> str:
     return text
 
 
+def _probes(instance: Instance) -> str:
+    """``lb-1=down (HTTP 503), lb-2=up``: every live prober's verdict, by prober name."""
+    if not instance.probes:
+        return "-"
+    verdicts = []
+    for prober, verdict in sorted(instance.probes.items()):
+        reason = f" ({verdict.reason})" if verdict.reason else ""
+        verdicts.append(f"{prober}={verdict.status.value}{reason}")
+    return ", ".join(verdicts)
+
+
 def rows(snapshot: Snapshot) -> list[tuple[str, ...]]:
     """One row per instance; a service without instances gets one row saying so."""
     out: list[tuple[str, ...]] = []
     for name, service in snapshot.services.items():
         if not service.instances:
-            out.append((name, "-", "-", "-", "-", "-", "(no instances)"))
+            out.append((name, "-", "-", "-", "-", "-", "-", "(no instances)"))
         for i in service.instances:
             registered = i.registered_state.value
-            out.append((name, i.id, i.address, str(i.weight), registered, _mark(i), i.state.value))
+            row = (name, i.id, i.address, str(i.weight), registered, _mark(i), _probes(i))
+            out.append((*row, i.state.value))
     return out
 
 
@@ -146,6 +166,12 @@ def format_table(report: StatusReport) -> str:
         f"{snapshot.instance_count} instance(s): "
         + ", ".join(f"{counts[s.value]} {s.value}" for s in State)
     )
+    panics = [name for name, service in snapshot.services.items() if service.panic]
+    if panics:
+        lines.append(
+            "probe panic (verdicts ignored, every registered-up instance kept): "
+            + ", ".join(panics)
+        )
     if report.rejected:
         lines.append(f"rejected values ({len(report.rejected)}), not in any config:")
         lines.extend(f"  {key}: {reason}" for key, reason in report.rejected.items())
@@ -188,12 +214,21 @@ def to_json(report: StatusReport) -> dict[str, Any]:
                 "weight": i.weight,
                 "registered": i.registered_state.value,
                 "health": None if i.health is None else i.health.model_dump(mode="json"),
+                "probes": {p: v.model_dump(mode="json") for p, v in i.probes.items()},
+                "probed_down": i.probed_down,
                 "state": i.state.value,
                 "meta": dict(i.meta),
             }
             for i in service.instances
         ]
-        services.append({"name": name, "settings": dict(service.settings), "instances": instances})
+        services.append(
+            {
+                "name": name,
+                "settings": dict(service.settings),
+                "panic": service.panic,
+                "instances": instances,
+            }
+        )
     daemon = report.daemon
     return {
         "prefix": report.prefix,

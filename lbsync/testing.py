@@ -12,7 +12,8 @@ A catalog file (JSON, TOML, or YAML when PyYAML is installed) looks like::
 
     {"services": {"web": {"instances": {"a": {"host": "10.0.0.1", "port": 80}},
                           "health": {"a": "drain"},
-                          "settings": {"balance": "least_conn"}}},
+                          "settings": {"balance": "least_conn"},
+                          "probes": {"a": {"lb-1": {"status": "down", "reason": "HTTP 503"}}}}},
      "keys": {"/config/greeting": "hello"}}
 
 Values go through the same validation as values read from etcd, so a template test sees
@@ -58,6 +59,9 @@ def catalog_keys(data: Mapping[str, Any], prefix: str = DEFAULT_PREFIX) -> dict[
                 keys[f"{base}/{kind}/{iid}"] = _encode(value)
         if "settings" in service:
             keys[f"{base}/settings"] = _encode(service["settings"])
+        for iid, verdicts in service.get("probes", {}).items():
+            for prober, value in verdicts.items():
+                keys[f"{base}/probes/{iid}/{prober}"] = _encode(value)
     for key, value in data.get("keys", {}).items():
         keys[prefix + key] = _encode(value)
     return keys

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from lbsync.errors import InvalidValue
-from lbsync.model import HealthMark, SettingValue, State
+from lbsync.model import HealthMark, ProbeVerdict, SettingValue, State
 
 MAX_WEIGHT = 256  # HAProxy's ceiling; nginx accepts it too
 MAX_META_ITEMS = 32
@@ -38,11 +38,13 @@ MAX_NUMBER_CHARS = 20  # digits of a JSON number (2**63 has 19)
 MAX_KEEPALIVE = 10_000  # idle upstream connections per nginx worker
 MAX_SLOTS = 4096  # HAProxy server slots per backend a setting may ask for
 MAX_PLAIN_INT = 2**31 - 1  # unknown settings: integers in ±MAX_PLAIN_INT
+MAX_SINCE = 2**40  # probe verdicts: Unix seconds, far beyond any real clock
 
 # Lower case only: nginx compares upstream names without case, so "Web" next to "web" is a
 # "duplicate upstream" that fails every round.
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+PROBER_NAME = INSTANCE_ID  # the last part of a probes/<id>/<prober> key
 SETTING_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 # Safe to place unquoted inside an nginx or HAProxy directive: no whitespace, no ; { } #,
 # no quotes or backslashes, nothing outside printable ASCII.
@@ -270,6 +272,29 @@ def parse_health(key: str, value: bytes) -> HealthMark:
     reason = token(key, data.get("reason", ""), SAFE_TEXT, "reason")
     by = token(key, data.get("by", ""), SAFE_TEXT, "by")
     return HealthMark(status=parse_state(key, data["status"]), reason=reason, by=by)
+
+
+PROBE_STATUS = frozenset({State.UP, State.DOWN})  # a prober never drains an instance
+
+
+def parse_probe(key: str, value: bytes) -> ProbeVerdict:
+    """``{"status": "down", "reason": "HTTP 503 on /healthz", "since": 1765000000}``."""
+    data = decode_json_or_text(key, value)
+    if not isinstance(data, dict) or "status" not in data:
+        raise InvalidValue(
+            key, data, 'expected {"status": "up"|"down", "reason": ..., "since": ...}'
+        )
+    unknown = set(data) - {"status", "reason", "since"}
+    if unknown:
+        raise InvalidValue(key, data, f"unknown fields {sorted(unknown)}")
+    status = data["status"]
+    if not isinstance(status, str) or status not in PROBE_STATUS:
+        raise InvalidValue(key, status, "probe status must be up or down")
+    return ProbeVerdict(
+        status=State(status),
+        reason=token(key, data.get("reason", ""), SAFE_TEXT, "reason"),
+        since=bounded_int(key, data.get("since", 0), 0, MAX_SINCE, "since"),
+    )
 
 
 # --- service settings -----------------------------------------------------------------------

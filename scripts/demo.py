@@ -52,7 +52,7 @@ class Backend(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         body = f"{self.server.name}\n".encode()  # type: ignore[attr-defined]
-        self.send_response(200)
+        self.send_response(500 if self.server.failing else 200)  # type: ignore[attr-defined]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -64,6 +64,7 @@ class Backend(BaseHTTPRequestHandler):
 def start_backend(name: str) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
     server.name = name  # type: ignore[attr-defined]
+    server.failing = False  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -140,6 +141,17 @@ error_log = "{d}/error.log"
   [[target.template]]
   src = "{root}/templates/nginx/upstreams.conf.j2"
   dest = "{d}/conf.d/lbsync-upstreams.conf"
+
+[probe]
+name = "demo-prober"
+lease_ttl = "3s"
+
+  [probe.check]
+  path = "/healthz"
+  interval = "0.5s"
+  timeout = "0.5s"
+  rise = 2
+  fall = 2
 """
 
 
@@ -200,6 +212,12 @@ class Demo:
         )
         self.spawn([*LBSYNC, "run", "-c", str(self.config), "--log-format", "json"], "lbsync.log")
 
+    def start_probe(self) -> None:
+        self.spawn([*LBSYNC, "probe", "-c", str(self.config), "--log-format", "json"], "probe.log")
+
+    def fail(self, name: str, failing: bool) -> None:
+        self.backends[name].failing = failing  # type: ignore[attr-defined]
+
     def register(self, name: str) -> None:
         port = self.backends[name].server_address[1]
         argv = [*LBSYNC, "register", "-c", str(self.config), "--service", "web", "--id", name]
@@ -255,10 +273,14 @@ def demo() -> Iterator[Demo]:
 
 def main() -> None:
     with demo() as d:
-        say(f"starting etcd (127.0.0.1:{d.etcd_port}), nginx (127.0.0.1:{d.web_port}), lbsync")
+        say(
+            f"starting etcd (127.0.0.1:{d.etcd_port}), nginx (127.0.0.1:{d.web_port}), "
+            "lbsync and lbsync probe"
+        )
         d.start_etcd()
         d.start_nginx()
         d.start_lbsync()
+        d.start_probe()
         ports = ", ".join(f"{n}=:{s.server_address[1]}" for n, s in d.backends.items())
         print(f"   backends: {ports}")
         print("   nginx starts with an empty upstream: every request gets a 502")
@@ -287,6 +309,16 @@ def main() -> None:
             "bravo recovers (lbsync mark web bravo up)",
             {"alpha", "bravo"},
             lambda: d.mark("bravo", "up", ""),
+        )
+        d.step(
+            "alpha starts answering HTTP 500: lbsync probe (fall 2 x 0.5s) takes it out",
+            {"bravo"},
+            lambda: d.fail("alpha", True),
+        )
+        d.step(
+            "alpha recovers: the prober (rise 2) brings it back",
+            {"alpha", "bravo"},
+            lambda: d.fail("alpha", False),
         )
         say("hostile value in etcd: '127.0.0.1:80; include /etc/passwd'")
         d.etcdctl("put", "/lbsync/services/web/instances/evil", "127.0.0.1:80; include /etc/passwd")

@@ -166,6 +166,18 @@ def health_values() -> st.SearchStrategy[str]:
     )
 
 
+def probe_values() -> st.SearchStrategy[str]:
+    status = mostly(st.sampled_from(["up", "down"]), hostile_text(plain))
+    text = mostly(
+        st.sampled_from(["", "HTTP 503 on /healthz", "timeout (2s)"]), hostile_text(plain)
+    )
+    since = mostly(st.integers(0, 2**40), st.one_of(ints(), scalars()))
+    verdict = st.fixed_dictionaries({"status": status}, optional={"reason": text, "since": since})
+    return st.one_of(
+        verdict.map(encode), status, st.just(encode({"since": 1})), st.just(encode(DEEP))
+    )
+
+
 def setting_values() -> st.SearchStrategy[str]:
     known = st.fixed_dictionaries(
         {},
@@ -211,12 +223,16 @@ def _placed(
     instance: st.SearchStrategy[str],
     health: st.SearchStrategy[str],
     settings: st.SearchStrategy[str],
+    probes: st.SearchStrategy[str],
 ) -> st.SearchStrategy[tuple[str, bytes]]:
     """A put at one of the schema's positions, the value encoded as UTF-8."""
     return st.one_of(
         st.builds(lambda s, i, v: (f"{P}/services/{s}/instances/{i}", v), names, ids, instance),
         st.builds(lambda s, i, v: (f"{P}/services/{s}/health/{i}", v), names, ids, health),
         st.builds(lambda s, v: (f"{P}/services/{s}/settings", v), names, settings),
+        st.builds(
+            lambda s, i, p, v: (f"{P}/services/{s}/probes/{i}/{p}", v), names, ids, ids, probes
+        ),
     ).map(lambda kv: (kv[0], kv[1].encode("utf-8", "surrogatepass")))
 
 
@@ -253,6 +269,14 @@ def valid_health_values() -> st.SearchStrategy[str]:
     return st.one_of(status, mark.map(encode))
 
 
+def valid_probe_values() -> st.SearchStrategy[str]:
+    text = st.from_regex(r"[A-Za-z0-9 _.:/@=+,%~()\[\]<>!?*&^$|-]{0,40}", fullmatch=True)
+    return st.fixed_dictionaries(
+        {"status": st.sampled_from(["up", "down"])},
+        optional={"reason": text, "since": st.integers(0, 2**40)},
+    ).map(encode)
+
+
 def valid_setting_values() -> st.SearchStrategy[str]:
     return st.fixed_dictionaries(
         {},
@@ -280,6 +304,7 @@ def valid_puts() -> st.SearchStrategy[tuple[str, bytes]]:
         valid_instance_values(),
         valid_health_values(),
         valid_setting_values(),
+        valid_probe_values(),
     )
 
 
@@ -294,6 +319,7 @@ def hostile_puts(resolvable_only: bool) -> st.SearchStrategy[tuple[str, bytes]]:
         instance_values(resolvable_only),
         health_values(),
         setting_values(),
+        probe_values(),
     )
     anywhere = _placed(
         service_names(),
@@ -301,6 +327,7 @@ def hostile_puts(resolvable_only: bool) -> st.SearchStrategy[tuple[str, bytes]]:
         instance_values(resolvable_only),
         health_values(),
         setting_values(),
+        probe_values(),
     )
     bad_host = st.builds(
         lambda s, i, h, p: (f"{P}/services/{s}/instances/{i}", encode({"host": h, "port": p})),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +27,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         body = self.server.backend_name.encode()  # type: ignore[attr-defined]
         self.server.hits += 1  # type: ignore[attr-defined]
-        self.send_response(200)
+        failure = self.server.failure  # type: ignore[attr-defined]
+        if failure == "reset":  # RST instead of an answer: SO_LINGER 0, then close
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
+        if failure == "hang":  # answer nothing until the failure is cleared (bounded)
+            self.server.healed.wait(HANG_LIMIT)  # type: ignore[attr-defined]
+        self.send_response(500 if failure == "error" else 200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -33,6 +42,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+HANG_LIMIT = 60.0  # seconds a "hang" backend holds a request at most
 
 
 @dataclass
@@ -49,7 +61,20 @@ class Backend:
     def hits(self) -> int:
         return int(self.server.hits)  # type: ignore[attr-defined]
 
+    def fail(self, how: str | None) -> None:
+        """``"error"``: answer 500; ``"reset"``: reset the connection; ``"hang"``: answer
+        nothing (for up to ``HANG_LIMIT``); None: answer 200 again."""
+        if how not in (None, "error", "reset", "hang"):
+            raise ValueError(f"unknown failure {how!r}")
+        healed: threading.Event = self.server.healed  # type: ignore[attr-defined]
+        if how == "hang":
+            healed.clear()
+        self.server.failure = how  # type: ignore[attr-defined]
+        if how is None:
+            healed.set()
+
     def stop(self) -> None:
+        self.fail(None)  # release any hanging request
         self.server.shutdown()
         self.server.server_close()
 
@@ -59,6 +84,9 @@ def start_backend(name: str) -> Backend:
     server.daemon_threads = True
     server.backend_name = name  # type: ignore[attr-defined]
     server.hits = 0  # type: ignore[attr-defined]
+    server.failure = None  # type: ignore[attr-defined]
+    server.healed = threading.Event()  # type: ignore[attr-defined]
+    server.healed.set()  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, name=f"backend-{name}", daemon=True)
     thread.start()
     return Backend(name, server, thread)

@@ -23,6 +23,9 @@ CATALOG: dict[str, Any] = {
                 "bad": "10.0.0.9:80; include /etc/passwd",
             },
             "health": {"w2": {"status": "down", "reason": "5xx rate", "by": "monitor"}},
+            "probes": {
+                "w1": {"lb-1": {"status": "up"}, "lb-2": {"status": "down", "reason": "HTTP 503"}}
+            },
         },
         "idle": {"settings": {"balance": "least_conn"}},
     }
@@ -45,10 +48,10 @@ def table_lines(text: str) -> list[list[str]]:
 def test_rows_show_registration_mark_and_effective_state() -> None:
     rows = status.rows(snapshot_from(CATALOG))
     assert rows == [
-        ("idle", "-", "-", "-", "-", "-", "(no instances)"),
-        ("web", "w1", "10.0.0.1:8080", "3", "up", "-", "up"),
-        ("web", "w2", "10.0.0.2:8080", "1", "up", "down (5xx rate) by monitor", "down"),
-        ("web", "w3", "[2001:db8::3]:8080", "1", "drain", "-", "drain"),
+        ("idle", "-", "-", "-", "-", "-", "-", "(no instances)"),
+        ("web", "w1", "10.0.0.1:8080", "3", "up", "-", "lb-1=up, lb-2=down (HTTP 503)", "up"),
+        ("web", "w2", "10.0.0.2:8080", "1", "up", "down (5xx rate) by monitor", "-", "down"),
+        ("web", "w3", "[2001:db8::3]:8080", "1", "drain", "-", "-", "drain"),
     ]
 
 
@@ -73,6 +76,23 @@ def test_empty_catalog() -> None:
     text = status.format_table(empty)
     assert text.startswith("no services under /lbsync/services/\n")
     assert "0 service(s), 0 instance(s): 0 up, 0 drain, 0 down" in text
+
+
+def test_a_service_in_probe_panic_is_named_under_the_table() -> None:
+    down = {"status": "down", "reason": "timeout"}
+    catalog = {
+        "services": {
+            "web": {
+                "instances": {"w1": "10.0.0.1:80", "w2": "10.0.0.2:80"},
+                "probes": {"w1": {"lb-1": down}, "w2": {"lb-1": down}},
+            }
+        }
+    }
+    collected = status.collect(EtcdSettings(), read=lambda _etcd: FakeSource(catalog).read_all())
+    text = status.format_table(collected)
+    assert "probe panic (verdicts ignored, every registered-up instance kept): web\n" in text
+    assert "2 up, 0 drain, 0 down" in text
+    assert status.to_json(collected)["services"][0]["panic"] is True
 
 
 def test_daemon_status_is_flattened_under_the_table() -> None:
@@ -110,11 +130,23 @@ def test_json_document() -> None:
         "weight": 1,
         "registered": "up",
         "health": {"status": "down", "reason": "5xx rate", "by": "monitor"},
+        "probes": {},
+        "probed_down": False,
         "state": "down",
         "meta": {},
     }
     idle = next(s for s in document["services"] if s["name"] == "idle")
-    assert idle == {"name": "idle", "settings": {"balance": "least_conn"}, "instances": []}
+    assert idle == {
+        "name": "idle",
+        "settings": {"balance": "least_conn"},
+        "panic": False,
+        "instances": [],
+    }
+    w1 = next(i for i in web["instances"] if i["id"] == "w1")
+    assert w1["probes"] == {
+        "lb-1": {"status": "up", "reason": "", "since": 0},
+        "lb-2": {"status": "down", "reason": "HTTP 503", "since": 0},
+    }
     assert document["rejected"][0]["key"] == "/lbsync/services/web/instances/bad"
     assert document["daemon"] == {
         "url": "http://127.0.0.1:9274/status",
