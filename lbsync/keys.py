@@ -7,9 +7,9 @@
 
 The catalog parses keys with ``place``; ``lbsync register``/``mark`` build them with
 ``instance_key``/``health_key``, ``lbsync probe`` with ``probe_key``. Service names,
-instance ids and prober names are safe names
-(``values.SERVICE_NAME``/``INSTANCE_ID``/``PROBER_NAME``, full matches): a key with any other name is
-off-schema, kept as a raw key only, and ``register`` refuses to write one.
+instance ids and prober names are safe names (``values.SERVICE_NAME``/``INSTANCE_ID``/
+``PROBER_NAME``, full matches): a key with any other name is off-schema, kept as a raw
+key only, and ``register`` refuses to write one.
 """
 
 from __future__ import annotations
