@@ -241,7 +241,8 @@ def test_the_compose_stack_works_outside_containers(
     )
     assert status.returncode == 0, status.stderr
     rows = [line.split() for line in status.stdout.splitlines()]
-    assert ["web", "web-1", f"127.0.0.1:{names['web-1'].port}", "1", "up", "-", "up"] in rows
+    # columns: service, instance, address, weight, registered, health mark, probes, state
+    assert ["web", "web-1", f"127.0.0.1:{names['web-1'].port}", "1", "up", "-", "-", "up"] in rows
     assert any(row[:2] == ["web", "web-2"] and row[-1] == "down" for row in rows)
     assert not any(row[:2] == ["web", "web-3"] for row in rows)
     assert f"daemon http://127.0.0.1:{stack.http_port}/status:\n" in status.stdout  # reachable

@@ -194,10 +194,11 @@ def test_status_against_real_etcd(
     done = lbsync(etcd, tmp_path, "status")
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines()]
-    assert ["app", "b1", instance(backends[0]), "1", "up", "-", "up"] in rows
+    # columns: service, instance, address, weight, registered, health mark, probes, state
+    assert ["app", "b1", instance(backends[0]), "1", "up", "-", "-", "up"] in rows
     b2_row = ["app", "b2", instance(backends[1]), "1", "up", "down", "(5xx)", "by", "lbsync"]
-    assert [*b2_row, "mark", "down"] in rows
-    assert ["idle", "-", "-", "-", "-", "-", "(no", "instances)"] in rows
+    assert [*b2_row, "mark", "-", "down"] in rows
+    assert ["idle", "-", "-", "-", "-", "-", "-", "(no", "instances)"] in rows
     assert f"etcd revision {revision}: 2 service(s), 2 instance(s): 1 up, 0 drain, 1 down" in (
         done.stdout
     )
