@@ -271,8 +271,8 @@ def test_guard_holds_a_mass_removal_until_confirmed(tmp_path: Path, out: Path) -
     try:
         wait_for(lambda: (content(out) or "").count("10.0.0.") == 6, what="six served")
         source.delete(*(f"{P}/services/web/instances/i{k}" for k in range(4)))
-        wait_for(lambda: run.daemon.guard.held is not None, what="hold")
-        assert "4 of 6" in run.daemon.guard.held.reason
+        wait_for(lambda: "web" in run.daemon.guard.holds, what="hold")
+        assert "4 of 6" in run.daemon.guard.holds["web"].verdict.reason
         assert (content(out) or "").count("10.0.0.") == 6
         assert driver.reloads == 1
         config = tmp_path / "lbsync.toml"
@@ -282,7 +282,7 @@ def test_guard_holds_a_mass_removal_until_confirmed(tmp_path: Path, out: Path) -
         )
         assert cli(["confirm", "-c", str(config)]) == 0
         wait_for(lambda: content(out) == "web: 10.0.0.5:80 10.0.0.6:80\n", what="applied")
-        assert run.daemon.guard.held is None
+        assert not run.daemon.guard.holding
     finally:
         run.stop()
 
@@ -306,8 +306,8 @@ def test_empty_prefix_never_empties_the_lb_without_confirmation(tmp_path: Path, 
         wait_for(lambda: (content(out) or "").count("10.0.0.") == 3, what="three served")
         for k in range(3):
             source.delete(f"{P}/services/web/instances/i{k}")
-        wait_for(lambda: run.daemon.guard.held is not None, what="hold")
-        assert run.daemon.guard.held.needs_confirmation
+        wait_for(lambda: run.daemon.guard.catalog_hold is not None, what="hold")
+        assert run.daemon.guard.catalog_hold.verdict.needs_confirmation
         source.put(f"{P}/unrelated", "tick")  # more rounds, well past the hold time
         wait_for(lambda: run.daemon.catalog.revision == source.revision, what="caught up")
         assert (content(out) or "").count("10.0.0.") == 3
