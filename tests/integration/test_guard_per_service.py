@@ -2,7 +2,9 @@
 
 A mass removal in one service is held while the other's changes apply; ``lbsync confirm
 --service`` releases one hold, ``lbsync confirm`` all of them; the empty-catalog rule
-stays global. The site proxies to ``upstream app`` (served by backends b1-b3); ``other`` is a second
+stays global.
+
+The site proxies to ``upstream app`` (served by backends b1-b3); ``other`` is a second
 service whose upstream is checked in the rendered file. Instances to be removed together
 share an id prefix (``gone-``) and go in one ``etcdctl del --prefix``: one revision, so
 no round can see half the removal (which the guard would rightly let through).
