@@ -287,6 +287,33 @@ def test_guard_holds_a_mass_removal_until_confirmed(tmp_path: Path, out: Path) -
         run.stop()
 
 
+def test_guard_holds_one_service_while_another_changes_and_confirms_it_alone(
+    tmp_path: Path, out: Path
+) -> None:
+    web = {f"i{k}": f"10.0.0.{k + 1}:80" for k in range(6)}
+    source = FakeSource({"services": {"web": {"instances": web}}})
+    run = Running(guarded_settings(tmp_path, hold=3600.0), source, FakeDriver())
+    try:
+        wait_for(lambda: (content(out) or "").count("10.0.0.") == 6, what="six served")
+        source.delete(*(f"{P}/services/web/instances/i{k}" for k in range(4)))
+        wait_for(lambda: "web" in run.daemon.guard.holds, what="web held")
+        source.put(f"{P}/services/api/instances/a", "10.0.1.1:80")
+        wait_for(lambda: "api: 10.0.1.1:80" in (content(out) or ""), what="api applied")
+        assert (content(out) or "").count("10.0.0.") == 6  # web still at its admitted set
+
+        config = tmp_path / "lbsync.toml"
+        config.write_text(
+            f'state_dir = "{tmp_path / "state"}"\n[[target]]\nname = "lb"\ndriver = "command"\n'
+            f'reload_command = ["true"]\n[[target.template]]\nsrc = "t.j2"\ndest = "{out}"\n'
+        )
+        assert cli(["confirm", "-c", str(config), "--service", "api"]) == 0  # not held: no-op
+        assert cli(["confirm", "-c", str(config), "--service", "web"]) == 0
+        wait_for(lambda: "web: 10.0.0.5:80 10.0.0.6:80\n" in (content(out) or ""), what="web")
+        assert not run.daemon.guard.holding
+    finally:
+        run.stop()
+
+
 def test_guard_releases_a_held_update_after_the_hold_time(tmp_path: Path, out: Path) -> None:
     source, driver = many(6), FakeDriver()
     run = Running(guarded_settings(tmp_path, hold=0.5), source, driver)
