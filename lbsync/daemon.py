@@ -87,7 +87,8 @@ class Daemon:
         self._clock = clock
         self.catalog = Catalog(settings.etcd.prefix, on_reject=_warn_rejected)
         self.scheduler = Scheduler(settings.wait, clock)
-        self.guard = self._new_guard(settings)
+        confirm = f"lbsync confirm -c {config_path or 'lbsync.toml'}"
+        self.guard = Guard(settings.guard, clock, confirm)
         self.pipelines = build_pipelines(settings, self._driver_factory)
         self._admitted: Snapshot | None = None
         self._saver = Saver(clock)
@@ -227,7 +228,7 @@ class Daemon:
         systemd.reloading()
         self.settings, self.pipelines = settings, pipelines
         self.scheduler = Scheduler(settings.wait, self._clock)
-        self.guard = self._new_guard(settings)
+        self.guard = self.guard.with_settings(settings.guard)
         self.scheduler.changed()
         if source is not None:
             self._stop_source()
@@ -239,10 +240,6 @@ class Daemon:
         systemd.ready("configuration re-read")
 
     # --- guard and saved catalog ----------------------------------------------------
-
-    def _new_guard(self, settings: Settings) -> Guard:
-        confirm = f"lbsync confirm -c {self.config_path or 'lbsync.toml'}"
-        return Guard(settings.guard, self._clock, confirm)
 
     def _confirmed_at(self, service: str | None) -> float:
         return confirmed_at(self.settings.state_dir, service)

@@ -155,6 +155,14 @@ class Guard:
         self.catalog_hold: Hold | None = None
         self.holds: dict[str, Hold] = {}
 
+    def with_settings(self, settings: GuardSettings) -> Guard:
+        """This guard under new settings (SIGHUP), keeping its holds and their start times:
+        a reload neither releases a hold nor restarts its clock; a hold the new limits no
+        longer justify ends at the next round."""
+        guard = Guard(settings, self.clock, self.confirm)
+        guard.catalog_hold, guard.holds = self.catalog_hold, dict(self.holds)
+        return guard
+
     @property
     def holding(self) -> bool:
         return self.catalog_hold is not None or bool(self.holds)

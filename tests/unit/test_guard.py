@@ -225,6 +225,22 @@ def test_empty_catalog_holds_everything_and_only_a_global_confirm_releases_it() 
     assert not guard.holding
 
 
+def test_new_settings_keep_the_holds_and_their_clocks() -> None:
+    clock = Clock()
+    guard = Guard(GuardSettings(hold=30.0), clock)
+    before, after = snapshot_from(catalog(10)), snapshot_from(catalog(2, 8))
+    guard.admit(before, after, never)
+    clock.now = 10.0
+
+    longer = guard.with_settings(GuardSettings(hold=60.0))
+    assert list(longer.holds) == ["web"]
+    assert longer.release_at() == 60.0  # counted from the hold's start, not the reload
+
+    relaxed = guard.with_settings(GuardSettings(max_removed_fraction=0.9))
+    assert relaxed.admit(before, after, never).snapshot is after
+    assert not relaxed.holding
+
+
 def test_status_document_of_a_hold() -> None:
     clock = Clock()
     guard = Guard(GuardSettings(hold=30.0), clock)
