@@ -174,7 +174,7 @@ class Guard:
         judgement = judge(self.settings, applied, candidate)
         if judgement.catalog is not None:
             return self._hold_catalog(judgement.catalog, candidate, confirmed_at)
-        self._release_catalog("no longer empty")
+        self._release_catalog(candidate.revision)
         started: list[Hold] = []
         holds: dict[str, Hold] = {}
         for name, verdict in judgement.services.items():
@@ -188,21 +188,27 @@ class Guard:
                 continue
             holds[name] = replace(hold, verdict=verdict)
         for name in self.holds.keys() - holds.keys() - judgement.services.keys():
-            log.warning("guard.released", service=name, why="no longer over the limits")
+            why = "no longer over the limits"
+            log.warning("guard.released", service=name, revision=candidate.revision, why=why)
         self.holds = holds
         if applied is None or not holds:
             return Decision(candidate, tuple(started))
         return Decision(compose(applied, candidate, holds.keys()), tuple(started))
 
     def release_at(self) -> float | None:
-        """The earliest a hold ends by time alone (None: nothing held, or only by confirm)."""
+        """The earliest a hold ends by time alone (None: nothing held, or only by confirm).
+
+        While the catalog is held (empty), service holds wait: nothing is applied anyway."""
+        if self.catalog_hold is not None:
+            return None
         ends = [h.since + self.settings.hold for h in self.holds.values()]
         return min(ends, default=None)
 
     def may_end(self, confirmed_at: ConfirmedAt) -> bool:
         """A hold whose time is up, or that an operator has confirmed since it started."""
-        holds = [*self.holds.values(), *([self.catalog_hold] if self.catalog_hold else [])]
-        return any(self._release_why(hold, confirmed_at) for hold in holds)
+        if self.catalog_hold is not None:
+            return bool(self._release_why(self.catalog_hold, confirmed_at))
+        return any(self._release_why(hold, confirmed_at) for hold in self.holds.values())
 
     def _hold_catalog(
         self, verdict: Verdict, candidate: Snapshot, confirmed_at: ConfirmedAt
@@ -221,9 +227,9 @@ class Guard:
         self.catalog_hold = replace(hold, verdict=verdict)
         return Decision(None, started)
 
-    def _release_catalog(self, why: str) -> None:
+    def _release_catalog(self, revision: int) -> None:
         if self.catalog_hold is not None:
-            log.warning("guard.released", service=None, why=why)
+            log.warning("guard.released", service=None, revision=revision, why="no longer empty")
             self.catalog_hold = None
 
     def _start(self, service: str | None, verdict: Verdict, revision: int) -> Hold:

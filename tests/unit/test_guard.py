@@ -241,6 +241,21 @@ def test_new_settings_keep_the_holds_and_their_clocks() -> None:
     assert not relaxed.holding
 
 
+def test_service_holds_wait_while_the_catalog_is_held() -> None:
+    """An empty catalog applies nothing, so a service hold's time running out must not
+    wake the loop (a release time in the past would make it spin)."""
+    clock = Clock()
+    guard = Guard(GuardSettings(hold=30.0), clock)
+    before = two(service(10), service(10, first=100))
+    guard.admit(before, two(service(2, 8), service(10, first=100)), never)
+    assert guard.release_at() == 30.0
+    guard.admit(before, snapshot_from({}), never)
+    assert guard.catalog_hold is not None
+    clock.now = 100.0
+    assert guard.release_at() is None
+    assert not guard.may_end(never)
+
+
 def test_status_document_of_a_hold() -> None:
     clock = Clock()
     guard = Guard(GuardSettings(hold=30.0), clock)
