@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check)
 
     confirm = sub.add_parser(
-        "confirm", parents=[common], help="apply the update the running daemon's guard holds"
+        "confirm", parents=[common], help="apply the updates the running daemon's guard holds"
+    )
+    confirm.add_argument(
+        "--service",
+        help="release only this service's hold (default: every hold, and an empty catalog)",
     )
     confirm.set_defaults(handler=cmd_confirm)
 
@@ -284,8 +288,9 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     prepare_state_dir(settings)
-    path = guard.confirm_held(settings.state_dir)
-    print(f"confirmed ({path}); the daemon applies the held update within a second")
+    path = guard.confirm_held(settings.state_dir, args.service)
+    what = "every held update" if args.service is None else f"the held update of {args.service!r}"
+    print(f"confirmed ({path}); the daemon applies {what} within a second")
     return EXIT_OK
 
 

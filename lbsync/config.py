@@ -306,7 +306,8 @@ class RenderSettings(Section):
 
 
 class GuardSettings(Section):
-    """Hold updates that would take too much out of rotation at once (see scheduler.Guard)."""
+    """Per service: hold an update that would take too much of it out of rotation at once
+    (lbsync/guard.py); the other services' changes apply meanwhile."""
 
     max_removed_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     """Hold an update that would take more than this fraction of a service's instances
@@ -317,8 +318,9 @@ class GuardSettings(Section):
     min_instances: dict[str, int] = Field(default={}, examples=[{"web": 2, "api": 3}])
     """Per service: hold an update that would leave fewer usable instances than this."""
     hold: Duration = 30.0
-    """A held update is applied anyway once it has persisted this long (or at once with
-    `lbsync confirm`)."""
+    """A service's held update is applied anyway once it has persisted this long (or at
+    once with `lbsync confirm --service NAME`, or `lbsync confirm` for every hold). An
+    empty catalog is never applied by time: only `lbsync confirm` applies it."""
 
 
 class HttpSettings(Section):
@@ -410,7 +412,7 @@ class Settings(Section):
     render: RenderSettings = RenderSettings()
     """How templates are rendered (docs/templates.md)."""
     guard: GuardSettings = GuardSettings()
-    """Hold updates that would take too much out of rotation at once."""
+    """Per service: hold an update that would take too much of it out of rotation at once."""
     http: HttpSettings = HttpSettings()
     """lbsync's own HTTP endpoint: /metrics, /healthz, /readyz, /status."""
     probe: ProbeSettings = ProbeSettings()

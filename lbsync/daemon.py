@@ -11,8 +11,9 @@ never cut in half:
 
 No round runs before the first full read of etcd (or, after a restart while etcd is down,
 before the saved catalog is loaded): an unreachable etcd never becomes
-an empty config. Every snapshot passes the guard before it is applied; a held update waits
-for ``guard.hold`` or for ``lbsync confirm`` (a touch of ``<state_dir>/confirm``).
+an empty config. Every snapshot passes the guard before it is applied; a service whose
+update is held keeps its last admitted version (the others' changes apply) until
+``guard.hold`` or ``lbsync confirm [--service NAME]``; an empty catalog is held whole.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class Daemon:
         )
         self.panics = PanicWatch()
         self.scheduler = Scheduler(settings.wait, clock)
-        self.guard = Guard(settings.guard, clock)
+        confirm = f"lbsync confirm -c {config_path or 'lbsync.toml'}"
+        self.guard = Guard(settings.guard, clock, confirm)
         self.pipelines = build_pipelines(settings, self._driver_factory)
         self._admitted: Snapshot | None = None
         self._saver = Saver(clock)
@@ -157,18 +159,15 @@ class Daemon:
         """Apply the current snapshot to every target, once each — if the guard admits it."""
         self.scheduler.round_done()
         snapshot = self.catalog.snapshot()
-        was_held = self.guard.held
         metrics.set_catalog(snapshot)
         self.panics.update(snapshot)
-        if not self.guard.admit(self._admitted, snapshot, confirmed_at(self.settings.state_dir)):
-            if was_held != self.guard.held:
-                self._log_hold(snapshot)
-            metrics.set_holding(True)
+        decision = self.guard.admit(self._admitted, snapshot, self._confirmed_at)
+        metrics.set_guard(len(self.guard.holds), self.guard.holding)
+        for pipeline in self.pipelines:
+            metrics.guard_held(pipeline.name, len(decision.started))
+        if decision.snapshot is None:
             return []
-        metrics.set_holding(False)
-        if was_held is not None:
-            log.warning("guard.released", revision=snapshot.revision, reason=was_held.reason)
-        self._admitted = snapshot
+        snapshot = self._admitted = decision.snapshot
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
         if all(o.ok for o in outcomes):
@@ -234,7 +233,7 @@ class Daemon:
         systemd.reloading()
         self.settings, self.pipelines = settings, pipelines
         self.scheduler = Scheduler(settings.wait, self._clock)
-        self.guard = Guard(settings.guard, self._clock)
+        self.guard = self.guard.with_settings(settings.guard)
         self.scheduler.changed()
         self.catalog.set_probe_policy(policy_of(settings.probe))
         if source is not None:
@@ -250,19 +249,12 @@ class Daemon:
 
     # --- guard and saved catalog ----------------------------------------------------
 
-    def _log_hold(self, snapshot: Snapshot) -> None:
-        if self.guard.held is None:
-            return
-        for pipeline in self.pipelines:
-            metrics.guard_held(pipeline.name)
-        confirm = f"lbsync confirm -c {self.config_path or 'lbsync.toml'}"
-        self.guard.log_held(snapshot.revision, confirm)
+    def _confirmed_at(self, service: str | None) -> float:
+        return confirmed_at(self.settings.state_dir, service)
 
     def _hold_may_end(self) -> bool:
-        # the confirm file is read only while an update is held
-        return self.guard.held is not None and self.guard.may_end(
-            confirmed_at(self.settings.state_dir)
-        )
+        # the confirm files are read only while something is held
+        return self.guard.holding and self.guard.may_end(self._confirmed_at)
 
     def _load_saved_catalog(self) -> None:
         saved = saved_catalog.load(self.settings.state_dir, self.settings.etcd.prefix)

@@ -78,7 +78,6 @@ def status_document(
     probe_panic: Iterable[str] = (),
 ) -> dict[str, object]:
     """The ``/status`` document. Runs on an HTTP thread while the main loop goes on."""
-    held = guard.held
     return {
         "revision": catalog.revision,
         "etcd": {
@@ -87,15 +86,7 @@ def status_document(
             "synced": health.synced,
             "staleness_s": _finite(health.staleness(now)),
         },
-        "held": None
-        if held is None
-        else {
-            "reason": held.reason,
-            "removed": held.removed,
-            "total": held.total,
-            "since": guard.held_since_wall,
-            "needs_confirmation": held.needs_confirmation,
-        },
+        "held": guard_document(guard),
         # list() first: the main loop may change these while this (HTTP) thread reads
         "rejected": {key: err.reason for key, err in list(catalog.rejected.items())},
         "probe_panic": sorted(probe_panic),
@@ -105,6 +96,17 @@ def status_document(
             for p in pipelines
             if (status := p.driver.runtime_status()) is not None
         },
+    }
+
+
+def guard_document(guard: Guard) -> dict[str, object]:
+    """What the guard holds: the whole catalog (the empty-catalog rule) and per service."""
+    hold_time = guard.settings.hold
+    catalog = guard.catalog_hold
+    return {
+        "catalog": None if catalog is None else catalog.document(hold_time),
+        # list() first: the main loop replaces the holds while this (HTTP) thread reads
+        "services": {name: h.document(hold_time) for name, h in list(guard.holds.items())},
     }
 
 

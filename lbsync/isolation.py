@@ -11,11 +11,11 @@ render cache keeps hitting.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lbsync.errors import LbsyncError
-from lbsync.model import Service, Snapshot
+from lbsync.model import Service, Snapshot, service_prefix
 
 MAX_TRIALS = 32
 """Compositions tried per failed round; past that the round fails as a whole (one bad
@@ -62,35 +62,6 @@ def retry_delay(attempt: int) -> float:
 class Unattributable(Exception):
     """No set of services is to blame on its own (a template bug, or services that fail
     only together); the round fails as a whole. Internal to the pipeline."""
-
-
-def service_prefix(name: str) -> str:
-    return f"/services/{name}/"
-
-
-def changed_services(base: Snapshot, candidate: Snapshot) -> list[str]:
-    """Services whose object differs between the two snapshots (added and removed too)."""
-    names = base.services.keys() | candidate.services.keys()
-    return sorted(n for n in names if base.services.get(n) is not candidate.services.get(n))
-
-
-def compose(base: Snapshot, candidate: Snapshot, keep: Collection[str]) -> Snapshot:
-    """``candidate`` with the services named in ``keep`` (and their raw keys) as in ``base``."""
-    if not keep:
-        return candidate
-    services = dict(candidate.services)
-    for name in keep:
-        old = base.services.get(name)
-        if old is None:
-            services.pop(name, None)
-        else:
-            services[name] = old
-    prefixes = tuple(service_prefix(name) for name in keep)
-    keys = {k: v for k, v in candidate.keys.items() if not k.startswith(prefixes)}
-    keys.update((k, v) for k, v in base.keys.items() if k.startswith(prefixes))
-    return Snapshot.model_construct(
-        revision=candidate.revision, services=dict(sorted(services.items())), keys=keys
-    )
 
 
 def changed_keys(base: Snapshot, candidate: Snapshot, name: str) -> tuple[str, ...]:

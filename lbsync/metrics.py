@@ -161,13 +161,18 @@ LAST_SYNC_TIME = Gauge(
 )
 GUARD_HOLDS = Counter(
     "lbsync_guard_holds",
-    "Updates held by a guard because they would remove too much at once.",
+    "Service updates (or empty catalogs) held by the guard: they would remove too much at once.",
     ["target"],
     registry=REGISTRY,
 )
 GUARD_HOLDING = Gauge(
     "lbsync_guard_holding",
-    "1 while an update is being held by a guard (waiting for the hold time or an operator).",
+    "1 while the guard holds something (waiting for the hold time or an operator).",
+    registry=REGISTRY,
+)
+GUARD_HELD_SERVICES = Gauge(
+    "lbsync_guard_held_services",
+    "Services whose update the guard holds now (their names are in /status).",
     registry=REGISTRY,
 )
 REJECTED_VALUES = Counter(
@@ -268,11 +273,15 @@ def service_held(target: str, error: str) -> None:
     SERVICE_HOLDS.labels(target, error).inc()
 
 
-def guard_held(target: str) -> None:
-    GUARD_HOLDS.labels(target).inc()
+def guard_held(target: str, holds: int = 1) -> None:
+    GUARD_HOLDS.labels(target).inc(holds)
 
 
-def set_holding(holding: bool) -> None:
+def set_guard(held_services: int, holding: bool) -> None:
+    """The guard's state after a round: how many services it holds, and whether anything
+    (those, or an empty catalog) is held. No per-service label: the names are in /status,
+    and a label per service would leave a series behind for every service ever held."""
+    GUARD_HELD_SERVICES.set(held_services)
     GUARD_HOLDING.set(1 if holding else 0)
 
 

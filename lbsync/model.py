@@ -7,7 +7,7 @@ one after a single event costs one service, not the whole catalog.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from functools import cached_property
 from typing import Literal
 
@@ -185,3 +185,35 @@ class Snapshot(Frozen):
     @property
     def instance_count(self) -> int:
         return sum(len(s.instances) for s in self.services.values())
+
+
+def service_prefix(name: str) -> str:
+    return f"/services/{name}/"
+
+
+def changed_services(base: Snapshot, candidate: Snapshot) -> list[str]:
+    """Services whose object differs between the two snapshots (added and removed too)."""
+    names = base.services.keys() | candidate.services.keys()
+    return sorted(n for n in names if base.services.get(n) is not candidate.services.get(n))
+
+
+def compose(base: Snapshot, candidate: Snapshot, keep: Collection[str]) -> Snapshot:
+    """``candidate`` with the services named in ``keep`` (and their raw keys) as in ``base``.
+
+    Reuses the ``Service`` objects of both snapshots (the render cache keys on them);
+    shared by the pipeline's failure isolation and the guard's per-service holds."""
+    if not keep:
+        return candidate
+    services = dict(candidate.services)
+    for name in keep:
+        old = base.services.get(name)
+        if old is None:
+            services.pop(name, None)
+        else:
+            services[name] = old
+    prefixes = tuple(service_prefix(name) for name in keep)
+    keys = {k: v for k, v in candidate.keys.items() if not k.startswith(prefixes)}
+    keys.update((k, v) for k, v in base.keys.items() if k.startswith(prefixes))
+    return Snapshot.model_construct(
+        revision=candidate.revision, services=dict(sorted(services.items())), keys=keys
+    )

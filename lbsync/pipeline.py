@@ -37,7 +37,7 @@ from lbsync.errors import (
     VerifyFailed,
 )
 from lbsync.isolation import HeldService, Unattributable
-from lbsync.model import Snapshot
+from lbsync.model import Snapshot, changed_services, compose
 from lbsync.outcome import Outcome
 from lbsync.render import Renderer
 from lbsync.stage import swap
@@ -140,7 +140,7 @@ class TargetPipeline:
         retried = self._release_changed(wanted)
         snapshot = wanted
         if self.held and self.applied is not None:  # held services: as last applied
-            snapshot = isolation.compose(self.applied, wanted, self.held)
+            snapshot = compose(self.applied, wanted, self.held)
         try:
             try:
                 plan = self._attempt(snapshot, timings)
@@ -192,18 +192,18 @@ class TargetPipeline:
             # refuses that too, the checker or the LB is at fault, not a service.
             everything_kept = len(keep) == len(suspects)
             try:
-                composed = isolation.compose(base, snapshot, keep)
+                composed = compose(base, snapshot, keep)
                 self._attempt(composed, scratch, always_check=everything_kept)
             except (RenderError, ValidationFailed) as err:
                 return err
             return None
 
-        suspects = isolation.changed_services(base, snapshot)
+        suspects = changed_services(base, snapshot)
         try:
             if not suspects:
                 raise Unattributable("no service changed since the last applied round")
             culprits = isolation.find_culprits(suspects, failure, trial)
-            plan = self._attempt(isolation.compose(base, snapshot, culprits), scratch)
+            plan = self._attempt(compose(base, snapshot, culprits), scratch)
         except (Unattributable, RenderError, ValidationFailed) as why:
             log.warning("isolate.failed", target=self.name, reason=str(why))
             raise failure from None

@@ -13,6 +13,7 @@ an error.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -181,9 +182,37 @@ def format_table(report: StatusReport) -> str:
         if daemon.data is None:
             lines.append(f"daemon {daemon.url}: {daemon.error}")
         else:
+            lines.extend(guard_lines(daemon.data))
             lines.append(f"daemon {daemon.url}:")
             lines.extend(f"  {key}: {value}" for key, value in _flatten(daemon.data))
     return "\n".join(lines) + "\n"
+
+
+def guard_lines(data: Mapping[str, Any]) -> list[str]:
+    """What the daemon's guard holds, one line each, with the command that releases it."""
+    held = data.get("held")
+    if not isinstance(held, Mapping):
+        return []
+    holds: list[tuple[str | None, Any]] = []  # (service, hold); None: the whole catalog
+    if isinstance(held.get("catalog"), Mapping):
+        holds.append((None, held["catalog"]))
+    if isinstance(held.get("services"), Mapping):
+        holds.extend(held["services"].items())
+    lines = []
+    for service, hold in holds:
+        if not isinstance(hold, Mapping):
+            continue
+        what = "the whole catalog" if service is None else f"service {service}"
+        release = "lbsync confirm" if service is None else f"lbsync confirm --service {service}"
+        until = hold.get("release_at")
+        if isinstance(until, int | float):
+            release += f", or by itself at {_clock_time(until)}"
+        lines.append(f"  {what}: {hold.get('reason')} (release: {release})")
+    return [f"held by the guard ({len(lines)}):", *lines, ""] if lines else []
+
+
+def _clock_time(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:

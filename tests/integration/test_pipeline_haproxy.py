@@ -233,7 +233,7 @@ def test_a_mass_change_the_guard_lets_through_is_applied_at_runtime(
         put(f"i{n:02d}", backends[n % 3], weight=5)
     wait_for(lambda: daemon.caught_up(writer), what="the burst applied")
 
-    assert daemon.daemon.guard.held is None
+    assert not daemon.daemon.guard.holding
     actions = daemon.actions(mark)
     assert actions
     assert set(actions) == {"runtime"}, actions

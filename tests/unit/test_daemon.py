@@ -271,8 +271,8 @@ def test_guard_holds_a_mass_removal_until_confirmed(tmp_path: Path, out: Path) -
     try:
         wait_for(lambda: (content(out) or "").count("10.0.0.") == 6, what="six served")
         source.delete(*(f"{P}/services/web/instances/i{k}" for k in range(4)))
-        wait_for(lambda: run.daemon.guard.held is not None, what="hold")
-        assert "4 of 6" in run.daemon.guard.held.reason
+        wait_for(lambda: "web" in run.daemon.guard.holds, what="hold")
+        assert "4 of 6" in run.daemon.guard.holds["web"].verdict.reason
         assert (content(out) or "").count("10.0.0.") == 6
         assert driver.reloads == 1
         config = tmp_path / "lbsync.toml"
@@ -282,7 +282,34 @@ def test_guard_holds_a_mass_removal_until_confirmed(tmp_path: Path, out: Path) -
         )
         assert cli(["confirm", "-c", str(config)]) == 0
         wait_for(lambda: content(out) == "web: 10.0.0.5:80 10.0.0.6:80\n", what="applied")
-        assert run.daemon.guard.held is None
+        assert not run.daemon.guard.holding
+    finally:
+        run.stop()
+
+
+def test_guard_holds_one_service_while_another_changes_and_confirms_it_alone(
+    tmp_path: Path, out: Path
+) -> None:
+    web = {f"i{k}": f"10.0.0.{k + 1}:80" for k in range(6)}
+    source = FakeSource({"services": {"web": {"instances": web}}})
+    run = Running(guarded_settings(tmp_path, hold=3600.0), source, FakeDriver())
+    try:
+        wait_for(lambda: (content(out) or "").count("10.0.0.") == 6, what="six served")
+        source.delete(*(f"{P}/services/web/instances/i{k}" for k in range(4)))
+        wait_for(lambda: "web" in run.daemon.guard.holds, what="web held")
+        source.put(f"{P}/services/api/instances/a", "10.0.1.1:80")
+        wait_for(lambda: "api: 10.0.1.1:80" in (content(out) or ""), what="api applied")
+        assert (content(out) or "").count("10.0.0.") == 6  # web still at its admitted set
+
+        config = tmp_path / "lbsync.toml"
+        config.write_text(
+            f'state_dir = "{tmp_path / "state"}"\n[[target]]\nname = "lb"\ndriver = "command"\n'
+            f'reload_command = ["true"]\n[[target.template]]\nsrc = "t.j2"\ndest = "{out}"\n'
+        )
+        assert cli(["confirm", "-c", str(config), "--service", "api"]) == 0  # not held: no-op
+        assert cli(["confirm", "-c", str(config), "--service", "web"]) == 0
+        wait_for(lambda: "web: 10.0.0.5:80 10.0.0.6:80\n" in (content(out) or ""), what="web")
+        assert not run.daemon.guard.holding
     finally:
         run.stop()
 
@@ -306,8 +333,8 @@ def test_empty_prefix_never_empties_the_lb_without_confirmation(tmp_path: Path, 
         wait_for(lambda: (content(out) or "").count("10.0.0.") == 3, what="three served")
         for k in range(3):
             source.delete(f"{P}/services/web/instances/i{k}")
-        wait_for(lambda: run.daemon.guard.held is not None, what="hold")
-        assert run.daemon.guard.held.needs_confirmation
+        wait_for(lambda: run.daemon.guard.catalog_hold is not None, what="hold")
+        assert run.daemon.guard.catalog_hold.verdict.needs_confirmation
         source.put(f"{P}/unrelated", "tick")  # more rounds, well past the hold time
         wait_for(lambda: run.daemon.catalog.revision == source.revision, what="caught up")
         assert (content(out) or "").count("10.0.0.") == 3

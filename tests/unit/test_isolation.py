@@ -21,7 +21,16 @@ from lbsync.errors import (
     ValidationFailed,
 )
 from lbsync.isolation import Unattributable, find_culprits
-from lbsync.model import HealthMark, Instance, KeyEvent, Snapshot, SourceEvents, State
+from lbsync.model import (
+    HealthMark,
+    Instance,
+    KeyEvent,
+    Snapshot,
+    SourceEvents,
+    State,
+    changed_services,
+    compose,
+)
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
 from lbsync.stage.tree import StagedConfig
@@ -450,10 +459,10 @@ def test_compose_keeps_unchanged_services_identical() -> None:
     etcd.put("/services/web/settings", {"div": 0})
     candidate = etcd.put("/services/api/instances/b", "10.0.1.2:80")
 
-    composed = isolation.compose(base, candidate, {"web"})
+    composed = compose(base, candidate, {"web"})
 
     assert composed.services["web"] is base.services["web"]
     assert composed.services["api"] is candidate.services["api"]
     assert "/services/web/settings" not in composed.keys
     assert composed.keys["/services/api/instances/b"] == "10.0.1.2:80"
-    assert isolation.changed_services(base, candidate) == ["api", "web"]
+    assert changed_services(base, candidate) == ["api", "web"]

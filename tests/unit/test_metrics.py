@@ -193,11 +193,13 @@ def test_guard_rejections_and_alerts(target: str) -> None:
     alerts = value("lbsync_alerts_total", kind="rollback_failed")
     metrics.guard_held(target)
     metrics.guard_held(target)
-    metrics.set_holding(True)
+    metrics.set_guard(2, True)
     assert value("lbsync_guard_holds_total", target=target) == 2
     assert value("lbsync_guard_holding") == 1
-    metrics.set_holding(False)
+    assert value("lbsync_guard_held_services") == 2
+    metrics.set_guard(0, False)
     assert value("lbsync_guard_holding") == 0
+    assert value("lbsync_guard_held_services") == 0
     metrics.value_rejected()
     metrics.alert("rollback_failed")
     assert value("lbsync_rejected_values_total") == rejected + 1

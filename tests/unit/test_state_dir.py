@@ -226,3 +226,19 @@ def test_the_daemon_reads_the_confirm_time_without_following_a_symlink(tmp_path:
     (state / CONFIRM_FILE).unlink()
     path = confirm_held(daemon.settings.state_dir)
     assert confirmed_at(daemon.settings.state_dir) == path.stat().st_mtime > 0.0
+
+
+def test_confirm_service_takes_only_a_service_name_and_writes_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    config = _config_file(tmp_path, state)
+
+    assert main(["confirm", "-c", str(config), "--service", "../confirm"]) == 1
+    assert "not a service name" in capsys.readouterr().err
+    assert not (state / CONFIRM_FILE).exists()
+
+    assert main(["confirm", "-c", str(config), "--service", "web"]) == 0
+    assert "the held update of 'web'" in capsys.readouterr().out
+    assert confirmed_at(state, "web") > 0.0
+    assert not (state / CONFIRM_FILE).exists()

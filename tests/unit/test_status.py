@@ -108,6 +108,29 @@ def test_daemon_status_is_flattened_under_the_table() -> None:
     assert "  held: []\n" in text
 
 
+def test_guard_holds_are_listed_with_the_command_that_releases_them() -> None:
+    hold = {"reason": "update removes 2 of 3", "since": 1.0, "needs_confirmation": False}
+    empty = {"reason": "the catalog is empty", "release_at": None, "needs_confirmation": True}
+    held = {
+        "catalog": empty,
+        "services": {"web": {**hold, "release_at": 31.0}, "api": {**hold, "release_at": 40.0}},
+    }
+    text = status.format_table(report(DaemonStatus("http://x/status", data={"held": held})))
+    lines = text.splitlines()
+    start = lines.index("held by the guard (3):")
+    catalog, web, api = lines[start + 1 : start + 4]
+    assert catalog == "  the whole catalog: the catalog is empty (release: lbsync confirm)"
+    assert web.startswith("  service web: update removes 2 of 3 (release: lbsync confirm")
+    assert "--service web, or by itself at " in web
+    assert "--service api, or by itself at " in api
+
+
+def test_nothing_held_adds_no_guard_section() -> None:
+    held = {"catalog": None, "services": {}}
+    text = status.format_table(report(DaemonStatus("http://x/status", data={"held": held})))
+    assert "held by the guard" not in text
+
+
 def test_unreachable_daemon_is_a_line_not_an_error() -> None:
     daemon = DaemonStatus("http://127.0.0.1:9274/status", error="unreachable (refused)")
     text = status.format_table(report(daemon))
