@@ -9,9 +9,10 @@ never cut in half:
 - SIGHUP: re-read lbsync's own config and templates; a broken new config is logged and
   the old one kept; a good one takes effect and everything is re-rendered.
 
-No round runs before the first full read of etcd (or, after a restart while etcd is down,
-before the saved catalog is loaded): an unreachable etcd never becomes
-an empty config. Every snapshot passes the guard before it is applied; a held update waits
+No round runs before the first full read of etcd (or, when etcd cannot be read within
+``etcd.timeout`` of start, before the saved catalog of the same prefix and etcd is loaded):
+an unreachable etcd never becomes an empty config, another cluster's saved catalog is never
+rendered. Every snapshot passes the guard before it is applied; a held update waits
 for ``guard.hold`` or for ``lbsync confirm`` (a touch of ``<state_dir>/confirm``).
 """
 
@@ -38,7 +39,7 @@ from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, Sou
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
-from lbsync.saved_catalog import Saver
+from lbsync.saved_catalog import Origin, Saver, StartFallback
 from lbsync.scheduler import Clock, Scheduler
 from lbsync.source.runner import Source, SourceRunner
 
@@ -90,6 +91,8 @@ class Daemon:
         self.pipelines = build_pipelines(settings, self._driver_factory)
         self._admitted: Snapshot | None = None
         self._saver = Saver(clock)
+        self._fallback: StartFallback | None = None  # set by run()
+        self._cluster_id = 0  # etcd's, from its latest full read
         self._changed_at: float | None = None  # first change not yet applied
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
@@ -102,7 +105,7 @@ class Daemon:
     def run(self) -> None:
         """Until ``flags.stop``: take source messages, run rounds when due."""
         self._start_http()
-        self._load_saved_catalog()
+        self._fallback = StartFallback(self._clock, self.settings.etcd.timeout)
         self._start_source()
         log.info("daemon.started", targets=[p.name for p in self.pipelines])
         try:
@@ -129,6 +132,8 @@ class Daemon:
         if self._source is not None:
             for message in self._source.messages(self._wait_budget()):
                 self.handle(message)
+        if self._fallback is not None and self._fallback.due(self.health.synced):
+            self._load_saved_catalog()
         if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
             self.run_round()
         self._save_catalog()
@@ -189,6 +194,7 @@ class Daemon:
             self._changed_at = self._clock()
         if isinstance(message, SourceReset):
             self.catalog.reset(message)
+            self._cluster_id = message.cluster_id
             memory.settle()
             self.health.synced = True
             self.scheduler.changed()
@@ -257,7 +263,7 @@ class Daemon:
         )
 
     def _load_saved_catalog(self) -> None:
-        saved = saved_catalog.load(self.settings.state_dir, self.settings.etcd.prefix)
+        saved = saved_catalog.load(self.settings.state_dir, self._origin())
         if saved is None:
             return
         self.catalog.reset(saved.reset)
@@ -268,8 +274,12 @@ class Daemon:
 
     def _save_catalog(self, *, force: bool = False) -> None:
         if self._admitted is not None and self.health.synced:
-            state_dir, prefix = self.settings.state_dir, self.settings.etcd.prefix
-            self._saver.save_if_due(state_dir, prefix, self._admitted, force=force)
+            origin = self._origin()
+            self._saver.save_if_due(self.settings.state_dir, origin, self._admitted, force=force)
+
+    def _origin(self) -> Origin:
+        etcd = self.settings.etcd
+        return Origin(etcd.prefix, tuple(etcd.endpoints), self._cluster_id)
 
     # --- what the outside world sees: /healthz, /readyz, /status, systemd -----------
 
