@@ -27,7 +27,7 @@ from types import FrameType
 
 import structlog
 
-from lbsync import memory, metrics, saved_catalog, systemd
+from lbsync import memory, metrics, saved_catalog, state_lock, systemd
 from lbsync.catalog import Catalog
 from lbsync.config import Settings, load_settings
 from lbsync.drivers.base import DriverFactory, driver_for
@@ -103,7 +103,18 @@ class Daemon:
     # --- lifecycle -------------------------------------------------------------------
 
     def run(self) -> None:
-        """Until ``flags.stop``: take source messages, run rounds when due."""
+        """Until ``flags.stop``: take source messages, run rounds when due.
+
+        Holds the state directory's lock throughout (``state_lock``): raises
+        ``StateLocked``, touching nothing, when another lbsync holds it.
+        """
+        lock = state_lock.acquire(self.settings.state_dir, self.config_path)
+        try:
+            self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> None:
         self._start_http()
         self._fallback = StartFallback(self._clock, self.settings.etcd.timeout)
         self._start_source()
