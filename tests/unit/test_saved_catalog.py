@@ -161,3 +161,29 @@ def test_the_saved_catalog_is_never_due_once_etcd_was_read() -> None:
     assert not fallback.due(synced=True)
     clock.now = 200.0
     assert not fallback.due(synced=False)
+
+
+def test_with_etcd_readable_the_saved_catalog_is_never_rendered(tmp_path: Path) -> None:
+    from lbsync.daemon import Daemon
+    from lbsync.testing import FakeDriver, FakeSource
+    from tests.harness.daemon import RunningDaemon
+    from tests.harness.net import wait_for
+    from tests.unit.test_daemon import content, make_settings
+
+    settings = make_settings(tmp_path)
+    out = tmp_path / "out.conf"
+    stale = Snapshot(revision=99, keys={"/services/web/instances/old": "10.9.9.9:80"})
+    saved_catalog.save(settings.state_dir, saved_catalog.Origin(PREFIX), stale)
+    source = FakeSource({"services": {"web": {"instances": {"a": "10.0.0.1:80"}}}})
+    daemon = Daemon(
+        settings, source_factory=lambda _s: source, driver_factory=lambda _t: FakeDriver()
+    )
+
+    run = RunningDaemon(daemon)
+    try:
+        wait_for(lambda: content(out) == "web: 10.0.0.1:80\n", what="etcd's catalog")
+    finally:
+        run.stop()
+
+    assert [o.revision for o in run.outcomes] == [source.revision]
+    assert daemon.health.saved_catalog_loaded_at is None
