@@ -206,6 +206,8 @@ class Daemon:
         if isinstance(message, SourceReset):
             self.catalog.reset(message)
             self._cluster_id = message.cluster_id
+            if self._fallback is not None:
+                self._fallback.read(self._origin())
             memory.settle()
             self.health.synced = True
             self.scheduler.changed()
@@ -277,6 +279,8 @@ class Daemon:
         saved = saved_catalog.load(self.settings.state_dir, self._origin())
         if saved is None:
             return
+        if self._fallback is not None:
+            self._fallback.loaded(saved)
         self.catalog.reset(saved.reset)
         self._admitted = self.catalog.snapshot()
         self.health.saved_catalog_age = saved.age()

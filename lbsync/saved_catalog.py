@@ -156,6 +156,7 @@ class StartFallback:
     def __init__(self, clock: Clock, timeout: float) -> None:
         self._clock = clock
         self._deadline: float | None = clock() + timeout
+        self._served: Origin | None = None  # the saved catalog's, once loaded
 
     def due(self, synced: bool) -> bool:
         """True once, when the deadline passes with etcd still unread; then always False."""
@@ -163,6 +164,17 @@ class StartFallback:
             return False
         self._deadline = None
         return not synced
+
+    def loaded(self, saved: Saved) -> None:
+        self._served = saved.origin
+
+    def read(self, current: Origin) -> None:
+        """etcd was read at last: say so if the saved catalog served meanwhile was not its
+        (only the cluster id can tell, and only now); etcd's read replaces it either way."""
+        served, self._served = self._served, None
+        why = None if served is None else mismatch(served, current)
+        if why is not None:
+            log.warning("catalog.discarded", reason=why, note="served while etcd was unreadable")
 
 
 class Saver:

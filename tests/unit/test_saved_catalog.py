@@ -12,7 +12,7 @@ import pytest
 
 from lbsync import saved_catalog
 from lbsync.errors import StageError
-from lbsync.model import Snapshot
+from lbsync.model import Snapshot, SourceReset
 
 PREFIX = "/lbsync"
 ENDPOINTS = ("http://127.0.0.1:2379", "http://127.0.0.2:2379")
@@ -187,3 +187,32 @@ def test_with_etcd_readable_the_saved_catalog_is_never_rendered(tmp_path: Path) 
 
     assert [o.revision for o in run.outcomes] == [source.revision]
     assert daemon.health.saved_catalog_loaded_at is None
+
+
+def _served_fallback(origin: saved_catalog.Origin) -> saved_catalog.StartFallback:
+    fallback = saved_catalog.StartFallback(_Clock(), timeout=0.0)
+    assert fallback.due(synced=False)
+    fallback.loaded(saved_catalog.Saved(SourceReset(revision=1, kvs=()), 0.0, origin))
+    return fallback
+
+
+def test_a_fallback_catalog_of_another_cluster_is_reported_once_etcd_is_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fallback = _served_fallback(ORIGIN)
+
+    fallback.read(saved_catalog.Origin(PREFIX, ENDPOINTS, 0xDEF))
+    fallback.read(saved_catalog.Origin(PREFIX, ENDPOINTS, 0xDEF))
+
+    out = capsys.readouterr().out
+    assert out.count("catalog.discarded") == 1
+    assert "saved from etcd cluster abc, etcd is cluster def" in out
+
+
+def test_a_fallback_catalog_of_the_same_cluster_is_not_reported(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _served_fallback(ORIGIN).read(ORIGIN)
+    saved_catalog.StartFallback(_Clock(), timeout=5.0).read(ORIGIN)  # nothing was served
+
+    assert "catalog.discarded" not in capsys.readouterr().out
