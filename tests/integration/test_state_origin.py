@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -165,9 +166,12 @@ def test_another_clusters_saved_catalog_is_never_rendered(
     put_all(fresh.endpoint, {key("app", "instances", "new0"): "127.0.0.1:19100"})
     daemon = Daemon(settings)
     rounds = RenderRecorder(daemon, dest)
+    started = time.monotonic()
     second = RunningDaemon(daemon)
     try:
         wait_for(lambda: b"127.0.0.1:19100" in dest.read_bytes(), what="the new cluster served")
+        # printed, not asserted (run with -s): a benchmark number, not a pass/fail criterion
+        print(f"new cluster served {time.monotonic() - started:.3f}s after start")
         wait_for(
             lambda: b"19100" in (settings.state_dir / "last-applied.json").read_bytes(),
             what="the new cluster's catalog saved",
