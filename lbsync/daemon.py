@@ -31,7 +31,7 @@ from lbsync import memory, metrics, saved_catalog, state_lock, systemd
 from lbsync.catalog import Catalog
 from lbsync.config import Settings, load_settings
 from lbsync.drivers.base import DriverFactory, driver_for
-from lbsync.errors import InvalidValue, LbsyncError
+from lbsync.errors import ConfigError, InvalidValue, LbsyncError
 from lbsync.guard import Guard, confirmed_at
 from lbsync.health import Health, status_document
 from lbsync.http import StatusServer
@@ -235,6 +235,12 @@ class Daemon:
             return
         try:
             settings = load_settings(self.config_path)
+            if settings.state_dir != self.settings.state_dir:
+                raise ConfigError(
+                    f"cannot move to {settings.state_dir} on SIGHUP: this daemon holds "
+                    f"{self.settings.state_dir}'s lock; restart lbsync to change it",
+                    field="state_dir",
+                )
             pipelines = build_pipelines(settings, self._driver_factory)
             for pipeline in pipelines:
                 for template in pipeline.target.templates:

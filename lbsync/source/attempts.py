@@ -65,6 +65,8 @@ class LoopState:
         resumed from means etcd was restored from a snapshot (or another cluster answers
         on the endpoint): a watch from there would wait for revisions that, once reached,
         mean other changes. A changed cluster id means another cluster, whatever its revision.
+        A member lagging behind the one last read from looks behind too: the resync that
+        follows is needless there, but harmless (the read is linearizable).
         """
         if self.cluster_id and header_cluster_id and header_cluster_id != self.cluster_id:
             return f"etcd cluster id changed from {self.cluster_id:x} to {header_cluster_id:x}"

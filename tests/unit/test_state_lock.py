@@ -160,3 +160,25 @@ def test_confirm_without_a_daemon_says_so_and_touches_nothing(
 
     assert capsys.readouterr().err == f"lbsync: no daemon runs on {state}: nothing held\n"
     assert list(state.iterdir()) == []
+
+
+def test_sighup_cannot_move_the_daemon_to_another_state_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lbsync.config import load_settings
+    from lbsync.daemon import Daemon
+    from lbsync.testing import FakeDriver
+
+    config = _config_file(tmp_path, tmp_path / "state")
+    daemon = Daemon(
+        load_settings(config), driver_factory=lambda _t: FakeDriver(), config_path=config
+    )
+    before = daemon.settings
+    _config_file(tmp_path, tmp_path / "elsewhere")
+
+    daemon.reconfigure()
+
+    assert daemon.settings is before
+    out = capsys.readouterr().out
+    assert "reconfigure.rejected" in out
+    assert "restart lbsync to change it" in out
