@@ -122,6 +122,37 @@ def test_a_watch_resumed_on_another_cluster_resyncs_even_when_it_is_ahead(
         proxy.close()
 
 
+def test_the_daemon_follows_an_etcd_restored_behind_its_endpoint_to_an_older_revision(
+    etcd: EtcdServer,
+    replacements: Callable[..., EtcdServer],
+    nginx_server: NginxServer,
+    tmp_path: Path,
+) -> None:
+    settings = settings_for(etcd, nginx_server, tmp_path / "state")
+    dest = nginx_server.conf_d / "upstreams.conf"
+    served = {key("app", "instances", "a"): "127.0.0.1:19300"}
+    put_all(etcd.endpoint, {**served, **many("churn", 30)})
+    running = RunningDaemon(settings)
+    try:
+        wait_for(lambda: b"127.0.0.1:19300" in dest.read_bytes(), what="the first round")
+        before = running.daemon.catalog.revision
+
+        etcd.kill()
+        restored = replacements(etcd.client_port, peer_port=etcd.peer_port)
+        revision = put_all(
+            restored.endpoint, {**served, key("app", "instances", "b"): "127.0.0.1:19301"}
+        )
+        assert revision < before
+
+        wait_for(lambda: b"127.0.0.1:19301" in dest.read_bytes(), what="the restored etcd served")
+        wait_for(lambda: running.daemon.catalog.revision == revision, what="the catalog resynced")
+        assert dict(running.daemon.catalog.snapshot().keys) == {
+            k.removeprefix(P): v.decode() for k, v in restored.dump(f"{P}/").items()
+        }
+    finally:
+        running.stop()
+
+
 # --- the daemon: etcd first, another cluster's catalog never rendered --------------------
 
 
