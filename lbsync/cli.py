@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 from pydantic import ValidationError
 
-from lbsync import __version__
+from lbsync import __version__, state_lock
 from lbsync.config import (
     EtcdSettings,
     Settings,
@@ -196,7 +196,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.once:
         prepare_state_dir(settings)
-        outcomes = oneshot.apply_once(settings)
+        with state_lock.acquire(settings.state_dir, args.config):  # a daemon's swaps: refused
+            outcomes = oneshot.apply_once(settings)
         for outcome in outcomes:
             print(f"{outcome.target}: {outcome.action} at revision {outcome.revision}")
         return EXIT_OK if all(o.ok for o in outcomes) else EXIT_ERROR
@@ -288,6 +289,9 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     prepare_state_dir(settings)
+    if state_lock.holder(settings.state_dir) is None:
+        print(f"lbsync: no daemon runs on {settings.state_dir}: nothing held", file=sys.stderr)
+        return EXIT_ERROR
     path = guard.confirm_held(settings.state_dir, args.service)
     what = "every held update" if args.service is None else f"the held update of {args.service!r}"
     print(f"confirmed ({path}); the daemon applies {what} within a second")

@@ -75,7 +75,8 @@ class EtcdSettings(Section):
     functions (`getv`, `ls`...) see the keys under it. Starts with `/`, does not end
     with one."""
     timeout: Duration = 5.0
-    """How long one etcd request may take."""
+    """How long one etcd request may take; also how long `run` waits at start for a
+    first read before it falls back to the saved catalog."""
     silence_deadline: Duration = 15.0
     """A watch that delivers neither an event nor a progress notification for this long
     is treated as broken and reconnected (a stalled server otherwise hangs it forever)."""

@@ -9,11 +9,12 @@ never cut in half:
 - SIGHUP: re-read lbsync's own config and templates; a broken new config is logged and
   the old one kept; a good one takes effect and everything is re-rendered.
 
-No round runs before the first full read of etcd (or, after a restart while etcd is down,
-before the saved catalog is loaded): an unreachable etcd never becomes
-an empty config. Every snapshot passes the guard before it is applied; a service whose
-update is held keeps its last admitted version (the others' changes apply) until
-``guard.hold`` or ``lbsync confirm [--service NAME]``; an empty catalog is held whole.
+No round runs before the first full read of etcd (or, when etcd cannot be read within
+``etcd.timeout`` of start, before the saved catalog of the same prefix and etcd is loaded):
+an unreachable etcd never becomes an empty config, another cluster's saved catalog is never
+rendered. Every snapshot passes the guard before it is applied; a service whose update is
+held keeps its last admitted version (the others' changes apply) until ``guard.hold`` or
+``lbsync confirm [--service NAME]``; an empty catalog is held whole.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from types import FrameType
 
 import structlog
 
-from lbsync import memory, metrics, saved_catalog, systemd
+from lbsync import memory, metrics, saved_catalog, state_lock, systemd
 from lbsync.catalog import Catalog
 from lbsync.config import Settings, load_settings
 from lbsync.drivers.base import DriverFactory, driver_for
-from lbsync.errors import InvalidValue, LbsyncError
+from lbsync.errors import ConfigError, InvalidValue, LbsyncError
 from lbsync.guard import Guard, confirmed_at
 from lbsync.health import Health, status_document
 from lbsync.http import StatusServer
@@ -40,7 +41,7 @@ from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
 from lbsync.probes import PanicWatch, policy_of
 from lbsync.render import Renderer
-from lbsync.saved_catalog import Saver
+from lbsync.saved_catalog import Origin, Saver, StartFallback
 from lbsync.scheduler import Clock, Scheduler
 from lbsync.source.runner import Source, SourceRunner
 
@@ -96,6 +97,8 @@ class Daemon:
         self.pipelines = build_pipelines(settings, self._driver_factory)
         self._admitted: Snapshot | None = None
         self._saver = Saver(clock)
+        self._fallback: StartFallback | None = None  # set by run()
+        self._cluster_id = 0  # etcd's, from its latest full read
         self._changed_at: float | None = None  # first change not yet applied
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
@@ -106,9 +109,20 @@ class Daemon:
     # --- lifecycle -------------------------------------------------------------------
 
     def run(self) -> None:
-        """Until ``flags.stop``: take source messages, run rounds when due."""
+        """Until ``flags.stop``: take source messages, run rounds when due.
+
+        Holds the state directory's lock throughout (``state_lock``): raises
+        ``StateLocked``, touching nothing, when another lbsync holds it.
+        """
+        lock = state_lock.acquire(self.settings.state_dir, self.config_path)
+        try:
+            self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> None:
         self._start_http()
-        self._load_saved_catalog()
+        self._fallback = StartFallback(self._clock, self.settings.etcd.timeout)
         self._start_source()
         log.info("daemon.started", targets=[p.name for p in self.pipelines])
         try:
@@ -135,6 +149,8 @@ class Daemon:
         if self._source is not None:
             for message in self._source.messages(self._wait_budget()):
                 self.handle(message)
+        if self._fallback is not None and self._fallback.due(self.health.synced):
+            self._load_saved_catalog()
         if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
             self.run_round()
         self._save_catalog()
@@ -193,6 +209,9 @@ class Daemon:
             self._changed_at = self._clock()
         if isinstance(message, SourceReset):
             self.catalog.reset(message)
+            self._cluster_id = message.cluster_id
+            if self._fallback is not None:
+                self._fallback.read(self._origin())
             memory.settle()
             self.health.synced = True
             self.scheduler.changed()
@@ -220,6 +239,12 @@ class Daemon:
             return
         try:
             settings = load_settings(self.config_path)
+            if settings.state_dir != self.settings.state_dir:
+                raise ConfigError(
+                    f"cannot move to {settings.state_dir} on SIGHUP: this daemon holds "
+                    f"{self.settings.state_dir}'s lock; restart lbsync to change it",
+                    field="state_dir",
+                )
             pipelines = build_pipelines(settings, self._driver_factory)
             for pipeline in pipelines:
                 for template in pipeline.target.templates:
@@ -257,9 +282,11 @@ class Daemon:
         return self.guard.holding and self.guard.may_end(self._confirmed_at)
 
     def _load_saved_catalog(self) -> None:
-        saved = saved_catalog.load(self.settings.state_dir, self.settings.etcd.prefix)
+        saved = saved_catalog.load(self.settings.state_dir, self._origin())
         if saved is None:
             return
+        if self._fallback is not None:
+            self._fallback.loaded(saved)
         self.catalog.reset(saved.reset)
         self._admitted = self.catalog.snapshot()
         self.health.saved_catalog_age = saved.age()
@@ -268,8 +295,12 @@ class Daemon:
 
     def _save_catalog(self, *, force: bool = False) -> None:
         if self._admitted is not None and self.health.synced:
-            state_dir, prefix = self.settings.state_dir, self.settings.etcd.prefix
-            self._saver.save_if_due(state_dir, prefix, self._admitted, force=force)
+            origin = self._origin()
+            self._saver.save_if_due(self.settings.state_dir, origin, self._admitted, force=force)
+
+    def _origin(self) -> Origin:
+        etcd = self.settings.etcd
+        return Origin(etcd.prefix, tuple(etcd.endpoints), self._cluster_id)
 
     # --- what the outside world sees: /healthz, /readyz, /status, systemd -----------
 

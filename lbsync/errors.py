@@ -4,9 +4,11 @@
 
     LbsyncError                      anything lbsync reports as a clean message + exit code
     ├── ConfigError                  lbsync's own config file / env (path, field, value)
+    ├── StateLocked                  another lbsync holds the state directory (pid, config)
     ├── SourceError                  talking to etcd (endpoint)
     │   ├── SourceUnavailable        no endpoint answered; retry with backoff
     │   ├── RevisionCompacted        the resume revision is gone; resync from a full read
+    │   ├── HistoryDiverged          revision went back or cluster changed; resync from a full read
     │   └── LeaseExpired             a lease could not be refreshed: it is gone with its keys
     ├── InvalidValue                 one etcd key's value is unusable (key, value, reason)
     ├── RenderError                  a template failed to load or render (template, line)
@@ -58,6 +60,18 @@ class ConfigError(LbsyncError):
         return {"path": self.path, "field": self.field}
 
 
+class StateLocked(LbsyncError):
+    """Another lbsync process holds the state directory's lock (one daemon per state_dir)."""
+
+    def __init__(self, message: str, *, path: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.holder = holder
+
+    def context(self) -> dict[str, object]:
+        return {"path": self.path, "holder": self.holder}
+
+
 class SourceError(LbsyncError):
     """etcd could not be read or watched."""
 
@@ -93,6 +107,16 @@ class RevisionCompacted(SourceError):
             "revision": self.revision,
             "compact_revision": self.compact_revision,
         }
+
+
+class HistoryDiverged(SourceError):
+    """etcd's history is not the one the watch followed: its revision is behind the last
+    one seen (restored from a snapshot) or its cluster id changed (another cluster behind
+    the same endpoint). Resuming would wait for revisions that mean something else."""
+
+    def __init__(self, reason: str, *, endpoint: str | None = None) -> None:
+        super().__init__(f"{reason}; a full resync is needed", endpoint=endpoint)
+        self.reason = reason
 
 
 class LeaseExpired(SourceError):

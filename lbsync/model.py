@@ -60,10 +60,15 @@ class KeyEvent(Frozen):
 
 
 class SourceReset(Frozen):
-    """A full, consistent read of the prefix at ``revision``: replaces the whole catalog."""
+    """A full, consistent read of the prefix at ``revision``: replaces the whole catalog.
+
+    ``cluster_id`` is etcd's (the read's response header); 0 when unknown (a fake source,
+    a saved catalog of the older format).
+    """
 
     revision: int
     kvs: tuple[KeyValue, ...]
+    cluster_id: int = 0
 
 
 class SourceEvents(Frozen):
@@ -80,6 +85,7 @@ class SourceStatus(Frozen):
     endpoint: str | None = None
     error: str | None = None
     revision: int = 0
+    cluster_id: int = 0
 
 
 SourceMessage = SourceReset | SourceEvents | SourceStatus

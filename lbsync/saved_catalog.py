@@ -1,11 +1,16 @@
 """The last applied catalog, persisted so a restart while etcd is down starts from it.
 
 Saved as JSON in ``<state_dir>/last-applied.json``: the etcd revision, when it was saved,
-the prefix, and every raw key under the prefix. On load it becomes an ordinary
-``SourceReset`` and goes through the catalog's validation like any read from etcd.
-Writes are atomic (``fileio.atomic_write``: temp file, fsync, rename, never through a
-symlink), and throttled by the daemon: losing the latest save costs nothing but
-staleness (``Saver``). A symlink at the file's name is not read either
+where it came from (``Origin``: the prefix, the etcd endpoints, etcd's cluster id) and
+every raw key under the prefix. The daemon reads etcd first and loads this file only when
+etcd cannot be read at start; a file of another prefix, or from endpoints none of which
+is configured any more, is discarded (``catalog.discarded``, with why), never rendered. A
+file of the older format (no endpoints, no cluster id) is of an unknown cluster: with the
+prefix matching it is used, as before (the LB already serves what it holds).
+On load it becomes an ordinary ``SourceReset`` and goes through the catalog's validation
+like any read from etcd. Writes are atomic (``fileio.atomic_write``: temp file, fsync,
+rename, never through a symlink), and throttled by the daemon: losing the latest save
+costs nothing but staleness (``Saver``). A symlink at the file's name is not read either
 (``catalog.unreadable``).
 """
 
@@ -35,20 +40,52 @@ SAVE_LATEST = 30.0
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a catalog came from: ``cluster_id`` 0 is unknown, empty ``endpoints`` too."""
+
+    prefix: str
+    endpoints: tuple[str, ...] = ()
+    cluster_id: int = 0
+
+
+@dataclass(frozen=True)
 class Saved:
     reset: SourceReset
     saved_at: float
+    origin: Origin
 
     def age(self) -> float:
         return max(0.0, time.time() - self.saved_at)
 
 
-def save(state_dir: Path, prefix: str, snapshot: Snapshot) -> Path:
+def mismatch(saved: Origin, current: Origin) -> str | None:
+    """Why a catalog saved from ``saved`` must not be rendered for ``current``, or None.
+
+    Endpoints count as the same cluster while they share one (members come and go); an
+    unknown side (older format, a source that did not say) is not held against it.
+    """
+    if saved.prefix != current.prefix:
+        return f"saved for prefix {saved.prefix!r}, lbsync watches {current.prefix!r}"
+    if saved.cluster_id and current.cluster_id and saved.cluster_id != current.cluster_id:
+        return (
+            f"saved from etcd cluster {saved.cluster_id:x}, etcd is cluster {current.cluster_id:x}"
+        )
+    if saved.endpoints and current.endpoints and not set(saved.endpoints) & set(current.endpoints):
+        return (
+            f"saved from etcd {', '.join(saved.endpoints)}, "
+            f"lbsync reads {', '.join(current.endpoints)}"
+        )
+    return None
+
+
+def save(state_dir: Path, origin: Origin, snapshot: Snapshot) -> Path:
     path = state_dir / FILENAME
     data = {
         "revision": snapshot.revision,
         "saved_at": time.time(),
-        "prefix": prefix,
+        "prefix": origin.prefix,
+        "endpoints": list(origin.endpoints),
+        "cluster_id": origin.cluster_id,
         "keys": dict(snapshot.keys),
     }
     # dumps, not dump: dump to a file goes through the pure-Python encoder (12.7 vs
@@ -64,26 +101,40 @@ def save(state_dir: Path, prefix: str, snapshot: Snapshot) -> Path:
     return path
 
 
-def load(state_dir: Path, prefix: str) -> Saved | None:
-    """The saved catalog, or None when there is none, it is unreadable, or for another prefix."""
+def load(state_dir: Path, current: Origin) -> Saved | None:
+    """The saved catalog, or None when there is none, it is unreadable, or ``mismatch``es."""
     path = state_dir / FILENAME
     try:
         data = json.loads(read_bytes(path, follow_symlinks=False))  # a symlink: ELOOP
         revision, saved_at, keys = int(data["revision"]), float(data["saved_at"]), data["keys"]
-        if data["prefix"] != prefix:
-            log.warning("catalog.other_prefix", path=str(path), saved=data["prefix"], prefix=prefix)
-            return None
+        origin = Origin(
+            str(data["prefix"]),
+            tuple(str(e) for e in data.get("endpoints", ())),
+            int(data.get("cluster_id", 0)),
+        )
+        pairs = sorted((str(key), str(value)) for key, value in keys.items())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("catalog.unreadable", path=str(path), error=str(exc))
         return None
+    why = mismatch(origin, current)
+    if why is not None:
+        log.warning("catalog.discarded", path=str(path), revision=revision, reason=why)
+        return None
     kvs = tuple(
-        KeyValue(key=prefix + key, value=str(value).encode(), mod_revision=revision)
-        for key, value in sorted(keys.items())
+        KeyValue(key=current.prefix + key, value=value.encode(), mod_revision=revision)
+        for key, value in pairs
     )
-    saved = Saved(SourceReset(revision=revision, kvs=kvs), saved_at)
-    log.info("catalog.loaded", revision=revision, keys=len(kvs), age_s=round(saved.age(), 1))
+    reset = SourceReset(revision=revision, kvs=kvs, cluster_id=origin.cluster_id)
+    saved = Saved(reset, saved_at, origin)
+    log.info(
+        "catalog.loaded",
+        revision=revision,
+        keys=len(kvs),
+        age_s=round(saved.age(), 1),
+        cluster_id=f"{origin.cluster_id:x}" if origin.cluster_id else "unknown",
+    )
     return saved
 
 
@@ -93,6 +144,37 @@ def save_due(now: float, saved_at: float, applied_at: float) -> bool:
     if since_save >= SAVE_LATEST:
         return True
     return since_save >= SAVE_EVERY and now - applied_at >= SAVE_QUIET
+
+
+class StartFallback:
+    """etcd first: the saved catalog is due only when etcd was not read within ``timeout``.
+
+    Rendering the saved catalog at once, as lbsync used to, served a fresh cluster's LB the
+    previous cluster's instances for a round (and the guard then held the real catalog).
+    """
+
+    def __init__(self, clock: Clock, timeout: float) -> None:
+        self._clock = clock
+        self._deadline: float | None = clock() + timeout
+        self._served: Origin | None = None  # the saved catalog's, once loaded
+
+    def due(self, synced: bool) -> bool:
+        """True once, when the deadline passes with etcd still unread; then always False."""
+        if self._deadline is None or (not synced and self._clock() < self._deadline):
+            return False
+        self._deadline = None
+        return not synced
+
+    def loaded(self, saved: Saved) -> None:
+        self._served = saved.origin
+
+    def read(self, current: Origin) -> None:
+        """etcd was read at last: say so if the saved catalog served meanwhile was not its
+        (only the cluster id can tell, and only now); etcd's read replaces it either way."""
+        served, self._served = self._served, None
+        why = None if served is None else mismatch(served, current)
+        if why is not None:
+            log.warning("catalog.discarded", reason=why, note="served while etcd was unreadable")
 
 
 class Saver:
@@ -108,7 +190,7 @@ class Saver:
         self._unsaved, self._applied_at = True, self._clock()
 
     def save_if_due(
-        self, state_dir: Path, prefix: str, snapshot: Snapshot, *, force: bool = False
+        self, state_dir: Path, origin: Origin, snapshot: Snapshot, *, force: bool = False
     ) -> None:
         """Save ``snapshot`` if it is time; a failed save waits for the next applied round."""
         if not self._unsaved:
@@ -116,7 +198,7 @@ class Saver:
         if not (force or save_due(self._clock(), self._saved_at, self._applied_at)):
             return
         try:
-            save(state_dir, prefix, snapshot)
+            save(state_dir, origin, snapshot)
         except LbsyncError as err:
             log.error("catalog.save_failed", error=err)
         self._unsaved = False

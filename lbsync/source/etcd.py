@@ -27,7 +27,7 @@ from pyetcd import etcdrpc
 from pyetcd.utils import prefix_range_end
 
 from lbsync.config import EtcdSettings
-from lbsync.errors import RevisionCompacted, SourceError, SourceUnavailable
+from lbsync.errors import HistoryDiverged, RevisionCompacted, SourceError, SourceUnavailable
 from lbsync.model import SourceEvents, SourceMessage, SourceReset
 from lbsync.source.attempts import LoopState
 from lbsync.source.client import (
@@ -163,7 +163,9 @@ class EtcdSource:
         Emits a ``SourceReset`` for every full read, ``SourceEvents`` per watch response,
         and ``SourceStatus`` whenever the watch is established or an attempt fails. After
         a loss it resumes from the last event's revision + 1, so no event is lost or
-        repeated; when that revision has been compacted it emits a fresh ``SourceReset``.
+        repeated; when that revision has been compacted, or the server's history is not the
+        one followed (its revision behind ours, another cluster id), it emits a fresh
+        ``SourceReset``.
         A failure never produces a reset. An exception raised by ``emit`` propagates.
 
         After ``stop`` it returns within ``settings.timeout`` even when a call is hung: the
@@ -187,6 +189,11 @@ class EtcdSource:
                 for revision in self._watch(state, emit, stop):
                     state.revision = revision
                     backoff.reset()
+            except HistoryDiverged as exc:
+                log.warning(
+                    "source.resync", endpoint=exc.endpoint, revision=state.revision, error=str(exc)
+                )
+                state.revision = None
             except RevisionCompacted as exc:
                 if state.revision is not None:
                     log.warning(
@@ -207,6 +214,7 @@ class EtcdSource:
 
     def _reset(self, emit: Callable[[SourceMessage], None], state: LoopState) -> int:
         reset = self.read_all()
+        state.cluster_id = reset.cluster_id
         log.info(
             "source.read",
             endpoint=self.endpoint,
@@ -291,6 +299,10 @@ class EtcdSource:
                 continue
             last_seen = time.monotonic()
             if response.created and not (response.canceled or response.compact_revision):
+                header = response.header
+                reason = state.diverged(int(header.revision), int(header.cluster_id))
+                if reason is not None:
+                    raise HistoryDiverged(reason, endpoint=endpoint)
                 emit(state.established(endpoint, revision))
             elif not (response.events or response.canceled or response.compact_revision):
                 progress_answered = True

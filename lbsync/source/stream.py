@@ -57,16 +57,19 @@ def key_events(events: Any) -> list[KeyEvent]:
 
 
 def read_pages(client: Any, start: bytes, end: bytes, page_size: int) -> SourceReset:
-    """Page through [start, end) with every page pinned to the first page's revision."""
+    """Page through [start, end) with every page pinned to the first page's revision.
+
+    The reset carries the first page's header: its revision and etcd's cluster id."""
     kvs: list[KeyValue] = []
     revision: int | None = None
+    cluster_id = 0
     while True:
         resp = client.get_range_response(start, end, limit=page_size, revision=revision)
         if revision is None:
-            revision = int(resp.header.revision)
+            revision, cluster_id = int(resp.header.revision), int(resp.header.cluster_id)
         kvs.extend(_key_values(resp.kvs))
         if not resp.more or not resp.kvs:
-            return SourceReset(revision=revision, kvs=tuple(kvs))
+            return SourceReset(revision=revision, kvs=tuple(kvs), cluster_id=cluster_id)
         start = bytes(resp.kvs[-1].key) + b"\0"
 
 

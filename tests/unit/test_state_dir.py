@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lbsync import state_lock
 from lbsync.cli import main
 from lbsync.config import Settings, prepare_state_dir, settings_from_dict
 from lbsync.daemon import Daemon
@@ -191,7 +192,8 @@ def test_confirm_refuses_a_planted_symlink_and_leaves_its_target_alone(
 
     with pytest.raises(StageError, match="the confirm file is a symlink: refused"):
         confirm_held(_settings(tmp_path, state).state_dir)
-    assert main(["confirm", "-c", str(_config_file(tmp_path, state))]) == 1
+    with state_lock.acquire(state, None):  # a daemon runs: confirm goes as far as the file
+        assert main(["confirm", "-c", str(_config_file(tmp_path, state))]) == 1
 
     assert "confirm file is a symlink" in capsys.readouterr().err
     assert _facts(victim) == before
@@ -234,11 +236,13 @@ def test_confirm_service_takes_only_a_service_name_and_writes_nothing_else(
     state = tmp_path / "state"
     config = _config_file(tmp_path, state)
 
-    assert main(["confirm", "-c", str(config), "--service", "../confirm"]) == 1
-    assert "not a service name" in capsys.readouterr().err
-    assert not (state / CONFIRM_FILE).exists()
+    state.mkdir(mode=0o750)
+    with state_lock.acquire(state, None):  # a daemon runs: confirm goes as far as the file
+        assert main(["confirm", "-c", str(config), "--service", "../confirm"]) == 1
+        assert "not a service name" in capsys.readouterr().err
+        assert not (state / CONFIRM_FILE).exists()
 
-    assert main(["confirm", "-c", str(config), "--service", "web"]) == 0
-    assert "the held update of 'web'" in capsys.readouterr().out
-    assert confirmed_at(state, "web") > 0.0
-    assert not (state / CONFIRM_FILE).exists()
+        assert main(["confirm", "-c", str(config), "--service", "web"]) == 0
+        assert "the held update of 'web'" in capsys.readouterr().out
+        assert confirmed_at(state, "web") > 0.0
+        assert not (state / CONFIRM_FILE).exists()
