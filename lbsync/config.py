@@ -320,6 +320,22 @@ class GuardSettings(Section):
     `lbsync confirm`)."""
 
 
+class ReconcileSettings(Section):
+    """Level-triggered reconciliation: compare what lbsync applied with what is live, and
+    retry failed rounds without waiting for an etcd change (docs/failure-modes.md)."""
+
+    interval: Duration = Field(default=10.0, gt=0)
+    """How often the live files (and the LB's process identity) are compared with what
+    lbsync last applied; a difference is repaired through the normal path. A comparison
+    that finds nothing costs a few `stat` calls: no checker run, no write, no reload."""
+    retry_initial: Duration = Field(default=1.0, gt=0)
+    """A failed round (checker refused, reload or verify failed, LB unreachable) is tried
+    again after this long, with jitter, without waiting for an etcd change ..."""
+    retry_max: Duration = Field(default=60.0, gt=0)
+    """... the delay doubling after each failure up to this; a new etcd change starts
+    over from `retry_initial`."""
+
+
 class HttpSettings(Section):
     listen: str | None = Field(default=None, examples=["127.0.0.1:9274"])
     """`address:port` to serve on; off when unset. It has no authentication: keep it on
@@ -338,6 +354,8 @@ class Settings(Section):
     """How templates are rendered (docs/templates.md)."""
     guard: GuardSettings = GuardSettings()
     """Hold updates that would take too much out of rotation at once."""
+    reconcile: ReconcileSettings = ReconcileSettings()
+    """Drift repair and retries of failed rounds."""
     http: HttpSettings = HttpSettings()
     """lbsync's own HTTP endpoint: /metrics, /healthz, /readyz, /status."""
     state_dir: Path = Path("/var/lib/lbsync")

@@ -13,6 +13,11 @@ No round runs before the first full read of etcd (or, after a restart while etcd
 before the saved catalog is loaded): an unreachable etcd never becomes
 an empty config. Every snapshot passes the guard before it is applied; a held update waits
 for ``guard.hold`` or for ``lbsync confirm`` (a touch of ``<state_dir>/confirm``).
+
+Level-triggered (lbsync.reconcile): a failed round is tried again with backoff without
+waiting for an etcd change (a new change starts the backoff over), and every
+``reconcile.interval`` each target's live files are compared with what its last good round
+left there; a difference is applied again through the normal path (``drift.repaired``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
+from lbsync.reconcile import Backoff
 from lbsync.render import Renderer
 from lbsync.saved_catalog import Saver
 from lbsync.scheduler import Clock, Scheduler
@@ -96,6 +102,8 @@ class Daemon:
         self.http_server: StatusServer | None = None
         metrics.init_targets(p.name for p in self.pipelines)
         self._source: SourceRunner | None = None
+        self._retry = self._backoff(settings)
+        self._reconcile_at = clock() + settings.reconcile.interval
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -129,8 +137,12 @@ class Daemon:
         if self._source is not None:
             for message in self._source.messages(self._wait_budget()):
                 self.handle(message)
-        if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
+        if self.catalog.synced and (
+            self.scheduler.is_due() or self._hold_may_end() or self._retry.due()
+        ):
             self.run_round()
+        elif self._admitted is not None and self._clock() >= self._reconcile_at:
+            self.reconcile()
         self._save_catalog()
         for pipeline in self.pipelines:
             # drivers with runtime state check it here (rate-limited by the driver)
@@ -166,6 +178,7 @@ class Daemon:
         self._admitted = snapshot
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
+        self._schedule_retry(outcomes)
         if all(o.ok for o in outcomes):
             self._saver.applied()
         if self.health.synced and not self.health.ready_notified:
@@ -176,17 +189,57 @@ class Daemon:
             systemd.ready(f"revision {snapshot.revision}, {snapshot.instance_count} instances")
         return outcomes
 
-    def _record(self, outcomes: list[Outcome]) -> None:
-        changed_at, self._changed_at = self._changed_at, None
+    def reconcile(self) -> None:
+        """Repair every target whose live state differs from what its last good round left
+        (a file edited by hand, the LB restarted on other files) by applying the admitted
+        snapshot again: validate → swap → reload, as any round."""
+        assert self._admitted is not None
+        self._reconcile_at = self._clock() + self.settings.reconcile.interval
+        for pipeline in self.pipelines:
+            kind = pipeline.drift()
+            if kind is None:
+                continue
+            outcome = pipeline.apply(self._admitted)
+            self._record([outcome], changed=False)
+            self._schedule_retry([outcome])
+            if outcome.ok:
+                metrics.drift_repaired(pipeline.name, kind)
+                log.warning(
+                    "drift.repaired",
+                    target=pipeline.name,
+                    kind=kind,
+                    action=outcome.action,
+                    files=list(outcome.files),
+                    revision=outcome.revision,
+                )
+
+    def _schedule_retry(self, outcomes: list[Outcome]) -> None:
+        """A failed round is tried again after the backoff; a good one resets it (a held
+        service is not a failure: isolation retries it on its own timer)."""
+        self._reconcile_at = self._clock() + self.settings.reconcile.interval
+        failing = [o.target for o in outcomes if not o.ok]
+        if not failing:
+            self._retry.reset()
+            return
+        delay = self._retry.failed()
+        metrics.retry_scheduled()
+        log.debug("retry.scheduled", targets=failing, attempt=self._retry.failures, s=delay)
+
+    def _record(self, outcomes: list[Outcome], *, changed: bool = True) -> None:
+        changed_at = self._changed_at
+        if changed:
+            self._changed_at = None
         for outcome in outcomes:
-            self.health.outcomes[outcome.target] = outcome
+            self.health.note_outcome(outcome, time.time())
             metrics.record_outcome(outcome)
-            if changed_at is not None and outcome.action in ("reloaded", "runtime"):
+            if changed and changed_at is not None and outcome.action in ("reloaded", "runtime"):
                 metrics.observe_event_to_apply(self._clock() - changed_at, outcome.target)
 
     def handle(self, message: SourceMessage) -> None:
         if not isinstance(message, SourceStatus) and self._changed_at is None:
             self._changed_at = self._clock()
+        if not isinstance(message, SourceStatus):
+            self._retry.reset()  # the change brings its own round
         if isinstance(message, SourceReset):
             self.catalog.reset(message)
             memory.settle()
@@ -230,6 +283,7 @@ class Daemon:
         self.settings, self.pipelines = settings, pipelines
         self.scheduler = Scheduler(settings.wait, self._clock)
         self.guard = Guard(settings.guard, self._clock)
+        self._retry = self._backoff(settings)
         self.scheduler.changed()
         if source is not None:
             self._stop_source()
@@ -305,7 +359,14 @@ class Daemon:
 
     def _wait_budget(self) -> float:
         due = self.scheduler.due_in() if self.catalog.synced else None
+        retry = self._retry.due_in() if self.catalog.synced else None
+        if retry is not None:
+            due = retry if due is None else min(due, retry)
         return wait_budget(due, self.guard.release_at(), self._clock())
+
+    def _backoff(self, settings: Settings) -> Backoff:
+        reconcile = settings.reconcile
+        return Backoff(reconcile.retry_initial, reconcile.retry_max, self._clock)
 
     def _start_source(self, source: Source | None = None) -> None:
         self._source = SourceRunner(source or self._source_factory(self.settings))
