@@ -42,7 +42,7 @@ from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
-from lbsync.reconcile import Backoff
+from lbsync.reconcile import RUNTIME_STATE_LOST, Backoff
 from lbsync.render import Renderer
 from lbsync.saved_catalog import Saver
 from lbsync.scheduler import Clock, Scheduler
@@ -197,9 +197,12 @@ class Daemon:
         self._reconcile_at = self._clock() + self.settings.reconcile.interval
         for pipeline in self.pipelines:
             kind = pipeline.drift()
-            if kind is None:
+            if kind is not None:
+                outcome: Outcome | None = pipeline.apply(self._admitted)
+            else:
+                kind, outcome = RUNTIME_STATE_LOST, pipeline.repair_runtime()
+            if outcome is None:
                 continue
-            outcome = pipeline.apply(self._admitted)
             self._record([outcome], changed=False)
             self._schedule_retry([outcome])
             if outcome.ok:

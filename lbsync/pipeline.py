@@ -179,6 +179,25 @@ class TargetPipeline:
             return None
         return self.live.drift(self.driver.lb_identity())
 
+    def repair_runtime(self) -> Outcome | None:
+        """Runtime state the LB reports differently from the applied snapshot, corrected over
+        the runtime API, or by reloading the files on disk (ours: ``drift`` found them in
+        step) when it cannot be. None: nothing differed (or no good round yet)."""
+        if self.applied is None or not self.live.known:
+            return None
+        revision = self.applied.revision
+        try:
+            if not self.driver.repair_runtime(self.applied):
+                return None
+            return Outcome(self.name, revision, "runtime")
+        except DriverError as err:
+            log.warning("drift.runtime_unrepaired", target=self.name, error=err)
+        try:
+            self.driver.verify(self.driver.reload())
+        except LbsyncError as err:
+            return Outcome(self.name, revision, "failed", error=err)
+        return Outcome(self.name, revision, "reloaded")
+
     def _remember(self, plan: Plan | None) -> None:
         if plan is None:
             self.live.forget()

@@ -28,10 +28,13 @@ from lbsync.stage import swap
 DriftKind = str
 """What differed, as logged by ``drift.repaired`` and counted by its metric:
 ``file_edited`` (a destination file no longer holds what lbsync wrote), ``lb_restarted``
-(the same, and the LB process changed too: restarted on other files)."""
+(the same, and the LB process changed too: restarted on other files),
+``runtime_state_lost`` (the files are ours but the LB's runtime state is not what they and
+the applied snapshot say: HAProxy servers set to maint behind lbsync's back)."""
 
 FILE_EDITED: DriftKind = "file_edited"
 LB_RESTARTED: DriftKind = "lb_restarted"
+RUNTIME_STATE_LOST: DriftKind = "runtime_state_lost"
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,14 @@ class Driver(abc.ABC):
         unknown or not running (the default: the driver cannot tell)."""
         return None
 
+    def repair_runtime(self, applied: Snapshot | None) -> bool:
+        """For the reconcile comparison: compare the runtime state the LB reports (HAProxy
+        ``show servers state``) with what ``applied`` implies, and correct it over the
+        runtime API. True = something differed and was corrected; ``DriverError`` when it
+        could not be (the caller reloads the files on disk). The default keeps no runtime
+        state: False. (nginx runtime mode repairs its Lua lists in ``tick``.)"""
+        return False
+
     def runtime_status(self) -> Mapping[str, Any] | None:
         """For the daemon's /status: the driver's runtime state (None: it keeps none)."""
         return None
