@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 
-BENCHES = ("latency", "burst", "scale", "rounds", "traffic", "startup", "validation")
+BENCHES = ("latency", "burst", "scale", "rounds", "reconcile", "traffic", "startup", "validation")
 # The runtime modes' benches, owned with their drivers (nginx Lua balancer, HAProxy
 # runtime API): part of ``all`` once they are in the tree.
 RUNTIME_BENCHES = ("nginx_runtime", "haproxy_runtime")

@@ -11,7 +11,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from lbsync import metrics
+from lbsync.catalog import Catalog
+from lbsync.errors import DriverError
+from lbsync.model import KeyValue, Snapshot
+from lbsync.pipeline import TargetPipeline
 from lbsync.reconcile import FILE_EDITED, LB_RESTARTED, Backoff, Fingerprint, LiveFiles
+from lbsync.render import Renderer
 from lbsync.testing import FakeDriver, FakeSource
 from tests.harness.net import wait_for
 from tests.unit.test_daemon import P, Running, content, first_round_applied, make_settings
@@ -249,3 +254,69 @@ def test_an_etcd_change_resets_the_backoff(
         wait_for(lambda: retry.failures == 1, what="backoff started over")
     finally:
         run.stop()
+
+
+# --- runtime state ------------------------------------------------------------------------
+
+
+class RuntimeDriver(FakeDriver):
+    """Reports runtime drift as told: True (corrected), or fails to correct it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runtime_drift: bool | DriverError = False
+
+    def repair_runtime(self, applied: Snapshot | None) -> bool:
+        self.calls.append("repair_runtime")
+        if isinstance(self.runtime_drift, DriverError):
+            raise self.runtime_drift
+        found, self.runtime_drift = self.runtime_drift, False
+        return found
+
+
+def pipeline_for(tmp_path: Path, driver: FakeDriver) -> TargetPipeline:
+    settings = make_settings(tmp_path)
+    return TargetPipeline(settings.targets[0], driver, Renderer(), settings.state_dir)
+
+
+def snapshot() -> Snapshot:
+    catalog = Catalog(P)
+    catalog.load(
+        [KeyValue(key=f"{P}/services/web/instances/a", value=b"10.0.0.1:80", mod_revision=1)], 1
+    )
+    return catalog.snapshot()
+
+
+def test_runtime_repair_needs_a_good_round_first(tmp_path: Path) -> None:
+    driver = RuntimeDriver()
+    driver.runtime_drift = True
+    pipeline = pipeline_for(tmp_path, driver)
+    assert pipeline.repair_runtime() is None
+    assert "repair_runtime" not in driver.calls
+
+
+def test_runtime_drift_corrected_at_runtime_is_a_runtime_outcome(tmp_path: Path) -> None:
+    driver = RuntimeDriver()
+    pipeline = pipeline_for(tmp_path, driver)
+    assert pipeline.apply(snapshot()).ok
+    assert pipeline.repair_runtime() is None  # nothing differs
+    driver.runtime_drift = True
+    outcome = pipeline.repair_runtime()
+    assert outcome is not None
+    assert outcome.action == "runtime"
+    assert driver.reloads == 1  # the first round's only
+
+
+def test_runtime_drift_that_cannot_be_corrected_reloads_our_files(tmp_path: Path) -> None:
+    driver = RuntimeDriver()
+    pipeline = pipeline_for(tmp_path, driver)
+    assert pipeline.apply(snapshot()).ok
+    driver.runtime_drift = DriverError("slot pool differs", target="lb")
+    outcome = pipeline.repair_runtime()
+    assert outcome is not None
+    assert outcome.action == "reloaded"
+    assert driver.calls[-3:] == ["repair_runtime", "reload", "verify"]
+    driver.fail_reload = True
+    failed = pipeline.repair_runtime()
+    assert failed is not None
+    assert failed.action == "failed"
