@@ -178,7 +178,7 @@ class Daemon:
         self._admitted = snapshot
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
-        self._schedule_retry(outcomes)
+        self._schedule_retry()
         if all(o.ok for o in outcomes):
             self._saver.applied()
         if self.health.synced and not self.health.ready_notified:
@@ -204,7 +204,8 @@ class Daemon:
             if outcome is None:
                 continue
             self._record([outcome], changed=False)
-            self._schedule_retry([outcome])
+            if not outcome.ok:
+                self._schedule_retry()
             if outcome.ok:
                 metrics.drift_repaired(pipeline.name, kind)
                 log.warning(
@@ -216,11 +217,11 @@ class Daemon:
                     revision=outcome.revision,
                 )
 
-    def _schedule_retry(self, outcomes: list[Outcome]) -> None:
-        """A failed round is tried again after the backoff; a good one resets it (a held
-        service is not a failure: isolation retries it on its own timer)."""
-        self._reconcile_at = self._clock() + self.settings.reconcile.interval
-        failing = [o.target for o in outcomes if not o.ok]
+    def _schedule_retry(self) -> None:
+        """While a target is failing, a round is tried again after the backoff; once none
+        is, the backoff starts over (a held service is not a failure: isolation retries it
+        on its own timer)."""
+        failing = sorted(self.health.failing_since)
         if not failing:
             self._retry.reset()
             return
@@ -294,6 +295,7 @@ class Daemon:
             self.health.synced = False
             self._start_source(source)
         metrics.init_targets(p.name for p in pipelines)
+        self.health.forget_targets_except({p.name for p in pipelines})
         log.info("reconfigure.done", targets=[p.name for p in pipelines], etcd=etcd_changed)
         systemd.ready("configuration re-read")
 

@@ -40,6 +40,12 @@ class Health:
         else:
             self.failing_since.setdefault(outcome.target, wall)
 
+    def forget_targets_except(self, names: set[str]) -> None:
+        """After a reconfiguration: targets that are gone are neither failing nor shown."""
+        for gone in (self.outcomes.keys() | self.failing_since.keys()) - names:
+            self.outcomes.pop(gone, None)
+            self.failing_since.pop(gone, None)
+
     def staleness(self, now: float) -> float:
         """How far behind etcd the catalog may be (0 while connected and synced)."""
         if self.connected and self.synced:

@@ -13,7 +13,9 @@ from structlog.testing import capture_logs
 from lbsync import metrics
 from lbsync.catalog import Catalog
 from lbsync.errors import DriverError
+from lbsync.health import Health
 from lbsync.model import KeyValue, Snapshot
+from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
 from lbsync.reconcile import FILE_EDITED, LB_RESTARTED, Backoff, Fingerprint, LiveFiles
 from lbsync.render import Renderer
@@ -320,3 +322,20 @@ def test_runtime_drift_that_cannot_be_corrected_reloads_our_files(tmp_path: Path
     failed = pipeline.repair_runtime()
     assert failed is not None
     assert failed.action == "failed"
+
+
+def test_health_keeps_the_first_failure_time_and_forgets_removed_targets() -> None:
+    health = Health(connected=True, synced=True)
+    failed = Outcome("a", 3, "failed", error=DriverError("down", target="a"))
+    health.note_outcome(failed, 1000.0)
+    health.note_outcome(failed, 2000.0)
+    health.note_outcome(Outcome("b", 3, "failed", error=DriverError("down", target="b")), 3000.0)
+    assert health.failing_since == {"a": 1000.0, "b": 3000.0}
+    ok, reason = health.ready(0.0, 300.0)
+    assert ok
+    assert "a since 1970-01-01T00:16:40Z" in reason
+    health.note_outcome(Outcome("a", 4, "reloaded"), 4000.0)
+    assert health.failing_since == {"b": 3000.0}
+    health.forget_targets_except({"a"})
+    assert health.failing_since == {}
+    assert set(health.outcomes) == {"a"}
