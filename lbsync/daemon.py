@@ -171,6 +171,7 @@ class Daemon:
             if was_held != self.guard.held:
                 self._log_hold(snapshot)
             metrics.set_holding(True)
+            self._schedule_retry()  # a failing target waits for its next try, not in a spin
             return []
         metrics.set_holding(False)
         if was_held is not None:

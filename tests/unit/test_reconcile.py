@@ -339,3 +339,29 @@ def test_health_keeps_the_first_failure_time_and_forgets_removed_targets() -> No
     health.forget_targets_except({"a"})
     assert health.failing_since == {}
     assert set(health.outcomes) == {"a"}
+
+
+def test_a_failing_target_under_a_guard_hold_is_retried_on_the_backoff_not_in_a_spin(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver
+) -> None:
+    driver.fail_validate = True
+    run = Running(make_settings(tmp_path, reconcile=FAST), source, driver)
+    try:
+        daemon = run.daemon
+        retry = daemon._retry
+        wait_for(lambda: retry.failures >= 1, what="first failure")
+        source.delete(f"{P}/services/web/instances/a")  # empty catalog: held until confirmed
+        wait_for(lambda: daemon.guard.held is not None, what="the guard holds")
+        rounds = [0]
+        inner = daemon.run_round
+
+        def counted() -> list[Outcome]:
+            rounds[0] += 1
+            return inner()
+
+        daemon.run_round = counted  # type: ignore[method-assign]
+        failures = retry.failures
+        wait_for(lambda: retry.failures >= failures + 3, what="three more tries on the backoff")
+        assert rounds[0] <= retry.failures - failures + 1
+    finally:
+        run.stop()
