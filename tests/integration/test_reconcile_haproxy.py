@@ -18,7 +18,7 @@ from tests.harness.backends import Backend, only_served_by
 from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
 from tests.harness.haproxy import HaproxyServer
-from tests.harness.net import wait_for
+from tests.harness.net import free_port, wait_for
 from tests.integration.test_pipeline_haproxy import (
     bootstrap,
     generation,
@@ -91,3 +91,18 @@ def test_a_server_set_to_maint_behind_lbsyncs_back_is_put_back(
     assert found[0]["action"] == "runtime"
     assert generation(haproxy) == before  # no reload
     assert writer.revision() == revision  # no etcd change
+
+
+def test_the_lb_identity_survives_a_reload_and_changes_with_a_restart(
+    daemon: RunningDaemon, writer: EtcdWriter, haproxy: HaproxyServer, backends: list[Backend]
+) -> None:
+    driver = daemon.daemon.pipelines[0].driver
+    first = driver.lb_identity()
+    assert first is not None
+    assert first[0] == haproxy.master_pid()
+    writer.put(f"{P}/services/api/settings", listen(free_port()))  # a new backend: reload
+    writer.put(key("api", "instances", "b1"), registration(backends[0]))
+    wait_for(lambda: "reloaded" in daemon.actions(), what="a reload")
+    assert driver.lb_identity() == first
+    haproxy.stop()
+    assert driver.lb_identity() is None

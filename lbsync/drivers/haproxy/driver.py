@@ -258,6 +258,15 @@ class HaproxyDriver(Driver):
         )
         return True
 
+    def lb_identity(self) -> tuple[int, float | None] | None:
+        """The master's pid and start time (``show proc``, or the pid file). A reload
+        re-executes the same master process, so only a restart changes it."""
+        try:
+            state = self._master.processes(DriverError)
+        except DriverError:
+            return None
+        return state.master_pid, state.master_started
+
     def repair_runtime(self, applied: Snapshot | None) -> bool:
         """Runtime mode: put back what someone changed over the admin socket (``set server
         … state maint``) or what HAProxy lost, for the reconcile comparison.
