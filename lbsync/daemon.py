@@ -207,7 +207,7 @@ class Daemon:
             self._record([outcome], changed=False)
             if not outcome.ok:
                 self._schedule_retry()
-            if outcome.ok:
+            else:
                 metrics.drift_repaired(pipeline.name, kind)
                 log.warning(
                     "drift.repaired",

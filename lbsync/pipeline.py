@@ -195,6 +195,7 @@ class TargetPipeline:
         try:
             self.driver.verify(self.driver.reload())
         except LbsyncError as err:
+            log.error("drift.repair_failed", target=self.name, error=err)
             return Outcome(self.name, revision, "failed", error=err)
         return Outcome(self.name, revision, "reloaded")
 

@@ -89,7 +89,12 @@ def test_nginx_restarted_on_older_files_converges_without_an_etcd_change(
             what="b2 served again",
         )
     assert writer.revision() == revision  # no etcd change was needed
-    assert [e["kind"] for e in repaired(events)] == [LB_RESTARTED]
+    # Found by the comparison once nginx is back (lb_restarted), or, when a comparison
+    # fell in the window where nginx was down, that round's reload failed (the older file
+    # restored) and its retry converged once nginx was back.
+    kinds = [e["kind"] for e in repaired(events)]
+    retried = [e for e in events if e["event"] == "apply.rolled_back"]
+    assert kinds == [LB_RESTARTED] or (retried and set(kinds) <= {FILE_EDITED, LB_RESTARTED})
 
 
 def test_a_round_failed_by_a_dead_master_is_retried_once_it_is_back(
