@@ -11,7 +11,17 @@ import sys
 import time
 import traceback
 
-BENCHES = ("latency", "burst", "scale", "rounds", "traffic", "startup", "validation", "probe")
+BENCHES = (
+    "latency",
+    "burst",
+    "scale",
+    "rounds",
+    "reconcile",
+    "traffic",
+    "startup",
+    "validation",
+    "probe",
+)
 # The runtime modes' benches, owned with their drivers (nginx Lua balancer, HAProxy
 # runtime API): part of ``all`` once they are in the tree.
 RUNTIME_BENCHES = ("nginx_runtime", "haproxy_runtime")

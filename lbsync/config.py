@@ -324,6 +324,22 @@ class GuardSettings(Section):
     empty catalog is never applied by time: only `lbsync confirm` applies it."""
 
 
+class ReconcileSettings(Section):
+    """Level-triggered reconciliation: compare what lbsync applied with what is live, and
+    retry failed rounds without waiting for an etcd change (docs/failure-modes.md)."""
+
+    interval: Duration = Field(default=10.0, gt=0)
+    """How often the live files (and the LB's process identity) are compared with what
+    lbsync last applied; a difference is repaired through the normal path. A comparison
+    that finds nothing costs a few `stat` calls: no checker run, no write, no reload."""
+    retry_initial: Duration = Field(default=1.0, gt=0)
+    """A failed round (checker refused, reload or verify failed, LB unreachable) is tried
+    again after this long, with jitter, without waiting for an etcd change ..."""
+    retry_max: Duration = Field(default=60.0, gt=0)
+    """... the delay doubling after each failure up to this; a new etcd change starts
+    over from `retry_initial`."""
+
+
 class HttpSettings(Section):
     listen: str | None = Field(default=None, examples=["127.0.0.1:9274"])
     """`address:port` to serve on; off when unset. It has no authentication: keep it on
@@ -414,6 +430,8 @@ class Settings(Section):
     """How templates are rendered (docs/templates.md)."""
     guard: GuardSettings = GuardSettings()
     """Per service: hold an update that would take too much of it out of rotation at once."""
+    reconcile: ReconcileSettings = ReconcileSettings()
+    """Drift repair and retries of failed rounds."""
     http: HttpSettings = HttpSettings()
     """lbsync's own HTTP endpoint: /metrics, /healthz, /readyz, /status."""
     probe: ProbeSettings = ProbeSettings()

@@ -15,6 +15,11 @@ an unreachable etcd never becomes an empty config, another cluster's saved catal
 rendered. Every snapshot passes the guard before it is applied; a service whose update is
 held keeps its last admitted version (the others' changes apply) until ``guard.hold`` or
 ``lbsync confirm [--service NAME]``; an empty catalog is held whole.
+
+Level-triggered (lbsync.reconcile): a failed round is tried again with backoff without
+waiting for an etcd change (a new change starts the backoff over), and every
+``reconcile.interval`` each target's live files are compared with what its last good round
+left there; a difference is applied again through the normal path (``drift.repaired``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, Sou
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
 from lbsync.probes import PanicWatch, policy_of
+from lbsync.reconcile import RUNTIME_STATE_LOST, Backoff
 from lbsync.render import Renderer
 from lbsync.saved_catalog import Origin, Saver, StartFallback
 from lbsync.scheduler import Clock, Scheduler
@@ -105,6 +111,8 @@ class Daemon:
         self.http_server: StatusServer | None = None
         metrics.init_targets(p.name for p in self.pipelines)
         self._source: SourceRunner | None = None
+        self._retry = self._backoff(settings)
+        self._reconcile_at = clock() + settings.reconcile.interval
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -151,8 +159,12 @@ class Daemon:
                 self.handle(message)
         if self._fallback is not None and self._fallback.due(self.health.synced):
             self._load_saved_catalog()
-        if self.catalog.synced and (self.scheduler.is_due() or self._hold_may_end()):
+        if self.catalog.synced and (
+            self.scheduler.is_due() or self._hold_may_end() or self._retry.due()
+        ):
             self.run_round()
+        elif self._admitted is not None and self._clock() >= self._reconcile_at:
+            self.reconcile()
         self._save_catalog()
         for pipeline in self.pipelines:
             # drivers with runtime state check it here (rate-limited by the driver)
@@ -182,10 +194,12 @@ class Daemon:
         for pipeline in self.pipelines:
             metrics.guard_held(pipeline.name, len(decision.started))
         if decision.snapshot is None:
+            self._schedule_retry()  # a failing target waits for its next try, not in a spin
             return []
         snapshot = self._admitted = decision.snapshot
         outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
+        self._schedule_retry()
         if all(o.ok for o in outcomes):
             self._saver.applied()
         if self.health.synced and not self.health.ready_notified:
@@ -196,17 +210,61 @@ class Daemon:
             systemd.ready(f"revision {snapshot.revision}, {snapshot.instance_count} instances")
         return outcomes
 
-    def _record(self, outcomes: list[Outcome]) -> None:
-        changed_at, self._changed_at = self._changed_at, None
+    def reconcile(self) -> None:
+        """Repair every target whose live state differs from what its last good round left
+        (a file edited by hand, the LB restarted on other files) by applying the admitted
+        snapshot again: validate → swap → reload, as any round."""
+        assert self._admitted is not None
+        self._reconcile_at = self._clock() + self.settings.reconcile.interval
+        for pipeline in self.pipelines:
+            kind = pipeline.drift()
+            if kind is not None:
+                outcome: Outcome | None = pipeline.apply(self._admitted)
+            else:
+                kind, outcome = RUNTIME_STATE_LOST, pipeline.repair_runtime()
+            if outcome is None:
+                continue
+            self._record([outcome], changed=False)
+            if not outcome.ok:
+                self._schedule_retry()
+            else:
+                metrics.drift_repaired(pipeline.name, kind)
+                log.warning(
+                    "drift.repaired",
+                    target=pipeline.name,
+                    kind=kind,
+                    action=outcome.action,
+                    files=list(outcome.files),
+                    revision=outcome.revision,
+                )
+
+    def _schedule_retry(self) -> None:
+        """While a target is failing, a round is tried again after the backoff; once none
+        is, the backoff starts over (a held service is not a failure: isolation retries it
+        on its own timer)."""
+        failing = sorted(self.health.failing_since)
+        if not failing:
+            self._retry.reset()
+            return
+        delay = self._retry.failed()
+        metrics.retry_scheduled()
+        log.debug("retry.scheduled", targets=failing, attempt=self._retry.failures, s=delay)
+
+    def _record(self, outcomes: list[Outcome], *, changed: bool = True) -> None:
+        changed_at = self._changed_at
+        if changed:
+            self._changed_at = None
         for outcome in outcomes:
-            self.health.outcomes[outcome.target] = outcome
+            self.health.note_outcome(outcome, time.time())
             metrics.record_outcome(outcome)
-            if changed_at is not None and outcome.action in ("reloaded", "runtime"):
+            if changed and changed_at is not None and outcome.action in ("reloaded", "runtime"):
                 metrics.observe_event_to_apply(self._clock() - changed_at, outcome.target)
 
     def handle(self, message: SourceMessage) -> None:
         if not isinstance(message, SourceStatus) and self._changed_at is None:
             self._changed_at = self._clock()
+        if not isinstance(message, SourceStatus):
+            self._retry.reset()  # the change brings its own round
         if isinstance(message, SourceReset):
             self.catalog.reset(message)
             self._cluster_id = message.cluster_id
@@ -259,6 +317,7 @@ class Daemon:
         self.settings, self.pipelines = settings, pipelines
         self.scheduler = Scheduler(settings.wait, self._clock)
         self.guard = self.guard.with_settings(settings.guard)
+        self._retry = self._backoff(settings)
         self.scheduler.changed()
         self.catalog.set_probe_policy(policy_of(settings.probe))
         if source is not None:
@@ -269,6 +328,7 @@ class Daemon:
             self.health.synced = False
             self._start_source(source)
         metrics.init_targets(p.name for p in pipelines)
+        self.health.forget_targets_except({p.name for p in pipelines})
         log.info("reconfigure.done", targets=[p.name for p in pipelines], etcd=etcd_changed)
         systemd.ready("configuration re-read")
 
@@ -343,7 +403,14 @@ class Daemon:
 
     def _wait_budget(self) -> float:
         due = self.scheduler.due_in() if self.catalog.synced else None
+        retry = self._retry.due_in() if self.catalog.synced else None
+        if retry is not None:
+            due = retry if due is None else min(due, retry)
         return wait_budget(due, self.guard.release_at(), self._clock())
+
+    def _backoff(self, settings: Settings) -> Backoff:
+        reconcile = settings.reconcile
+        return Backoff(reconcile.retry_initial, reconcile.retry_max, self._clock)
 
     def _start_source(self, source: Source | None = None) -> None:
         self._source = SourceRunner(source or self._source_factory(self.settings))

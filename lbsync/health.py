@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +30,21 @@ class Health:
     endpoint: str | None = None
     ready_notified: bool = False
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    failing_since: dict[str, float] = field(default_factory=dict)  # target → Unix time
+
+    def note_outcome(self, outcome: Outcome, wall: float) -> None:
+        """Take a round's outcome; a failing target keeps the time of its first failure."""
+        self.outcomes[outcome.target] = outcome
+        if outcome.ok:
+            self.failing_since.pop(outcome.target, None)
+        else:
+            self.failing_since.setdefault(outcome.target, wall)
+
+    def forget_targets_except(self, names: set[str]) -> None:
+        """After a reconfiguration: targets that are gone are neither failing nor shown."""
+        for gone in (self.outcomes.keys() | self.failing_since.keys()) - names:
+            self.outcomes.pop(gone, None)
+            self.failing_since.pop(gone, None)
 
     def staleness(self, now: float) -> float:
         """How far behind etcd the catalog may be (0 while connected and synced)."""
@@ -57,7 +73,13 @@ class Health:
         return True, ""
 
     def ready(self, now: float, max_staleness: float) -> tuple[bool, str]:
-        """First sync done, and etcd reachable or the catalog fresh enough."""
+        """First sync done, and etcd reachable or the catalog fresh enough.
+
+        A failing target does not make lbsync unready: its LB keeps serving the last good
+        config, which is as good as lbsync can make it until the cause goes away, and a
+        not-ready sidecar would take a working LB out of rotation. It is named in the
+        reason (and in /status, with since when) instead, and retried with backoff.
+        """
         if not (self.synced or self.saved_catalog_age is not None):
             return False, "no catalog yet: waiting for the first read of etcd"
         staleness = self.staleness(now)
@@ -65,7 +87,16 @@ class Health:
             return False, f"etcd unreachable; catalog is {staleness:.0f}s stale"
         if not self.connected:
             return True, f"etcd unreachable; serving a catalog {staleness:.0f}s stale"
-        return True, ""
+        return True, self._failing_reason()
+
+    def _failing_reason(self) -> str:
+        failing = sorted(dict(self.failing_since).items())
+        if not failing:
+            return ""
+        names = ", ".join(
+            f"{t} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(w))}" for t, w in failing
+        )
+        return f"failing target(s), LB serving its last good config: {names}"
 
 
 def status_document(
@@ -90,7 +121,10 @@ def status_document(
         # list() first: the main loop may change these while this (HTTP) thread reads
         "rejected": {key: err.reason for key, err in list(catalog.rejected.items())},
         "probe_panic": sorted(probe_panic),
-        "targets": {name: _outcome_document(o) for name, o in list(health.outcomes.items())},
+        "targets": {
+            name: _outcome_document(o, health.failing_since.get(name))
+            for name, o in list(health.outcomes.items())
+        },
         "runtime": {
             p.driver.name: status
             for p in pipelines
@@ -114,8 +148,9 @@ def _finite(value: float) -> float | None:
     return None if value == float("inf") else round(value, 3)
 
 
-def _outcome_document(outcome: Outcome) -> dict[str, object]:
+def _outcome_document(outcome: Outcome, failing_since: float | None) -> dict[str, object]:
     return {
+        "failing_since": failing_since,
         "action": outcome.action,
         "revision": outcome.revision,
         "files": list(outcome.files),

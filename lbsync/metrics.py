@@ -186,6 +186,18 @@ RUNTIME_TAMPERED = Counter(
     ["target"],
     registry=REGISTRY,
 )
+DRIFT_REPAIRED = Counter(
+    "lbsync_drift_repaired_total",
+    "Live state found differing from the last good round and repaired, by what differed "
+    "(file_edited, lb_restarted).",
+    ["target", "kind"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "lbsync_retries_total",
+    "Failed rounds scheduled to be tried again without an etcd change (backoff).",
+    registry=REGISTRY,
+)
 ALERTS = Counter(
     "lbsync_alerts",
     "Situations that need a human, by kind: rollback, rollback_failed.",
@@ -291,6 +303,14 @@ def value_rejected() -> None:
 
 def runtime_tampered(target: str) -> None:
     RUNTIME_TAMPERED.labels(target).inc()
+
+
+def drift_repaired(target: str, kind: str) -> None:
+    DRIFT_REPAIRED.labels(target, kind).inc()
+
+
+def retry_scheduled() -> None:
+    RETRIES.inc()
 
 
 def alert(kind: str) -> None:

@@ -9,7 +9,12 @@ This is where the failure semantics live:
 - an unchanged render (same bytes as on disk) writes nothing and reloads nothing;
 - a membership-only change goes through the driver's runtime API when it can (files are
   still validated and written, without a reload, so a later restart agrees);
-- a failed reload or verification restores the previous files and reloads again.
+- a failed reload or verification restores the previous files and reloads again;
+- a failure that repeats the previous round's error is logged at debug (the daemon retries
+  a failing target with backoff; one ``apply.failed`` per distinct error is enough).
+
+``drift`` compares the live files (and the LB's identity) with what the last good round
+left there (lbsync.reconcile); the daemon repairs a difference by applying again.
 
 ``render --dry-run`` uses ``plan`` and ``check`` and stops there.
 """
@@ -39,6 +44,7 @@ from lbsync.errors import (
 from lbsync.isolation import HeldService, Unattributable
 from lbsync.model import Snapshot, changed_services, compose
 from lbsync.outcome import Outcome
+from lbsync.reconcile import DriftKind, LiveFiles
 from lbsync.render import Renderer
 from lbsync.stage import swap
 from lbsync.stage.tree import StagingArea
@@ -95,6 +101,8 @@ class TargetPipeline:
         self._modes = {t.dest: t.mode for t in target.templates if t.mode is not None}
         self._follow = frozenset(t.dest for t in target.templates if t.follow_symlinks)
         self._clock = clock
+        self.live = LiveFiles(self._follow)
+        self._last_error: str | None = None  # the last round's error, to log it once
 
     @property
     def name(self) -> str:
@@ -141,6 +149,7 @@ class TargetPipeline:
         snapshot = wanted
         if self.held and self.applied is not None:  # held services: as last applied
             snapshot = compose(self.applied, wanted, self.held)
+        plan: Plan | None = None
         try:
             try:
                 plan = self._attempt(snapshot, timings)
@@ -160,7 +169,41 @@ class TargetPipeline:
         except LbsyncError as err:
             outcome = Outcome(self.name, wanted.revision, "failed", error=err)
         self._settle_retried(retried, outcome)
+        self._remember(plan if outcome.ok else None)
         return self._report(outcome, timings)
+
+    def drift(self) -> DriftKind | None:
+        """What differs between the live target and what the last good round left there
+        (None: in step, or no good round yet). A few ``stat`` calls when nothing moved."""
+        if not self.live.known:
+            return None
+        return self.live.drift(self.driver.lb_identity())
+
+    def repair_runtime(self) -> Outcome | None:
+        """Runtime state the LB reports differently from the applied snapshot, corrected over
+        the runtime API, or by reloading the files on disk (ours: ``drift`` found them in
+        step) when it cannot be. None: nothing differed (or no good round yet)."""
+        if self.applied is None or not self.live.known:
+            return None
+        revision = self.applied.revision
+        try:
+            if not self.driver.repair_runtime(self.applied):
+                return None
+            return Outcome(self.name, revision, "runtime")
+        except DriverError as err:
+            log.warning("drift.runtime_unrepaired", target=self.name, error=err)
+        try:
+            self.driver.verify(self.driver.reload())
+        except LbsyncError as err:
+            log.error("drift.repair_failed", target=self.name, error=err)
+            return Outcome(self.name, revision, "failed", error=err)
+        return Outcome(self.name, revision, "reloaded")
+
+    def _remember(self, plan: Plan | None) -> None:
+        if plan is None:
+            self.live.forget()
+        else:
+            self.live.record(plan.rendered, self.driver.lb_identity())
 
     def _attempt(
         self, snapshot: Snapshot, timings: dict[str, float], *, always_check: bool = False
@@ -325,8 +368,12 @@ class TargetPipeline:
         }
         if outcome.held:
             fields["held"] = sorted(outcome.held)
+        error, self._last_error = self._last_error, None
         if outcome.error is not None:
-            log.error(f"apply.{outcome.action}", **fields, error=outcome.error)
+            self._last_error = f"{outcome.action}: {outcome.error}"
+            repeated = error == self._last_error
+            emit = log.debug if repeated else log.error
+            emit(f"apply.{outcome.action}", **fields, error=outcome.error, repeated=repeated)
         elif outcome.action == "unchanged":
             log.debug("apply.unchanged", **fields)
         else:

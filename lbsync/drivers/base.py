@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -96,6 +96,20 @@ class Driver(abc.ABC):
         check or restore (already logged; worth showing as degraded). Never raises.
         """
         return True
+
+    def lb_identity(self) -> Hashable | None:
+        """Which LB process runs now (e.g. master pid + start time), cheaply, for the
+        reconcile comparison: a change means the LB was restarted by someone else. None:
+        unknown or not running (the default: the driver cannot tell)."""
+        return None
+
+    def repair_runtime(self, applied: Snapshot | None) -> bool:
+        """For the reconcile comparison: compare the runtime state the LB reports (HAProxy
+        ``show servers state``) with what ``applied`` implies, and correct it over the
+        runtime API. True = something differed and was corrected; ``DriverError`` when it
+        could not be (the caller reloads the files on disk). The default keeps no runtime
+        state: False. (nginx runtime mode repairs its Lua lists in ``tick``.)"""
+        return False
 
     def runtime_status(self) -> Mapping[str, Any] | None:
         """For the daemon's /status: the driver's runtime state (None: it keeps none)."""

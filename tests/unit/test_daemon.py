@@ -24,10 +24,14 @@ TEMPLATE = """{% for s in services.values() %}
 """
 
 
-def make_settings(tmp_path: Path, **wait: object) -> Settings:
+def make_settings(
+    tmp_path: Path, reconcile: dict[str, object] | None = None, **wait: object
+) -> Settings:
     (tmp_path / "t.j2").write_text(TEMPLATE)
     data = {
         "wait": {"min": "0s", "max": "0s", **wait},
+        # no retry or drift repair behind these tests' backs unless they ask for it
+        "reconcile": reconcile or {"interval": "1h", "retry_initial": "1h", "retry_max": "1h"},
         "state_dir": str(tmp_path / "state"),
         "target": [
             {

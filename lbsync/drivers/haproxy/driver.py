@@ -258,6 +258,43 @@ class HaproxyDriver(Driver):
         )
         return True
 
+    def lb_identity(self) -> tuple[int, float | None] | None:
+        """The master's pid and start time (``show proc``, or the pid file). A reload
+        re-executes the same master process, so only a restart changes it."""
+        try:
+            state = self._master.processes(DriverError)
+        except DriverError:
+            return None
+        return state.master_pid, state.master_started
+
+    def repair_runtime(self, applied: Snapshot | None) -> bool:
+        """Runtime mode: put back what someone changed over the admin socket (``set server
+        … state maint``) or what HAProxy lost, for the reconcile comparison.
+
+        Every backend of ``applied`` is read with ``show servers state`` and compared with
+        the slots rendered for it (or last sent); the servers that differ are corrected and
+        read back, as a runtime update without a known base does. True = something differed
+        and was corrected; DriverError when it could not be (the caller reloads: the config
+        on disk is ours and wins).
+        """
+        if not self.target.runtime or self.target.admin_socket is None or applied is None:
+            return False
+        rendered = self._assigned_for(applied)
+        if rendered is None:
+            return False  # not rendered lately: nothing to compare with
+        plans = [
+            Plan(name, self._runtime.get(name, assigned), None, None, self.name)
+            for name, assigned in rendered.items()
+        ]
+        try:
+            sent = apply_plans(self._admin(), plans)
+        except Decline as why:
+            raise DriverError(f"runtime state cannot be repaired: {why}", target=self.name) from why
+        if sent:
+            backends = [p.backend for p in plans if p.touched]
+            log.info("haproxy.runtime_repaired", target=self.name, backends=backends, commands=sent)
+        return sent > 0
+
     def _runtime_plans(self, old: Snapshot | None, new: Snapshot) -> list[Plan]:
         """The backends to change and their touched slots; Decline if anything else did."""
         if not self.target.runtime or self.target.admin_socket is None:

@@ -88,6 +88,14 @@ class NginxDriver(Driver):
         """Runtime mode: every ``poll_interval``, re-push if nginx lost the pushed lists."""
         return True if self.runtime is None else self.runtime.tick(applied)
 
+    def lb_identity(self) -> tuple[int, int] | None:
+        """The master's pid and start time (a pid file and one ``/proc`` read)."""
+        try:
+            master = self._master()
+        except ReloadFailed:
+            return None
+        return master.pid, master.started
+
     def runtime_status(self) -> Mapping[str, Any] | None:
         """Runtime mode: control endpoint reachability and tampering found (and repaired)."""
         return None if self.runtime is None else self.runtime.status()
