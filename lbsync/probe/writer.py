@@ -66,9 +66,10 @@ class VerdictWriter:
                     elif time.monotonic() - refreshed >= self.ttl / 3:
                         lease.refresh()
                         refreshed = time.monotonic()
-                    self._sync(writer, lease)
+                    refresh_at = refreshed + self.ttl / 3
+                    in_step = self._sync(writer, lease, until=refresh_at)
                     self.connected = True
-                    wait = max(0.0, refreshed + self.ttl / 3 - time.monotonic())
+                    wait = max(0.0, refresh_at - time.monotonic()) if in_step else 0.0
                 except SourceError as err:  # LeaseExpired among them: start afresh
                     log.warning("probe.etcd_failed", error=str(err), endpoint=writer.endpoint)
                     self.connected, lease = False, None
@@ -87,10 +88,15 @@ class VerdictWriter:
         log.info("probe.lease", lease=lease.id, ttl=lease.ttl)
         return lease
 
-    def _sync(self, writer: EtcdWriter, lease: Lease) -> None:
+    def _sync(self, writer: EtcdWriter, lease: Lease, until: float) -> bool:
         """Write the keys marked dirty, one at a time: only what changed is looked at (not
-        every verdict on every wake-up), and a key set again meanwhile stays dirty."""
-        while (todo := self._next_dirty()) is not None:
+        every verdict on every wake-up), and a key set again meanwhile stays dirty. Stops
+        at ``until`` (the lease's refresh is due: 10,000 first verdicts take longer than its
+        TTL, and it expired under them); True when etcd is in step."""
+        while time.monotonic() < until:
+            todo = self._next_dirty()
+            if todo is None:
+                return True
             key, value = todo
             if value is None:
                 with _counted("delete"):
@@ -105,6 +111,7 @@ class VerdictWriter:
                     self._written[key] = value
                 if self._wanted.get(key) == value:
                     self._dirty.discard(key)
+        return self._next_dirty() is None
 
     def _next_dirty(self) -> tuple[str, str | None] | None:
         """A key to write and its wanted value (None: delete it); None when etcd is in step."""

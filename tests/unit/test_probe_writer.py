@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, cast
 
 import pytest
@@ -38,8 +40,8 @@ class FakeEtcd:
             raise SourceError(f"etcd refused {key}")
 
 
-def sync(writer: VerdictWriter, etcd: FakeEtcd) -> None:
-    writer._sync(cast(EtcdWriter, etcd), cast(Lease, object()))
+def sync(writer: VerdictWriter, etcd: FakeEtcd, until: float = math.inf) -> bool:
+    return writer._sync(cast(EtcdWriter, etcd), cast(Lease, object()), until)
 
 
 def test_only_what_changed_is_written() -> None:
@@ -87,3 +89,13 @@ def test_a_key_set_again_during_its_write_is_written_again() -> None:
     sync(writer, etcd)
     assert etcd.ops == [("put", "a", "up"), ("put", "a", "down")]
     assert writer.pending() == 0
+
+
+def test_a_long_backlog_yields_to_the_lease_refresh() -> None:
+    writer, etcd = VerdictWriter(EtcdSettings(), ttl=10), FakeEtcd()
+    writer.set("a", "up")
+    assert sync(writer, etcd, until=time.monotonic() - 1) is False  # refresh due: stop
+    assert etcd.ops == []
+    assert writer.pending() == 1
+    assert sync(writer, etcd) is True
+    assert etcd.ops == [("put", "a", "up")]
