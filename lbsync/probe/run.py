@@ -82,9 +82,12 @@ class Prober:
         )
         # The engine's semaphore bounds checks in flight (TCP ones too): no second limit in
         # the connector, and no timers of aiohttp's own (run_check's timeout is the bound).
-        connector = aiohttp.TCPConnector(limit=0, force_close=True)
-        unbounded = aiohttp.ClientTimeout()
-        async with aiohttp.ClientSession(connector=connector, timeout=unbounded) as session:
+        # No cookie jar: cookies ignore ports, so one backend's would reach the others.
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=aiohttp.ClientTimeout(),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        ) as session:
             prefix = self.settings.etcd.prefix.rstrip("/")
             engine = Engine(self.settings.probe, self.name, prefix, self.writer, session)
             self.engine = engine
