@@ -68,11 +68,11 @@ async def _http(
     async with session.request(
         check.method, url, headers=headers, allow_redirects=False
     ) as response:
-        where = safe_reason(check.path)
         if not check.status_min <= response.status <= check.status_max:
-            return CheckResult(False, f"HTTP {response.status} on {where}")
+            return CheckResult(False, f"HTTP {response.status} on {safe_reason(check.path)}")
         if check.body_contains is not None and check.method == "GET":
             body = await response.content.read(MAX_BODY)
             if check.body_contains.encode() not in body:
+                where = safe_reason(check.path)
                 return CheckResult(False, f"HTTP {response.status} on {where}: body mismatch")
         return CheckResult(True)

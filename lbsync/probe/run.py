@@ -2,7 +2,7 @@
 
 Three threads besides the caller's: the etcd source (the daemon's ``EtcdSource``: a full
 read, then the watch, resynced after compaction), the verdict writer, and the optional
-HTTP endpoint; the checks run in one asyncio loop in the caller's thread.
+HTTP endpoint; the checks run in one asyncio loop (uvloop's) in the caller's thread.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 
 import aiohttp
 import structlog
+import uvloop
 
+from lbsync import keys
 from lbsync.catalog import Catalog
 from lbsync.config import Settings
 from lbsync.http import StatusServer
@@ -61,7 +63,7 @@ class Prober:
         server = self._server()
         writer.start()
         try:
-            asyncio.run(self._main(stop))
+            uvloop.run(self._main(stop))
         finally:
             stop.set()
             if server is not None:
@@ -78,8 +80,14 @@ class Prober:
             name="probe-source",
             daemon=True,
         )
-        limits = aiohttp.TCPConnector(limit=self.settings.probe.max_connections, force_close=True)
-        async with aiohttp.ClientSession(connector=limits) as session:
+        # The engine's semaphore bounds checks in flight (TCP ones too): no second limit in
+        # the connector, and no timers of aiohttp's own (run_check's timeout is the bound).
+        # No cookie jar: cookies ignore ports, so one backend's would reach the others.
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=aiohttp.ClientTimeout(),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        ) as session:
             prefix = self.settings.etcd.prefix.rstrip("/")
             engine = Engine(self.settings.probe, self.name, prefix, self.writer, session)
             self.engine = engine
@@ -113,10 +121,20 @@ class Prober:
             self.catalog.reset(message)
             return None
         if isinstance(message, SourceEvents):
-            changed = self.catalog.apply(message)
+            changed = self.catalog.apply(self._without_verdicts(message))
             return None if touched is None else touched | changed
         self.connected = message.connected
         return touched
+
+    def _without_verdicts(self, batch: SourceEvents) -> SourceEvents:
+        """The batch without probe verdicts: the prober checks instances, it never reads
+        verdicts, and each one it writes comes back on the watch (during the warm-up that
+        was 10,000 echoes, each rebuilding its service for nothing)."""
+        prefix = self.settings.etcd.prefix.rstrip("/")
+        kept = tuple(event for event in batch.events if not _is_verdict(prefix, event.key))
+        if len(kept) == len(batch.events):
+            return batch
+        return SourceEvents(revision=batch.revision, events=kept)
 
     def _server(self) -> StatusServer | None:
         listen = self.settings.probe.listen
@@ -153,3 +171,10 @@ class Prober:
             "instances": self.engine.counts() if self.engine else {},
             "unwritten_verdicts": self.writer.pending(),
         }
+
+
+def _is_verdict(prefix: str, key: str) -> bool:
+    if not key.startswith(prefix + "/"):
+        return False
+    where = keys.place(key[len(prefix) :])
+    return where is not None and where[1] == "probes"

@@ -32,24 +32,26 @@ class VerdictWriter:
         self._lock = threading.Lock()
         self._wanted: dict[str, str] = {}
         self._written: dict[str, str] = {}
+        self._dirty: set[str] = set()  # keys whose etcd value may differ from the wanted one
         self._changed = threading.Event()
         self.connected = False
 
     def set(self, key: str, value: str) -> None:
         with self._lock:
             self._wanted[key] = value
+            self._dirty.add(key)
         self._changed.set()
 
     def clear(self, key: str) -> None:
         with self._lock:
             self._wanted.pop(key, None)
+            self._dirty.add(key)
         self._changed.set()
 
     def pending(self) -> int:
         """Keys whose etcd value differs from the wanted one (0 when in step)."""
         with self._lock:
-            wanted, written = dict(self._wanted), dict(self._written)
-        return sum(1 for k in wanted.keys() | written.keys() if wanted.get(k) != written.get(k))
+            return sum(1 for k in self._dirty if self._wanted.get(k) != self._written.get(k))
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: keep the lease alive and etcd in step; then revoke the lease."""
@@ -64,9 +66,10 @@ class VerdictWriter:
                     elif time.monotonic() - refreshed >= self.ttl / 3:
                         lease.refresh()
                         refreshed = time.monotonic()
-                    self._sync(writer, lease)
+                    refresh_at = refreshed + self.ttl / 3
+                    in_step = self._sync(writer, lease, until=refresh_at)
                     self.connected = True
-                    wait = max(0.0, refreshed + self.ttl / 3 - time.monotonic())
+                    wait = max(0.0, refresh_at - time.monotonic()) if in_step else 0.0
                 except SourceError as err:  # LeaseExpired among them: start afresh
                     log.warning("probe.etcd_failed", error=str(err), endpoint=writer.endpoint)
                     self.connected, lease = False, None
@@ -81,23 +84,45 @@ class VerdictWriter:
         lease = writer.lease(self.ttl)
         with self._lock:
             self._written.clear()  # whatever was under the old lease is gone with it
+            self._dirty = set(self._wanted)
         log.info("probe.lease", lease=lease.id, ttl=lease.ttl)
         return lease
 
-    def _sync(self, writer: EtcdWriter, lease: Lease) -> None:
-        with self._lock:
-            wanted, written = dict(self._wanted), dict(self._written)
-        for key, value in wanted.items():
-            if written.get(key) != value:
+    def _sync(self, writer: EtcdWriter, lease: Lease, until: float) -> bool:
+        """Write the keys marked dirty, one at a time: only what changed is looked at (not
+        every verdict on every wake-up), and a key set again meanwhile stays dirty. Stops
+        at ``until`` (the lease's refresh is due: 10,000 first verdicts take longer than its
+        TTL, and it expired under them); True when etcd is in step."""
+        while time.monotonic() < until:
+            todo = self._next_dirty()
+            if todo is None:
+                return True
+            key, value = todo
+            if value is None:
+                with _counted("delete"):
+                    writer.delete(key)
+            else:
                 with _counted("put"):
                     writer.put(key, value, lease=lease)
-                with self._lock:
-                    self._written[key] = value
-        for key in written.keys() - wanted.keys():
-            with _counted("delete"):
-                writer.delete(key)
             with self._lock:
-                self._written.pop(key, None)
+                if value is None:
+                    self._written.pop(key, None)
+                else:
+                    self._written[key] = value
+                if self._wanted.get(key) == value:
+                    self._dirty.discard(key)
+        return self._next_dirty() is None
+
+    def _next_dirty(self) -> tuple[str, str | None] | None:
+        """A key to write and its wanted value (None: delete it); None when etcd is in step."""
+        with self._lock:
+            while self._dirty:
+                key = next(iter(self._dirty))
+                value = self._wanted.get(key)
+                if value != self._written.get(key):
+                    return key, value
+                self._dirty.discard(key)
+            return None
 
     def _revoke(self, writer: EtcdWriter, lease: Lease | None) -> None:
         if lease is None:

@@ -8,6 +8,7 @@ from lbsync.config import CheckSettings, ProbeSettings
 from lbsync.model import State
 from lbsync.probe.checks import safe_reason
 from lbsync.probe.engine import RiseFall, targets
+from lbsync.probe.run import _is_verdict
 from lbsync.testing import snapshot_from
 from lbsync.values import SAFE_TEXT
 
@@ -69,3 +70,17 @@ def test_reasons_always_pass_the_schema(text: str) -> None:
 def test_only_the_touched_services_are_looked_at() -> None:
     found = targets(snapshot_from(CATALOG), ProbeSettings(), only={"api", "gone"})
     assert sorted(found) == [("api", "x")]
+
+
+@pytest.mark.parametrize(
+    ("key", "verdict"),
+    [
+        ("/lbsync/services/web/probes/a/lb-1", True),
+        ("/lbsync/services/web/instances/a", False),
+        ("/lbsync/services/web/health/a", False),
+        ("/lbsync/services/web/probes/a", False),  # off-schema: the catalog judges it
+        ("/other/services/web/probes/a/lb-1", False),
+    ],
+)
+def test_the_prober_ignores_only_verdicts_on_its_watch(key: str, verdict: bool) -> None:
+    assert _is_verdict("/lbsync", key) is verdict
