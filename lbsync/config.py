@@ -377,8 +377,9 @@ class CheckSettings(Section):
     fall: int = Field(default=3, ge=1, le=100)
     """Consecutive failures that take an up instance down."""
     jitter: float = Field(default=0.1, ge=0.0, le=1.0)
-    """Each wait between checks is shortened or lengthened at random by up to this
-    fraction of `interval`, so thousands of checks do not fire together."""
+    """Each wait between checks is shortened at random by up to this fraction of
+    `interval` (never lengthened, so `fall` failures are seen within `fall` x `interval`),
+    so thousands of checks do not fire together."""
 
     @model_validator(mode="after")
     def _status_range(self) -> CheckSettings:

@@ -2,7 +2,8 @@
 
 Instances come from the catalog built from the daemon's own etcd watch (so only values the
 schema accepted are ever probed). Each instance has one asyncio task: a first wait drawn
-at random within the interval, then check, count, wait ``interval`` ± ``jitter``. A verdict
+at random within the interval, then check, count, wait ``interval`` less up to ``jitter``
+(never longer, so ``fall`` failures are seen within ``fall`` x ``interval``). A verdict
 is reached HAProxy's way (``rise`` successes in a row → up, ``fall`` failures → down) and
 written only when it changes.
 """
@@ -156,8 +157,9 @@ class Engine:
             verdict = state.observe(result.ok, check.rise, check.fall)
             if verdict is not None:
                 self._report(where, verdict, result)
+            # Shortened only: a failure is still seen within fall x interval.
             spread = check.interval * check.jitter
-            await asyncio.sleep(max(0.0, check.interval + random.uniform(-spread, spread)))
+            await asyncio.sleep(max(0.0, check.interval - random.uniform(0.0, spread)))
 
     async def _check(self, target: Target) -> CheckResult:
         async with self._slots:
