@@ -167,6 +167,29 @@ STATE_COLUMNS = (
 )  # fmt: skip
 
 
+def state_columns(answer: str) -> list[list[str]] | None:
+    """The header and the ``STATE_COLUMNS`` of ``show servers state``, each column a list
+    of its values in row order; None unless every row has the header's width.
+
+    Everything ``RuntimeServer.matches`` looks at, in one ``str.split`` and strided slices
+    (~7 ms at 20,000 servers, a tenth of parsing row by row): an idle reconcile tick
+    compares this with the columns of the last answer found in step.
+    """
+    at = answer.find("# be_id")
+    end = answer.find("\n", at)
+    if at < 0 or end < 0:
+        return None
+    header = answer[at + 1 : end].split()
+    fields = answer[end:].split()
+    width = len(header)
+    if not fields or len(fields) % width:
+        return None
+    try:
+        return [header, *(fields[header.index(c) :: width] for c in STATE_COLUMNS)]
+    except ValueError:
+        return None
+
+
 def sanitize_state(dump: str, config_text: str) -> tuple[str, int, int]:
     """Keep the state lines that agree with the config about to be loaded; drop the rest.
 
