@@ -408,16 +408,16 @@ def test_state_columns_are_what_a_server_is_in_row_order() -> None:
     lines = [state_line("s1", "10.0.0.1", 8001, 0, 1), state_line("s2", "10.0.0.2", 8002, 1, 3)]
     columns = state_columns(HEADER + "\n".join(lines) + "\n\n")
     assert columns is not None
-    assert columns[0] == HEADER.split("\n")[1][1:].split()
-    assert columns[1:] == [
-        ["web", "web"],
-        ["s1", "s2"],
-        ["10.0.0.1", "10.0.0.2"],
-        ["-", "-"],
-        ["8001", "8002"],
-        ["0", "1"],
-        ["1", "3"],
-    ]
+    assert columns[0] == HEADER.split("\n")[1][2:]
+    assert columns[1:] == (
+        "web\nweb",
+        "s1\ns2",
+        "10.0.0.1\n10.0.0.2",
+        "-\n-",
+        "8001\n8002",
+        "0\n1",
+        "1\n3",
+    )
     # the time since the last change moves every second; it is not compared
     later = state_columns(HEADER + "\n".join(ln.replace(" 5 1 0 ", " 9 1 0 ") for ln in lines))
     assert later == columns

@@ -75,7 +75,7 @@ class HaproxyDriver(Driver):
         # Per backend, the slots last found in step by ``repair_runtime`` and the
         # ``state_columns`` of HAProxy's answer then: the same columns for the same slots
         # are in step again without comparing server by server.
-        self._in_step: dict[str, tuple[Assigned, list[list[str]]]] = {}
+        self._in_step: dict[str, tuple[Assigned, tuple[str, ...]]] = {}
         self._settings = ServiceSettings(self.name)
 
     # -- template context ---------------------------------------------------------------

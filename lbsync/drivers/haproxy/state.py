@@ -167,13 +167,15 @@ STATE_COLUMNS = (
 )  # fmt: skip
 
 
-def state_columns(answer: str) -> list[list[str]] | None:
-    """The header and the ``STATE_COLUMNS`` of ``show servers state``, each column a list
-    of its values in row order; None unless every row has the header's width.
+def state_columns(answer: str) -> tuple[str, ...] | None:
+    """The header and the ``STATE_COLUMNS`` of ``show servers state``, each column its
+    values in row order joined by newlines (no value holds whitespace); None unless every
+    row has the header's width.
 
     Everything ``RuntimeServer.matches`` looks at, in one ``str.split`` and strided slices
-    (~7 ms at 20,000 servers, a tenth of parsing row by row): an idle reconcile tick
-    compares this with the columns of the last answer found in step.
+    (~13 ms at 20,000 servers, a sixth of parsing row by row), kept as eight strings
+    rather than 140,000: an idle reconcile tick compares this with the columns of the
+    last answer found in step.
     """
     at = answer.find("# be_id")
     end = answer.find("\n", at)
@@ -185,9 +187,10 @@ def state_columns(answer: str) -> list[list[str]] | None:
     if not fields or len(fields) % width:
         return None
     try:
-        return [header, *(fields[header.index(c) :: width] for c in STATE_COLUMNS)]
+        picked = [fields[header.index(c) :: width] for c in STATE_COLUMNS]
     except ValueError:
         return None
+    return (" ".join(header), *("\n".join(column) for column in picked))
 
 
 def sanitize_state(dump: str, config_text: str) -> tuple[str, int, int]:
