@@ -293,12 +293,12 @@ class HaproxyDriver(Driver):
         admin = self._admin()
         plans, columns = [], {}
         for name, assigned in rendered.items():
-            want = self._runtime.get(name, assigned)
+            held = self._runtime.get(name, assigned)  # what HAProxy should hold
             answer = self._servers_state(admin, name)
             columns[name] = state_columns(answer)
             known = self._in_step.get(name)
-            if known is None or known[0] is not want or known[1] != columns[name]:
-                plans.append(Plan(name, want, None, None, self.name, answer))
+            if known is None or known[0] is not held or known[1] != columns[name]:
+                plans.append(Plan(name, held, None, None, self.name, answer))
         try:
             sent = apply_plans(admin, plans)
         except Decline as why:
