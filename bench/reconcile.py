@@ -6,20 +6,36 @@ one good round, then ``TargetPipeline.drift`` (a ``stat`` per destination file, 
 master's pid file and ``/proc`` entry) and ``repair_runtime`` (nothing to do in files
 mode), N times. CPU is ``time.process_time()`` of this process. Then the same after a
 hand edit: the bytes are read and compared once, and the repair is a normal round.
+
+``--haproxy`` adds HAProxy runtime mode (a real HAProxy, as ``bench haproxy-cost``, and
+``HaproxyDriver``) at 1 x 10,000 and 100 x 100 instances: the idle tick reads
+``show servers state`` of every backend; then a tick finding a server someone set to
+``maint`` over the admin socket, which compares that backend server by server and puts
+it back.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench import env, inprocess, report
+from bench.haproxy_runtime import HAPROXY, TEMPLATE, Haproxy
+from lbsync.catalog import Catalog
+from lbsync.config import HaproxyTarget
+from lbsync.drivers.haproxy.driver import HaproxyDriver
+from lbsync.drivers.haproxy.master import Cli
 from lbsync.logging import configure_logging
+from lbsync.model import KeyValue
+from lbsync.pipeline import TargetPipeline
+from lbsync.render import Renderer
 
 
 def measure(instances: int, ticks: int) -> dict[str, Any]:
@@ -55,10 +71,71 @@ def measure(instances: int, ticks: int) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def measure_haproxy(services: int, per_service: int, ticks: int) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix=f"lbsync-bench-reconcile-haproxy-{services}-"))
+    haproxy = Haproxy(root / "haproxy")
+    try:
+        pipeline = _haproxy_pipeline(root, haproxy)
+        catalog = Catalog(env.PREFIX)
+        catalog.load(_haproxy_instances(services, per_service), 1)
+        snapshot = catalog.snapshot()
+        haproxy.config.write_bytes(pipeline.plan(snapshot).rendered[haproxy.config])
+        haproxy.start()
+        if not pipeline.apply(snapshot).ok:
+            raise env.BenchError("the first round failed")
+        for _ in range(3):  # warm up; the first comparison is server by server
+            pipeline.drift()
+            pipeline.repair_runtime()
+        started = time.process_time()
+        for _ in range(ticks):
+            if pipeline.drift() is not None or pipeline.repair_runtime() is not None:
+                raise env.BenchError("drift found where there is none")
+        idle = (time.process_time() - started) / ticks * 1000
+        Cli(haproxy.admin_socket, target="bench").query("set server svc000/s1 state maint")
+        started = time.process_time()
+        outcome = pipeline.repair_runtime()
+        found = (time.process_time() - started) * 1000
+        if outcome is None or outcome.action != "runtime":
+            raise env.BenchError(f"the maint server was not put back: {outcome}")
+        return {"instances": services * per_service, "shape": f"{services} x {per_service:,}",
+                "ticks": ticks, "idle_tick_ms": idle, "maint_found_ms": found}  # fmt: skip
+    finally:
+        haproxy.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _haproxy_pipeline(root: Path, haproxy: Haproxy) -> TargetPipeline:
+    target = HaproxyTarget.model_validate(
+        {
+            "name": "haproxy",
+            "driver": "haproxy",
+            "template": [{"src": TEMPLATE, "dest": haproxy.config}],
+            "config": haproxy.config,
+            "pid_file": haproxy.pid_file,
+            "binary": HAPROXY,
+            "master_socket": haproxy.master_socket,
+            "admin_socket": haproxy.admin_socket,
+            "state_file": haproxy.state_file,
+        }
+    )
+    return TargetPipeline(target, HaproxyDriver(target), Renderer(), root / "state")
+
+
+def _haproxy_instances(services: int, per_service: int) -> Iterator[KeyValue]:
+    for s in range(services):
+        for i in range(per_service):
+            key = env.instance_key(f"svc{s:03d}", f"i{i:05d}")
+            host = f"10.{s % 250}.{i // 250 % 250}.{1 + i % 250}"
+            value = json.dumps({"host": host, "port": 8000 + s, "weight": 1}).encode()
+            yield KeyValue(key=key, value=value, mod_revision=1)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench reconcile")
     parser.add_argument("--sizes", default="10,10000")
     parser.add_argument("--ticks", type=int, default=1000)
+    parser.add_argument("--haproxy", action="store_true", help="add HAProxy runtime mode")
+    parser.add_argument("--haproxy-ticks", type=int, default=50)
     args = parser.parse_args(argv)
     configure_logging("info", "json", stream=io.StringIO())
     results = [measure(int(size), args.ticks) for size in args.sizes.split(",")]
@@ -68,5 +145,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [[r["instances"], r["file_bytes"], r["idle_tick_ms"], r["edit_found_ms"]] for r in results],
     )
     data = {"machine": report.machine(), "args": vars(args), "results": results}
+    if args.haproxy:
+        shapes = [(1, 10_000), (100, 100)]
+        hap = [measure_haproxy(s, n, args.haproxy_ticks) for s, n in shapes]
+        report.table(
+            "HAProxy runtime mode: reconcile tick, CPU in-process (ms)",
+            ["instances", "idle tick", "tick finding a server set to maint"],
+            [[r["shape"], r["idle_tick_ms"], r["maint_found_ms"]] for r in hap],
+        )
+        data["haproxy"] = hap
     report.save("reconcile", data)
     return data

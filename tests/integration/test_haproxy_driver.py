@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
+import lbsync.drivers.haproxy.driver as haproxy_driver
 from lbsync.drivers.base import driver_for
 from lbsync.drivers.haproxy.driver import HaproxyDriver
+from lbsync.drivers.haproxy.master import Cli
+from lbsync.drivers.haproxy.runtime import Plan
 from lbsync.drivers.haproxy.state import servers_state
 from lbsync.errors import ListenConflict, ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.model import Instance, Service, SettingValue, Snapshot, State
@@ -258,6 +261,34 @@ def test_100_runtime_changes_under_keep_alive_load_need_no_reload(
     assert generation(haproxy) == before
     assert haproxy.loads() == 1
     driver.validate(StagedConfig(root=haproxy.etc, main=haproxy.config, files={}))
+
+
+def test_an_idle_repair_compares_server_by_server_only_until_a_backend_is_found_in_step(
+    haproxy: HaproxyServer, backends: list[Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b1, b2, _ = backends
+    driver = make_driver(haproxy)
+    applied = snap(1, service("web", haproxy.port, inst(b1), inst(b2, "drain")))
+    start(haproxy, driver, applied)
+    serves(haproxy.port, {"b1"})
+    compared: list[list[str]] = []
+    apply_plans = haproxy_driver.apply_plans
+
+    def spy(admin: Cli, plans: list[Plan]) -> int:
+        compared.append([p.backend for p in plans])
+        return apply_plans(admin, plans)
+
+    monkeypatch.setattr(haproxy_driver, "apply_plans", spy)
+    assert not driver.repair_runtime(applied)
+    assert not driver.repair_runtime(applied)
+    assert compared == [["web"], []]  # the second tick: the same columns, in step
+
+    Cli(haproxy.admin_socket, target="test").query("set server web/s1 state maint")
+    assert driver.repair_runtime(applied)  # seen behind the cached comparison
+    assert haproxy.servers("web")["s1"].admin == "ready"
+    serves(haproxy.port, {"b1"})
+    assert not driver.repair_runtime(applied)  # back to the columns found in step
+    assert compared == [["web"], [], ["web"], []]
 
 
 def test_runtime_membership_survives_a_forced_reload(

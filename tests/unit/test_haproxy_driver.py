@@ -33,6 +33,7 @@ from lbsync.drivers.haproxy.state import (
     config_servers,
     sanitize_state,
     servers_state,
+    state_columns,
 )
 from lbsync.errors import ValidationFailed
 from lbsync.model import Instance, Service, Snapshot, State
@@ -401,6 +402,43 @@ def test_backend_state_reads_the_slot_line_and_copes_with_another_order() -> Non
     shuffled = BackendState("web", HEADER + "\n".join(reversed(lines)) + "\n")
     assert shuffled.server(0, "s1").port == 8001
     assert shuffled.server(2, "s3").port == 8003
+
+
+def test_state_columns_are_what_a_server_is_in_row_order() -> None:
+    lines = [state_line("s1", "10.0.0.1", 8001, 0, 1), state_line("s2", "10.0.0.2", 8002, 1, 3)]
+    columns = state_columns(HEADER + "\n".join(lines) + "\n\n")
+    assert columns is not None
+    assert columns[0] == HEADER.split("\n")[1][2:]
+    assert columns[1:] == (
+        "web\nweb",
+        "s1\ns2",
+        "10.0.0.1\n10.0.0.2",
+        "-\n-",
+        "8001\n8002",
+        "0\n1",
+        "1\n3",
+    )
+    # the time since the last change moves every second; it is not compared
+    later = state_columns(HEADER + "\n".join(ln.replace(" 5 1 0 ", " 9 1 0 ") for ln in lines))
+    assert later == columns
+    drained = state_columns(
+        HEADER + "\n".join([lines[0], state_line("s2", "10.0.0.2", 8002, 8, 3)])
+    )
+    assert drained is not None
+    assert drained != columns
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        "Unknown command\n",
+        HEADER + state_line("s1", "10.0.0.1", 8001, 0, 1) + " extra\n",  # a ragged row
+        HEADER.replace("srv_uweight", "srv_weight") + state_line("s1", "10.0.0.1", 8001, 0, 1),
+    ],
+)
+def test_state_columns_of_an_irregular_answer_are_none(answer: str) -> None:
+    assert state_columns(answer) is None
 
 
 def test_runtime_update_declines_what_it_cannot_do(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import structlog
 
 from lbsync.config import HaproxyTarget
 from lbsync.drivers.base import Driver, ReloadTicket, own_ticket, register_driver, run_checker
+from lbsync.drivers.haproxy.admin_commands import show_servers_state
 from lbsync.drivers.haproxy.master import (
     POLL_INTERVAL,
     SOCKET_TIMEOUT,
@@ -36,6 +37,7 @@ from lbsync.drivers.haproxy.state import (
     forget_server_state,
     save_server_state,
     slot_indexes,
+    state_columns,
 )
 from lbsync.drivers.listen import check_listen, haproxy_listens
 from lbsync.drivers.membership import other_keys_changed
@@ -70,6 +72,10 @@ class HaproxyDriver(Driver):
         self._recent: list[tuple[Snapshot, dict[str, Assigned]]] = []
         # Backends this driver changed over the admin socket since the last reload.
         self._runtime: dict[str, Assigned] = {}
+        # Per backend, the slots last found in step by ``repair_runtime`` and the
+        # ``state_columns`` of HAProxy's answer then: the same columns for the same slots
+        # are in step again without comparing server by server.
+        self._in_step: dict[str, tuple[Assigned, tuple[str, ...]]] = {}
         self._settings = ServiceSettings(self.name)
 
     # -- template context ---------------------------------------------------------------
@@ -271,29 +277,49 @@ class HaproxyDriver(Driver):
         """Runtime mode: put back what someone changed over the admin socket (``set server
         … state maint``) or what HAProxy lost, for the reconcile comparison.
 
-        Every backend of ``applied`` is read with ``show servers state`` and compared with
-        the slots rendered for it (or last sent); the servers that differ are corrected and
-        read back, as a runtime update without a known base does. True = something differed
-        and was corrected; DriverError when it could not be (the caller reloads: the config
-        on disk is ours and wins).
+        Every backend of ``applied`` is read with ``show servers state``. A backend whose
+        answer has the same ``state_columns`` as the last one found in step for the same
+        slots is in step (the idle tick: no server-by-server comparison); any other is
+        compared with the slots rendered for it (or last sent), and the servers that differ
+        are corrected and read back, as a runtime update without a known base does. True =
+        something differed and was corrected; DriverError when it could not be (the caller
+        reloads: the config on disk is ours and wins).
         """
         if not self.target.runtime or self.target.admin_socket is None or applied is None:
             return False
         rendered = self._assigned_for(applied)
         if rendered is None:
             return False  # not rendered lately: nothing to compare with
-        plans = [
-            Plan(name, self._runtime.get(name, assigned), None, None, self.name)
-            for name, assigned in rendered.items()
-        ]
+        admin = self._admin()
+        plans, columns = [], {}
+        for name, assigned in rendered.items():
+            held = self._runtime.get(name, assigned)  # what HAProxy should hold
+            answer = self._servers_state(admin, name)
+            columns[name] = state_columns(answer)
+            known = self._in_step.get(name)
+            if known is None or known[0] is not held or known[1] != columns[name]:
+                plans.append(Plan(name, held, None, None, self.name, answer))
         try:
-            sent = apply_plans(self._admin(), plans)
+            sent = apply_plans(admin, plans)
         except Decline as why:
             raise DriverError(f"runtime state cannot be repaired: {why}", target=self.name) from why
+        self._in_step = {n: k for n, k in self._in_step.items() if n in rendered}
+        for plan in plans:
+            found = columns[plan.backend]
+            if found is not None and not plan.touched:
+                self._in_step[plan.backend] = (plan.after, found)
         if sent:
             backends = [p.backend for p in plans if p.touched]
             log.info("haproxy.runtime_repaired", target=self.name, backends=backends, commands=sent)
         return sent > 0
+
+    def _servers_state(self, admin: Cli, backend: str) -> str:
+        try:
+            return admin.query(show_servers_state(backend, target=self.name))
+        except DriverError as err:
+            raise DriverError(
+                f"runtime state cannot be repaired: admin socket: {err}", target=self.name
+            ) from err
 
     def _runtime_plans(self, old: Snapshot | None, new: Snapshot) -> list[Plan]:
         """The backends to change and their touched slots; Decline if anything else did."""

@@ -34,14 +34,16 @@ class Decline(Exception):
 @dataclass
 class Plan:
     """One backend of a runtime update: its new slots, the slots the runtime holds (None:
-    unknown, compare with HAProxy's state), the indexes of the slots to change and the
-    target they belong to (named by the errors of refused commands)."""
+    unknown, compare with HAProxy's state), the indexes of the slots to change, the
+    target they belong to (named by the errors of refused commands) and, when the caller
+    read it already, HAProxy's ``show servers state`` answer to compare with first."""
 
     backend: str
     after: Assigned
     base: Assigned | None
     touched: list[int] | None
     target: str
+    answer: str | None = None
 
 
 class BackendState:
@@ -198,7 +200,7 @@ def apply_plans(admin: Cli, plans: list[Plan]) -> int:
     try:
         for plan in plans:
             if plan.base is None:
-                state = read_backend_state(admin, plan)
+                state = read_backend_state(admin, plan, plan.answer)
                 plan.touched = [
                     idx
                     for idx, slot in enumerate(plan.after.slots)
@@ -232,9 +234,11 @@ def apply_plans(admin: Cli, plans: list[Plan]) -> int:
     raise Decline("the runtime state did not converge")
 
 
-def read_backend_state(admin: Cli, plan: Plan) -> BackendState:
-    """``show servers state <backend>``; Decline unless it has exactly our slots."""
-    answer = admin.query(cmd.show_servers_state(plan.backend, target=plan.target))
+def read_backend_state(admin: Cli, plan: Plan, answer: str | None = None) -> BackendState:
+    """``show servers state <backend>`` (read now unless ``answer`` holds it); Decline
+    unless it has exactly our slots."""
+    if answer is None:
+        answer = admin.query(cmd.show_servers_state(plan.backend, target=plan.target))
     state = BackendState(plan.backend, answer)
     if state.count != len(plan.after.slots):
         if not state.count:

@@ -167,6 +167,32 @@ STATE_COLUMNS = (
 )  # fmt: skip
 
 
+def state_columns(answer: str) -> tuple[str, ...] | None:
+    """The header and the ``STATE_COLUMNS`` of ``show servers state``, each column its
+    values in row order joined by newlines (no value holds whitespace); None unless every
+    row has the header's width.
+
+    Everything ``RuntimeServer.matches`` looks at, in one ``str.split`` and strided slices
+    (~13 ms at 20,000 servers, a sixth of parsing row by row), kept as eight strings
+    rather than 140,000: an idle reconcile tick compares this with the columns of the
+    last answer found in step.
+    """
+    at = answer.find("# be_id")
+    end = answer.find("\n", at)
+    if at < 0 or end < 0:
+        return None
+    header = answer[at + 1 : end].split()
+    fields = answer[end:].split()
+    width = len(header)
+    if not fields or len(fields) % width:
+        return None
+    try:
+        picked = [fields[header.index(c) :: width] for c in STATE_COLUMNS]
+    except ValueError:
+        return None
+    return (" ".join(header), *("\n".join(column) for column in picked))
+
+
 def sanitize_state(dump: str, config_text: str) -> tuple[str, int, int]:
     """Keep the state lines that agree with the config about to be loaded; drop the rest.
 
