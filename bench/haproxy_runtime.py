@@ -40,10 +40,13 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import env, report
 from bench.traffic import parse_wrk
+
+if TYPE_CHECKING:
+    from lbsync.pipeline import TargetPipeline
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 TEMPLATE = env.REPO / "templates" / "haproxy" / "haproxy.cfg.j2"
@@ -374,17 +377,37 @@ def run_mode(runtime: bool, changes: int, seconds: int, every: float) -> dict[st
 # --- per-change cost with big backends (in-process pipeline, real HAProxy) ---------------
 
 
+def in_process_pipeline(haproxy: Haproxy, state_dir: Path) -> TargetPipeline:
+    """lbsync's own ``TargetPipeline`` for ``haproxy`` in runtime mode, with the stock
+    template: how the in-process benches (this one, ``bench reconcile``) drive it."""
+    from lbsync.config import HaproxyTarget
+    from lbsync.drivers.haproxy.driver import HaproxyDriver
+    from lbsync.pipeline import TargetPipeline
+    from lbsync.render import Renderer
+
+    target = HaproxyTarget.model_validate(
+        {
+            "name": "haproxy",
+            "driver": "haproxy",
+            "template": [{"src": TEMPLATE, "dest": haproxy.config}],
+            "config": haproxy.config,
+            "pid_file": haproxy.pid_file,
+            "binary": HAPROXY,
+            "master_socket": haproxy.master_socket,
+            "admin_socket": haproxy.admin_socket,
+            "state_file": haproxy.state_file,
+        }
+    )
+    return TargetPipeline(target, HaproxyDriver(target), Renderer(), state_dir)
+
+
 def change_cost(services: int, per_service: int, changes: int) -> dict[str, Any]:
     """One instance's weight changes per round, ``changes`` rounds, through lbsync's own
     ``TargetPipeline`` (render → stage + ``haproxy -c`` → runtime API → swap) against a
     HAProxy started on the same render. Wall ms per stage, and lbsync's CPU per round
     (``process_time``: ``haproxy -c`` runs in a child and is not in it)."""
     from lbsync.catalog import Catalog
-    from lbsync.config import HaproxyTarget
-    from lbsync.drivers.haproxy.driver import HaproxyDriver
     from lbsync.model import KeyEvent, KeyValue, SourceEvents
-    from lbsync.pipeline import TargetPipeline
-    from lbsync.render import Renderer
 
     root = Path(tempfile.mkdtemp(prefix="lbsync-bench-haproxy-cost-"))
     haproxy = Haproxy(root / "haproxy")
@@ -397,20 +420,7 @@ def change_cost(services: int, per_service: int, changes: int) -> dict[str, Any]
         return json.dumps({"host": host, "port": 8000 + s, "weight": weight}).encode()
 
     try:
-        target = HaproxyTarget.model_validate(
-            {
-                "name": "haproxy",
-                "driver": "haproxy",
-                "template": [{"src": TEMPLATE, "dest": haproxy.config}],
-                "config": haproxy.config,
-                "pid_file": haproxy.pid_file,
-                "binary": HAPROXY,
-                "master_socket": haproxy.master_socket,
-                "admin_socket": haproxy.admin_socket,
-                "state_file": haproxy.state_file,
-            }
-        )
-        pipeline = TargetPipeline(target, HaproxyDriver(target), Renderer(), root / "state")
+        pipeline = in_process_pipeline(haproxy, root / "state")
         catalog = Catalog(env.PREFIX)
         catalog.load(
             (

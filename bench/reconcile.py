@@ -27,15 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import env, inprocess, report
-from bench.haproxy_runtime import HAPROXY, TEMPLATE, Haproxy
+from bench.haproxy_runtime import Haproxy, in_process_pipeline
 from lbsync.catalog import Catalog
-from lbsync.config import HaproxyTarget
-from lbsync.drivers.haproxy.driver import HaproxyDriver
 from lbsync.drivers.haproxy.master import Cli
 from lbsync.logging import configure_logging
 from lbsync.model import KeyValue
-from lbsync.pipeline import TargetPipeline
-from lbsync.render import Renderer
 
 
 def measure(instances: int, ticks: int) -> dict[str, Any]:
@@ -75,7 +71,7 @@ def measure_haproxy(services: int, per_service: int, ticks: int) -> dict[str, An
     root = Path(tempfile.mkdtemp(prefix=f"lbsync-bench-reconcile-haproxy-{services}-"))
     haproxy = Haproxy(root / "haproxy")
     try:
-        pipeline = _haproxy_pipeline(root, haproxy)
+        pipeline = in_process_pipeline(haproxy, root / "state")
         catalog = Catalog(env.PREFIX)
         catalog.load(_haproxy_instances(services, per_service), 1)
         snapshot = catalog.snapshot()
@@ -102,23 +98,6 @@ def measure_haproxy(services: int, per_service: int, ticks: int) -> dict[str, An
     finally:
         haproxy.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _haproxy_pipeline(root: Path, haproxy: Haproxy) -> TargetPipeline:
-    target = HaproxyTarget.model_validate(
-        {
-            "name": "haproxy",
-            "driver": "haproxy",
-            "template": [{"src": TEMPLATE, "dest": haproxy.config}],
-            "config": haproxy.config,
-            "pid_file": haproxy.pid_file,
-            "binary": HAPROXY,
-            "master_socket": haproxy.master_socket,
-            "admin_socket": haproxy.admin_socket,
-            "state_file": haproxy.state_file,
-        }
-    )
-    return TargetPipeline(target, HaproxyDriver(target), Renderer(), root / "state")
 
 
 def _haproxy_instances(services: int, per_service: int) -> Iterator[KeyValue]:

@@ -60,21 +60,6 @@ class Running:
 
 
 @pytest.fixture
-def source() -> FakeSource:
-    return FakeSource({"services": {"web": {"instances": {"a": "10.0.0.1:80"}}}})
-
-
-@pytest.fixture
-def driver() -> FakeDriver:
-    return FakeDriver()
-
-
-@pytest.fixture
-def out(tmp_path: Path) -> Path:
-    return tmp_path / "out.conf"
-
-
-@pytest.fixture
 def running(tmp_path: Path, source: FakeSource, driver: FakeDriver) -> Iterator[Running]:
     run = Running(make_settings(tmp_path), source, driver)
     yield run

@@ -162,21 +162,6 @@ def test_forget_means_nothing_to_compare(dest: Path) -> None:
 # --- the daemon ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def source() -> FakeSource:
-    return FakeSource({"services": {"web": {"instances": {"a": "10.0.0.1:80"}}}})
-
-
-@pytest.fixture
-def driver() -> FakeDriver:
-    return FakeDriver()
-
-
-@pytest.fixture
-def out(tmp_path: Path) -> Path:
-    return tmp_path / "out.conf"
-
-
 FAST = {"interval": "0.2s", "retry_initial": "0.05s", "retry_max": "0.2s"}
 
 
