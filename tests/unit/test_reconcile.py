@@ -202,9 +202,12 @@ def test_a_hand_edited_file_is_repaired_and_logged_once(
     fast: Running, driver: FakeDriver, out: Path
 ) -> None:
     first_round_applied(fast)
+    # Nothing pending, so only the comparison (not a round) can put the file back; and an
+    # edit of another size, so it shows even within the file system's timestamp tick.
+    wait_for(lambda: fast.daemon.scheduler.due_in() is None, what="no round pending")
     before = metrics.DRIFT_REPAIRED.labels("lb", FILE_EDITED)._value.get()
     with capture_logs() as events:
-        out.write_text("web: 10.9.9.9:80\n")
+        out.write_text("web: 10.9.9.99:80\n")
         wait_for(lambda: content(out) == "web: 10.0.0.1:80\n", what="repaired")
         wait_for(lambda: driver.reloads == 2, what="repair reloaded")
     repaired = [e for e in events if e["event"] == "drift.repaired"]
