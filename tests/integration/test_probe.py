@@ -244,5 +244,8 @@ def test_a_hostile_verdict_is_rejected_and_changes_nothing(
     writer.put(key, value)
     settle(lambda: key in daemon.daemon.catalog.rejected, what="the verdict rejected")
     settle(lambda: daemon.caught_up(writer), what="the daemon at etcd's revision")
+    # The first served config came with a reload: its old worker (the harness's initial
+    # config, no upstream "app") may still take a connection until it exits.
+    settle(nginx_server.settled, what="nginx's old workers gone")
     assert only_served_by(nginx_server.port, {"b1", "b2", "b3"})
     assert daemon.daemon.catalog.snapshot().services["app"].instances[1].probes == {}
