@@ -66,6 +66,10 @@ def repaired(events: list[dict[str, object]]) -> list[dict[str, object]]:
     return [e for e in events if e["event"] == "drift.repaired"]
 
 
+def rolled_back(events: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [e for e in events if e["event"] == "apply.rolled_back"]
+
+
 def test_nginx_restarted_on_older_files_converges_without_an_etcd_change(
     daemon: RunningDaemon, writer: EtcdWriter, nginx_server: NginxServer, backends: list[Backend]
 ) -> None:
@@ -88,12 +92,14 @@ def test_nginx_restarted_on_older_files_converges_without_an_etcd_change(
             timeout=CONVERGE,
             what="b2 served again",
         )
+        # Traffic moves at the reload; the round's event comes after its verify.
+        wait_for(lambda: repaired(events) or rolled_back(events), what="the repair logged")
     assert writer.revision() == revision  # no etcd change was needed
     # Found by the comparison once nginx is back (lb_restarted), or, when a comparison
     # fell in the window where nginx was down, that round's reload failed (the older file
     # restored) and its retry converged once nginx was back.
     kinds = [e["kind"] for e in repaired(events)]
-    retried = [e for e in events if e["event"] == "apply.rolled_back"]
+    retried = rolled_back(events)
     assert kinds == [LB_RESTARTED] or (retried and set(kinds) <= {FILE_EDITED, LB_RESTARTED})
 
 
@@ -134,6 +140,7 @@ def test_a_hand_edited_file_is_repaired_and_logged(
         os.kill(nginx_server.master_pid(), signal.SIGHUP)  # and someone reloads it
         wait_for(lambda: upstreams.read_bytes() == ours, timeout=CONVERGE, what="repaired")
         wait_for(lambda: only_served_by(nginx_server.port, {"b1"}), what="b1 only again")
+        wait_for(lambda: repaired(events), what="the repair logged")  # after its verify
     found = repaired(events)
     assert [e["kind"] for e in found] == [FILE_EDITED]
     assert found[0]["files"] == [str(upstreams)]
