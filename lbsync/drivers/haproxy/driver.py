@@ -15,7 +15,12 @@ import structlog
 from lbsync.config import HaproxyTarget
 from lbsync.drivers.base import Driver, ReloadTicket, own_ticket, register_driver, run_checker
 from lbsync.drivers.haproxy.admin_commands import show_servers_state
-from lbsync.drivers.haproxy.check import BACKEND_STATS, CheckRotation, backend_summaries
+from lbsync.drivers.haproxy.check import (
+    BACKEND_STATS,
+    CheckRotation,
+    ask_all,
+    backend_summaries,
+)
 from lbsync.drivers.haproxy.master import (
     POLL_INTERVAL,
     SOCKET_TIMEOUT,
@@ -306,11 +311,16 @@ class HaproxyDriver(Driver):
         if rendered is None:
             return False  # not rendered lately: nothing to compare with
         admin = self._admin()
-        summaries = backend_summaries(self._ask(admin, BACKEND_STATS))
+        due = self._rotation.due(list(rendered), {n: len(a.slots) for n, a in rendered.items()})
+        stats, *answers = ask_all(admin, [BACKEND_STATS, *self._show(due)], target=self.name)
+        summaries = backend_summaries(stats)
+        answered = dict(zip(due, answers, strict=True))
+        others = [n for n in self._suspects(rendered, summaries) if n not in answered]
+        more = ask_all(admin, self._show(others), target=self.name)
+        answered.update(zip(others, more, strict=True))
         plans, read = [], {}
-        for name in self._to_read(rendered, summaries):
+        for name, answer in answered.items():
             held = self._runtime.get(name, rendered[name])  # what HAProxy should hold
-            answer = self._ask(admin, show_servers_state(name, target=self.name))
             read[name] = InStep(held, state_columns(answer), (summaries or {}).get(name))
             known = self._in_step.get(name)
             if known is None or known.slots is not held or known.columns != read[name].columns:
@@ -334,14 +344,14 @@ class HaproxyDriver(Driver):
             )
         return sent > 0
 
-    def _to_read(
+    def _suspects(
         self, rendered: Mapping[str, Assigned], summaries: dict[str, bytes] | None
     ) -> list[str]:
-        """The backends read in full this tick: the suspect ones (all of them without
-        summaries), then the rotation's."""
+        """The backends to read in full whatever their turn: never found in step for the
+        slots HAProxy should hold, or their summary moved since (all without summaries)."""
         if summaries is None:
             return list(rendered)
-        suspect = []
+        suspects = []
         for name, assigned in rendered.items():
             known = self._in_step.get(name)
             if (
@@ -349,18 +359,11 @@ class HaproxyDriver(Driver):
                 or known.slots is not self._runtime.get(name, assigned)
                 or known.summary != summaries.get(name)
             ):
-                suspect.append(name)
-        names = list(rendered)
-        due = self._rotation.due(names, {n: len(a.slots) for n, a in rendered.items()})
-        return [*suspect, *(n for n in due if n not in suspect)]
+                suspects.append(name)
+        return suspects
 
-    def _ask(self, admin: Cli, command: str) -> bytes:
-        try:
-            return admin.query_bytes(command)
-        except DriverError as err:
-            raise DriverError(
-                f"runtime state cannot be repaired: admin socket: {err}", target=self.name
-            ) from err
+    def _show(self, backends: list[str]) -> list[str]:
+        return [show_servers_state(name, target=self.name) for name in backends]
 
     def _runtime_plans(self, old: Snapshot | None, new: Snapshot) -> list[Plan]:
         """The backends to change and their touched slots; Decline if anything else did."""
