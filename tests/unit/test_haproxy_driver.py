@@ -430,6 +430,18 @@ def test_state_columns_are_what_a_server_is_in_row_order() -> None:
     assert drained != columns
 
 
+def test_state_columns_of_an_answer_read_in_pieces_are_those_of_the_whole() -> None:
+    lines = [state_line(f"s{n}", f"10.0.{n // 250}.{n % 250}", 8000 + n, 0, 1) for n in range(3000)]
+    answer = (HEADER + "\n".join(lines) + "\n").encode()
+    assert len(answer) > 3 * 65536  # several pieces
+    columns = state_columns(answer)
+    assert columns is not None
+    assert columns[2] == "\n".join(f"s{n}" for n in range(3000)).encode()
+    assert columns[5] == "\n".join(str(8000 + n) for n in range(3000)).encode()
+    ragged = [*lines[:2000], lines[2000] + " extra", *lines[2001:]]
+    assert state_columns((HEADER + "\n".join(ragged) + "\n").encode()) is None
+
+
 @pytest.mark.parametrize(
     "answer",
     [
