@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbsync.drivers.haproxy.check import CheckRotation, backend_summaries
+from lbsync.drivers.haproxy.check import CheckRotation, ask_all, backend_summaries
 from lbsync.drivers.haproxy.master import Cli
 from lbsync.errors import DriverError
 
@@ -131,3 +131,40 @@ def test_an_answer_that_never_ends_times_out_within_the_bound(
     to_send += [b"x"] * chunks  # 10 s of trickle, far past the timeout
     with pytest.raises(DriverError, match="no complete answer in time"):
         Cli(path, target="t", timeout=0.5).query("show servers state")
+
+
+# --- several commands in one session ---------------------------------------------------
+
+
+class FakeCli:
+    """Answers each ``;``-joined command with its canned answer (HAProxy's framing: every
+    answer ends with an empty line); records the lines sent."""
+
+    def __init__(self, answers: dict[str, bytes], *, framing: bytes = b"\n") -> None:
+        self.answers = answers
+        self.framing = framing
+        self.lines: list[str] = []
+
+    def query_bytes(self, line: str) -> bytes:
+        self.lines.append(line)
+        return b"".join(self.answers[c.strip()] + self.framing for c in line.split(";"))
+
+
+def test_answers_of_one_session_are_cut_at_the_empty_lines() -> None:
+    cli = FakeCli({"a": b"1\nrow a\n", "b": b"Can't find backend.\n", "c": b"1\nrow c\n"})
+    answers = ask_all(cli, ["a", "b", "c"], target="t")  # type: ignore[arg-type]
+    assert cli.lines == ["a; b; c"]
+    assert answers == [b"1\nrow a", b"Can't find backend.", b"1\nrow c"]
+    alone = ask_all(cli, ["a"], target="t")  # type: ignore[arg-type]
+    assert alone == [b"1\nrow a\n\n"]  # as read: its consumers ignore trailing blank lines
+
+
+def test_an_answer_that_does_not_frame_as_expected_is_an_error() -> None:
+    cli = FakeCli({"a": b"1\nrow a\n", "b": b"1\n\nrow b\n"})
+    with pytest.raises(DriverError, match="2 command"):
+        ask_all(cli, ["a", "b"], target="t")  # type: ignore[arg-type]
+    with pytest.raises(DriverError, match="1 command"):
+        ask_all(cli, ["b"], target="t")  # type: ignore[arg-type]
+    unframed = FakeCli({"a": b"1\nrow a\n"}, framing=b"")
+    with pytest.raises(DriverError, match="1 command"):
+        ask_all(unframed, ["a"], target="t")  # type: ignore[arg-type]

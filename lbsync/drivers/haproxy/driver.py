@@ -312,9 +312,9 @@ class HaproxyDriver(Driver):
             return False  # not rendered lately: nothing to compare with
         admin = self._admin()
         due = self._rotation.due(list(rendered), {n: len(a.slots) for n, a in rendered.items()})
-        stats, *answers = ask_all(admin, [BACKEND_STATS, *self._show(due)], target=self.name)
+        (stats,) = ask_all(admin, [BACKEND_STATS], target=self.name)
         summaries = backend_summaries(stats)
-        answered = dict(zip(due, answers, strict=True))
+        answered = dict(zip(due, ask_all(admin, self._show(due), target=self.name), strict=True))
         others = [n for n in self._suspects(rendered, summaries) if n not in answered]
         more = ask_all(admin, self._show(others), target=self.name)
         answered.update(zip(others, more, strict=True))
