@@ -27,6 +27,7 @@ from lbsync.drivers.haproxy.master import (
     Cli,
     Master,
     MasterState,
+    start_time,
 )
 from lbsync.drivers.haproxy.runtime import (
     Decline,
@@ -92,6 +93,7 @@ class HaproxyDriver(Driver):
         # Per backend, what ``repair_runtime`` last found in step (see ``InStep``).
         self._in_step: dict[str, InStep] = {}
         self._rotation = CheckRotation(target.runtime_check_slots)
+        self._identity: tuple[int, float | None] | None = None  # the last ``lb_identity``
         self._settings = ServiceSettings(self.name)
 
     # -- template context ---------------------------------------------------------------
@@ -283,12 +285,19 @@ class HaproxyDriver(Driver):
 
     def lb_identity(self) -> tuple[int, float | None] | None:
         """The master's pid and start time (``show proc``, or the pid file). A reload
-        re-executes the same master process, so only a restart changes it."""
+        re-executes the same master process, so only a restart changes it. A local
+        master still alive with the start time seen last is the same one: one ``/proc``
+        read instead of a ``show proc`` on every reconcile tick."""
+        known = self._identity
+        if known is not None and known[1] is not None and start_time(known[0]) == known[1]:
+            return known
         try:
             state = self._master.processes(DriverError)
         except DriverError:
+            self._identity = None
             return None
-        return state.master_pid, state.master_started
+        self._identity = (state.master_pid, state.master_started)
+        return self._identity
 
     def repair_runtime(self, applied: Snapshot | None) -> bool:
         """Runtime mode: put back what someone changed over the admin socket (``set server
