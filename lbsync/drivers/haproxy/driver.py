@@ -321,9 +321,9 @@ class HaproxyDriver(Driver):
             return False  # not rendered lately: nothing to compare with
         admin = self._admin()
         due = self._rotation.due(list(rendered), {n: len(a.slots) for n, a in rendered.items()})
-        (stats,) = ask_all(admin, [BACKEND_STATS], target=self.name)
+        stats, answers = self._ask_due(admin, due, sum(len(rendered[n].slots) for n in due))
         summaries = backend_summaries(stats)
-        answered = dict(zip(due, ask_all(admin, self._show(due), target=self.name), strict=True))
+        answered = dict(zip(due, answers, strict=True))
         others = [n for n in self._suspects(rendered, summaries) if n not in answered]
         more = ask_all(admin, self._show(others), target=self.name)
         answered.update(zip(others, more, strict=True))
@@ -370,6 +370,16 @@ class HaproxyDriver(Driver):
             ):
                 suspects.append(name)
         return suspects
+
+    def _ask_due(self, admin: Cli, due: list[str], slots: int) -> tuple[bytes, list[bytes]]:
+        """The summaries and the due backends' answers: in one session, or in two when
+        the due backends are more than a tick's budget (one bigger than the budget),
+        whose answer, sent alone, is kept as read rather than cut out (``ask_all``)."""
+        if slots <= self.target.runtime_check_slots:
+            stats, *answers = ask_all(admin, [BACKEND_STATS, *self._show(due)], target=self.name)
+            return stats, answers
+        (stats,) = ask_all(admin, [BACKEND_STATS], target=self.name)
+        return stats, ask_all(admin, self._show(due), target=self.name)
 
     def _show(self, backends: list[str]) -> list[str]:
         return [show_servers_state(name, target=self.name) for name in backends]
