@@ -29,7 +29,7 @@ def stat_row(name: str, weight: int, act: int, scur: int = 0, lastchg: int = 5) 
 
 def test_summaries_are_weight_and_server_counts_per_backend() -> None:
     answer = STAT_HEADER + stat_row("web", 10, 10) + stat_row("api", 3, 2) + b"\n"
-    assert backend_summaries(answer) == {"web": b"10,10,0", "api": b"3,2,0"}
+    assert backend_summaries(answer) == {"web": (b"10", b"10", b"0"), "api": (b"3", b"2", b"0")}
 
 
 def test_traffic_and_time_alone_do_not_move_a_summary() -> None:

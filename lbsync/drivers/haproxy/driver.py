@@ -18,6 +18,7 @@ from lbsync.drivers.haproxy.admin_commands import show_servers_state
 from lbsync.drivers.haproxy.check import (
     BACKEND_STATS,
     CheckRotation,
+    Summary,
     ask_all,
     backend_summaries,
 )
@@ -71,7 +72,7 @@ class InStep(NamedTuple):
 
     slots: Assigned
     columns: tuple[bytes, ...] | None
-    summary: bytes | None
+    summary: Summary | None
 
 
 @register_driver("haproxy")
@@ -354,7 +355,7 @@ class HaproxyDriver(Driver):
         return sent > 0
 
     def _suspects(
-        self, rendered: Mapping[str, Assigned], summaries: dict[str, bytes] | None
+        self, rendered: Mapping[str, Assigned], summaries: dict[str, Summary] | None
     ) -> list[str]:
         """The backends to read in full whatever their turn: never found in step for the
         slots HAProxy should hold, or their summary moved since (all without summaries)."""
