@@ -276,6 +276,11 @@ class HaproxyTarget(TargetBase):
     state_file: Path | None = Field(default=None, examples=["/var/lib/haproxy/server-state"])
     """HAProxy's `server-state-file`: saved before each reload so servers keep their
     state across it; templates get it as `state_file`."""
+    runtime_check_slots: int = Field(default=512, ge=1)
+    """Runtime mode's reconcile tick reads the servers of this many slots in full, backend
+    by backend in turn (docs/haproxy.md), besides every backend whose summary moved: a
+    change the summaries cannot show (an address) is seen within ceil(all slots / this)
+    ticks. Higher: seen sooner, for more CPU per tick."""
 
 
 class CommandTarget(TargetBase):

@@ -406,26 +406,40 @@ def test_backend_state_reads_the_slot_line_and_copes_with_another_order() -> Non
 
 def test_state_columns_are_what_a_server_is_in_row_order() -> None:
     lines = [state_line("s1", "10.0.0.1", 8001, 0, 1), state_line("s2", "10.0.0.2", 8002, 1, 3)]
-    columns = state_columns(HEADER + "\n".join(lines) + "\n\n")
+    columns = state_columns((HEADER + "\n".join(lines) + "\n\n").encode())
     assert columns is not None
-    assert columns[0] == HEADER.split("\n")[1][2:]
+    assert columns[0] == HEADER.split("\n")[1][2:].encode()
     assert columns[1:] == (
-        "web\nweb",
-        "s1\ns2",
-        "10.0.0.1\n10.0.0.2",
-        "-\n-",
-        "8001\n8002",
-        "0\n1",
-        "1\n3",
+        b"web\nweb",
+        b"s1\ns2",
+        b"10.0.0.1\n10.0.0.2",
+        b"-\n-",
+        b"8001\n8002",
+        b"0\n1",
+        b"1\n3",
     )
     # the time since the last change moves every second; it is not compared
-    later = state_columns(HEADER + "\n".join(ln.replace(" 5 1 0 ", " 9 1 0 ") for ln in lines))
+    later = state_columns(
+        (HEADER + "\n".join(ln.replace(" 5 1 0 ", " 9 1 0 ") for ln in lines)).encode()
+    )
     assert later == columns
     drained = state_columns(
-        HEADER + "\n".join([lines[0], state_line("s2", "10.0.0.2", 8002, 8, 3)])
+        (HEADER + "\n".join([lines[0], state_line("s2", "10.0.0.2", 8002, 8, 3)])).encode()
     )
     assert drained is not None
     assert drained != columns
+
+
+def test_state_columns_of_an_answer_read_in_pieces_are_those_of_the_whole() -> None:
+    lines = [state_line(f"s{n}", f"10.0.{n // 250}.{n % 250}", 8000 + n, 0, 1) for n in range(3000)]
+    answer = (HEADER + "\n".join(lines) + "\n").encode()
+    assert len(answer) > 3 * 65536  # several pieces
+    columns = state_columns(answer)
+    assert columns is not None
+    assert columns[2] == "\n".join(f"s{n}" for n in range(3000)).encode()
+    assert columns[5] == "\n".join(str(8000 + n) for n in range(3000)).encode()
+    ragged = [*lines[:2000], lines[2000] + " extra", *lines[2001:]]
+    assert state_columns((HEADER + "\n".join(ragged) + "\n").encode()) is None
 
 
 @pytest.mark.parametrize(
@@ -438,7 +452,7 @@ def test_state_columns_are_what_a_server_is_in_row_order() -> None:
     ],
 )
 def test_state_columns_of_an_irregular_answer_are_none(answer: str) -> None:
-    assert state_columns(answer) is None
+    assert state_columns(answer.encode()) is None
 
 
 def test_runtime_update_declines_what_it_cannot_do(tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ docs/haproxy.md):
 Modules: ``driver`` (the Driver), ``slots`` (slot assignment), ``settings`` (per-service
 settings), ``state`` (config server lines, ``show servers state``, the state file),
 ``master`` (the CLI socket client, ``show proc``, the master across a reload),
-``runtime`` (plans and admin-socket commands for a membership-only change) and
+``runtime`` (plans and admin-socket commands for a membership-only change), ``check``
+(what a reconcile tick reads: backend summaries and a slot-budgeted rotation) and
 ``admin_commands`` (the grammar of every command sent).
 """
 

@@ -8,19 +8,27 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
 from lbsync.config import HaproxyTarget
 from lbsync.drivers.base import Driver, ReloadTicket, own_ticket, register_driver, run_checker
 from lbsync.drivers.haproxy.admin_commands import show_servers_state
+from lbsync.drivers.haproxy.check import (
+    BACKEND_STATS,
+    CheckRotation,
+    Summary,
+    ask_all,
+    backend_summaries,
+)
 from lbsync.drivers.haproxy.master import (
     POLL_INTERVAL,
     SOCKET_TIMEOUT,
     Cli,
     Master,
     MasterState,
+    start_time,
 )
 from lbsync.drivers.haproxy.runtime import (
     Decline,
@@ -56,6 +64,17 @@ class HaproxyTicket(ReloadTicket):
     before: MasterState
 
 
+class InStep(NamedTuple):
+    """A backend as ``repair_runtime`` read it: the slots it should hold, the
+    ``state_columns`` of HAProxy's answer and its summary (``check.backend_summaries``;
+    None when there was none). The same columns for the same slots are in step again
+    without comparing server by server; a moved summary means reading it again."""
+
+    slots: Assigned
+    columns: tuple[bytes, ...] | None
+    summary: Summary | None
+
+
 @register_driver("haproxy")
 class HaproxyDriver(Driver):
     """Drives one master-worker HAProxy (``haproxy -W -S <master.sock> -p <pid>``)."""
@@ -72,10 +91,10 @@ class HaproxyDriver(Driver):
         self._recent: list[tuple[Snapshot, dict[str, Assigned]]] = []
         # Backends this driver changed over the admin socket since the last reload.
         self._runtime: dict[str, Assigned] = {}
-        # Per backend, the slots last found in step by ``repair_runtime`` and the
-        # ``state_columns`` of HAProxy's answer then: the same columns for the same slots
-        # are in step again without comparing server by server.
-        self._in_step: dict[str, tuple[Assigned, tuple[str, ...]]] = {}
+        # Per backend, what ``repair_runtime`` last found in step (see ``InStep``).
+        self._in_step: dict[str, InStep] = {}
+        self._rotation = CheckRotation(target.runtime_check_slots)
+        self._identity: tuple[int, float | None] | None = None  # the last ``lb_identity``
         self._settings = ServiceSettings(self.name)
 
     # -- template context ---------------------------------------------------------------
@@ -180,6 +199,7 @@ class HaproxyDriver(Driver):
         """
         started = time.monotonic()
         self._runtime.clear()  # from now on HAProxy holds what the config on disk says
+        self._in_step.clear()  # and the next reconcile tick reads every backend again
         before = self._master.processes(ReloadFailed)
         saved = save_server_state(self.target, self._admin_or_none())
         how = "signal" if before.master_started is not None else "master_cli"
@@ -266,24 +286,34 @@ class HaproxyDriver(Driver):
 
     def lb_identity(self) -> tuple[int, float | None] | None:
         """The master's pid and start time (``show proc``, or the pid file). A reload
-        re-executes the same master process, so only a restart changes it."""
+        re-executes the same master process, so only a restart changes it. A local
+        master still alive with the start time seen last is the same one: one ``/proc``
+        read instead of a ``show proc`` on every reconcile tick."""
+        known = self._identity
+        if known is not None and known[1] is not None and start_time(known[0]) == known[1]:
+            return known
         try:
             state = self._master.processes(DriverError)
         except DriverError:
+            self._identity = None
             return None
-        return state.master_pid, state.master_started
+        self._identity = (state.master_pid, state.master_started)
+        return self._identity
 
     def repair_runtime(self, applied: Snapshot | None) -> bool:
         """Runtime mode: put back what someone changed over the admin socket (``set server
         … state maint``) or what HAProxy lost, for the reconcile comparison.
 
-        Every backend of ``applied`` is read with ``show servers state``. A backend whose
-        answer has the same ``state_columns`` as the last one found in step for the same
-        slots is in step (the idle tick: no server-by-server comparison); any other is
-        compared with the slots rendered for it (or last sent), and the servers that differ
-        are corrected and read back, as a runtime update without a known base does. True =
-        something differed and was corrected; DriverError when it could not be (the caller
-        reloads: the config on disk is ours and wins).
+        Every tick reads the backends' summaries (``check.py``); a backend is read in full
+        with ``show servers state`` when its summary moved since it was found in step, when
+        it was never found in step for the slots it should hold, or in its turn of the
+        ``CheckRotation`` (``runtime_check_slots`` a tick). A backend whose answer has
+        the same ``state_columns`` as the last one found in step for the same slots is in
+        step (no server-by-server comparison); any other is compared with the slots
+        rendered for it (or last sent), and the servers that differ are corrected and read
+        back, as a runtime update without a known base does. True = something differed
+        and was corrected; DriverError when it could not be (the caller reloads: the
+        config on disk is ours and wins).
         """
         if not self.target.runtime or self.target.admin_socket is None or applied is None:
             return False
@@ -291,35 +321,69 @@ class HaproxyDriver(Driver):
         if rendered is None:
             return False  # not rendered lately: nothing to compare with
         admin = self._admin()
-        plans, columns = [], {}
-        for name, assigned in rendered.items():
-            held = self._runtime.get(name, assigned)  # what HAProxy should hold
-            answer = self._servers_state(admin, name)
-            columns[name] = state_columns(answer)
+        due = self._rotation.due(list(rendered), {n: len(a.slots) for n, a in rendered.items()})
+        stats, answers = self._ask_due(admin, due, sum(len(rendered[n].slots) for n in due))
+        summaries = backend_summaries(stats)
+        answered = dict(zip(due, answers, strict=True))
+        others = [n for n in self._suspects(rendered, summaries) if n not in answered]
+        more = ask_all(admin, self._show(others), target=self.name)
+        answered.update(zip(others, more, strict=True))
+        plans, read = [], {}
+        for name, answer in answered.items():
+            held = self._runtime.get(name, rendered[name])  # what HAProxy should hold
+            read[name] = InStep(held, state_columns(answer), (summaries or {}).get(name))
             known = self._in_step.get(name)
-            if known is None or known[0] is not held or known[1] != columns[name]:
-                plans.append(Plan(name, held, None, None, self.name, answer))
+            if known is None or known.slots is not held or known.columns != read[name].columns:
+                text = answer.decode(errors="replace")
+                plans.append(Plan(name, held, None, None, self.name, text))
         try:
             sent = apply_plans(admin, plans)
         except Decline as why:
             raise DriverError(f"runtime state cannot be repaired: {why}", target=self.name) from why
         self._in_step = {n: k for n, k in self._in_step.items() if n in rendered}
-        for plan in plans:
-            found = columns[plan.backend]
-            if found is not None and not plan.touched:
-                self._in_step[plan.backend] = (plan.after, found)
+        repaired = {p.backend for p in plans if p.touched}
+        for name, found in read.items():  # a repaired one is back to what it was found
+            if found.columns is not None and name not in repaired:
+                self._in_step[name] = found
         if sent:
-            backends = [p.backend for p in plans if p.touched]
-            log.info("haproxy.runtime_repaired", target=self.name, backends=backends, commands=sent)
+            log.info(
+                "haproxy.runtime_repaired",
+                target=self.name,
+                backends=sorted(repaired),
+                commands=sent,
+            )
         return sent > 0
 
-    def _servers_state(self, admin: Cli, backend: str) -> str:
-        try:
-            return admin.query(show_servers_state(backend, target=self.name))
-        except DriverError as err:
-            raise DriverError(
-                f"runtime state cannot be repaired: admin socket: {err}", target=self.name
-            ) from err
+    def _suspects(
+        self, rendered: Mapping[str, Assigned], summaries: dict[str, Summary] | None
+    ) -> list[str]:
+        """The backends to read in full whatever their turn: never found in step for the
+        slots HAProxy should hold, or their summary moved since (all without summaries)."""
+        if summaries is None:
+            return list(rendered)
+        suspects = []
+        for name, assigned in rendered.items():
+            known = self._in_step.get(name)
+            if (
+                known is None
+                or known.slots is not self._runtime.get(name, assigned)
+                or known.summary != summaries.get(name)
+            ):
+                suspects.append(name)
+        return suspects
+
+    def _ask_due(self, admin: Cli, due: list[str], slots: int) -> tuple[bytes, list[bytes]]:
+        """The summaries and the due backends' answers: in one session, or in two when
+        the due backends are more than a tick's budget (one bigger than the budget),
+        whose answer, sent alone, is kept as read rather than cut out (``ask_all``)."""
+        if slots <= self.target.runtime_check_slots:
+            stats, *answers = ask_all(admin, [BACKEND_STATS, *self._show(due)], target=self.name)
+            return stats, answers
+        (stats,) = ask_all(admin, [BACKEND_STATS], target=self.name)
+        return stats, ask_all(admin, self._show(due), target=self.name)
+
+    def _show(self, backends: list[str]) -> list[str]:
+        return [show_servers_state(name, target=self.name) for name in backends]
 
     def _runtime_plans(self, old: Snapshot | None, new: Snapshot) -> list[Plan]:
         """The backends to change and their touched slots; Decline if anything else did."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import psutil
 
 from lbsync.config import HaproxyTarget
+from lbsync.drivers import procfs
 from lbsync.errors import DriverError, VerifyFailed
 
 SOCKET_TIMEOUT = 5.0
@@ -62,6 +64,10 @@ class Cli:
         self.timeout = timeout
 
     def query(self, command: str) -> str:
+        return self.query_bytes(command).decode(errors="replace")
+
+    def query_bytes(self, command: str) -> bytes:
+        """The answer undecoded (what the reconcile tick compares)."""
         deadline = time.monotonic() + self.timeout
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -69,7 +75,7 @@ class Cli:
                 sock.connect(str(self.path))
                 sock.sendall(command.encode() + b"\n")
                 sock.shutdown(socket.SHUT_WR)
-                return _read_all(sock, deadline).decode(errors="replace")
+                return _read_all(sock, deadline)
         except OSError as exc:
             what = " ".join(command.split()[:3])
             raise DriverError(
@@ -78,16 +84,32 @@ class Cli:
 
 
 def _read_all(sock: socket.socket, deadline: float) -> bytes:
+    """Read to EOF by ``deadline``. Blocking reads bounded by the kernel (``SO_RCVTIMEO``)
+    rather than Python's socket timeout, which polls before every read: HAProxy writes
+    its answers 16 KB at a time, and the poll was a third of the CPU of reading a 1.4 MB
+    ``show servers state`` (1.4 → 1.0 ms)."""
+    sock.settimeout(None)
     chunks: list[bytes] = []
+    armed = 0.0  # the receive timeout set on the socket
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("no complete answer in time")
-        sock.settimeout(left)
-        chunk = sock.recv(65536)
+        if armed - left > _REARM or not armed:  # a read may overrun by at most _REARM
+            armed = left
+            seconds, micros = int(left), max(1, int(left % 1 * 1_000_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(seconds, micros))
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError as exc:  # the receive timeout ran out
+            raise TimeoutError("no complete answer in time") from exc
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval (Linux)
+_REARM = 0.01
 
 
 @dataclass(frozen=True)
@@ -160,15 +182,13 @@ class Master:
         )
 
     def local_master(self, pid: int) -> float | None:
-        """The start time of ``pid`` if it is a local HAProxy process, else None."""
-        names = {"haproxy", Path(self.target.binary).name}
-        try:
-            proc = psutil.Process(pid)
-            if proc.name() not in names or proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return proc.create_time()
-        except psutil.Error:
+        """The start time of ``pid`` if it is a local HAProxy process, else None (one read
+        of ``/proc/<pid>/stat``, as every reconcile tick asks: psutil took ~0.1 ms)."""
+        names = {"haproxy", Path(self.target.binary).name[:_COMM_LENGTH]}
+        found = procfs.stat(pid)
+        if found is None or not found.alive or found.name not in names:
             return None
+        return float(found.started)
 
     def cli(self) -> Cli:
         assert self.target.master_socket is not None
@@ -216,9 +236,10 @@ class Master:
 
 
 def start_time(pid: int) -> float | None:
-    """The process's start time, or None if it is gone (zombies count as gone)."""
-    try:
-        proc = psutil.Process(pid)
-        return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
-    except psutil.Error:
-        return None
+    """The process's start time (clock ticks since boot, as ``local_master``), or None if
+    it is gone (zombies count as gone)."""
+    found = procfs.stat(pid)
+    return float(found.started) if found is not None and found.alive else None
+
+
+_COMM_LENGTH = 15  # /proc/<pid>/stat holds the first 15 bytes of the executable's name
