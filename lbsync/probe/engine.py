@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import aiohttp
 import structlog
 
 from lbsync import keys
@@ -26,6 +25,7 @@ from lbsync.config import CheckSettings, ProbeSettings
 from lbsync.model import Instance, Snapshot, State
 from lbsync.probe import metrics
 from lbsync.probe.checks import CheckResult, run_check
+from lbsync.probe.curl import CurlLoop
 from lbsync.probe.writer import VerdictWriter
 
 log = structlog.get_logger("lbsync.probe")
@@ -89,7 +89,7 @@ class Engine:
     name: str
     prefix: str
     writer: VerdictWriter
-    session: aiohttp.ClientSession
+    curl: CurlLoop
     _tasks: dict[tuple[str, str], tuple[Target, asyncio.Task[None]]] = field(default_factory=dict)
     _verdicts: dict[tuple[str, str], State | None] = field(default_factory=dict)
     _tally: Counter[State | None] = field(default_factory=Counter)
@@ -164,7 +164,7 @@ class Engine:
     async def _check(self, target: Target) -> CheckResult:
         async with self._slots:
             started = time.perf_counter()
-            result = await run_check(self.session, target.instance, target.check)
+            result = await run_check(self.curl, target.instance, target.check)
             metrics.CHECK_SECONDS.observe(time.perf_counter() - started)
         metrics.CHECKS.labels(target.service, "ok" if result.ok else "fail").inc()
         return result
