@@ -41,7 +41,7 @@ from bench import env, report
 PORTS = 100  # backend ports carrying the 10,000 instances
 E2E = "e2e"  # the service followed end to end, to nginx
 E2E_PORTS = 2
-INTERVAL, FALL, RISE = 5.0, 3, 2  # the stock check's
+INTERVAL, FALL, RISE, JITTER = 5.0, 3, 2, 0.1  # the stock check's
 POLL = 0.01  # seconds between two requests to the front during the end-to-end phase
 
 
@@ -379,11 +379,21 @@ def main(argv: list[str]) -> None:
     e2e = result["end_to_end"]
     bound = result["fall_x_interval_s"]
     per_check = result["us_cpu_per_check"]
+    nominal = result["instances"] / (INTERVAL * (1 - JITTER / 2))  # jitter shortens waits
     to_etcd = result["failure_to_etcd_s"]
     rows = [
-        ["checks/s (requests answered)", f"{result['checks_per_s']:.0f}", "~2,100 (jitter)"],
-        ["CPU (cores)", f"{result['cpu_cores']:.2f}", report.verdict(result["cpu_cores"], 0.5)],
-        ["µs CPU per check", "-" if per_check is None else f"{per_check:.0f}", "≤ 250"],
+        ["checks/s (requests answered)", f"{result['checks_per_s']:.0f}", f"{nominal:.0f}"],
+        ["CPU (cores)", f"{result['cpu_cores']:.2f}", "at the checks/s reached"],
+        [
+            "µs CPU per check",
+            "-" if per_check is None else f"{per_check:.0f}",
+            "≤ 250" + ("" if per_check is None else f": {report.verdict(per_check, 250)}"),
+        ],
+        [
+            f"CPU at the nominal {nominal:.0f} checks/s (cores)",
+            "-" if per_check is None else f"{per_check * nominal / 1e6:.2f}",
+            "0.5 at 2,000/s",
+        ],
         ["RSS (MB)", f"{result['rss_mb']:.0f}", report.verdict(result["rss_mb"], 150)],
         ["etcd writes, steady", f"{result['steady_etcd_writes']:.0f}", "transitions only"],
         [
