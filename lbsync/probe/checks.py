@@ -50,6 +50,8 @@ async def run_check(curl: CurlLoop, instance: Instance, check: CheckSettings) ->
         return _timed_out(check)
     except OSError as exc:  # "Connection refused" and the like
         return CheckResult(False, safe_reason(_os_reason(exc.errno, type(exc).__name__)))
+    except pycurl.error as exc:  # libcurl refused the handle itself (setopt, add_handle)
+        return CheckResult(False, safe_reason(f"curl: {exc}"))
 
 
 def _timed_out(check: CheckSettings) -> CheckResult:
