@@ -2,9 +2,10 @@
 
 Instances come from the catalog built from the daemon's own etcd watch (so only values the
 schema accepted are ever probed). Each instance has one asyncio task: a first wait drawn
-at random within the interval, then check, count, wait ``interval`` less up to ``jitter``
-(never longer, so ``fall`` failures are seen within ``fall`` x ``interval``). A verdict
-is reached HAProxy's way (``rise`` successes in a row → up, ``fall`` failures → down) and
+at random within the interval, then check and count, the next check starting ``interval``
+less up to ``jitter`` after this one started (never later, so the ``fall``-th failing check
+starts within ``fall`` x ``interval`` of a failure, however long checks take). A verdict is
+reached HAProxy's way (``rise`` successes in a row → up, ``fall`` failures → down) and
 written only when it changes.
 """
 
@@ -18,7 +19,6 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import aiohttp
 import structlog
 
 from lbsync import keys
@@ -26,6 +26,7 @@ from lbsync.config import CheckSettings, ProbeSettings
 from lbsync.model import Instance, Snapshot, State
 from lbsync.probe import metrics
 from lbsync.probe.checks import CheckResult, run_check
+from lbsync.probe.curl import CurlLoop
 from lbsync.probe.writer import VerdictWriter
 
 log = structlog.get_logger("lbsync.probe")
@@ -51,6 +52,15 @@ class RiseFall:
             self.verdict = State.DOWN
             return State.DOWN
         return None
+
+
+def wait_after(check: CheckSettings, started: float, now: float) -> float:
+    """Seconds until the next check of an instance whose last one started at ``started``:
+    ``interval`` from start to start, shortened at random by up to ``jitter`` x ``interval``
+    and never lengthened, so the cadence holds however long a check takes (a slow backend,
+    a busy host, a wait for a free slot); no wait when the check took longer than that."""
+    spread = check.interval * check.jitter
+    return max(0.0, started + check.interval - random.uniform(0.0, spread) - now)
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,7 @@ class Engine:
     name: str
     prefix: str
     writer: VerdictWriter
-    session: aiohttp.ClientSession
+    curl: CurlLoop
     _tasks: dict[tuple[str, str], tuple[Target, asyncio.Task[None]]] = field(default_factory=dict)
     _verdicts: dict[tuple[str, str], State | None] = field(default_factory=dict)
     _tally: Counter[State | None] = field(default_factory=Counter)
@@ -151,20 +161,20 @@ class Engine:
 
     async def _loop(self, where: tuple[str, str], target: Target) -> None:
         check, state = target.check, RiseFall()
+        clock = asyncio.get_running_loop().time
         await asyncio.sleep(random.uniform(0, check.interval))
         while True:
+            started = clock()
             result = await self._check(target)
             verdict = state.observe(result.ok, check.rise, check.fall)
             if verdict is not None:
                 self._report(where, verdict, result)
-            # Shortened only: a failure is still seen within fall x interval.
-            spread = check.interval * check.jitter
-            await asyncio.sleep(max(0.0, check.interval - random.uniform(0.0, spread)))
+            await asyncio.sleep(wait_after(check, started, clock()))
 
     async def _check(self, target: Target) -> CheckResult:
         async with self._slots:
             started = time.perf_counter()
-            result = await run_check(self.session, target.instance, target.check)
+            result = await run_check(self.curl, target.instance, target.check)
             metrics.CHECK_SECONDS.observe(time.perf_counter() - started)
         metrics.CHECKS.labels(target.service, "ok" if result.ok else "fail").inc()
         return result

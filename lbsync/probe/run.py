@@ -13,7 +13,6 @@ import threading
 import time
 from typing import Any
 
-import aiohttp
 import structlog
 import uvloop
 
@@ -23,6 +22,7 @@ from lbsync.config import Settings
 from lbsync.http import StatusServer
 from lbsync.model import SourceEvents, SourceMessage, SourceReset
 from lbsync.probe import metrics
+from lbsync.probe.curl import CurlLoop
 from lbsync.probe.engine import Engine
 from lbsync.probe.writer import VerdictWriter
 from lbsync.source.etcd import EtcdSource
@@ -80,23 +80,19 @@ class Prober:
             name="probe-source",
             daemon=True,
         )
-        # The engine's semaphore bounds checks in flight (TCP ones too): no second limit in
-        # the connector, and no timers of aiohttp's own (run_check's timeout is the bound).
-        # No cookie jar: cookies ignore ports, so one backend's would reach the others.
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            timeout=aiohttp.ClientTimeout(),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        ) as session:
-            prefix = self.settings.etcd.prefix.rstrip("/")
-            engine = Engine(self.settings.probe, self.name, prefix, self.writer, session)
-            self.engine = engine
-            watch.start()
-            log.info("probe.started", prober=self.name, prefix=self.settings.etcd.prefix)
-            try:
-                await self._follow(engine, messages, stop)
-            finally:
-                engine.stop_all()
+        # The engine's semaphore bounds checks in flight (TCP ones too); each check's
+        # timeout is run_check's (and libcurl's own).
+        curl = CurlLoop()
+        prefix = self.settings.etcd.prefix.rstrip("/")
+        engine = Engine(self.settings.probe, self.name, prefix, self.writer, curl)
+        self.engine = engine
+        watch.start()
+        log.info("probe.started", prober=self.name, prefix=self.settings.etcd.prefix)
+        try:
+            await self._follow(engine, messages, stop)
+        finally:
+            engine.stop_all()
+            curl.close()
         await asyncio.to_thread(watch.join)
 
     async def _follow(

@@ -7,7 +7,7 @@ import pytest
 from lbsync.config import CheckSettings, ProbeSettings
 from lbsync.model import State
 from lbsync.probe.checks import safe_reason
-from lbsync.probe.engine import RiseFall, targets
+from lbsync.probe.engine import RiseFall, targets, wait_after
 from lbsync.probe.run import _is_verdict
 from lbsync.testing import snapshot_from
 from lbsync.values import SAFE_TEXT
@@ -84,3 +84,18 @@ def test_only_the_touched_services_are_looked_at() -> None:
 )
 def test_the_prober_ignores_only_verdicts_on_its_watch(key: str, verdict: bool) -> None:
     assert _is_verdict("/lbsync", key) is verdict
+
+
+def test_checks_keep_their_cadence_from_start_to_start() -> None:
+    steady = CheckSettings(interval=5.0, jitter=0.0)
+    assert wait_after(steady, started=100.0, now=100.1) == pytest.approx(4.9)
+    assert wait_after(steady, started=100.0, now=101.5) == pytest.approx(3.5)  # a slow check
+    assert wait_after(steady, started=100.0, now=107.0) == 0.0  # later than the interval
+
+
+@pytest.mark.parametrize("taken", [0.0, 1.0, 4.0])
+def test_jitter_only_shortens_the_wait(taken: float) -> None:
+    check = CheckSettings(interval=5.0, jitter=0.2)
+    waits = {wait_after(check, started=0.0, now=taken) for _ in range(200)}
+    assert all(4.0 - taken <= wait <= 5.0 - taken for wait in waits)
+    assert len(waits) > 1  # drawn, not fixed
