@@ -6,11 +6,14 @@ from etcd on the wire, gRPC/HTTP2 framing included. (``io_counters().read_chars`
 also count lbsync reading its own files and /proc, so it cannot isolate etcd.) The first
 full read gives the size of the whole prefix for comparison.
 
-Each change rewrites one instance of a 100-instance service (a new port), spaced apart
-so that each is one round. CPU is ``psutil.Process.cpu_times()`` of the lbsync process
-(user + system, all threads) over the N changes / N; the checker (``nginx -t``, a child)
-is reported apart (``children_*``). Idle CPU (the loop's ticks, gRPC keepalives) over the
-same wall time is measured separately and shown too.
+Each change rewrites one instance (a new port), spaced apart so that each is one round:
+with ``--layout spread`` (default) one of a 100-instance service rendered by the stock
+template, with ``--layout one`` one of a single service holding every instance, rendered
+by a plain ``{% for i in service.up %}`` loop (``env.PLAIN_TEMPLATE``).
+CPU is ``psutil.Process.cpu_times()`` of the lbsync process (user + system, all
+threads) over the N changes / N; the checker (``nginx -t``, a child) is reported apart
+(``children_*``). Idle CPU (the loop's ticks, gRPC keepalives) over the same wall time is
+measured separately and shown too.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ def _cpu(proc: psutil.Process) -> tuple[float, float]:
     return t.user + t.system, t.children_user + t.children_system
 
 
-def run(instances: int, changes: int, gap: float) -> dict[str, Any]:
+def run(instances: int, changes: int, gap: float, layout: str = "spread") -> dict[str, Any]:
     with env.world("scale", sites=("probe",)) as w:
-        keys = env.filler(instances - 1)
+        keys = env.layout_filler(layout, instances - 1)
         keys[env.instance_key("probe", "p1")] = env.instance_value("127.0.0.1", 9)
         w.etcd.bulk_put(keys)
         prefix_bytes = sum(len(k) + len(v) for k, v in keys.items())
-        lb = w.start_lbsync(relay=True, wait_min="0", wait_max="0")
+        template = env.layout_template(layout, w.root)
+        lb = w.start_lbsync(relay=True, template=template, wait_min="0", wait_max="0")
         lb.wait_applied(timeout=120)
         assert w.relay is not None
         proc = psutil.Process(lb.pid)
@@ -60,8 +64,7 @@ def run(instances: int, changes: int, gap: float) -> dict[str, Any]:
             cpu0, child0 = _cpu(proc)
             t0 = time.monotonic()
             for k in range(changes):
-                svc, iid = f"svc{k % 100:03d}", f"i{(k * 7) % 100:03d}"
-                key = env.instance_key(svc, iid)
+                key = env.layout_change_key(layout, k, instances - 1)
                 value = env.instance_value(f"10.{k % 100}.0.{1 + k % 250}", 9000 + k)
                 values.append(len(key) + len(value))
                 mark = lb.count()
@@ -80,6 +83,7 @@ def run(instances: int, changes: int, gap: float) -> dict[str, Any]:
         idle_share_ms = idle_cpu_per_s * elapsed / changes * 1000
         return {
             "instances": instances,
+            "layout": layout,
             "changes": changes,
             "prefix_bytes": prefix_bytes,
             "startup_bytes_read": startup_bytes,
@@ -100,11 +104,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--instances", type=int, default=10000)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--gap", type=float, default=0.1)
+    parser.add_argument(
+        "--layout", choices=env.LAYOUTS, default="spread",
+        help="spread: 100 instances per service, stock template; one: one service, plain loop",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    r = run(args.instances, args.changes, args.gap)
+    r = run(args.instances, args.changes, args.gap, args.layout)
     rss = max(r["rss_mb_loaded"], r["rss_mb_after_changes"])
     report.table(
-        f"scale at {r['instances']:,} instances ({r['changes']} single changes)",
+        f"scale at {r['instances']:,} instances, layout {r['layout']} "
+        f"({r['changes']} single changes)",
         ["figure", "value", "target", "verdict"],
         [
             ["RSS after load (MB)", r["rss_mb_loaded"], "", ""],
