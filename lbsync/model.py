@@ -9,13 +9,21 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Mapping
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy without the values cached from this object's fields (``cached_property``):
+        a copy with ``update`` would otherwise keep the original's, e.g. its ``address``."""
+        copied = super().model_copy(update=update, deep=deep)
+        for name in _CACHED.get(type(self), ()):
+            copied.__dict__.pop(name, None)
+        return copied
 
 
 class State(enum.StrEnum):
@@ -126,9 +134,11 @@ class Instance(Frozen):
     probes: Mapping[str, ProbeVerdict] = {}
     probed_down: bool = False
 
-    @property
+    @cached_property
     def address(self) -> str:
-        """``host:port``, with IPv6 literals bracketed as both nginx and HAProxy want them."""
+        """``host:port``, with IPv6 literals bracketed as both nginx and HAProxy want them.
+
+        Computed once per (immutable) instance: a template reads it on every render."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -158,15 +168,18 @@ class Service(Frozen):
     # out: their verdicts are ignored for this service (see ``lbsync.probes``).
     panic: bool = False
 
-    @property
+    # The views by state are computed once per (immutable) service: a template reads them
+    # on every render, and an unchanged service hands the very same tuples to the next.
+
+    @cached_property
     def up(self) -> tuple[Instance, ...]:
         return tuple(i for i in self.instances if i.state is State.UP)
 
-    @property
+    @cached_property
     def draining(self) -> tuple[Instance, ...]:
         return tuple(i for i in self.instances if i.state is State.DRAIN)
 
-    @property
+    @cached_property
     def down(self) -> tuple[Instance, ...]:
         return tuple(i for i in self.instances if i.state is State.DOWN)
 
@@ -191,6 +204,13 @@ class Snapshot(Frozen):
     @property
     def instance_count(self) -> int:
         return sum(len(s.instances) for s in self.services.values())
+
+
+# Per model class, the names of its cached properties (what ``Frozen.model_copy`` drops).
+_CACHED: dict[type, tuple[str, ...]] = {
+    cls: tuple(name for name, attr in vars(cls).items() if isinstance(attr, cached_property))
+    for cls in (Instance, Service)
+}
 
 
 def service_prefix(name: str) -> str:
