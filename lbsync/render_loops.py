@@ -1,0 +1,318 @@
+"""Incremental rendering of plain for-loops: an item's output is reused while it is the same object.
+
+A change to one instance of a 10,000-instance service makes a new ``Service`` whose
+instances are, but for one, the very objects of the previous snapshot (the catalog keeps
+unchanged ``Instance`` objects). A loop such as ``{% for i in service.up %}server
+{{ i.address }};{% endfor %}`` therefore needs to render one body, not 10,000: the rest
+are the outputs of the previous render, kept by item identity.
+
+At compile time (``memoise_loops``, on the template's AST) a loop is rewritten only when
+its body is provably a function of the loop variable and of the names it reads, with no
+side effect:
+
+- ``{% for x in <any expression> %}`` with a plain name, no ``else``, no ``if`` filter, not
+  ``recursive``;
+- the body holds only text, ``{{ }}`` output and ``{% if %}``, and expressions built from
+  names, constants, attribute/item lookups, operators, comparisons, and the pure built-in
+  filters and tests below: no call (a method could have a side effect), no ``{% set %}``,
+  no nested loop, no macro, include, block or ``loop``/``caller``/``varargs``/``kwargs``;
+- the template changes no autoescape setting (the body's output is then plain ``str``).
+
+Every other loop, and the rest of the template, compiles exactly as Jinja compiles it.
+A rewritten loop renders each body through a call block taking the item as its argument,
+whose output is kept per item as long as the item is the same object (``is``) and every
+other name the body reads has the same value: the same object for instances, services
+and states, an equal value of the same type for ``str``, ``int``, ``bool`` and ``None``.
+A loop whose other names hold anything else (a dict, a list, a float...) renders every
+body as the plain loop would; items of other types than ``Instance``, ``Service`` and
+``str`` are rendered every time. A whole loop over the same tuple (``service.up`` of an
+unchanged service) is one lookup. Entries hold their objects, so an id cannot be reused
+while cached; what a successful render did not use is dropped once the entries of a loop
+outnumber twice the items it last rendered.
+
+The data the templates read is frozen: a template that mutates it (``service.settings
+.update(...)``) breaks this memo as it breaks ``{% cache %}``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+
+from lbsync.model import Instance, Service, State
+
+_LOOKUP_FILTER = "_lbsync_loop_lookup"
+_PREFIX = "_lbsync_loop_"
+
+# Built-in filters and tests that only compute from their arguments (no context, no
+# environment state, no side effect on their input) and return a value, not an iterator
+# (whose printed form holds its address: ``batch``, ``reverse``, ``unique``... are out).
+_PURE_FILTERS = frozenset(
+    {
+        "abs", "capitalize", "center", "default", "d", "escape", "e", "filesizeformat",
+        "first", "float", "format", "indent", "int", "join", "last", "length", "count",
+        "list", "lower", "replace", "round", "safe", "string", "striptags", "title", "trim",
+        "truncate", "upper", "urlencode", "wordcount", "wordwrap", "sort", "min", "max",
+        "sum", "dictsort", "tojson", "forceescape", "xmlattr",
+    }
+)  # fmt: skip
+_PURE_TESTS = frozenset(
+    {
+        "boolean", "callable", "defined", "divisibleby", "eq", "equalto", "escaped",
+        "even", "false", "filter", "float", "ge", "gt", "greaterthan", "in", "integer",
+        "iterable", "le", "lower", "lt", "lessthan", "mapping", "ne", "none", "number",
+        "odd", "sameas", "sequence", "string", "test", "true", "undefined", "upper",
+    }
+)  # fmt: skip
+_EXPRESSIONS = (
+    nodes.Const, nodes.TemplateData, nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Slice,
+    nodes.Tuple, nodes.List, nodes.Dict, nodes.Pair, nodes.Keyword, nodes.CondExpr,
+    nodes.BinExpr, nodes.UnaryExpr, nodes.Concat, nodes.Compare, nodes.Operand,
+)  # fmt: skip
+_STATEMENTS = (nodes.Output, nodes.If)
+_RESERVED_NAMES = frozenset({"loop", "caller", "varargs", "kwargs", "self"})
+
+# What a memo key may hold: values compared by type and ==, objects compared by identity.
+_VALUE_TYPES = frozenset({str, int, bool, type(None)})
+_OBJECT_TYPES = frozenset({Instance, Service, State})
+_ITEM_TYPES = frozenset({Instance, Service, str})
+
+
+# --- compile time ------------------------------------------------------------------------
+
+
+def memoise_loops(template: nodes.Template, name: str | None, extension: LoopMemo) -> None:
+    """Rewrite every loop of ``template`` whose body qualifies (see the module), in place."""
+    if any(template.find_all((nodes.EvalContextModifier,))):
+        return
+    _rewrite_children(template, name, extension, itertools.count())
+
+
+def _rewrite_children(
+    node: nodes.Node, name: str | None, extension: LoopMemo, counter: Iterator[int]
+) -> None:
+    for field_name, value in node.iter_fields():
+        if isinstance(value, list):
+            rewritten: list[Any] = []
+            for child in value:
+                if isinstance(child, nodes.For) and (free := _free_names(child)) is not None:
+                    slot = (name, next(counter))
+                    rewritten.extend(_memoised(child, free, slot, extension))
+                else:
+                    rewritten.append(child)
+                if isinstance(child, nodes.Node):
+                    _rewrite_children(child, name, extension, counter)
+            setattr(node, field_name, rewritten)
+        elif isinstance(value, nodes.Node):
+            _rewrite_children(value, name, extension, counter)
+
+
+def _free_names(loop: nodes.For) -> list[str] | None:
+    """The names the body reads besides the loop variable, or None if the loop does not
+    qualify."""
+    if not isinstance(loop.target, nodes.Name) or loop.else_ or loop.test or loop.recursive:
+        return None
+    target = loop.target.name
+    free: set[str] = set()
+    for statement in loop.body:
+        if not _qualifies(statement, free):
+            return None
+    if free & _RESERVED_NAMES or any(n.startswith(_PREFIX) for n in free):
+        return None
+    return sorted(free - {target})
+
+
+def _qualifies(node: nodes.Node, free: set[str]) -> bool:
+    if isinstance(node, nodes.Name):
+        if node.ctx != "load":
+            return False
+        free.add(node.name)
+        return True
+    if isinstance(node, nodes.Filter):
+        if node.name not in _PURE_FILTERS or node.dyn_args or node.dyn_kwargs:
+            return False
+    elif isinstance(node, nodes.Test):
+        if node.name not in _PURE_TESTS or node.dyn_args or node.dyn_kwargs:
+            return False
+    elif not isinstance(node, _STATEMENTS + _EXPRESSIONS):
+        return False
+    return all(_qualifies(child, free) for child in node.iter_child_nodes())
+
+
+def _memoised(
+    loop: nodes.For, free: list[str], slot: tuple[str | None, int], extension: LoopMemo
+) -> list[nodes.Node]:
+    """``{% set it = <iter> %}{% set held = it | lookup(free, slot) %}{% if held is none %}
+    {% call(x) fill(it, free, slot) %}body{% endcall %}{% else %}{{ held }}{% endif %}``."""
+    number = slot[1]
+    iterable, held = f"{_PREFIX}iter_{number}", f"{_PREFIX}held_{number}"
+    values = nodes.Tuple([nodes.Name(n, "load") for n in free], "load")
+    where = [values, nodes.Const(slot[0]), nodes.Const(number)]
+    lookup = nodes.Filter(nodes.Name(iterable, "load"), _LOOKUP_FILTER, where, [], None, None)
+    missing = nodes.Test(nodes.Name(held, "load"), "none", [], [], None, None)
+    fill = extension.call_method("_fill", [nodes.Name(iterable, "load"), *where])
+    assert isinstance(loop.target, nodes.Name)
+    param = nodes.Name(loop.target.name, "param")
+    call = nodes.CallBlock(fill, [param], [], loop.body)
+    reuse = nodes.Output([nodes.Name(held, "load")])
+    statements: list[nodes.Node] = [
+        nodes.Assign(nodes.Name(iterable, "store"), loop.iter),
+        nodes.Assign(nodes.Name(held, "store"), lookup),
+        nodes.If(missing, [call], [], [reuse]),
+    ]
+    for statement in statements:
+        statement.set_lineno(loop.lineno)
+    return statements
+
+
+# --- render time -------------------------------------------------------------------------
+
+_SlotKey = tuple[str | None, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Loop:
+    """One execution of a loop: what it iterated, the names' values and key, its output."""
+
+    iterable: object
+    values: tuple[object, ...]
+    key: tuple[object, ...]
+    text: str
+    items: tuple[object, ...]
+
+
+@dataclass(slots=True)
+class _Pieces:
+    """The bodies rendered with one value of the other names, by the id of their item.
+
+    ``held`` keeps every item (and ``values`` every value) alive, so no other object can
+    have an id found in ``texts``: a hit needs no identity check."""
+
+    values: tuple[object, ...]
+    held: dict[int, object] = field(default_factory=dict)
+    texts: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """The memo of one rewritten loop of one template."""
+
+    pieces: dict[tuple[object, ...], _Pieces] = field(default_factory=dict)
+    loops: dict[int, _Loop] = field(default_factory=dict)
+
+
+def _key(values: tuple[object, ...]) -> tuple[object, ...] | None:
+    """What the loop's other names are compared by; None when one cannot be trusted."""
+    key: list[object] = []
+    for value in values:
+        kind = type(value)
+        if kind in _VALUE_TYPES:
+            key.append((kind, value))
+        elif kind in _OBJECT_TYPES:
+            key.append((kind, id(value)))
+        else:
+            return None
+    return tuple(key)
+
+
+class LoopMemo(jinja2.ext.Extension):
+    """The render-time half of ``memoise_loops``: the per-item and per-loop memo."""
+
+    def __init__(self, environment: jinja2.Environment) -> None:
+        super().__init__(environment)
+        self._slots: dict[_SlotKey, _Slot] = {}
+        self._fresh: dict[_SlotKey, dict[int, _Loop]] | None = None
+        environment.filters[_LOOKUP_FILTER] = self._lookup
+
+    def _lookup(
+        self, iterable: object, values: tuple[object, ...], name: str | None, number: int
+    ) -> str | None:
+        """The loop's whole output from the previous render, when it iterates the same
+        tuple with the same values (a ``_Loop`` holds both, so their ids are theirs)."""
+        slot = self._slots.get((name, number))
+        if slot is None or type(iterable) is not tuple:
+            return None
+        hit = slot.loops.get(id(iterable))
+        if hit is None or hit.iterable is not iterable or hit.key != _key(values):
+            return None
+        self._keep((name, number), hit)
+        return hit.text
+
+    def _fill(
+        self,
+        iterable: Iterable[object],
+        values: tuple[object, ...],
+        name: str | None,
+        number: int,
+        caller: Any,
+    ) -> str:
+        key = _key(values)
+        if key is None:  # a name the memo cannot compare: render as the plain loop does
+            return "".join([caller(item) for item in iterable])
+        items = iterable if type(iterable) is tuple else tuple(iterable)
+        slot = self._slots.setdefault((name, number), _Slot())
+        pieces = slot.pieces.get(key)
+        if pieces is None:
+            pieces = slot.pieces[key] = _Pieces(values)
+        found = list(map(pieces.texts.get, map(id, items)))
+        _render_missing(items, found, pieces, caller)
+        text = "".join(cast(list[str], found))
+        self._keep((name, number), _Loop(iterable, values, key, text, items))
+        return text
+
+    def _keep(self, slot: _SlotKey, loop: _Loop) -> None:
+        if self._fresh is not None:
+            self._fresh.setdefault(slot, {})[id(loop.iterable)] = loop
+
+    def begin(self) -> None:
+        self._fresh = {}
+
+    def commit(self, ok: bool) -> None:
+        """After a successful render its loops replace the slots' previous ones; a slot whose
+        pieces outnumber twice the items its loops hold keeps only theirs."""
+        if ok and self._fresh is not None:
+            for key, loops in self._fresh.items():
+                slot = self._slots.setdefault(key, _Slot())
+                slot.loops = loops
+                _prune(slot)
+        self._fresh = None
+
+
+def _render_missing(
+    items: tuple[object, ...], found: list[str | None], pieces: _Pieces, caller: Any
+) -> None:
+    """Render the bodies ``found`` has no text for (``list.index`` skips the rest in C)."""
+    index = -1
+    while True:
+        try:
+            index = found.index(None, index + 1)
+        except ValueError:
+            return
+        item = items[index]
+        found[index] = text = caller(item)
+        if type(item) in _ITEM_TYPES:
+            pieces.held[id(item)] = item
+            pieces.texts[id(item)] = text
+
+
+def _prune(slot: _Slot) -> None:
+    size = sum(len(pieces.texts) for pieces in slot.pieces.values())
+    if size <= 2 * sum(len(loop.items) for loop in slot.loops.values()) + 256:
+        return
+    live: dict[tuple[object, ...], set[int]] = {}
+    for loop in slot.loops.values():
+        live.setdefault(loop.key, set()).update(map(id, loop.items))
+    kept: dict[tuple[object, ...], _Pieces] = {}
+    for key, ids in live.items():
+        old = slot.pieces.get(key)
+        if old is not None:
+            new = kept[key] = _Pieces(old.values)
+            for ident in ids & old.texts.keys():
+                new.held[ident], new.texts[ident] = old.held[ident], old.texts[ident]
+    slot.pieces = kept
