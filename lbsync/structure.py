@@ -154,13 +154,20 @@ def _extra_item(real: list[str], twin: list[str]) -> str | None:
 # --- benign twins ------------------------------------------------------------------------
 
 
-def _benign_service(service: Service) -> bool:
+def _benign_service(service: Service, benign_before: Service | None = None) -> bool:
+    """``benign_before``: an earlier, benign version of the service, still alive: the
+    instances it shares with ``service`` (the same objects) are not looked at again."""
     if not is_benign(service.name):
         return False
     for key, value in service.settings.items():
         if not is_benign(key) or (isinstance(value, str) and not is_benign(value)):
             return False
-    return all(_benign_instance(i) for i in service.instances)
+    instances = service.instances
+    if benign_before is not None:
+        by_id = dict(zip(map(id, instances), instances, strict=True))
+        fresh = by_id.keys() - set(map(id, benign_before.instances))
+        instances = tuple(by_id[key] for key in fresh)
+    return all(_benign_instance(i) for i in instances)
 
 
 def _benign_instance(instance: Instance) -> bool:
@@ -315,10 +322,12 @@ class StructureCheck:
         services: dict[str, Service] = {}
         changed = False
         fresh: dict[int, tuple[Service, Service]] = {}
+        benign_before = {real.name: real for real, twin in self._twins.values() if twin is real}
         for service in snapshot.services.values():
             held = self._twins.get(id(service))
             if held is None or held[0] is not service:
-                held = (service, service if _benign_service(service) else _twin_service(service))
+                benign = _benign_service(service, benign_before.get(service.name))
+                held = (service, service if benign else _twin_service(service))
             fresh[id(service)] = held
             services[held[1].name] = held[1]
             changed = changed or held[1] is not service
