@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from itertools import compress, count
-from operator import ne
+from operator import is_not, ne
 from pathlib import Path
 from typing import Any, cast
 
@@ -162,12 +162,18 @@ def _benign_service(service: Service, benign_before: Service | None = None) -> b
     for key, value in service.settings.items():
         if not is_benign(key) or (isinstance(value, str) and not is_benign(value)):
             return False
-    instances = service.instances
+    instances: Sequence[Instance] = service.instances
     if benign_before is not None:
-        by_id = dict(zip(map(id, instances), instances, strict=True))
-        fresh = by_id.keys() - set(map(id, benign_before.instances))
-        instances = tuple(by_id[key] for key in fresh)
+        instances = _not_in(service.instances, benign_before.instances)
     return all(_benign_instance(i) for i in instances)
+
+
+def _not_in(instances: tuple[Instance, ...], before: tuple[Instance, ...]) -> list[Instance]:
+    """The instances that are not objects of ``before`` (alive, so ids are theirs)."""
+    if len(instances) == len(before):  # a change in place: compare position by position
+        return list(compress(instances, map(is_not, instances, before)))
+    known = set(map(id, before))
+    return [i for i in instances if id(i) not in known]
 
 
 def _benign_instance(instance: Instance) -> bool:
