@@ -10,25 +10,27 @@ At compile time (``memoise_loops``, on the template's AST) a loop is rewritten o
 its body is provably a function of the loop variable and of the names it reads, with no
 side effect:
 
-- ``{% for x in <any expression> %}`` with a plain name, no ``else``, no ``if`` filter, not
+- ``{% for x in <any expression> %}`` with a plain name, no ``if`` filter, not
   ``recursive``;
-- the body holds only text, ``{{ }}`` output and ``{% if %}``, and expressions built from
-  names, constants, attribute/item lookups, operators, comparisons, and the pure built-in
-  filters and tests below: no call (a method could have a side effect), no ``{% set %}``,
-  no nested loop, no macro, include, block or ``loop``/``caller``/``varargs``/``kwargs``;
+- the body (and the ``else``, which must not read ``x``) holds only text, ``{{ }}``
+  output and ``{% if %}``, and expressions built from names, constants, attribute/item
+  lookups, operators, comparisons, and the pure built-in filters and tests below: no call
+  (a method could have a side effect), no ``{% set %}``, no nested loop, no macro,
+  include, block or ``loop``/``caller``/``varargs``/``kwargs``;
 - the template changes no autoescape setting (the body's output is then plain ``str``).
 
 Every other loop, and the rest of the template, compiles exactly as Jinja compiles it.
-A rewritten loop renders each body through a call block taking the item as its argument,
-whose output is kept per item as long as the item is the same object (``is``) and every
-other name the body reads has the same value: the same object for instances, services
-and states, an equal value of the same type for ``str``, ``int``, ``bool`` and ``None``.
-A loop whose other names hold anything else (a dict, a list, a float...) renders every
-body as the plain loop would; items of other types than ``Instance``, ``Service`` and
-``str`` are rendered every time. A whole loop over the same tuple (``service.up`` of an
-unchanged service) is one lookup. Entries hold their objects, so an id cannot be reused
-while cached; what a successful render did not use is dropped once the entries of a loop
-outnumber twice the items it last rendered.
+A rewritten loop makes a tuple of its iterable, then renders each body through a call
+block taking the item as its argument, whose output is kept per item as long as the item
+is the same object (``is``) and every other name the body reads has the same value: the
+same object for instances, services and states, an equal value of the same type for
+``str``, ``int``, ``bool`` and ``None``. When another name holds anything else (a dict, a
+list, a float...) or the first item is not an ``Instance``, ``Service`` or ``str``, the
+loop runs as the plain loop, unchanged (a copy of it is compiled beside the memoised
+one). A whole loop over the same tuple (``service.up`` of an unchanged service) is one
+lookup. Entries hold their objects, so an id cannot be reused while cached; what a
+successful render did not use is dropped once the entries of a loop outnumber twice the
+items it last rendered.
 
 The data the templates read is frozen: a template that mutates it (``service.settings
 .update(...)``) breaks this memo as it breaks ``{% cache %}``.
@@ -36,6 +38,7 @@ The data the templates read is frozen: a template that mutates it (``service.set
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ from jinja2 import nodes
 from lbsync.model import Instance, Service, State
 
 _LOOKUP_FILTER = "_lbsync_loop_lookup"
+_ITEMS_FILTER = "_lbsync_loop_items"
 _PREFIX = "_lbsync_loop_"
 
 # Built-in filters and tests that only compute from their arguments (no context, no
@@ -115,15 +119,20 @@ def _rewrite_children(
 
 def _free_names(loop: nodes.For) -> list[str] | None:
     """The names the body reads besides the loop variable, or None if the loop does not
-    qualify."""
-    if not isinstance(loop.target, nodes.Name) or loop.else_ or loop.test or loop.recursive:
+    qualify. An ``else`` must qualify too, and not read the loop variable: it runs in the
+    enclosing scope (its names are not part of the memo key, as its output is not kept)."""
+    if not isinstance(loop.target, nodes.Name) or loop.test or loop.recursive:
         return None
     target = loop.target.name
     free: set[str] = set()
-    for statement in loop.body:
-        if not _qualifies(statement, free):
-            return None
-    if free & _RESERVED_NAMES or any(n.startswith(_PREFIX) for n in free):
+    in_else: set[str] = set()
+    if not all(_qualifies(statement, free) for statement in loop.body):
+        return None
+    if not all(_qualifies(statement, in_else) for statement in loop.else_):
+        return None
+    if target in in_else or (free | in_else) & _RESERVED_NAMES:
+        return None
+    if any(name.startswith(_PREFIX) for name in free | in_else):
         return None
     return sorted(free - {target})
 
@@ -148,24 +157,38 @@ def _qualifies(node: nodes.Node, free: set[str]) -> bool:
 def _memoised(
     loop: nodes.For, free: list[str], slot: tuple[str | None, int], extension: LoopMemo
 ) -> list[nodes.Node]:
-    """``{% set it = <iter> %}{% set held = it | lookup(free, slot) %}{% if held is none %}
-    {% call(x) fill(it, free, slot) %}body{% endcall %}{% else %}{{ held }}{% endif %}``."""
+    """``{% set it = <iter> | items %}{% set held = it | lookup(free, slot) %}
+    {% if held is none %}{% call(x) fill(it, free, slot) %}body{% endcall %}
+    {% elif held is false %}{% for x in it %}body{% endfor %}{% else %}{{ held }}{% endif %}
+    {% if not it %}else{% endif %}``.
+
+    ``items`` makes a tuple of the iterable (the plain loop would consume it all too), so
+    that ``else`` can tell whether there was an item."""
     number = slot[1]
     iterable, held = f"{_PREFIX}iter_{number}", f"{_PREFIX}held_{number}"
     values = nodes.Tuple([nodes.Name(n, "load") for n in free], "load")
     where = [values, nodes.Const(slot[0]), nodes.Const(number)]
     lookup = nodes.Filter(nodes.Name(iterable, "load"), _LOOKUP_FILTER, where, [], None, None)
-    missing = nodes.Test(nodes.Name(held, "load"), "none", [], [], None, None)
     fill = extension.call_method("_fill", [nodes.Name(iterable, "load"), *where])
     assert isinstance(loop.target, nodes.Name)
     param = nodes.Name(loop.target.name, "param")
-    call = nodes.CallBlock(fill, [param], [], loop.body)
+    memo = nodes.CallBlock(fill, [param], [], loop.body)
+    target = nodes.Name(loop.target.name, "store")
+    body = copy.deepcopy(loop.body)
+    plain = nodes.For(target, nodes.Name(iterable, "load"), body, [], None, False)
+    missing, unkeyed = (
+        nodes.Test(nodes.Name(held, "load"), test, [], [], None, None) for test in ("none", "false")
+    )
     reuse = nodes.Output([nodes.Name(held, "load")])
+    items = nodes.Filter(loop.iter, _ITEMS_FILTER, [], [], None, None)
     statements: list[nodes.Node] = [
-        nodes.Assign(nodes.Name(iterable, "store"), loop.iter),
+        nodes.Assign(nodes.Name(iterable, "store"), items),
         nodes.Assign(nodes.Name(held, "store"), lookup),
-        nodes.If(missing, [call], [], [reuse]),
+        nodes.If(missing, [memo], [nodes.If(unkeyed, [plain], [], [])], [reuse]),
     ]
+    if loop.else_:
+        empty = nodes.Not(nodes.Name(iterable, "load"))
+        statements.append(nodes.If(empty, loop.else_, [], []))
     for statement in statements:
         statement.set_lineno(loop.lineno)
     return statements
@@ -178,13 +201,12 @@ _SlotKey = tuple[str | None, int]
 
 @dataclass(frozen=True, slots=True)
 class _Loop:
-    """One execution of a loop: what it iterated, the names' values and key, its output."""
+    """One execution of a loop: its items, the other names' values and key, its output."""
 
-    iterable: object
+    items: tuple[object, ...]
     values: tuple[object, ...]
     key: tuple[object, ...]
     text: str
-    items: tuple[object, ...]
 
 
 @dataclass(slots=True)
@@ -205,6 +227,10 @@ class _Slot:
 
     pieces: dict[tuple[object, ...], _Pieces] = field(default_factory=dict)
     loops: dict[int, _Loop] = field(default_factory=dict)
+
+
+def _items(iterable: Iterable[object]) -> tuple[object, ...]:
+    return iterable if type(iterable) is tuple else tuple(iterable)
 
 
 def _key(values: tuple[object, ...]) -> tuple[object, ...] | None:
@@ -229,33 +255,37 @@ class LoopMemo(jinja2.ext.Extension):
         self._slots: dict[_SlotKey, _Slot] = {}
         self._fresh: dict[_SlotKey, dict[int, _Loop]] | None = None
         environment.filters[_LOOKUP_FILTER] = self._lookup
+        environment.filters[_ITEMS_FILTER] = _items
 
     def _lookup(
-        self, iterable: object, values: tuple[object, ...], name: str | None, number: int
-    ) -> str | None:
+        self, items: tuple[object, ...], values: tuple[object, ...], name: str | None, number: int
+    ) -> str | bool | None:
         """The loop's whole output from the previous render, when it iterates the same
-        tuple with the same values (a ``_Loop`` holds both, so their ids are theirs)."""
+        tuple with the same values (a ``_Loop`` holds both, so their ids are theirs); None
+        to fill it through the memo; False when the memo cannot key it (a value it cannot
+        compare, or items of another type): the plain loop then renders it."""
+        key = _key(values)
+        if key is None or (items and type(items[0]) not in _ITEM_TYPES):
+            return False
         slot = self._slots.get((name, number))
-        if slot is None or type(iterable) is not tuple:
+        if slot is None:
             return None
-        hit = slot.loops.get(id(iterable))
-        if hit is None or hit.iterable is not iterable or hit.key != _key(values):
+        hit = slot.loops.get(id(items))
+        if hit is None or hit.items is not items or hit.key != key:
             return None
         self._keep((name, number), hit)
         return hit.text
 
     def _fill(
         self,
-        iterable: Iterable[object],
+        items: tuple[object, ...],
         values: tuple[object, ...],
         name: str | None,
         number: int,
         caller: Any,
     ) -> str:
         key = _key(values)
-        if key is None:  # a name the memo cannot compare: render as the plain loop does
-            return "".join([caller(item) for item in iterable])
-        items = iterable if type(iterable) is tuple else tuple(iterable)
+        assert key is not None  # _lookup returned None, not False
         slot = self._slots.setdefault((name, number), _Slot())
         pieces = slot.pieces.get(key)
         if pieces is None:
@@ -263,12 +293,12 @@ class LoopMemo(jinja2.ext.Extension):
         found = list(map(pieces.texts.get, map(id, items)))
         _render_missing(items, found, pieces, caller)
         text = "".join(cast(list[str], found))
-        self._keep((name, number), _Loop(iterable, values, key, text, items))
+        self._keep((name, number), _Loop(items, values, key, text))
         return text
 
     def _keep(self, slot: _SlotKey, loop: _Loop) -> None:
         if self._fresh is not None:
-            self._fresh.setdefault(slot, {})[id(loop.iterable)] = loop
+            self._fresh.setdefault(slot, {})[id(loop.items)] = loop
 
     def begin(self) -> None:
         self._fresh = {}

@@ -74,6 +74,15 @@ ITERABLES = [
     "[service.name, 'x']",
     "['x', 'y', tag]",
     "range(2)",
+    "nothing_here",
+    "3",
+    "{'k': 1, 'j': 2}",
+]
+ELSES = [
+    "{% else %}E{{ service.name }}",
+    "{% else %}{% if tag %}{{ tag }}{% endif %}",
+    "{% else %}{{ x }}",  # the loop variable in else: falls back
+    "{% else %}{{ loop }}",
 ]
 # Each sets ``tag`` per service, so a body reading it renders differently per service.
 WRAPPERS = [
@@ -102,7 +111,7 @@ def templates(draw: st.DrawFn) -> str:
         if draw(st.integers(0, 3)) == 0:
             body.insert(draw(st.integers(0, len(body))), draw(st.sampled_from(FALLBACK)))
         iterable = draw(st.sampled_from(ITERABLES))
-        tail = draw(st.sampled_from(["", "", "", "{% else %}E{{ service.name }}"]))
+        tail = draw(st.sampled_from(["", "", "", *ELSES]))
         loops.append(f"{{% for x in {iterable} %}}({''.join(body)}){tail}{{% endfor %}}")
     wrapper = draw(st.sampled_from(WRAPPERS))
     prelude = PRELUDE

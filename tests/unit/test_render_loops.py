@@ -98,7 +98,7 @@ def test_a_health_mark_moves_an_instance_out_of_the_up_view(
     "loop",
     [
         "{% for i in service.up %}{{ loop.index }} {{ i.address }};{% endfor %}",
-        "{% for i in service.up %}{{ i.address }};{% else %}none;{% endfor %}",
+        "{% for i in service.up %}{{ i.address }};{% else %}{{ i }};{% endfor %}",
         "{% for i in service.up %}{% set a = i.address %}{{ a }};{% endfor %}",
         "{% for i in service.up %}{{ i.meta.get('zone', '') }};{% endfor %}",
         "{% for i in service.up if i.weight %}{{ i.address }};{% endfor %}",
@@ -118,6 +118,21 @@ def test_loops_the_memo_cannot_prove_pure_render_as_plain_loops(
     assert rendered == []
 
 
+def test_a_loop_with_else_is_memoised_and_renders_else_when_empty(
+    tmp_path: Path, rendered: list[int]
+) -> None:
+    text = (
+        "{% for service in services.values() %}{{ service.name }}:"
+        "{% for i in service.up %}{{ i.id }};{% else %}none{% endfor %}|{% endfor %}"
+    )
+    src, catalog, renderer = _src(tmp_path, text), _catalog(2, 2), Renderer()
+    assert renderer.render(src, catalog.snapshot()) == b"s0:i000;i001;|s1:i000;i001;|"
+    for revision, iid in enumerate(("i000", "i001"), start=2):
+        _put(catalog, revision, f"/services/s1/health/{iid}", b"down")
+    assert renderer.render(src, catalog.snapshot()) == b"s0:i000;i001;|s1:none|"
+    assert rendered == [2, 2, 0]  # s0 reused whole, s1's empty loop renders nothing
+
+
 def test_a_loop_whose_names_hold_other_types_renders_every_body(
     tmp_path: Path, rendered: list[int]
 ) -> None:
@@ -130,6 +145,17 @@ def test_a_loop_whose_names_hold_other_types_renders_every_body(
     assert renderer.render(src, catalog.snapshot()) == b"i000;i001*;i002;"
     assert renderer.render(src, catalog.snapshot()) == b"i000;i001*;i002;"
     assert rendered == []  # a dict may change under the same identity: never memoised
+
+
+def test_a_loop_over_items_of_other_types_runs_as_the_plain_loop(
+    tmp_path: Path, rendered: list[int]
+) -> None:
+    text = (
+        "{% for n in range(3) %}{{ n }};{% else %}none{% endfor %}|"
+        "{% for n in [] %}{% else %}E{% endfor %}"
+    )
+    assert Renderer().render(_src(tmp_path, text), _catalog(1, 1).snapshot()) == b"0;1;2;|E"
+    assert rendered == [0]  # range(3): the plain loop; []: the memo, with nothing to render
 
 
 def test_bodies_are_reused_only_with_the_same_values_of_the_other_names(
