@@ -39,9 +39,10 @@ The data the templates read is frozen: a template that mutates it (``service.set
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import compress, count
+from operator import is_not
 from typing import Any, cast
 
 import jinja2
@@ -95,7 +96,7 @@ def memoise_loops(template: nodes.Template, name: str | None, extension: LoopMem
     """Rewrite every loop of ``template`` whose body qualifies (see the module), in place."""
     if any(template.find_all((nodes.EvalContextModifier,))):
         return
-    _rewrite_children(template, name, extension, itertools.count())
+    _rewrite_children(template, name, extension, count())
 
 
 def _rewrite_children(
@@ -207,6 +208,7 @@ class _Loop:
     values: tuple[object, ...]
     key: tuple[object, ...]
     text: str
+    texts: list[str]  # per item; never changed once the loop is kept
 
 
 @dataclass(slots=True)
@@ -290,10 +292,11 @@ class LoopMemo(jinja2.ext.Extension):
         pieces = slot.pieces.get(key)
         if pieces is None:
             pieces = slot.pieces[key] = _Pieces(values)
-        found = list(map(pieces.texts.get, map(id, items)))
-        _render_missing(items, found, pieces, caller)
-        text = "".join(cast(list[str], found))
-        self._keep((name, number), _Loop(items, values, key, text))
+        found, where = _reuse(items, key, pieces, slot.loops)
+        _render_missing(items, found, pieces, caller, where)
+        texts = cast(list[str], found)
+        text = "".join(texts)
+        self._keep((name, number), _Loop(items, values, key, text, texts))
         return text
 
     def _keep(self, slot: _SlotKey, loop: _Loop) -> None:
@@ -314,21 +317,55 @@ class LoopMemo(jinja2.ext.Extension):
         self._fresh = None
 
 
+def _reuse(
+    items: tuple[object, ...],
+    key: tuple[object, ...],
+    pieces: _Pieces,
+    loops: dict[int, _Loop],
+) -> tuple[list[str | None], list[int] | None]:
+    """Each item's text where the memo has it, else None; and where the Nones may be
+    (None: anywhere).
+
+    When the slot's last render ran this loop once, over as many items with the same
+    key (one big service), the tuples are compared position by position in C and only
+    the items not at their old place are looked up: ~3x cheaper than a lookup per item."""
+    if len(loops) == 1:
+        (previous,) = loops.values()
+        if previous.key == key and len(previous.items) == len(items):
+            found: list[str | None] = list(previous.texts)
+            where = list(compress(count(), map(is_not, items, previous.items)))
+            for index in where:
+                found[index] = pieces.texts.get(id(items[index]))
+            return found, where
+    return list(map(pieces.texts.get, map(id, items))), None
+
+
 def _render_missing(
-    items: tuple[object, ...], found: list[str | None], pieces: _Pieces, caller: Any
+    items: tuple[object, ...],
+    found: list[str | None],
+    pieces: _Pieces,
+    caller: Any,
+    where: list[int] | None,
 ) -> None:
-    """Render the bodies ``found`` has no text for (``list.index`` skips the rest in C)."""
+    """Render the bodies ``found`` has no text for, at the indexes ``where`` holds, or
+    anywhere (``list.index`` finds them in C)."""
+    for index in where if where is not None else _nones(found):
+        if found[index] is None:
+            item = items[index]
+            found[index] = text = caller(item)
+            if type(item) in _ITEM_TYPES:
+                pieces.held[id(item)] = item
+                pieces.texts[id(item)] = text
+
+
+def _nones(found: list[str | None]) -> Iterator[int]:
     index = -1
     while True:
         try:
             index = found.index(None, index + 1)
         except ValueError:
             return
-        item = items[index]
-        found[index] = text = caller(item)
-        if type(item) in _ITEM_TYPES:
-            pieces.held[id(item)] = item
-            pieces.texts[id(item)] = text
+        yield index
 
 
 def _prune(slot: _Slot) -> None:

@@ -52,9 +52,9 @@ def rendered(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     counts: list[int] = []
     inner = render_loops._render_missing
 
-    def counting(items: Any, found: list[str | None], pieces: Any, caller: Any) -> None:
+    def counting(items: Any, found: list[str | None], pieces: Any, caller: Any, where: Any) -> None:
         counts.append(found.count(None))
-        inner(items, found, pieces, caller)
+        inner(items, found, pieces, caller, where)
 
     monkeypatch.setattr(render_loops, "_render_missing", counting)
     return counts
@@ -79,6 +79,19 @@ def test_a_change_renders_the_changed_instance_only(
     assert rendered == [1]  # s0 and s2: the same tuples, one lookup each; s1: one body
     assert b"server 10.1.0.8:81 weight=1;" in out
     assert out == Renderer(sandbox=sandbox).render(src, catalog.snapshot())
+
+
+def test_one_big_loop_compares_its_items_position_by_position(
+    tmp_path: Path, rendered: list[int]
+) -> None:
+    src, catalog, renderer = _src(tmp_path, PLAIN), _catalog(1, 200), Renderer()
+    renderer.render(src, catalog.snapshot())
+    for revision, iid in enumerate((7, 7, 150), start=2):
+        _put(catalog, revision, f"/services/s0/instances/i{iid:03d}", _value(0, iid, revision))
+        out = renderer.render(src, catalog.snapshot())
+        assert out == Renderer().render(src, catalog.snapshot())
+        assert f"10.0.0.{iid + 1}:{revision} ".encode() in out
+    assert rendered == [200] + [1, 200] * 3  # each change: 1 body; each fresh renderer: 200
 
 
 def test_a_health_mark_moves_an_instance_out_of_the_up_view(
