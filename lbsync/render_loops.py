@@ -175,7 +175,7 @@ def _memoised(
     param = nodes.Name(loop.target.name, "param")
     memo = nodes.CallBlock(fill, [param], [], loop.body)
     target = nodes.Name(loop.target.name, "store")
-    body = copy.deepcopy(loop.body)
+    body = [_copy(node) for node in loop.body]
     plain = nodes.For(target, nodes.Name(iterable, "load"), body, [], None, False)
     missing, unkeyed = (
         nodes.Test(nodes.Name(held, "load"), test, [], [], None, None) for test in ("none", "false")
@@ -193,6 +193,18 @@ def _memoised(
     for statement in statements:
         statement.set_lineno(loop.lineno)
     return statements
+
+
+def _copy(node: nodes.Node) -> nodes.Node:
+    """A copy of ``node`` and the nodes under it (not of what they refer to: ``deepcopy``
+    would copy the environment, its template cache included)."""
+    clone = copy.copy(node)
+    for name, value in node.iter_fields():
+        if isinstance(value, list):
+            setattr(clone, name, [_copy(v) if isinstance(v, nodes.Node) else v for v in value])
+        elif isinstance(value, nodes.Node):
+            setattr(clone, name, _copy(value))
+    return clone
 
 
 # --- render time -------------------------------------------------------------------------

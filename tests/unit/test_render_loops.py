@@ -213,3 +213,26 @@ def test_pieces_of_replaced_instances_are_dropped(tmp_path: Path) -> None:
     (slot,) = memo._slots.values()
     held = sum(len(pieces.texts) for pieces in slot.pieces.values())
     assert 300 <= held <= 2 * 300 + 256
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_memoised_loops_in_included_imported_and_extended_templates(
+    tmp_path: Path, rendered: list[int], sandbox: bool
+) -> None:
+    """Templates loaded through others are parsed (and rewritten) while the environment
+    already holds templates: the rewrite must not copy it."""
+    (tmp_path / "base.j2").write_text("B{% block b %}base{% endblock %}E|")
+    (tmp_path / "inc.j2").write_text("{% for i in services.s0.up %}<{{ i.id }}>{% endfor %}|")
+    (tmp_path / "mac.j2").write_text(
+        "{% macro f(s) %}{% for i in s.up %}({{ i.id }}){% endfor %}{% endmacro %}"
+    )
+    (tmp_path / "child.j2").write_text(
+        "{% extends 'base.j2' %}{% block b %}{% for i in services.s0.up %}{{ i.id }}"
+        "{% endfor %}{{ super() }}{% endblock %}"
+    )
+    src = _src(tmp_path, "{% include 'inc.j2' %}{% import 'mac.j2' as m %}{{ m.f(services.s0) }}")
+    snapshot = _catalog(1, 2).snapshot()
+    renderer = Renderer(sandbox=sandbox)
+    assert renderer.render(src, snapshot) == b"<i000><i001>|(i000)(i001)"
+    assert renderer.render(tmp_path / "child.j2", snapshot) == b"Bi000i001baseE|"
+    assert rendered == [2, 2, 2]
