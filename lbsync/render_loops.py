@@ -308,10 +308,11 @@ class LoopMemo(jinja2.ext.Extension):
         if pieces is None:
             pieces = slot.pieces[key] = _Pieces(values)
         found, where = _reuse(items, key, pieces, slot.shapes.get((key, len(items))))
-        _render_missing(items, found, pieces, caller, where)
+        keep = _render_missing(items, found, pieces, caller, where)
         texts = cast(list[str], found)
         text = "".join(texts)
-        self._keep((name, number), _Loop(items, values, key, text, texts))
+        if keep:
+            self._keep((name, number), _Loop(items, values, key, text, texts))
         return text
 
     def _keep(self, slot: _SlotKey, loop: _Loop) -> None:
@@ -361,9 +362,12 @@ def _render_missing(
     pieces: _Pieces,
     caller: Any,
     where: list[int] | None,
-) -> None:
+) -> bool:
     """Render the bodies ``found`` has no text for, at the indexes ``where`` holds, or
-    anywhere (``list.index`` finds them in C)."""
+    anywhere (``list.index`` finds them in C). False if an item was of a type the memo
+    does not keep (a dict after strings): then the loop as a whole must not be reused
+    either. Every other item is of a kept type: its text came from the memo."""
+    memoisable = True
     for index in where if where is not None else _nones(found):
         if found[index] is None:
             item = items[index]
@@ -371,6 +375,9 @@ def _render_missing(
             if type(item) in _ITEM_TYPES:
                 pieces.held[id(item)] = item
                 pieces.texts[id(item)] = text
+            else:
+                memoisable = False
+    return memoisable
 
 
 def _nones(found: list[str | None]) -> Iterator[int]:

@@ -52,9 +52,9 @@ def rendered(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     counts: list[int] = []
     inner = render_loops._render_missing
 
-    def counting(items: Any, found: list[str | None], pieces: Any, caller: Any, where: Any) -> None:
+    def counting(items: Any, found: list[str | None], pieces: Any, caller: Any, where: Any) -> bool:
         counts.append(found.count(None))
-        inner(items, found, pieces, caller, where)
+        return inner(items, found, pieces, caller, where)
 
     monkeypatch.setattr(render_loops, "_render_missing", counting)
     return counts
@@ -236,3 +236,15 @@ def test_memoised_loops_in_included_imported_and_extended_templates(
     assert renderer.render(src, snapshot) == b"<i000><i001>|(i000)(i001)"
     assert renderer.render(tmp_path / "child.j2", snapshot) == b"Bi000i001baseE|"
     assert rendered == [2, 2, 2]
+
+
+def test_a_mutable_item_after_kept_ones_is_rendered_every_time(tmp_path: Path) -> None:
+    """The first item decides the memo path; a dict further on must not be reused, nor
+    the loop as a whole, though the tuple holding it is the same object."""
+    text = "{% for x in extra %}{{ x }};{% endfor %}"
+    counts = {"n": 1}
+    items = ("a", counts)
+    src, snapshot, renderer = _src(tmp_path, text), _catalog(1, 1).snapshot(), Renderer()
+    assert renderer.render(src, snapshot, {"extra": items}) == b"a;{'n': 1};"
+    counts["n"] = 2
+    assert renderer.render(src, snapshot, {"extra": items}) == b"a;{'n': 2};"
