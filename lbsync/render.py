@@ -205,7 +205,7 @@ def _memoised(
 ) -> nodes.Template:
     memo = env.extensions[LoopMemo.identifier]
     assert isinstance(memo, LoopMemo)
-    memoise_loops(template, name, memo)
+    memoise_loops(template, name, memo, CacheExtension.identifier)
     return template
 
 

@@ -248,3 +248,15 @@ def test_a_mutable_item_after_kept_ones_is_rendered_every_time(tmp_path: Path) -
     assert renderer.render(src, snapshot, {"extra": items}) == b"a;{'n': 1};"
     counts["n"] = 2
     assert renderer.render(src, snapshot, {"extra": items}) == b"a;{'n': 2};"
+
+
+def test_loops_inside_a_cache_block_are_left_to_it(tmp_path: Path, rendered: list[int]) -> None:
+    """The cache block keeps its whole output already: memoising its loops too would hold
+    the same text twice."""
+    text = (
+        "{% for service in services.values() %}{% cache service %}"
+        "{% for i in service.up %}{{ i.id }};{% endfor %}{% endcache %}{% endfor %}"
+    )
+    src, catalog, renderer = _src(tmp_path, text), _catalog(2, 2), Renderer()
+    assert renderer.render(src, catalog.snapshot()) == b"i000;i001;i000;i001;"
+    assert rendered == []
