@@ -18,14 +18,16 @@ from lbsync.pipeline import TargetPipeline
 from lbsync.render import Renderer
 
 
-def nginx_pipeline(root: Path, nginx: env.Nginx, instances: int) -> tuple[Catalog, TargetPipeline]:
-    """A catalog of ``instances`` (filler plus the ``probe`` service nginx serves) and a
-    pipeline rendering the stock upstreams template into ``nginx``'s config."""
+def nginx_pipeline(
+    root: Path, nginx: env.Nginx, instances: int, layout: str = "spread"
+) -> tuple[Catalog, TargetPipeline]:
+    """A catalog of ``instances`` (filler in ``layout`` plus the ``probe`` service nginx
+    serves) and a pipeline rendering the layout's template into ``nginx``'s config."""
     target = NginxTarget.model_validate(
         {
             "name": "nginx",
             "driver": "nginx",
-            "template": [{"src": env.TEMPLATE, "dest": nginx.upstreams}],
+            "template": [{"src": env.layout_template(layout, root), "dest": nginx.upstreams}],
             "config": nginx.conf,
             "pid_file": nginx.pid_file,
             "binary": env.NGINX,
@@ -33,7 +35,7 @@ def nginx_pipeline(root: Path, nginx: env.Nginx, instances: int) -> tuple[Catalo
             "error_log": nginx.error_log,
         }
     )
-    keys = env.filler(instances - 1)
+    keys = env.layout_filler(layout, instances - 1)
     keys[env.instance_key("probe", "p1")] = env.instance_value("127.0.0.1", 9)
     catalog = Catalog(env.PREFIX)
     catalog.load((KeyValue(key=k, value=v.encode(), mod_revision=1) for k, v in keys.items()), 1)

@@ -13,6 +13,9 @@ its own. Each change flips the probe instance between two backends (A, B) with o
 - serving: from the moment the reload event is seen, fresh connections to the probe port
   until one is answered by the new backend.
 
+``--layout one``: the N-1 filler instances in one service, rendered by a plain
+``{% for i in service.up %}`` loop (``env.PLAIN_TEMPLATE``) instead of the stock template.
+
 Changes are spaced apart (each waits for the previous round to finish, then ``gap``).
 Everything lives under /tmp (a real disk here), as /etc/nginx would; ``--tmpfs-sizes``
 runs sizes again with nginx's config and lbsync's state on tmpfs, to show what the disk's
@@ -29,18 +32,22 @@ from typing import Any
 from bench import env, report
 
 TARGETS = {10: 10.0, 10000: 30.0}  # ms, p99, excluding the checker (DESIGN.md)
+ONE_SERVICE_TARGETS = {10000: 20.0}  # --layout one (issue 15)
 TMPFS = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 WARMUP = 5
 
 
-def run_size(instances: int, changes: int, gap: float, base: Path | None = None) -> dict[str, Any]:
+def run_size(
+    instances: int, changes: int, gap: float, base: Path | None = None, layout: str = "spread"
+) -> dict[str, Any]:
     with env.world(f"latency-{instances}", base, sites=("probe",)) as w:
-        keys = env.filler(instances - 1)
+        keys = env.layout_filler(layout, instances - 1)
         probe = env.instance_key("probe", "p1")
         ports = w.backend_ports
         keys[probe] = env.instance_value("127.0.0.1", ports["A"])
         w.etcd.bulk_put(keys)
-        lb = w.start_lbsync(wait_min="0", wait_max="0")
+        template = env.layout_template(layout, w.root)
+        lb = w.start_lbsync(template=template, wait_min="0", wait_max="0")
         lb.wait_applied(timeout=120)
         port = w.site_ports["probe"]
         env.wait_until(lambda: env.get_body(port) == "A", "the probe to be served by A")
@@ -60,6 +67,7 @@ def run_size(instances: int, changes: int, gap: float, base: Path | None = None)
         where = "tmpfs" if base else "disk"
         return {
             "instances": instances,
+            "layout": layout,
             "files_on": where,
             "changes": len(samples),
             "samples": samples,
@@ -109,7 +117,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="sizes to run again with nginx's config and lbsync's state on tmpfs, e.g. 10 "
         "(diagnostic: what the disk's fsync adds; default: none)",
     )
+    parser.add_argument(
+        "--layout", choices=env.LAYOUTS, default="spread",
+        help="spread: 100 instances per service, stock template; one: the filler in one "
+        "service, plain loop",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    targets = TARGETS if args.layout == "spread" else ONE_SERVICE_TARGETS
     results = []
     rows = []
     runs = [(int(s), None) for s in args.sizes.split(",") if s]
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for size, base in runs:
         where = " (files on tmpfs)" if base else ""
         print(f"  latency: {size} instances{where}, {args.changes} changes …", flush=True)
-        result = run_size(size, args.changes, args.gap, base)
+        result = run_size(size, args.changes, args.gap, base, args.layout)
         samples = result["samples"]
         stats = {
             field: report.summary([s[field] for s in samples])
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         result["stats"] = stats
         results.append(result)
-        target = None if base else TARGETS.get(size)
+        target = None if base else targets.get(size)
         excl99 = stats["reload_sent_excl_check_ms"]["p99"]
         rows.append(
             [
@@ -152,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ]
         )
     report.table(
-        "put acknowledged → nginx reload sent / new config serving (ms)",
+        f"put acknowledged → nginx reload sent / new config serving, layout {args.layout} (ms)",
         [
             "instances",
             "raw p50",

@@ -4,7 +4,8 @@ The profile behind the CPU-per-change figure of ``bench scale``. A real nginx (s
 as the other benches) and lbsync's own ``Catalog``, ``Renderer``, ``TargetPipeline`` and
 ``NginxDriver``, called in this process: one change (a new port for one instance of a
 100-instance service), snapshot, guard, then ``TargetPipeline.apply`` (render, stage,
-validate, swap, reload, settle, verify), N times. Each stage method is wrapped to add its
+validate, swap, reload, settle, verify), N times. ``--layout one``: every instance in one
+service, rendered by a plain loop (see ``bench scale``). Each stage method is wrapped to add its
 ``time.process_time()`` (this process's CPU, all threads; the checker's own CPU is a child
 process and not counted). Nested rows are part of the row above them.
 
@@ -78,23 +79,22 @@ def _instrument(acc: collections.Counter[str], pipeline: TargetPipeline) -> None
     _wrap(acc, driver, "verify", labels[10])
 
 
-def measure(instances: int, rounds: int) -> dict[str, Any]:
+def measure(instances: int, rounds: int, layout: str = "spread") -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"lbsync-bench-rounds-{instances}-"))
     nginx = env.Nginx(root / "front")
     try:
         nginx.configure_front({"probe": env.free_port()})
         nginx.start()
-        catalog, pipeline = inprocess.nginx_pipeline(root, nginx, instances)
+        catalog, pipeline = inprocess.nginx_pipeline(root, nginx, instances, layout)
         previous = catalog.snapshot()
         pipeline.apply(previous)
         acc: collections.Counter[str] = collections.Counter()
         _instrument(acc, pipeline)
         guard = GuardSettings()
-        services = max(1, (instances - 1 + 99) // 100)
 
         def one(n: int) -> None:
             nonlocal previous
-            key = env.instance_key(f"svc{n % services:03d}", "i000")
+            key = env.layout_change_key(layout, n, instances - 1)
             value = env.instance_value(f"10.{n % 250}.0.1", 1000 + n).encode()
             started = time.process_time()
             event = KeyEvent(kind="put", key=key, value=value, mod_revision=n + 2)
@@ -116,8 +116,8 @@ def measure(instances: int, rounds: int) -> dict[str, Any]:
             time.sleep(0.05)  # let the old nginx workers go, as spaced changes would
         total = time.process_time() - started
         per_round = {label: acc[label] / rounds * 1000 for label, _ in ROWS}
-        return {"instances": instances, "rounds": rounds, "total_ms": total / rounds * 1000,
-                "ms": per_round}  # fmt: skip
+        return {"instances": instances, "layout": layout, "rounds": rounds,
+                "total_ms": total / rounds * 1000, "ms": per_round}  # fmt: skip
     finally:
         nginx.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -131,9 +131,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench rounds")
     parser.add_argument("--sizes", default="10,10000")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument(
+        "--layout", choices=env.LAYOUTS, default="spread",
+        help="spread: 100 instances per service, stock template; one: one service, plain loop",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     configure_logging("info", "json", stream=io.StringIO())  # rendered, as in the daemon
-    results = [measure(int(size), args.rounds) for size in args.sizes.split(",")]
+    sizes = [int(size) for size in args.sizes.split(",")]
+    results = [measure(size, args.rounds, args.layout) for size in sizes]
     rows: list[list[Any]] = [["total (this process)", "", *(r["total_ms"] for r in results)]]
     rows += [[label, owner, *(r["ms"][label] for r in results)] for label, owner in ROWS]
     staging = [r["ms"][ROWS[2][0]] - r["ms"][ROWS[3][0]] for r in results]
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     rows += [["the driver's", "driver", *(owned(r, "driver") for r in results)]]
     report.table(
-        "CPU per round by stage, in-process (ms)",
+        f"CPU per round by stage, in-process, layout {args.layout} (ms)",
         ["stage", "owner", *(f"{r['instances']:,} instances" for r in results)],
         rows,
     )

@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from itertools import compress, count
-from operator import ne
+from operator import is_not, ne
 from pathlib import Path
 from typing import Any, cast
 
@@ -154,13 +154,26 @@ def _extra_item(real: list[str], twin: list[str]) -> str | None:
 # --- benign twins ------------------------------------------------------------------------
 
 
-def _benign_service(service: Service) -> bool:
+def _benign_service(service: Service, benign_before: Service | None = None) -> bool:
+    """``benign_before``: an earlier, benign version of the service, still alive: the
+    instances it shares with ``service`` (the same objects) are not looked at again."""
     if not is_benign(service.name):
         return False
     for key, value in service.settings.items():
         if not is_benign(key) or (isinstance(value, str) and not is_benign(value)):
             return False
-    return all(_benign_instance(i) for i in service.instances)
+    instances: Sequence[Instance] = service.instances
+    if benign_before is not None:
+        instances = _not_in(service.instances, benign_before.instances)
+    return all(_benign_instance(i) for i in instances)
+
+
+def _not_in(instances: tuple[Instance, ...], before: tuple[Instance, ...]) -> list[Instance]:
+    """The instances that are not objects of ``before`` (alive, so ids are theirs)."""
+    if len(instances) == len(before):  # a change in place: compare position by position
+        return list(compress(instances, map(is_not, instances, before)))
+    known = set(map(id, before))
+    return [i for i in instances if id(i) not in known]
 
 
 def _benign_instance(instance: Instance) -> bool:
@@ -315,10 +328,12 @@ class StructureCheck:
         services: dict[str, Service] = {}
         changed = False
         fresh: dict[int, tuple[Service, Service]] = {}
+        benign_before = {real.name: real for real, twin in self._twins.values() if twin is real}
         for service in snapshot.services.values():
             held = self._twins.get(id(service))
             if held is None or held[0] is not service:
-                held = (service, service if _benign_service(service) else _twin_service(service))
+                benign = _benign_service(service, benign_before.get(service.name))
+                held = (service, service if benign else _twin_service(service))
             fresh[id(service)] = held
             services[held[1].name] = held[1]
             changed = changed or held[1] is not service

@@ -112,6 +112,28 @@ def hostile(snapshot: Snapshot, instance: Instance) -> Snapshot:
     return Snapshot.model_construct(revision=2, services=services, keys=snapshot.keys)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_injected_host_is_found_after_a_benign_version_of_its_service(in_place: bool) -> None:
+    """Only the instances a benign earlier version lacked are looked at again: the new
+    one is among them, shared instances are not (added, or replacing one in place)."""
+    benign = snapshot_from(CATALOG)
+    check = checker("upstreams.conf.j2")
+    run_check(check, benign)
+    injected = Instance.model_construct(id="b", host="1.2.3.4; } x {", port=1)
+    snapshot = hostile(benign, injected)
+    if in_place:
+        web = snapshot.services["web"]
+        services = {
+            **snapshot.services,
+            "web": web.model_copy(update={"instances": web.instances[::2]}),
+        }
+        snapshot = Snapshot.model_construct(revision=3, services=services, keys=benign.keys)
+    assert len(snapshot.services["web"].instances) == 2 + (not in_place)
+    assert snapshot.services["web"].instances[0] is benign.services["web"].instances[0]
+    with pytest.raises(StructureViolation, match="added ';'"):
+        run_check(check, snapshot)
+
+
 def test_the_stock_templates_pass_with_structural_characters_in_a_reason() -> None:
     mark = HealthMark(status=State.DRAIN, reason='said "no"; {retry} #3')
     snapshot = hostile(snapshot_from(CATALOG), Instance(id="c", host="10.0.0.3", port=80))
