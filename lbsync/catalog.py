@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from lbsync import keys
 from lbsync.errors import InvalidValue
+from lbsync.keymap import KeyMap, group_of
 from lbsync.model import (
     HealthMark,
     Instance,
@@ -194,7 +195,10 @@ class Catalog:
         self._probe_policy = probes
         self.revision = 0
         self._on_reject = on_reject or (lambda _err: None)
-        self._keys: dict[str, str] = {}
+        # Raw keys by group (``lbsync.keymap``); a group handed to a snapshot is shared
+        # with it, and copied before the catalog changes it (copy on write).
+        self._keys: dict[str, dict[str, str]] = {}
+        self._shared_groups: set[str] = set()
         self._services: dict[str, _ServiceState] = {}
         self._built: dict[str, Service] = {}
         self._dirty: set[str] = set()
@@ -215,6 +219,7 @@ class Catalog:
     def reset(self, reset: SourceReset) -> None:
         """Replace everything with a full read (start-up or after compaction)."""
         self._keys.clear()
+        self._shared_groups.clear()
         self._services.clear()
         self._built.clear()
         self._rejected.clear()
@@ -249,8 +254,32 @@ class Catalog:
         self._dirty.clear()
         services = {name: self._built[name] for name in sorted(self._built)}
         return Snapshot.model_construct(
-            revision=self.revision, services=services, keys=dict(self._keys)
+            revision=self.revision, services=services, keys=self._publish_keys()
         )
+
+    def _publish_keys(self) -> KeyMap:
+        """The raw keys for a snapshot: O(groups), every group shared until written."""
+        self._shared_groups = set(self._keys)
+        return KeyMap(dict(self._keys))
+
+    def _key_group(self, name: str) -> dict[str, str]:
+        """Group ``name``, ready to be written: a copy if a snapshot holds it."""
+        group = self._keys.get(name)
+        if group is None:
+            group = self._keys[name] = {}
+        elif name in self._shared_groups:
+            group = self._keys[name] = dict(group)
+            self._shared_groups.discard(name)
+        return group
+
+    def _forget_key(self, relative: str) -> None:
+        name = group_of(relative)
+        if relative not in self._keys.get(name, ()):
+            return
+        group = self._key_group(name)
+        del group[relative]
+        if not group:
+            del self._keys[name]
 
     def _apply_one(self, event: KeyEvent) -> str | None:
         if event.kind == "put":
@@ -261,7 +290,7 @@ class Catalog:
         relative = self._relative(key)
         if relative is None:
             return None
-        self._keys[relative] = value.decode("utf-8", errors="replace")
+        self._key_group(group_of(relative))[relative] = value.decode("utf-8", errors="replace")
         self._rejected.pop(key, None)
         where = keys.place(relative)
         if where is None:
@@ -302,7 +331,7 @@ class Catalog:
         relative = self._relative(key)
         if relative is None:
             return None
-        self._keys.pop(relative, None)
+        self._forget_key(relative)
         self._rejected.pop(key, None)
         where = keys.place(relative)
         if where is None or where[0] not in self._services:
