@@ -312,8 +312,76 @@ class Registration:
 _NO_META: dict[str, str] = {}
 REGISTRATION_FIELDS = frozenset({"host", "port", "weight", "state", "meta"})
 
+# The registrations ``json.dumps`` writes, field by field (insertion order as most writers
+# build the dict, and ``sort_keys`` order as ``lbsync register`` writes it), with a
+# canonical dotted quad, numbers that can only be in range or too big, and a meta of
+# plain strings: what the general path would conclude, read off the match (the property
+# test in test_values_fast holds the two equal).
+_FAST_INT = rb"[1-9][0-9]{0,4}"
+_FAST_FIELDS = {
+    "host": rb'"host": ?"(?P<host>' + CANONICAL_IPV4.pattern.encode() + rb')"',
+    "port": rb'"port": ?(?P<port>' + _FAST_INT + rb")",
+    "weight": rb'"weight": ?(?P<weight>' + _FAST_INT + rb")",
+    "state": rb'"state": ?"(?P<state>up|drain|down)"',
+    "meta": rb'"meta": ?(?P<meta>' + _json_object(_JSON_STR) + rb")",
+}
+
+
+def _registration_shape(*after_host: tuple[str, bool]) -> re.Pattern[bytes]:
+    """``{"host": ...`` then the fields named, each ``(name, optional)``, in that order."""
+    body = [_FAST_FIELDS["host"]]
+    for name, optional in after_host:
+        field = rb", ?" + _FAST_FIELDS[name]
+        body.append(rb"(?:" + field + rb")?" if optional else field)
+    return re.compile(rb"\{" + b"".join(body) + rb"\}")
+
+
+FAST_REGISTRATIONS = (
+    _registration_shape(("port", False), ("weight", True), ("state", True), ("meta", True)),
+    _registration_shape(("meta", True), ("port", False), ("state", True), ("weight", True)),
+)
+# Parsed metas by their JSON text, as _shared_metas by their items (same bound, same why).
+_metas_by_text: dict[bytes, dict[str, str]] = {}
+
+
+def _fast_registration(key: str, value: bytes) -> Registration | None:
+    """The registration, if ``value`` is one of FAST_REGISTRATIONS' shapes; else None."""
+    for pattern in FAST_REGISTRATIONS:
+        match = pattern.fullmatch(value)
+        if match is not None:
+            break
+    else:
+        return None
+    host, port, weight, state, meta = match.group("host", "port", "weight", "state", "meta")
+    port_number, weight_number = int(port), int(weight) if weight else 1
+    if port_number > 65535 or weight_number > MAX_WEIGHT:
+        return None  # the general path words the rejection
+    return Registration(
+        host.decode("ascii"),
+        port_number,
+        weight_number,
+        _STATES[state.decode("ascii")] if state else State.UP,
+        _meta_from_text(key, meta),
+    )
+
+
+def _meta_from_text(key: str, text: bytes | None) -> dict[str, str]:
+    if text is None:
+        return parse_meta(key, _NO_META)
+    meta = _metas_by_text.get(text)
+    if meta is None:
+        meta = parse_meta(key, _scan_json(text.decode("ascii"), 0)[0])
+        if len(_metas_by_text) >= MAX_SHARED_METAS:
+            _metas_by_text.clear()
+        _metas_by_text[text] = meta
+    return meta
+
 
 def parse_registration(key: str, value: bytes) -> Registration:
+    if len(value) <= FAST_MAX_BYTES:
+        fast = _fast_registration(key, value)
+        if fast is not None:
+            return fast
     data = decode_json_or_text(key, value)
     if isinstance(data, str):
         return _registration_from_text(key, data)

@@ -47,6 +47,8 @@ def full_path_only() -> Iterator[None]:
         mock.patch.object(values, "SIMPLE_JSON", NEVER_BYTES),
         mock.patch.object(values, "SIMPLE_TEXT", NEVER_BYTES),
         mock.patch.object(values, "CANONICAL_IPV4", NEVER),
+        mock.patch.object(values, "FAST_REGISTRATIONS", ()),
+        mock.patch.object(values, "_metas_by_text", {}),
         mock.patch.object(values, "_shared_metas", {}),
         mock.patch.object(values, "MAX_SHARED_METAS", 0),
     ):
@@ -85,6 +87,7 @@ def text(strategy: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
 
 # Values the fast patterns match (and some they nearly match), not only the fuzz shapes.
 fast_shaped = st.one_of(
+    *(st.from_regex(shape, fullmatch=True) for shape in values.FAST_REGISTRATIONS),
     st.from_regex(values.SIMPLE_JSON, fullmatch=True),
     st.from_regex(values.SIMPLE_TEXT, fullmatch=True),
 )
@@ -130,6 +133,10 @@ def test_fast_and_full_paths_agree(value: bytes) -> None:
         b'{"host": "10.1.0.5", "port": -0}',
         b'{"host": "10.1.0.5", "port": 80, "meta": {"zone": true, "n": -5}}',
         b'{"host": "10.1.0.5", "port": 80, "meta": {"a": "x", "a": "b c"}}',  # last one wins
+        b'{"host": "10.1.0.5", "port": 80, "meta": {"a": "x y"}}',
+        b'{"host": "10.1.0.5", "port": 65536}',
+        b'{"host": "10.1.0.5", "port": 80, "weight": 257}',
+        b'{"host": "10.1.0.5", "meta": {}, "port": 80, "state": "down", "weight": 256}',
         b'{"host": "10.1.0.5", "port": 80, "host": "h"}',
         b'{"host": "10.1.0.5\\n", "port": 80}',
         b'{"status": "down", "reason": "HTTP 503 on /healthz", "since": 1765000000}',
@@ -147,6 +154,11 @@ def test_fast_and_full_paths_agree_on_edges(value: bytes) -> None:
 def test_the_fast_path_takes_the_common_values() -> None:
     common = b'{"host": "10.1.0.5", "port": 8001, "weight": 1, "meta": {"zone": "a"}}'
     assert values.SIMPLE_JSON.fullmatch(common)
+    assert values.FAST_REGISTRATIONS[0].fullmatch(common)
+    by_register = (
+        b'{"host": "10.0.0.1", "meta": {"a": "b"}, "port": 80, "state": "drain", "weight": 3}'
+    )
+    assert values.FAST_REGISTRATIONS[1].fullmatch(by_register)
     assert values.SIMPLE_TEXT.fullmatch(b"10.0.0.1:80")
     assert values.CANONICAL_IPV4.fullmatch("10.1.0.5")
     assert not values.CANONICAL_IPV4.fullmatch("10.01.0.5")
