@@ -19,6 +19,7 @@ Every other key under the prefix is kept only as a raw key for ``getv``/``ls``.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -68,11 +69,40 @@ class _ServiceState:
     # The Instance last built for each id, with what it was built from: a rebuild after one
     # event makes one new Instance, not one per instance.
     instances: dict[str, _Built] = field(default_factory=dict)
+    # The last build's ids, sorted, and their instances in the same order; the ids whose
+    # registration, health mark or verdicts changed since; whether that build can be
+    # patched with those ids alone (it saw no verdicts, so no instance's state depended
+    # on another's: no panic). Patching makes a change O(changed ids), not O(instances).
+    order: list[str] = field(default_factory=list)
+    in_order: list[Instance] = field(default_factory=list)
+    changed: set[str] = field(default_factory=set)
+    patchable: bool = False
 
     def empty(self) -> bool:
         return not (self.registrations or self.health or self.settings or self.probes)
 
+    def touch(self, kind: str, iid: str) -> None:
+        """An event changed ``kind`` for ``iid`` (a probe verdict's id is ``<id>/<prober>``)."""
+        if kind != "settings":
+            self.changed.add(iid.partition("/")[0])
+
     def build(self, name: str, policy: ProbePolicy = DEFAULT_POLICY) -> Service:
+        if self.patchable and not self.probes:
+            self._patch()
+            panic = False
+        else:
+            panic = self._rebuild(policy)
+        self.changed = set()
+        return Service.model_construct(
+            _SERVICE_FIELDS,
+            name=name,
+            instances=tuple(self.in_order),
+            settings=dict(sorted(self.settings.items())),
+            panic=panic,
+        )
+
+    def _rebuild(self, policy: ProbePolicy) -> bool:
+        """Every instance, reusing those whose inputs are the same objects; the panic."""
         ids = sorted(self.registrations)
         probed, panic = self._probed(ids, policy)
         built: dict[str, _Built] = {}
@@ -97,13 +127,35 @@ class _ServiceState:
                 )
                 built[iid] = (reg, health, verdicts, applied, instance)
         self.instances = built
-        return Service.model_construct(
-            _SERVICE_FIELDS,
-            name=name,
-            instances=tuple(entry[4] for entry in built.values()),
-            settings=dict(sorted(self.settings.items())),
-            panic=panic,
-        )
+        self.order = ids
+        self.in_order = [entry[4] for entry in built.values()]
+        self.patchable = probed is None
+        return panic
+
+    def _patch(self) -> None:
+        """``_rebuild``'s result for a service without verdicts, from the changed ids only."""
+        for iid in self.changed:
+            at = bisect_left(self.order, iid)
+            present = at < len(self.order) and self.order[at] == iid
+            reg = self.registrations.get(iid)
+            if reg is None:
+                self.instances.pop(iid, None)
+                if present:
+                    del self.order[at], self.in_order[at]
+                continue
+            health, last = self.health.get(iid), self.instances.get(iid)
+            if last is not None and _same_inputs(last, reg, health, None, False):
+                instance = last[4]
+            else:
+                instance = _instance(
+                    iid, reg, health, _NO_VERDICTS, probed_down=False, applied=False
+                )
+                self.instances[iid] = (reg, health, None, False, instance)
+            if present:
+                self.in_order[at] = instance
+            else:
+                self.order.insert(at, iid)
+                self.in_order.insert(at, instance)
 
     def _probed(self, ids: list[str], policy: ProbePolicy) -> tuple[list[bool] | None, bool]:
         """Which of ``ids`` a quorum of probers says down (None: no verdicts at all, so
@@ -300,6 +352,7 @@ class Catalog:
         if state is None:  # not setdefault: that builds a state (five dicts) per key
             state = self._services[service] = _ServiceState()
         self._dirty.add(service)
+        state.touch(kind, iid)
         try:
             self._store(state, kind, iid, key, value)
         except Exception as exc:  # hostile input: recursion, overflow, unicode, type...
@@ -337,7 +390,9 @@ class Catalog:
         if where is None or where[0] not in self._services:
             return None
         service, kind, iid = where
-        self._forget(self._services[service], kind, iid)
+        state = self._services[service]
+        state.touch(kind, iid)
+        self._forget(state, kind, iid)
         self._dirty.add(service)
         return service
 
