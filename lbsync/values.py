@@ -259,8 +259,11 @@ def parse_state(key: str, raw: object) -> State:
 # Parsed metas by their items, when every value is a string: instances of a service
 # mostly share a few (``{"zone": "a"}``), and sharing the dict saves ~200 bytes each. The
 # values are never mutated (frozen models hand them out read-only). Bounded: untrusted
-# writers choose the metas, so past MAX_SHARED_METAS distinct ones it starts over.
-MAX_SHARED_METAS = 4096
+# writers choose the metas, so only metas of at most MAX_SHARED_META_ITEMS items are
+# kept, and past MAX_SHARED_METAS distinct ones the cache starts over (at most ~2.5 MB
+# even when every item is as long as the schema allows).
+MAX_SHARED_METAS = 1024
+MAX_SHARED_META_ITEMS = 8
 _shared_metas: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
 
@@ -268,7 +271,7 @@ def parse_meta(key: str, raw: object) -> dict[str, str]:
     """Meta values are plain tokens; numbers and bools are kept as their text."""
     if not isinstance(raw, dict) or len(raw) > MAX_META_ITEMS:
         raise InvalidValue(key, raw, f"meta must be an object of at most {MAX_META_ITEMS} items")
-    if not all(type(value) is str for value in raw.values()):
+    if len(raw) > MAX_SHARED_META_ITEMS or not all(type(v) is str for v in raw.values()):
         return _parse_meta_items(key, raw)
     items = tuple(raw.items())
     meta = _shared_metas.get(items)

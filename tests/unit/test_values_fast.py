@@ -179,3 +179,11 @@ def test_the_meta_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(10):
         values.parse_meta("/k", {"n": f"v{n}"})
         assert len(values._shared_metas) <= 3
+
+
+def test_only_small_metas_are_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(values, "_shared_metas", {})
+    big = {f"k{n}": "v" for n in range(values.MAX_SHARED_META_ITEMS + 1)}
+    assert values.parse_meta("/k", big) == big
+    assert values.parse_meta("/k", big) is not values.parse_meta("/k", big)
+    assert values._shared_metas == {}
