@@ -14,6 +14,7 @@ key only, and ``register`` refuses to write one.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from lbsync.errors import ConfigError
@@ -46,6 +47,15 @@ def _instance_scoped(prefix: str, service: str, kind: Kind, instance: str) -> st
     return f"{prefix}/{SERVICES}/{service}/{kind}/{instance}"
 
 
+# One full match instead of a split and a match per part: the full load parses every key.
+_PLACE = re.compile(
+    rf"/{SERVICES}/(?P<service>{SERVICE_NAME.pattern})/(?:"
+    rf"(?P<kind>instances|health)/(?P<id>{INSTANCE_ID.pattern})"
+    r"|(?P<settings>settings)"
+    rf"|probes/(?P<probed>{INSTANCE_ID.pattern})/(?P<prober>{PROBER_NAME.pattern}))"
+)
+
+
 def place(relative: str) -> tuple[str, Kind, str] | None:
     """``/services/web/instances/a`` → ``("web", "instances", "a")``; None if off-schema.
 
@@ -55,26 +65,14 @@ def place(relative: str) -> tuple[str, Kind, str] | None:
     ``/`` splits them unambiguously). A service or id that is not a safe name is off-schema: it is
     kept as a raw key only and never becomes an upstream or server name.
     """
-    parts = relative.split("/")
-    if len(parts) < 4 or parts[0] != "" or parts[1] != SERVICES:
+    match = _PLACE.fullmatch(relative)
+    if match is None:
         return None
-    service = parts[2]
-    if not SERVICE_NAME.fullmatch(service):
-        return None
-    if len(parts) == 4 and parts[3] == "settings":
+    service, kind = match["service"], match["kind"]
+    if kind == "instances":
+        return service, "instances", match["id"]
+    if kind == "health":
+        return service, "health", match["id"]
+    if match["settings"]:
         return service, "settings", ""
-    if len(parts) == 6 and parts[3] == "probes":
-        return _probe_place(service, parts[4], parts[5])
-    if len(parts) != 5 or not INSTANCE_ID.fullmatch(parts[4]):
-        return None
-    if parts[3] == "instances":
-        return service, "instances", parts[4]
-    if parts[3] == "health":
-        return service, "health", parts[4]
-    return None
-
-
-def _probe_place(service: str, instance: str, prober: str) -> tuple[str, Kind, str] | None:
-    if INSTANCE_ID.fullmatch(instance) and PROBER_NAME.fullmatch(prober):
-        return service, "probes", f"{instance}/{prober}"
-    return None
+    return service, "probes", f"{match['probed']}/{match['prober']}"

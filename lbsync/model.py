@@ -13,6 +13,8 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
+from lbsync.keymap import with_groups_from
+
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -248,9 +250,7 @@ def compose(base: Snapshot, candidate: Snapshot, keep: Collection[str]) -> Snaps
             services.pop(name, None)
         else:
             services[name] = old
-    prefixes = tuple(service_prefix(name) for name in keep)
-    keys = {k: v for k, v in candidate.keys.items() if not k.startswith(prefixes)}
-    keys.update((k, v) for k, v in base.keys.items() if k.startswith(prefixes))
+    keys = with_groups_from(candidate.keys, base.keys, keep)  # the keys under their prefixes
     return Snapshot.model_construct(
         revision=candidate.revision, services=dict(sorted(services.items())), keys=keys
     )

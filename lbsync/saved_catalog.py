@@ -25,6 +25,7 @@ import structlog
 
 from lbsync.errors import LbsyncError, StageError
 from lbsync.fileio import atomic_write, opened_dir, read_bytes
+from lbsync.keymap import plain
 from lbsync.model import KeyValue, Snapshot, SourceReset
 from lbsync.scheduler import Clock
 
@@ -86,7 +87,7 @@ def save(state_dir: Path, origin: Origin, snapshot: Snapshot) -> Path:
         "prefix": origin.prefix,
         "endpoints": list(origin.endpoints),
         "cluster_id": origin.cluster_id,
-        "keys": dict(snapshot.keys),
+        "keys": plain(snapshot.keys),
     }
     # dumps, not dump: dump to a file goes through the pure-Python encoder (12.7 vs
     # 9.5 ms for 10,000 instances, every few seconds while changes flow).

@@ -54,6 +54,10 @@ SAFE_TEXT = re.compile(r"[A-Za-z0-9 _.:/@=+,%~()\[\]<>!?*&^$|-]{0,200}")
 DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 IP_TEXT = re.compile(r"[0-9A-Fa-f:.]{2,45}")  # what an IP literal without zone ID looks like
 LISTEN = re.compile(r"(?:(?P<host>\*|[0-9.]{7,15}|\[[0-9A-Fa-f:.]{2,45}\]):)?(?P<port>[0-9]{1,5})")
+# A dotted quad in the form ``str(ipaddress.ip_address(...))`` gives back (no leading
+# zeros, each octet ≤ 255): such a host is proven an IP literal without asking ipaddress.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+CANONICAL_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
 
 # Load-balancing methods the stock templates understand. nginx: least_conn, ip_hash,
 # random (anything else is round robin); HAProxy: its own names, with nginx's least_conn
@@ -68,9 +72,49 @@ BALANCE = frozenset(
 
 # --- decoding ---------------------------------------------------------------------------
 
+# The fast path: most values are small, printable ASCII and shaped like what ``json.dumps``
+# writes for a registration. For a value that matches one of these patterns the checks of
+# the full path provably cannot fire, so it skips them (and the per-number hooks):
+# - SIMPLE_JSON: an object nested at most twice, of strings without escapes, quotes,
+#   braces or control characters, integers of at most 20 characters (``-`` included, no
+#   leading zero, no fraction or exponent), ``true`` and ``false``. Decoded by the plain
+#   decoder, it gives exactly what the bounded decoder gives (every number its hook would
+#   see passes it; there is no float and no constant; the depth is ≤ 2; no strip needed).
+# - SIMPLE_TEXT: printable ASCII not starting with ``{`` or ``"``, no space at either end:
+#   the stripped text is the value itself and holds no control character.
+# Anything else takes the full path; the property test holds both paths to equal results.
+FAST_MAX_BYTES = 1024
+_JSON_STR = rb'"[ !#-\[\]-z|~]*"'  # printable ASCII without " \ { }
+_JSON_INT = rb"-?(?:0|[1-9][0-9]{0,18})"
+_JSON_SCALAR = rb"(?:" + _JSON_STR + rb"|" + _JSON_INT + rb"|true|false)"
+
+
+def _json_object(value: bytes) -> bytes:
+    pair = _JSON_STR + rb" ?: ?" + value
+    return rb"\{ ?(?:" + pair + rb"(?: ?, ?" + pair + rb")*)? ?\}"
+
+
+SIMPLE_JSON = re.compile(
+    _json_object(rb"(?:" + _JSON_SCALAR + rb"|" + _json_object(_JSON_SCALAR) + rb")")
+)
+SIMPLE_TEXT = re.compile(rb"[!#-z|~](?:[ -~]*[!-~])?")
+# The plain decoder's C scanner, called directly: ``decode`` adds two Python calls and the
+# "extra data" check that the full match has already made.
+_scan_json: Callable[[str, int], tuple[object, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
 
 def decode_json_or_text(key: str, value: bytes) -> object:
     """JSON if it looks like JSON, else the stripped text; either way UTF-8 and bounded."""
+    if len(value) <= FAST_MAX_BYTES:
+        if SIMPLE_JSON.fullmatch(value):  # the whole value is one JSON object: scan it
+            return _scan_json(value.decode("ascii"), 0)[0]
+        if SIMPLE_TEXT.fullmatch(value):
+            return value.decode("ascii")
+    return decode_full(key, value)
+
+
+def decode_full(key: str, value: bytes) -> object:
+    """``decode_json_or_text`` without the fast path: every check, on any value."""
     if len(value) > MAX_VALUE_BYTES:
         raise InvalidValue(key, value[:64], f"value is larger than {MAX_VALUE_BYTES} bytes")
     try:
@@ -161,6 +205,8 @@ def parse_host(key: str, raw: object) -> str:
     """An IP literal without zone ID, or an RFC 1123 DNS name; nothing else."""
     if not isinstance(raw, str) or not raw:
         raise InvalidValue(key, raw, "host must be a non-empty string")
+    if CANONICAL_IPV4.fullmatch(raw):
+        return raw
     if "%" in raw:  # ipaddress accepts a zone ID with almost anything in it
         raise InvalidValue(key, raw, "host must not carry an IPv6 zone ID")
     if IP_TEXT.fullmatch(raw):
@@ -187,25 +233,57 @@ def _dns_name(key: str, raw: str) -> str:
 
 
 def parse_port(key: str, raw: object) -> int:
+    if type(raw) is int and 1 <= raw <= 65535:
+        return raw
     if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 5:
         raw = int(raw)
     return bounded_int(key, raw, 1, 65535, "port")
 
 
 def parse_weight(key: str, raw: object) -> int:
+    if type(raw) is int and 1 <= raw <= MAX_WEIGHT:
+        return raw
     return bounded_int(key, raw, 1, MAX_WEIGHT, "weight")
 
 
+_STATES: Mapping[str, State] = {state.value: state for state in State}
+
+
 def parse_state(key: str, raw: object) -> State:
-    if isinstance(raw, str) and raw in State.__members__.values():
-        return State(raw)
-    raise InvalidValue(key, raw, "state must be one of up, drain, down")
+    state = _STATES.get(raw) if isinstance(raw, str) else None
+    if state is None:
+        raise InvalidValue(key, raw, "state must be one of up, drain, down")
+    return state
+
+
+# Parsed metas by their items, when every value is a string: instances of a service
+# mostly share a few (``{"zone": "a"}``), and sharing the dict saves ~200 bytes each. The
+# values are never mutated (frozen models hand them out read-only). Bounded: untrusted
+# writers choose the metas, so only metas of at most MAX_SHARED_META_ITEMS items are
+# kept, and past MAX_SHARED_METAS distinct ones the cache starts over (at most ~2.5 MB
+# even when every item is as long as the schema allows).
+MAX_SHARED_METAS = 1024
+MAX_SHARED_META_ITEMS = 8
+_shared_metas: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
 
 def parse_meta(key: str, raw: object) -> dict[str, str]:
     """Meta values are plain tokens; numbers and bools are kept as their text."""
     if not isinstance(raw, dict) or len(raw) > MAX_META_ITEMS:
         raise InvalidValue(key, raw, f"meta must be an object of at most {MAX_META_ITEMS} items")
+    if len(raw) > MAX_SHARED_META_ITEMS or not all(type(v) is str for v in raw.values()):
+        return _parse_meta_items(key, raw)
+    items = tuple(raw.items())
+    meta = _shared_metas.get(items)
+    if meta is None:
+        meta = _parse_meta_items(key, raw)
+        if len(_shared_metas) >= MAX_SHARED_METAS:
+            _shared_metas.clear()
+        _shared_metas[items] = meta
+    return meta
+
+
+def _parse_meta_items(key: str, raw: dict[str, object]) -> dict[str, str]:
     meta = {}
     for name, value in raw.items():
         if isinstance(value, bool):
@@ -234,21 +312,94 @@ class Registration:
     meta: Mapping[str, str]
 
 
+_NO_META: dict[str, str] = {}
+REGISTRATION_FIELDS = frozenset({"host", "port", "weight", "state", "meta"})
+
+# The registrations ``json.dumps`` writes, field by field (insertion order as most writers
+# build the dict, and ``sort_keys`` order as ``lbsync register`` writes it), with a
+# canonical dotted quad, numbers that can only be in range or too big, and a meta of
+# plain strings: what the general path would conclude, read off the match (the property
+# test in test_values_fast holds the two equal).
+_FAST_INT = rb"[1-9][0-9]{0,4}"
+_FAST_FIELDS = {
+    "host": rb'"host": ?"(?P<host>' + CANONICAL_IPV4.pattern.encode() + rb')"',
+    "port": rb'"port": ?(?P<port>' + _FAST_INT + rb")",
+    "weight": rb'"weight": ?(?P<weight>' + _FAST_INT + rb")",
+    "state": rb'"state": ?"(?P<state>up|drain|down)"',
+    "meta": rb'"meta": ?(?P<meta>' + _json_object(_JSON_STR) + rb")",
+}
+
+
+def _registration_shape(*after_host: tuple[str, bool]) -> re.Pattern[bytes]:
+    """``{"host": ...`` then the fields named, each ``(name, optional)``, in that order."""
+    body = [_FAST_FIELDS["host"]]
+    for name, optional in after_host:
+        field = rb", ?" + _FAST_FIELDS[name]
+        body.append(rb"(?:" + field + rb")?" if optional else field)
+    return re.compile(rb"\{" + b"".join(body) + rb"\}")
+
+
+FAST_REGISTRATIONS = (
+    _registration_shape(("port", False), ("weight", True), ("state", True), ("meta", True)),
+    _registration_shape(("meta", True), ("port", False), ("state", True), ("weight", True)),
+)
+# Parsed metas by their JSON text, as _shared_metas by their items (same bound, same why).
+_metas_by_text: dict[bytes, dict[str, str]] = {}
+
+
+def _fast_registration(key: str, value: bytes) -> Registration | None:
+    """The registration, if ``value`` is one of FAST_REGISTRATIONS' shapes; else None."""
+    for pattern in FAST_REGISTRATIONS:
+        match = pattern.fullmatch(value)
+        if match is not None:
+            break
+    else:
+        return None
+    host, port, weight, state, meta = match.group("host", "port", "weight", "state", "meta")
+    port_number, weight_number = int(port), int(weight) if weight else 1
+    if port_number > 65535 or weight_number > MAX_WEIGHT:
+        return None  # the general path words the rejection
+    return Registration(
+        host.decode("ascii"),
+        port_number,
+        weight_number,
+        _STATES[state.decode("ascii")] if state else State.UP,
+        _meta_from_text(key, meta),
+    )
+
+
+def _meta_from_text(key: str, text: bytes | None) -> dict[str, str]:
+    if text is None:
+        return parse_meta(key, _NO_META)
+    meta = _metas_by_text.get(text)
+    if meta is None:
+        meta = parse_meta(key, _scan_json(text.decode("ascii"), 0)[0])
+        if len(_metas_by_text) >= MAX_SHARED_METAS:
+            _metas_by_text.clear()
+        _metas_by_text[text] = meta
+    return meta
+
+
 def parse_registration(key: str, value: bytes) -> Registration:
+    if len(value) <= FAST_MAX_BYTES:
+        fast = _fast_registration(key, value)
+        if fast is not None:
+            return fast
     data = decode_json_or_text(key, value)
     if isinstance(data, str):
         return _registration_from_text(key, data)
     if not isinstance(data, dict):
         raise InvalidValue(key, data, 'expected {"host": ..., "port": ...} or "host:port"')
-    unknown = set(data) - {"host", "port", "weight", "state", "meta"}
-    if unknown:
+    if not data.keys() <= REGISTRATION_FIELDS:
+        unknown = data.keys() - REGISTRATION_FIELDS
         raise InvalidValue(key, data, f"unknown fields {sorted(unknown)}")
+    get = data.get
     return Registration(
-        host=parse_host(key, data.get("host")),
-        port=parse_port(key, data.get("port")),
-        weight=parse_weight(key, data.get("weight", 1)),
-        state=parse_state(key, data.get("state", "up")),
-        meta=parse_meta(key, data.get("meta", {})),
+        parse_host(key, get("host")),
+        parse_port(key, get("port")),
+        parse_weight(key, get("weight", 1)),
+        parse_state(key, get("state", "up")),
+        parse_meta(key, get("meta", _NO_META)),
     )
 
 
