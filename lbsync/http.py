@@ -32,14 +32,14 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
-from lbsync import metrics
 from lbsync.errors import ConfigError
+
+if TYPE_CHECKING:  # prometheus_client is loaded by the daemon, not by `lbsync status`
+    from prometheus_client import CollectorRegistry
 
 log = structlog.get_logger("lbsync.http")
 
@@ -231,6 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if path == "/metrics":
+                from prometheus_client.exposition import choose_encoder
+
                 encode, content_type = choose_encoder(self.headers.get("Accept", ""))
                 self._reply(HTTPStatus.OK, encode(app.registry), content_type, body)
             elif path in ("/healthz", "/readyz"):
@@ -273,7 +275,7 @@ class StatusServer:
         status: StatusSource,
         healthy: Probe,
         ready: Probe,
-        registry: CollectorRegistry = metrics.REGISTRY,
+        registry: CollectorRegistry | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
@@ -281,6 +283,10 @@ class StatusServer:
         self.status = status
         self.healthy = healthy
         self.ready = ready
+        if registry is None:
+            from lbsync import metrics
+
+            registry = metrics.REGISTRY
         self.registry = registry
         self.max_connections = max_connections
         self.request_timeout = request_timeout
