@@ -390,12 +390,15 @@ class Lbsync:
         *,
         wait_min: str = "0",
         wait_max: str = "0",
+        config_text: str | None = None,
     ) -> None:
+        """``config_text``: this lbsync.toml instead of the nginx one (``{state}``,
+        ``{endpoint}`` and ``{prefix}`` filled in)."""
         self.workdir = workdir
         self.config = workdir / "lbsync.toml"
         self.state = workdir / "state"
         self.config.write_text(
-            _LBSYNC_TOML.format(
+            (config_text or _LBSYNC_TOML).format(
                 state=self.state,
                 endpoint=etcd_endpoint,
                 prefix=PREFIX,
