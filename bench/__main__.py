@@ -19,6 +19,7 @@ BENCHES = (
     "reconcile",
     "traffic",
     "startup",
+    "idle",
     "validation",
     "probe",
 )

@@ -391,9 +391,10 @@ class Lbsync:
         wait_min: str = "0",
         wait_max: str = "0",
         config_text: str | None = None,
+        http_listen: str | None = None,
     ) -> None:
         """``config_text``: this lbsync.toml instead of the nginx one (``{state}``,
-        ``{endpoint}`` and ``{prefix}`` filled in)."""
+        ``{endpoint}`` and ``{prefix}`` filled in); ``http_listen``: serve ``[http]`` there."""
         self.workdir = workdir
         self.config = workdir / "lbsync.toml"
         self.state = workdir / "state"
@@ -412,6 +413,7 @@ class Lbsync:
                 template=TEMPLATE,
                 dest=nginx.upstreams,
             )
+            + (f'\n[http]\nlisten = "{http_listen}"\n' if http_listen else "")
         )
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
