@@ -75,6 +75,9 @@ class SourceRunner:
         never closed under it (gRPC crashes on that race). Messages still queued are dropped.
         """
         self._stop.set()
+        interrupt = getattr(self.source, "interrupt", None)  # a source waiting in long slices
+        if callable(interrupt):
+            interrupt()
         if self._thread.ident is not None:
             self._thread.join(timeout=timeout)
         if self._thread.is_alive():
