@@ -142,6 +142,8 @@ def test_validation_failure_changes_nothing_and_retries_on_next_change(
     driver.fail_validate = False
     source.put(f"{P}/services/web/instances/c", "10.0.0.3:80")
     wait_for(lambda: content(out) == "web: 10.0.0.1:80 10.0.0.2:80 10.0.0.3:80\n", what="retry")
+    # the file is in place before its reload: wait for the round's outcome
+    wait_for(lambda: outcomes["lb"].action == "reloaded", what="the retry applied")
     assert driver.reloads == 2
 
 
