@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--host", required=True)
     register.add_argument("--port", required=True, type=int)
     register.add_argument("--weight", type=int, default=1)
-    register.add_argument("--ttl", type=_duration, default=10.0, help="lease TTL (10s)")
+    register.add_argument("--ttl", type=parse_duration, default=10.0, help="lease TTL (10s)")
     register.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
     register.set_defaults(handler=cmd_register)
 
@@ -162,10 +162,12 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return EXIT_ERROR
 
 
-def _duration(text: str) -> float:
-    from lbsync.config import parse_duration
+def parse_duration(text: str) -> float:
+    """``config.parse_duration``, loaded when ``--ttl`` is given, not to build the parser
+    (same name: argparse's "invalid parse_duration value" stays as it was)."""
+    from lbsync import config
 
-    return parse_duration(text)
+    return config.parse_duration(text)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
