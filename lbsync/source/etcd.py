@@ -55,9 +55,11 @@ BACKOFF_INITIAL = 0.1
 # within 2 s of etcd being healthy). With a 5 s cap, an 8 s outage converged in up to
 # 4.1 s; with 1 s, in at most 0.8 s. At many LB hosts, put a gRPC proxy in between.
 BACKOFF_CAP = 1.0
-# The longest a wait on the watch lasts before it looks at the silence deadline again.
-# A stop does not wait for it: ``interrupt`` wakes the wait.
-_LONGEST_WAIT = 60.0
+# The longest a wait on the watch lasts before it looks at the stop event (and the silence
+# deadline) again: how late ``run`` returns after a stop that comes without ``interrupt``.
+# SourceRunner.stop interrupts, so the daemon's stop does not wait for it; an idle watch
+# wakes 5 times per 10 s for it (it was 20 with a 0.5 s poll).
+_LONGEST_WAIT = 2.0
 
 
 class _Backoff:
