@@ -20,6 +20,7 @@ BENCHES = (
     "traffic",
     "startup",
     "catalog",
+    "idle",
     "validation",
     "probe",
 )

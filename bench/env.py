@@ -437,12 +437,16 @@ class Lbsync:
         wait_min: str = "0",
         wait_max: str = "0",
         template: Path = TEMPLATE,
+        config_text: str | None = None,
+        http_listen: str | None = None,
     ) -> None:
+        """``config_text``: this lbsync.toml instead of the nginx one (``{state}``,
+        ``{endpoint}`` and ``{prefix}`` filled in); ``http_listen``: serve ``[http]`` there."""
         self.workdir = workdir
         self.config = workdir / "lbsync.toml"
         self.state = workdir / "state"
         self.config.write_text(
-            _LBSYNC_TOML.format(
+            (config_text or _LBSYNC_TOML).format(
                 state=self.state,
                 endpoint=etcd_endpoint,
                 prefix=PREFIX,
@@ -456,6 +460,7 @@ class Lbsync:
                 template=template,
                 dest=nginx.upstreams,
             )
+            + (f'\n[http]\nlisten = "{http_listen}"\n' if http_listen else "")
         )
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()

@@ -16,6 +16,13 @@ its own. Each change flips the probe instance between two backends (A, B) with o
 ``--layout one``: the N-1 filler instances in one service, rendered by a plain
 ``{% for i in service.up %}`` loop (``env.PLAIN_TEMPLATE``) instead of the stock template.
 
+``--driver command``: issue 15's comparison harness instead (what confd and remco were
+measured with): one service ``web`` whose keys ``<prefix>/services/web/instances/<id>`` hold
+bare ``10.x.y.z:80`` values, a plain template (a loop over ``service.up``, no cache tag),
+the command driver with no check command and a trivial reload command that appends
+``date +%s%N`` to a file. The clock starts when ``put`` returns and stops at that
+timestamp: when the reload command runs. Each change moves one instance to a new address.
+
 Changes are spaced apart (each waits for the previous round to finish, then ``gap``).
 Everything lives under /tmp (a real disk here), as /etc/nginx would; ``--tmpfs-sizes``
 runs sizes again with nginx's config and lbsync's state on tmpfs, to show what the disk's
@@ -74,6 +81,139 @@ def run_size(
         }
 
 
+COMMAND_TARGET = {10: (3.0, 5.0)}  # ms, p50 and p99, put → reload command (issue 15)
+
+_COMMAND_TOML = """\
+state_dir = "{state}"
+
+[etcd]
+endpoints = ["{endpoint}"]
+prefix = "{prefix}"
+
+[wait]
+min = "0"
+max = "0"
+
+[[target]]
+name = "cmd"
+driver = "command"
+reload_command = ["sh", "-c", "echo $(date +%s%N) >> RELOAD_LOG"]
+
+  [[target.template]]
+  src = "TEMPLATE"
+  dest = "DEST"
+"""
+
+PLAIN_TEMPLATE = """\
+{% for name, service in services.items() %}upstream {{ name }} {
+{% for i in service.up %}    server {{ i.host }}:{{ i.port }} weight={{ i.weight }};
+{% endfor %}}
+{% endfor %}"""
+
+
+def _bare_value(n: int) -> str:
+    return f"10.{n // 62500 % 250}.{n // 250 % 250}.{1 + n % 250}:80"
+
+
+def run_command_driver(instances: int, changes: int, gap: float) -> dict[str, Any]:
+    """Issue 15's layout: one service, bare values, plain template, command driver."""
+    with env.world(f"latency-command-{instances}") as w:
+        reload_log = w.root / "reloads.log"
+        template = w.root / "upstreams.j2"
+        template.write_text(PLAIN_TEMPLATE)
+        config = (
+            _COMMAND_TOML.replace("RELOAD_LOG", str(reload_log))
+            .replace("TEMPLATE", str(template))
+            .replace("DEST", str(w.root / "out" / "upstreams.conf"))
+        )
+        w.etcd.bulk_put(
+            {env.instance_key("web", f"i{n}"): _bare_value(n) for n in range(instances)}
+        )
+        w.lbsync = lb = env.Lbsync(w.root, w.etcd.endpoint, w.front, config_text=config)
+        lb.start()
+        lb.wait_applied(timeout=120)
+        writer = w.etcd.writer()
+        samples: list[dict[str, float]] = []
+        try:
+            for k in range(WARMUP + changes):
+                value = _bare_value(instances + k)  # a new address each time
+                sample = _one_command_change(
+                    lb, writer, reload_log, env.instance_key("web", "i0"), value
+                )
+                if k >= WARMUP:
+                    samples.append(sample)
+                time.sleep(gap)
+        finally:
+            writer.close()
+        return {
+            "instances": instances,
+            "driver": "command",
+            "changes": len(samples),
+            "samples": samples,
+        }
+
+
+def _one_command_change(
+    lb: env.Lbsync, writer: Any, reload_log: Path, key: str, value: str
+) -> dict[str, float]:
+    mark = lb.count()
+    lines_before = _line_count(reload_log)
+    revision = writer.put(key, value)
+    acked_ns = time.time_ns()
+    applied = lb.events[lb.wait_applied(revision, after=mark)]
+    if applied["event"] != "apply.reloaded":
+        raise env.BenchError(f"r{revision}: expected apply.reloaded, got {applied}")
+    lines = reload_log.read_text().split()
+    if len(lines) != lines_before + 1:
+        raise env.BenchError(f"r{revision}: {len(lines) - lines_before} reloads for one change")
+    return {
+        "revision": revision,
+        "reload_command_ms": (int(lines[-1]) - acked_ns) / 1e6,
+        **{f"round_{k}_ms": v for k, v in applied["ms"].items()},
+    }
+
+
+def _line_count(path: Path) -> int:
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+def command_main(args: argparse.Namespace) -> dict[str, Any]:
+    results, rows = [], []
+    for size in (int(s) for s in args.sizes.split(",") if s):
+        print(f"  latency (command driver): {size} instances, {args.changes} changes …", flush=True)
+        result = run_command_driver(size, args.changes, args.gap)
+        samples = result["samples"]
+        fields = [
+            "reload_command_ms",
+            *sorted({k for s in samples for k in s if k.startswith("round_")}),
+        ]
+        result["stats"] = {f: report.summary([s.get(f, 0.0) for s in samples]) for f in fields}
+        results.append(result)
+        stats = result["stats"]
+        p50, p99 = stats["reload_command_ms"]["p50"], stats["reload_command_ms"]["p99"]
+        target = COMMAND_TARGET.get(size)
+        rows.append(
+            [
+                f"{size:,}",
+                p50,
+                p99,
+                stats.get("round_swap_ms", {}).get("p50", 0.0),
+                "-" if target is None else f"≤ {target[0]:g} / ≤ {target[1]:g}",
+                "-"
+                if target is None
+                else report.verdict(max(p50 / target[0], p99 / target[1]), 1.0),
+            ]
+        )
+    report.table(
+        "put acknowledged → reload command runs, command driver, one service (ms)",
+        ["instances", "p50", "p99", "swap p50", "target p50 / p99", "verdict"],
+        rows,
+    )
+    data = {"machine": report.machine(), "args": vars(args), "results": results}
+    report.save("latency-command", data)
+    return data
+
+
 def _one_change(
     lb: env.Lbsync, writer: Any, key: str, name: str, *, backend_port: int, site_port: int
 ) -> dict[str, float]:
@@ -122,7 +262,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="spread: 100 instances per service, stock template; one: the filler in one "
         "service, plain loop",
     )  # fmt: skip
+    parser.add_argument(
+        "--driver",
+        choices=["nginx", "command"],
+        default="nginx",
+        help="command: issue 15's harness (one service, bare values, plain template, a "
+        "reload command that logs its start); try --sizes 10",
+    )
     args = parser.parse_args(argv)
+    if args.driver == "command":
+        return command_main(args)
     targets = TARGETS if args.layout == "spread" else ONE_SERVICE_TARGETS
     results = []
     rows = []

@@ -13,21 +13,21 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import structlog
-from pydantic import ValidationError
-
-from lbsync import __version__, state_lock
-from lbsync.config import (
-    EtcdSettings,
-    Settings,
-    load_settings,
-    parse_duration,
-    prepare_state_dir,
-)
+from lbsync import __version__
 from lbsync.errors import ConfigError, LbsyncError
-from lbsync.logging import configure_logging
-from lbsync.model import State
+
+if TYPE_CHECKING:
+    from lbsync.config import EtcdSettings, Settings
+
+# Each command imports what it uses inside its handler: `lbsync --version` loads neither
+# pydantic nor structlog, `mark` and `status` no jinja2, only `run` metrics (docs/benchmarks.md,
+# "Issue 15 — startup"; tests/unit/test_cli_imports.py keeps it so).
+
+# lbsync.model.State's values, written out so that building the parser imports no pydantic
+# model (tests/unit/test_cli.py checks that they stay the same).
+MARK_STATES = ("up", "drain", "down")
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
 DEFAULT_CONFIG = "/etc/lbsync/lbsync.toml"
@@ -36,6 +36,8 @@ DEFAULT_CONFIG = "/etc/lbsync/lbsync.toml"
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from lbsync.logging import configure_logging
+
         configure_logging(args.log_level, args.log_format)
         return int(args.handler(args))
     except LbsyncError as err:
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     mark = sub.add_parser("mark", parents=[etcd], help="mark an instance down, drain or up")
     mark.add_argument("service")
     mark.add_argument("id")
-    mark.add_argument("state", choices=[s.value for s in State])
+    mark.add_argument("state", choices=MARK_STATES)
     mark.add_argument("--reason", default="")
     mark.add_argument("--by", default="lbsync mark")
     mark.set_defaults(handler=cmd_mark)
@@ -160,12 +162,26 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return EXIT_ERROR
 
 
+def parse_duration(text: str) -> float:
+    """``config.parse_duration``, loaded when ``--ttl`` is given, not to build the parser
+    (same name: argparse's "invalid parse_duration value" stays as it was)."""
+    from lbsync import config
+
+    return config.parse_duration(text)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
+    from lbsync.config import load_settings
+
     return load_settings(args.config)
 
 
 def _etcd_settings(args: argparse.Namespace) -> EtcdSettings:
     """[etcd] from the config file if it exists, then --endpoint/--prefix on top."""
+    from pydantic import ValidationError
+
+    from lbsync.config import EtcdSettings, load_settings
+
     exists = args.config.exists()
     base = load_settings(args.config, targets_optional=True).etcd if exists else EtcdSettings()
     update: dict[str, object] = {}
@@ -180,6 +196,7 @@ def _etcd_settings(args: argparse.Namespace) -> EtcdSettings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from lbsync.config import prepare_state_dir
     from lbsync.daemon import Daemon
 
     settings = _settings(args)
@@ -191,7 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from lbsync import oneshot
+    from lbsync import oneshot, state_lock
+    from lbsync.config import prepare_state_dir
 
     settings = _settings(args)
     if args.once:
@@ -229,6 +247,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_mark(args: argparse.Namespace) -> int:
+    from lbsync.model import State
     from lbsync.registrar import mark
 
     revision = mark(
@@ -247,6 +266,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from lbsync import status
+    from lbsync.config import load_settings
     from lbsync.probes import DEFAULT_POLICY, policy_of
 
     listen, probes = args.http, DEFAULT_POLICY
@@ -263,6 +283,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from lbsync.config import load_settings
     from lbsync.probe.run import Prober, prober_name
 
     settings = load_settings(args.config, targets_optional=True)
@@ -285,7 +306,8 @@ def _key_value(item: str) -> tuple[str, str]:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from lbsync import guard
+    from lbsync import guard, state_lock
+    from lbsync.config import prepare_state_dir
 
     settings = _settings(args)
     prepare_state_dir(settings)
@@ -299,6 +321,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import structlog
+
     from lbsync import oneshot
 
     for line in oneshot.check_config(_settings(args)):
@@ -310,6 +334,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_migrate_confd(args: argparse.Namespace) -> int:
     from lbsync import oneshot
     from lbsync.confd import migrate
+    from lbsync.config import load_settings
 
     migration = migrate.convert(args.confdir, args.config)
     config = migrate.write(migration, args.out)

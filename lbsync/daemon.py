@@ -1,9 +1,11 @@
 """The main loop: source thread → queue → catalog → scheduler → one round per target.
 
 Only the main thread touches the catalog and the LB; the source runs in its own thread
-and hands over frozen messages through a queue. Signal handlers only set flags; the loop
-notices them within ``_TICK`` and acts between rounds, so a round (write + reload) is
-never cut in half:
+and hands over frozen messages through a queue. The loop sleeps until a message, a
+signal or its next deadline (a round due, a retry, a hold's end, the reconcile interval,
+the catalog save, systemd's watchdog): an idle daemon wakes only when there is something
+to do. Signal handlers only set flags and wake the loop, which acts between rounds, so a
+round (write + reload) is never cut in half:
 
 - SIGTERM/SIGINT: finish the current round, stop the source, return.
 - SIGHUP: re-read lbsync's own config and templates; a broken new config is logged and
@@ -24,10 +26,10 @@ left there; a difference is applied again through the normal path (``drift.repai
 
 from __future__ import annotations
 
+import math
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
 
@@ -53,9 +55,9 @@ from lbsync.source.runner import Source, SourceRunner
 
 log = structlog.get_logger("lbsync.daemon")
 
-# Longest the loop blocks before it looks at its flags again: how late a SIGTERM or SIGHUP
-# is acted on. Each wake-up costs CPU even when idle (a timed wait is ~75 us of system
-# time on a VM); with the source's and the HTTP server's, 0.2 s made 5.3 ms/s idle.
+# Longest the loop blocks while something can only be polled: a guard hold's confirm file,
+# a driver's runtime state (``Driver.ticks``). Otherwise it sleeps until its next deadline:
+# each wake-up costs CPU even when idle (a timed wait is ~75 us of system time on a VM).
 _TICK = 0.5
 
 
@@ -68,12 +70,33 @@ def etcd_source(settings: Settings) -> Source:
     return EtcdSource(settings.etcd)
 
 
-@dataclass
 class Flags:
-    """Set by signal handlers (or tests), read by the main loop."""
+    """Set by signal handlers (or tests), read by the main loop; setting one wakes the loop
+    (``wake`` must be signal-safe)."""
 
-    stop: bool = False
-    reconfigure: bool = False
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._stop = self._reconfigure = False
+
+    @property
+    def stop(self) -> bool:
+        return self._stop
+
+    @stop.setter
+    def stop(self, value: bool) -> None:
+        self._stop = value
+        if value:
+            self._wake()
+
+    @property
+    def reconfigure(self) -> bool:
+        return self._reconfigure
+
+    @reconfigure.setter
+    def reconfigure(self, value: bool) -> None:
+        self._reconfigure = value
+        if value:
+            self._wake()
 
 
 class Daemon:
@@ -88,7 +111,8 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.config_path = config_path
-        self.flags = Flags()
+        self._source: SourceRunner | None = None
+        self.flags = Flags(self.wake)
         self.health = Health()
         self._source_factory = source_factory
         self._driver_factory = driver_factory
@@ -110,7 +134,6 @@ class Daemon:
         self._watchdog_at = 0.0
         self.http_server: StatusServer | None = None
         metrics.init_targets(p.name for p in self.pipelines)
-        self._source: SourceRunner | None = None
         self._retry = self._backoff(settings)
         self._reconcile_at = clock() + settings.reconcile.interval
 
@@ -155,7 +178,9 @@ class Daemon:
             self.flags.reconfigure = False
             self.reconfigure()
         if self._source is not None:
-            for message in self._source.messages(self._wait_budget()):
+            budget = self._wait_budget()
+            self.health.asleep_until = self.health.last_loop + budget
+            for message in self._source.messages(budget):
                 self.handle(message)
         if self._fallback is not None and self._fallback.due(self.health.synced):
             self._load_saved_catalog()
@@ -180,6 +205,11 @@ class Daemon:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
+
+    def wake(self) -> None:
+        """End the loop's wait now (signal-safe): it looks at its flags at once."""
+        if self._source is not None:
+            self._source.wake()
 
     # --- the work --------------------------------------------------------------------
 
@@ -402,11 +432,19 @@ class Daemon:
     # --- helpers ---------------------------------------------------------------------
 
     def _wait_budget(self) -> float:
-        due = self.scheduler.due_in() if self.catalog.synced else None
-        retry = self._retry.due_in() if self.catalog.synced else None
-        if retry is not None:
-            due = retry if due is None else min(due, retry)
-        return wait_budget(due, self.guard.release_at(), self._clock())
+        now = self._clock()
+        deadlines = [self.guard.release_at(), self._saver.due_at()]
+        if self._fallback is not None:
+            deadlines.append(self._fallback.due_at())
+        if self._watchdog_every is not None:
+            deadlines.append(self._watchdog_at)
+        if self._admitted is not None:
+            deadlines.append(self._reconcile_at)
+        if self.catalog.synced:
+            for due_in in (self.scheduler.due_in(), self._retry.due_in()):
+                deadlines.append(None if due_in is None else now + due_in)
+        polling = self.guard.holding or any(p.driver.ticks for p in self.pipelines)
+        return wait_budget(deadlines, now, polling=polling)
 
     def _backoff(self, settings: Settings) -> Backoff:
         reconcile = settings.reconcile
@@ -437,9 +475,10 @@ def build_pipelines(settings: Settings, driver_factory: DriverFactory) -> list[T
     ]
 
 
-def wait_budget(due: float | None, release: float | None, now: float) -> float:
-    """How long the loop may block: until a round is due, a hold ends, or ``_TICK``."""
-    if release is not None:
-        until = max(0.0, release - now)
-        due = until if due is None else min(due, until)
-    return _TICK if due is None else min(due, _TICK)
+def wait_budget(deadlines: Iterable[float | None], now: float, *, polling: bool) -> float:
+    """How long the loop may block: until the earliest of ``deadlines`` (clock times; None:
+    none), at most ``_TICK`` while ``polling``; ``math.inf`` when nothing is due at all
+    (a message or a signal wakes it)."""
+    due = min((d for d in deadlines if d is not None), default=math.inf)
+    budget = max(0.0, due - now)
+    return min(budget, _TICK) if polling else budget

@@ -23,6 +23,9 @@ class Health:
     synced: bool = False  # a full read of etcd has been applied to the catalog
     revision: int = 0
     last_loop: float = 0.0
+    # When the loop, blocked with nothing to do, next turns by itself (a message or a
+    # signal may wake it earlier): it is not stuck before then.
+    asleep_until: float = 0.0
     disconnected_since: float | None = None
     # Set while running on the persisted catalog: how old it was when loaded, and when.
     saved_catalog_age: float | None = None
@@ -66,8 +69,8 @@ class Health:
             self.disconnected_since = now
 
     def healthy(self, now: float) -> tuple[bool, str]:
-        """The main loop is turning."""
-        idle = now - self.last_loop
+        """The main loop is turning (or asleep until its next deadline, as planned)."""
+        idle = now - max(self.last_loop, self.asleep_until)
         if idle > STUCK:
             return False, f"main loop has not turned for {idle:.0f}s"
         return True, ""

@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
+import selectors
 import socket
 import socketserver
 import threading
@@ -32,14 +34,14 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
-from lbsync import metrics
 from lbsync.errors import ConfigError
+
+if TYPE_CHECKING:  # prometheus_client is loaded by the daemon, not by `lbsync status`
+    from prometheus_client import CollectorRegistry
 
 log = structlog.get_logger("lbsync.http")
 
@@ -79,9 +81,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class _Server(ThreadingHTTPServer):
     """A thread per connection, at most ``max_connections`` of them, each under a deadline.
 
-    Deadlines are enforced by ``service_actions``, which ``serve_forever`` calls every poll
-    interval: a connection past its deadline is shut down, which wakes its thread from any
-    read or write. No extra thread is needed for it.
+    Deadlines are enforced by ``service_actions``, which ``serve`` calls whenever it wakes:
+    a connection past its deadline is shut down, which wakes its thread from any read or
+    write. No extra thread is needed for it. ``serve`` sleeps until a connection comes,
+    the earliest deadline or ``stop_serving``: an idle server never wakes (socketserver's
+    ``serve_forever`` polls every ``poll_interval``).
     """
 
     daemon_threads = True
@@ -101,7 +105,68 @@ class _Server(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._deadlines: dict[socket.socket, float] = {}
         self._deadlines_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            super().__init__(address, _Handler)
+        except BaseException:
+            self._close_wake_pipe()
+            raise
+
+    def serve(self) -> None:
+        """Accept and time out connections until ``stop_serving``."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping:
+                ready = {key.fileobj for key, _ in selector.select(self._next_deadline_in())}
+                if self._wake_r in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                if self._stopping:
+                    break
+                if self in ready:
+                    self._accept_one()
+                self.service_actions()
+
+    def _accept_one(self) -> None:
+        """One ready connection, handed to ``process_request`` (socketserver's own steps)."""
+        try:
+            request, client_address = self.get_request()
+        except OSError:
+            return
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+
+    def stop_serving(self) -> None:
+        self._stopping = True
+        self._poke()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _poke(self) -> None:
+        """Wake ``serve`` (a byte already waiting in the pipe does as well)."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def _next_deadline_in(self) -> float | None:
+        with self._deadlines_lock:
+            if not self._deadlines:
+                return None
+            return max(0.0, min(self._deadlines.values()) - time.monotonic())
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can hang for
@@ -137,7 +202,10 @@ class _Server(ThreadingHTTPServer):
     def arm(self, connection: socket.socket) -> None:
         """Start (or restart, for the next request) ``connection``'s deadline."""
         with self._deadlines_lock:
+            first = not self._deadlines
             self._deadlines[connection] = time.monotonic() + self.request_timeout
+        if first:  # ``serve`` may be asleep with no deadline at all: it must see this one
+            self._poke()
 
     def disarm(self, connection: socket.socket) -> None:
         with self._deadlines_lock:
@@ -231,6 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if path == "/metrics":
+                from prometheus_client.exposition import choose_encoder
+
                 encode, content_type = choose_encoder(self.headers.get("Accept", ""))
                 self._reply(HTTPStatus.OK, encode(app.registry), content_type, body)
             elif path in ("/healthz", "/readyz"):
@@ -273,7 +343,7 @@ class StatusServer:
         status: StatusSource,
         healthy: Probe,
         ready: Probe,
-        registry: CollectorRegistry = metrics.REGISTRY,
+        registry: CollectorRegistry | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
@@ -281,6 +351,10 @@ class StatusServer:
         self.status = status
         self.healthy = healthy
         self.ready = ready
+        if registry is None:
+            from lbsync import metrics
+
+            registry = metrics.REGISTRY
         self.registry = registry
         self.max_connections = max_connections
         self.request_timeout = request_timeout
@@ -317,12 +391,7 @@ class StatusServer:
             raise ConfigError(
                 f"cannot listen on {self.listen!r}: {reason}", field="http.listen"
             ) from exc
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.5},  # how late stop() returns; a wake-up each
-            name="lbsync-http",
-            daemon=True,
-        )
+        self._thread = threading.Thread(target=self._server.serve, name="lbsync-http", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -330,7 +399,7 @@ class StatusServer:
         self._server = self._thread = None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
+        server.stop_serving()
         if thread is not None:
             thread.join(timeout=5)
+        server.server_close()

@@ -310,7 +310,7 @@ class TargetPipeline:
         with _timed(timings, "runtime"):
             runtime_done = self.driver.runtime_update(self.applied, plan.snapshot)
         with _timed(timings, "swap"):
-            # The backup copy and the directory fsync wait until the LB has its signal.
+            # The backup copy and the fsyncs (file, directory) wait until the LB has its signal.
             record = swap.swap_in(
                 changed,
                 self.backup_dir,

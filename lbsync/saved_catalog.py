@@ -166,6 +166,10 @@ class StartFallback:
         self._deadline = None
         return not synced
 
+    def due_at(self) -> float | None:
+        """When ``due`` may next say True (the daemon's loop sleeps until then)."""
+        return self._deadline
+
     def loaded(self, saved: Saved) -> None:
         self._served = saved.origin
 
@@ -189,6 +193,13 @@ class Saver:
     def applied(self) -> None:
         """A round applied a new catalog to every target."""
         self._unsaved, self._applied_at = True, self._clock()
+
+    def due_at(self) -> float | None:
+        """When ``save_due`` turns true for the unsaved catalog; None: nothing to save."""
+        if not self._unsaved:
+            return None
+        quiet = max(self._saved_at + SAVE_EVERY, self._applied_at + SAVE_QUIET)
+        return min(self._saved_at + SAVE_LATEST, quiet)
 
     def save_if_due(
         self, state_dir: Path, origin: Origin, snapshot: Snapshot, *, force: bool = False

@@ -13,6 +13,8 @@ file and the models disagree.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
 import re
 import shlex
@@ -50,6 +52,39 @@ class Place:
 
 
 # --- types, defaults and values as a reader of lbsync.toml sees them ------------------------
+
+
+def describe(model: type[BaseModel]) -> type[BaseModel]:
+    """Give the model's fields their attribute docstrings as descriptions.
+
+    lbsync/config.py does not have pydantic read them at import (``use_attribute_docstrings``
+    parses config.py's source once per model: ~25 ms of every ``lbsync`` command's start-up),
+    so the generator reads them here, from the classes' source, inherited ones included."""
+    docs: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if issubclass(cls, BaseModel) and cls is not BaseModel:
+            docs.update(_attribute_docstrings(cls))
+    for name, field in model.model_fields.items():
+        if field.description is None and name in docs:
+            field.description = docs[name]
+    return model
+
+
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    """``name: type = default`` followed by a string, in the class body: name → that string."""
+    (klass,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    assert isinstance(klass, ast.ClassDef)
+    found = {}
+    for stmt, after in zip(klass.body, klass.body[1:], strict=False):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            found[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return found
 
 
 def is_section(annotation: object) -> bool:
@@ -227,6 +262,7 @@ def section(
 ) -> Iterator[str]:
     """A model's own fields under ``title``, then its sub-tables as sections of their own;
     ``intro`` is the field that holds the table (its description opens the section)."""
+    describe(model)
     plain = {n: f for n, f in model.model_fields.items() if not f.exclude and not _nested(f)}
     yield f"## {title}"
     yield ""
@@ -284,7 +320,9 @@ def tagged_union(models: list[type[BaseModel]], place: Place, field: FieldInfo) 
     """An array of tables whose members differ by a tag (targets by ``driver``): the
     fields every member shares first, a table of which keys apply where, then each member."""
     tag = _tag_field(models)
-    base = _common_base(models)
+    base = describe(_common_base(models))
+    for model in models:
+        describe(model)
     shared = set(base.model_fields)
     names = {m: _tag_value(m, tag) for m in models}
     yield f"## `{place.header}`: every {tag}"

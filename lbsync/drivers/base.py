@@ -87,6 +87,10 @@ class Driver(abc.ABC):
         """
         return False
 
+    # True while ``tick`` has periodic work: the daemon's loop then turns every 0.5 s
+    # instead of sleeping until its next deadline.
+    ticks = False
+
     def tick(self, applied: Snapshot | None) -> bool:
         """Called from the daemon's loop between rounds (often; the driver rate-limits).
 

@@ -55,9 +55,11 @@ BACKOFF_INITIAL = 0.1
 # within 2 s of etcd being healthy). With a 5 s cap, an 8 s outage converged in up to
 # 4.1 s; with 1 s, in at most 0.8 s. At many LB hosts, put a gRPC proxy in between.
 BACKOFF_CAP = 1.0
-# How often blocking loops look at the stop event; bounds how late run() returns
-# (and costs a wake-up each time, even when idle: see daemon._TICK).
-_POLL = 0.5
+# The longest a wait on the watch lasts before it looks at the stop event (and the silence
+# deadline) again: how late ``run`` returns after a stop that comes without ``interrupt``.
+# SourceRunner.stop interrupts, so the daemon's stop does not wait for it; an idle watch
+# wakes 5 times per 10 s for it (it was 20 with a 0.5 s poll).
+_LONGEST_WAIT = 2.0
 
 
 class _Backoff:
@@ -95,6 +97,7 @@ class EtcdSource:
         self._client: Any = None
         self._closed = False
         self._stop: threading.Event | None = None
+        self._stream: WatchStream | None = None  # the watch being consumed, for interrupt
         self._no_progress: set[str] = set()  # endpoints seen ignoring progress requests
 
     # -- connection --
@@ -125,6 +128,13 @@ class EtcdSource:
             client, self._client = self._client, None
         if client is not None:
             client.close()
+
+    def interrupt(self) -> None:
+        """After ``stop`` is set: wake the watch's wait so that ``run`` returns now, not
+        at the silence deadline. Safe from any thread."""
+        stream = self._stream
+        if stream is not None:
+            stream.wake()
 
     def close(self) -> None:
         """Close the client for good; a ``run`` in another thread returns without a status."""
@@ -258,6 +268,7 @@ class EtcdSource:
                     client, stream, endpoint=endpoint, emit=emit, stop=stop, state=state
                 )
         finally:
+            self._stream = None
             stream.close()
 
     def _consume(
@@ -283,9 +294,11 @@ class EtcdSource:
         deadline = self.settings.silence_deadline
         last_seen = time.monotonic()
         progress_answered = False
+        self._stream = stream
         while not stop.is_set():
+            silent_for = time.monotonic() - last_seen
             try:
-                response = stream.get(timeout=_POLL)
+                response = stream.get(timeout=min(max(deadline - silent_for, 0.01), _LONGEST_WAIT))
             except StreamEnded as exc:
                 raise SourceUnavailable(str(exc), endpoint=endpoint) from exc
             if response is None:

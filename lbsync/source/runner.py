@@ -1,11 +1,13 @@
 """A source in its own thread: the thread, the queue it fills and the event that stops it.
 
 Only the main thread touches the catalog and the LB; the source hands over frozen
-messages through the queue, which the main loop drains between rounds.
+messages through the queue, which the main loop drains between rounds. The loop blocks on
+that queue until its next deadline; ``wake`` (safe in a signal handler) ends the wait.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -31,7 +33,9 @@ class SourceRunner:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        self._messages: queue.Queue[SourceMessage] = queue.Queue()
+        # SimpleQueue: its put may be called from a signal handler (``wake``) that
+        # interrupted a get in the same thread; Queue's lock would deadlock there.
+        self._messages: queue.SimpleQueue[SourceMessage | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=source.run,
@@ -44,17 +48,23 @@ class SourceRunner:
         self._thread.start()
 
     def messages(self, timeout: float) -> Iterator[SourceMessage]:
-        """Block up to ``timeout`` for one message, then yield whatever else is queued."""
+        """Block up to ``timeout`` (``math.inf``: no limit) for one message, or until
+        ``wake``; then yield whatever else is queued."""
         message = self._next(timeout)
         while message is not None:
             yield message
             message = self._next(0.0)
 
+    def wake(self) -> None:
+        """End a ``messages`` wait now, with nothing to yield. Safe in a signal handler."""
+        self._messages.put(None)
+
     def _next(self, timeout: float) -> SourceMessage | None:
+        """The next message; None after ``timeout`` or for a ``wake``."""
         try:
-            if timeout > 0:
-                return self._messages.get(timeout=timeout)
-            return self._messages.get_nowait()
+            if timeout <= 0:
+                return self._messages.get_nowait()
+            return self._messages.get(timeout=None if math.isinf(timeout) else timeout)
         except queue.Empty:
             return None
 
@@ -65,6 +75,9 @@ class SourceRunner:
         never closed under it (gRPC crashes on that race). Messages still queued are dropped.
         """
         self._stop.set()
+        interrupt = getattr(self.source, "interrupt", None)  # a source waiting in long slices
+        if callable(interrupt):
+            interrupt()
         if self._thread.ident is not None:
             self._thread.join(timeout=timeout)
         if self._thread.is_alive():

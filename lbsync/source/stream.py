@@ -78,6 +78,7 @@ class StreamEnded(Exception):
 
 
 _END = object()
+_WAKE = object()  # put by ``wake``: ``get`` returns None at once
 
 
 class WatchStream:
@@ -127,11 +128,17 @@ class WatchStream:
             item = self._responses.get(timeout=timeout)
         except queue.Empty:
             return None
+        if item is _WAKE:
+            return None
         if item is _END:
             raise StreamEnded("the watch stream ended")
         if isinstance(item, Exception):
             raise item
         return item
+
+    def wake(self) -> None:
+        """End a ``get`` now (it returns None, as on a timeout)."""
+        self._responses.put(_WAKE)
 
     def close(self) -> None:
         self._requests.put(None)

@@ -2,7 +2,8 @@
 
 Relative to a descriptor of the destination's directory (``fileio.atomic_write``):
 temp file created ``O_EXCL|O_NOFOLLOW``, fsync, owner/mode copied, rename, fsync of the
-directory. A destination that is a symlink is refused (someone who can write to its
+directory (with ``settle_later``, both fsyncs wait for ``settle``, after the LB's signal).
+A destination that is a symlink is refused (someone who can write to its
 directory must not redirect lbsync's write to another file) unless its template sets
 ``follow_symlinks = true``: then the file the link leads to is replaced in its own
 directory, the same way, and the operator's link is kept. Where a rename is impossible
@@ -56,6 +57,8 @@ class SwapEntry:
     # The previous file itself, hard-linked next to ``backup`` before the swap: ``settle``
     # renames it into place instead of writing the bytes again.
     previous_link: Path | None = None
+    # Renamed into place before its data was fsynced (``settle_later``): ``settle`` does it.
+    unsynced: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,10 +111,13 @@ def swap_in(
     replaced in its own directory. If any file fails, those already swapped are put back
     and ``StageError`` is raised.
 
-    ``settle_later``: leave the backup copies and the fsync of each destination's
-    directory to ``settle(record)``, so that a caller can signal the LB first. Neither
-    changes what the LB reads: the new file is complete and fsynced before its rename,
-    and a crash before ``settle`` leaves either the old or the new file, both validated.
+    ``settle_later``: leave the backup copies, the fsync of each new file's data and of
+    its directory to ``settle(record)``, so that a caller can signal the LB first. None
+    of them changes what the LB reads: the new file is complete (in the page cache)
+    before its rename, so any reader sees the old or the new file, both validated, and
+    an lbsync crash changes nothing about that. A power loss before ``settle`` may lose
+    the new file's data on a filesystem that does not flush a file renamed over another
+    (XFS; ext4 and btrfs do): docs/failure-modes.md, "Files are never half-written".
     """
     done: list[SwapEntry] = []
     for dest in sorted(rendered):
@@ -131,7 +137,8 @@ def swap_in(
 
 
 def settle(record: SwapRecord) -> None:
-    """Write the backups and fsync the directories ``swap_in(settle_later=True)`` left.
+    """Fsync the new files and their directories, write the backups: what
+    ``swap_in(settle_later=True)`` left.
 
     Runs once per record (later calls do nothing). Failures are logged, not raised: the
     swap and the reload have happened, and restore works from the record's bytes.
@@ -139,11 +146,13 @@ def settle(record: SwapRecord) -> None:
     while record.unsettled:
         entry = record.unsettled.pop(0)
         try:
-            if entry.backup is not None and entry.previous_link is not None:
-                os.replace(entry.previous_link, entry.backup)  # never follows either name
-            elif entry.backup is not None and entry.previous is not None:
-                _write_backup_file(entry.backup, entry.previous)
             with opened_dir(entry.path.parent) as dir_fd:
+                if entry.unsynced:
+                    _fsync_at(dir_fd, entry.path.name)
+                if entry.backup is not None and entry.previous_link is not None:
+                    os.replace(entry.previous_link, entry.backup)  # never follows either name
+                elif entry.backup is not None and entry.previous is not None:
+                    _write_backup_file(entry.backup, entry.previous)
                 fsync_dir(dir_fd)
         except (OSError, StageError) as exc:
             log.error("stage.settle_failed", path=str(entry.path), error=str(exc))
@@ -184,11 +193,11 @@ def _swap_one(
             link = _link_previous(dir_fd, path, backup)
         else:
             backup = _write_backup(backup_dir, path, previous)
-        renamed = _replace_at(dir_fd, path, data, mode, old, sync_dir=not settle_later)
+        renamed = _replace_at(dir_fd, path, data, mode, old, durable=not settle_later)
     if link is not None and not renamed:  # written in place: the link holds the new bytes
         _unlink_quietly(link)
         link = None
-    return SwapEntry(path, previous, backup, old_mode, link)
+    return SwapEntry(path, previous, backup, old_mode, link, unsynced=settle_later and renamed)
 
 
 @contextlib.contextmanager
@@ -321,17 +330,23 @@ def _replace_at(
     mode: int | None,
     old: os.stat_result | None,
     *,
-    sync_dir: bool = True,
+    durable: bool = True,
 ) -> bool:
     """Atomically replace ``path`` (``old``: what is there now) with ``data``; in-place
-    write where rename is impossible. The data is fsynced before the rename; ``sync_dir``
-    also fsyncs the directory after it (what makes the rename itself durable; ``settle``
-    does it when deferred). True if renamed, False if written in place."""
+    write where rename is impossible (always fsynced). ``durable``: the data is fsynced
+    before the rename and the directory after it (what makes the rename itself durable);
+    otherwise ``settle`` does both. True if renamed, False if written in place."""
     final_mode = mode if mode is not None else stat.S_IMODE(old.st_mode) if old else DEFAULT_MODE
     owner = None if old is None else (old.st_uid, old.st_gid)
     try:
         owner_kept = atomic_write(
-            dir_fd, path.name, data, mode=final_mode, owner=owner, sync_dir=sync_dir
+            dir_fd,
+            path.name,
+            data,
+            mode=final_mode,
+            owner=owner,
+            durable=durable,
+            sync_dir=durable,
         )
     except OSError as exc:
         if old is None or exc.errno not in _IN_PLACE_INSTEAD:
@@ -342,6 +357,16 @@ def _replace_at(
         # Not root: the new file is ours. Worth a warning, not a failed round.
         log.warning("stage.owner_not_kept", path=str(path), uid=owner[0], gid=owner[1])
     return True
+
+
+def _fsync_at(dir_fd: int, name: str) -> None:
+    """fsync the file ``name`` in ``dir_fd``: never through a symlink, never blocking on a
+    FIFO that would have taken its place."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _in_place(dir_fd: int, path: Path, data: bytes, mode: int, why: OSError) -> None:

@@ -602,6 +602,7 @@ class RunningSource:
 
     def halt(self) -> None:
         self.stop.set()
+        self.source.interrupt()  # as SourceRunner.stop does: the watch's wait ends now
         self.thread.join(timeout=15)
         assert not self.thread.is_alive(), "run() did not return after stop"
         self.source.close()

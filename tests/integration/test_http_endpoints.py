@@ -331,6 +331,22 @@ def test_a_dripping_client_is_cut_off_at_the_deadline_and_frees_its_slot() -> No
         srv.stop()
 
 
+def test_an_idle_server_sleeps_without_a_timeout_until_a_connection_arms_one() -> None:
+    srv = _bounded_server(max_connections=2, request_timeout=60.0)
+    try:
+        server = srv._server
+        assert server is not None
+        assert server._next_deadline_in() is None  # select() without a timeout: no wake-ups
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10):
+            wait_for(lambda: server._next_deadline_in() is not None, what="a deadline armed")
+            left = server._next_deadline_in()
+            assert left is not None
+            assert 0 < left <= 60
+        wait_for(lambda: server._next_deadline_in() is None, what="the deadline disarmed")
+    finally:
+        srv.stop()
+
+
 def _raw_request(srv: StatusServer, head: bytes) -> bytes:
     """Send ``head`` as is and read the answer until the server closes the connection."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:

@@ -411,3 +411,31 @@ def test_losing_the_member_in_use_fails_over_to_another(
     wait_for(converged(survivor, rec), what="convergence through another member")
     assert rec.statuses()[-1].endpoint != in_use
     assert len(rec.resets()) == 1
+
+
+def test_a_stop_wakes_a_watch_waiting_for_its_silence_deadline(
+    etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch waits in long slices (here 10 minutes, until its silence deadline); the
+    runner's stop interrupts that wait instead of waiting for the slice's end."""
+    import time
+
+    from lbsync.source import etcd as etcd_source
+    from lbsync.source.runner import SourceRunner
+
+    monkeypatch.setattr(etcd_source, "_LONGEST_WAIT", 600.0)
+
+    source = EtcdSource(settings_for(etcd.endpoint, silence_deadline=600.0))
+    runner = SourceRunner(source)
+    runner.start()
+    try:
+        wait_for(
+            lambda: any(isinstance(m, SourceStatus) and m.connected for m in runner.messages(0.1)),
+            what="the watch to be established",
+        )
+        wait_for(lambda: source._stream is not None, what="the watch being consumed")
+    finally:
+        started = time.monotonic()
+        runner.stop(timeout=30)
+    assert not runner._thread.is_alive()
+    assert time.monotonic() - started < 20, "stopped by the interrupt, not at the slice's end"

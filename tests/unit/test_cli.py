@@ -85,3 +85,10 @@ def test_register_refuses_values_lbsync_would_reject(
     assert "host must be an IP address or a DNS name" in capsys.readouterr().err
     assert main(["mark", "-c", str(tmp_path / "none.toml"), "bad name", "a", "down"]) == 1
     assert "service name 'bad name'" in capsys.readouterr().err
+
+
+def test_mark_offers_every_state_and_only_those() -> None:
+    from lbsync.cli import MARK_STATES
+    from lbsync.model import State
+
+    assert sorted(MARK_STATES) == sorted(s.value for s in State)

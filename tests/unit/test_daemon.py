@@ -80,7 +80,8 @@ def test_first_sync_renders_validates_swaps_and_reloads_once(
     running: Running, driver: FakeDriver, out: Path
 ) -> None:
     wait_for(lambda: content(out) == "web: 10.0.0.1:80\n", what="first render")
-    wait_for(lambda: driver.reloads == 1, what="one reload")
+    first_round_applied(running)  # verify comes after the reload
+    assert driver.reloads == 1
     assert driver.calls[:4] == ["validate", "runtime", "reload", "verify"]
 
 
@@ -141,6 +142,8 @@ def test_validation_failure_changes_nothing_and_retries_on_next_change(
     driver.fail_validate = False
     source.put(f"{P}/services/web/instances/c", "10.0.0.3:80")
     wait_for(lambda: content(out) == "web: 10.0.0.1:80 10.0.0.2:80 10.0.0.3:80\n", what="retry")
+    # the file is in place before its reload: wait for the round's outcome
+    wait_for(lambda: outcomes["lb"].action == "reloaded", what="the retry applied")
     assert driver.reloads == 2
 
 
@@ -420,3 +423,96 @@ def test_the_catalog_is_saved_when_changes_pause_or_after_30_s(
     now: float, saved_at: float, applied_at: float, due: bool
 ) -> None:
     assert saved_catalog.save_due(now, saved_at, applied_at) is due
+
+
+# --- waiting on events, not on ticks (issue 15: idle CPU) ----------------------------------
+
+
+def test_wait_budget_is_the_earliest_deadline_and_capped_only_while_polling() -> None:
+    from lbsync.daemon import _TICK, wait_budget
+
+    assert wait_budget([None, 107.0, 103.0], now=100.0, polling=False) == 3.0
+    assert wait_budget([None, 107.0, 103.0], now=100.0, polling=True) == _TICK
+    assert wait_budget([99.0], now=100.0, polling=False) == 0.0  # overdue: do not block
+    assert wait_budget([None], now=100.0, polling=False) == float("inf")
+    assert wait_budget([], now=100.0, polling=True) == _TICK
+
+
+def test_an_idle_daemon_sleeps_until_its_reconcile_deadline(
+    running: Running, source: FakeSource
+) -> None:
+    first_round_applied(running)
+    daemon = running.daemon
+    # The round's catalog save is the one deadline before the reconcile's (1 h here).
+    wait_for(lambda: daemon._saver.due_at() is None, what="the catalog saved", timeout=60)
+    budget = daemon._wait_budget()
+    assert 3000 < budget <= 3600  # the reconcile interval, not a 0.5 s tick
+    wait_for(lambda: daemon.health.asleep_until > daemon.health.last_loop + 3000, what="asleep")
+    assert daemon.healthy() == (True, "")  # asleep as planned is not stuck
+    source.put(f"{P}/services/web/instances/b", {"host": "10.0.0.2", "port": 80})
+    wait_for(
+        lambda: (
+            "10.0.0.2:80" in (content(running.daemon.pipelines[0].target.templates[0].dest) or "")
+        ),
+        what="a change wakes the sleeping loop",
+    )
+
+
+def test_a_stop_wakes_the_sleeping_loop(running: Running) -> None:
+    first_round_applied(running)
+    wait_for(lambda: running.daemon._saver.due_at() is None, what="saved", timeout=60)
+    wait_for(
+        lambda: running.daemon.health.asleep_until > running.daemon.health.last_loop + 3000,
+        what="the loop asleep for the reconcile interval (1 h)",
+    )
+    running.stop()  # joins within 10 s: woken, not at the next deadline
+
+
+def test_the_loop_polls_every_tick_while_the_guard_holds_or_a_driver_ticks(
+    running: Running, driver: FakeDriver
+) -> None:
+    from lbsync.daemon import _TICK
+
+    first_round_applied(running)
+    daemon = running.daemon
+    driver.ticks = True
+    assert daemon._wait_budget() <= _TICK
+    driver.ticks = False
+    assert daemon._wait_budget() > _TICK
+
+
+def test_the_savers_deadline_is_when_save_due_turns_true() -> None:
+    clock = [100.0]
+    saver = saved_catalog.Saver(lambda: clock[0])
+    assert saver.due_at() is None  # nothing applied: nothing to save
+    clock[0] = 101.0
+    saver.applied()
+    due = saver.due_at()
+    assert due is not None
+    assert saved_catalog.save_due(due, 100.0, 101.0)
+    assert not saved_catalog.save_due(due - 0.01, 100.0, 101.0)
+
+
+def test_a_signal_handler_wakes_the_runner_waiting_in_the_same_thread() -> None:
+    import signal
+
+    from lbsync.source.runner import SourceRunner
+
+    runner = SourceRunner(FakeSource())  # not started: no message will ever come
+    woke: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        woke.append(signum)
+        runner.wake()  # as Daemon.wake does from SIGTERM/SIGHUP
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        started = time.monotonic()
+        assert list(runner.messages(60.0)) == []
+        waited = time.monotonic() - started
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert woke == [signal.SIGALRM]
+    assert waited < 30, "woken by the handler, not by the 60 s timeout"

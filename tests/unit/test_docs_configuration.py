@@ -55,7 +55,7 @@ def test_configuration_md_is_what_the_models_say() -> None:
 def test_every_setting_has_a_description() -> None:
     missing = [
         f"{model.__name__}.{name}"
-        for model in _sections()
+        for model in map(gen.describe, _sections())
         for name, field in model.model_fields.items()
         if not field.exclude and not (field.description or "").strip()
     ]

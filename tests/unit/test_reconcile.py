@@ -210,6 +210,8 @@ def test_a_hand_edited_file_is_repaired_and_logged_once(
         out.write_text("web: 10.9.9.99:80\n")
         wait_for(lambda: content(out) == "web: 10.0.0.1:80\n", what="repaired")
         wait_for(lambda: driver.reloads == 2, what="repair reloaded")
+        # logged once the round is over, verify included (settle's fsyncs come before it)
+        wait_for(lambda: any(e["event"] == "drift.repaired" for e in events), what="drift.repaired")
     repaired = [e for e in events if e["event"] == "drift.repaired"]
     assert len(repaired) == 1
     assert repaired[0]["kind"] == FILE_EDITED

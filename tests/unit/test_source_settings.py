@@ -48,3 +48,12 @@ def test_source_errors_carry_their_endpoint() -> None:
     assert isinstance(expired, SourceError)
     assert str(expired) == "etcd http://e:2379: lease abc has expired"
     assert expired.context() == {"endpoint": "http://e:2379", "lease": "abc"}
+
+
+def test_grpc_waits_on_a_stream_are_not_sliced_into_tenths_of_a_second() -> None:
+    """An idle watch must not wake its reader thread ten times a second (bench idle)."""
+    import grpc._common
+
+    from lbsync.source import client
+
+    assert grpc._common.MAXIMUM_WAIT_TIMEOUT == client._GRPC_WAIT_SLICE >= 10.0

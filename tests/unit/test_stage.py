@@ -653,6 +653,67 @@ def test_settle_later_writes_the_backup_and_syncs_the_dir_in_settle(
     assert not new.exists()
 
 
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every fsync from now on, as ("file" or "dir", inode)."""
+    calls: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        facts = os.fstat(fd)
+        calls.append(("dir" if stat.S_ISDIR(facts.st_mode) else "file", facts.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_settle_later_fsyncs_the_new_file_after_the_rename_then_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existed: bool
+) -> None:
+    dest = tmp_path / "upstreams.conf"
+    if existed:
+        dest.write_bytes(b"old\n")
+    calls = _record_fsyncs(monkeypatch)
+
+    record = swap.swap_in({dest: b"new\n"}, tmp_path / "backup", settle_later=True)
+
+    assert dest.read_bytes() == b"new\n"  # in place, complete, for any reader
+    assert calls == [], "no fsync between the render and the LB's signal"
+    swap.settle(record)
+    assert calls == [("file", dest.stat().st_ino), ("dir", tmp_path.stat().st_ino)]
+
+
+def test_without_settle_later_the_file_is_fsynced_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "upstreams.conf"
+    dest.write_bytes(b"old\n")
+    calls = _record_fsyncs(monkeypatch)
+
+    swap.swap_in({dest: b"new\n"}, tmp_path / "backup")
+
+    assert calls == [("file", dest.stat().st_ino), ("dir", tmp_path.stat().st_ino)]
+
+
+def test_settle_fsyncs_no_file_a_symlink_planted_meanwhile_leads_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "upstreams.conf"
+    dest.write_bytes(b"old\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"someone else's\n")
+    record = swap.swap_in({dest: b"new\n"}, tmp_path / "backup", settle_later=True)
+    dest.unlink()
+    dest.symlink_to(elsewhere)
+    calls = _record_fsyncs(monkeypatch)
+
+    swap.settle(record)  # logged (stage.settle_failed), not raised
+
+    assert ("file", elsewhere.stat().st_ino) not in calls
+    assert record.unsettled == []
+
+
 @pytest.mark.parametrize("why", ["in place", "no link"])
 def test_settle_later_copies_the_backup_when_it_cannot_keep_the_old_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str

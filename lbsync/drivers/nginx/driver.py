@@ -84,6 +84,10 @@ class NginxDriver(Driver):
         """Runtime mode: push a membership-only change to the Lua balancer, no reload."""
         return False if self.runtime is None else self.runtime.update(old, new)
 
+    @property
+    def ticks(self) -> bool:  # type: ignore[override]
+        return self.runtime is not None
+
     def tick(self, applied: Snapshot | None) -> bool:
         """Runtime mode: every ``poll_interval``, re-push if nginx lost the pushed lists."""
         return True if self.runtime is None else self.runtime.tick(applied)
