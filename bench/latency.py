@@ -22,6 +22,11 @@ bare ``10.x.y.z:80`` values, a plain template (a loop over ``service.up``, no ca
 the command driver with no check command and a trivial reload command that appends
 ``date +%s%N`` to a file. The clock starts when ``put`` returns and stops at that
 timestamp: when the reload command runs. Each change moves one instance to a new address.
+Between changes the bench also starts the same reload command itself, through lbsync's
+``run_command``, and times it the same way (call → the command's timestamp): the
+"command alone" column is the share of the figure that is ``sh`` and ``date`` starting
+(``sh``, which starts ``date``: two ``fork`` + ``exec``; the issue's clock includes them), under
+the same load.
 
 Changes are spaced apart (each waits for the previous round to finish, then ``gap``).
 Everything lives under /tmp (a real disk here), as /etc/nginx would; ``--tmpfs-sizes``
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env, report
+from lbsync.commands import run_command
 
 TARGETS = {10: 10.0, 10000: 30.0}  # ms, p99, excluding the checker (DESIGN.md)
 ONE_SERVICE_TARGETS = {10000: 20.0}  # --layout one (issue 15)
@@ -140,6 +146,7 @@ def run_command_driver(instances: int, changes: int, gap: float) -> dict[str, An
                 sample = _one_command_change(
                     lb, writer, reload_log, env.instance_key("web", "i0"), value
                 )
+                sample["command_alone_ms"] = _command_alone(w.root / "alone.log")
                 if k >= WARMUP:
                     samples.append(sample)
                 time.sleep(gap)
@@ -173,6 +180,14 @@ def _one_command_change(
     }
 
 
+def _command_alone(log: Path) -> float:
+    """The reload command started as lbsync starts it: call → its timestamp, in ms."""
+    argv = ["sh", "-c", f"echo $(date +%s%N) >> {log}"]
+    started_ns = time.time_ns()
+    run_command(argv, timeout=10.0, what="the bench's reload command failed")
+    return (int(log.read_text().split()[-1]) - started_ns) / 1e6
+
+
 def _line_count(path: Path) -> int:
     return len(path.read_text().split()) if path.exists() else 0
 
@@ -185,6 +200,7 @@ def command_main(args: argparse.Namespace) -> dict[str, Any]:
         samples = result["samples"]
         fields = [
             "reload_command_ms",
+            "command_alone_ms",
             *sorted({k for s in samples for k in s if k.startswith("round_")}),
         ]
         result["stats"] = {f: report.summary([s.get(f, 0.0) for s in samples]) for f in fields}
@@ -198,6 +214,7 @@ def command_main(args: argparse.Namespace) -> dict[str, Any]:
                 p50,
                 p99,
                 stats.get("round_swap_ms", {}).get("p50", 0.0),
+                f"{stats['command_alone_ms']['p50']:.2f} / {stats['command_alone_ms']['p99']:.2f}",
                 "-" if target is None else f"≤ {target[0]:g} / ≤ {target[1]:g}",
                 "-"
                 if target is None
@@ -206,7 +223,15 @@ def command_main(args: argparse.Namespace) -> dict[str, Any]:
         )
     report.table(
         "put acknowledged → reload command runs, command driver, one service (ms)",
-        ["instances", "p50", "p99", "swap p50", "target p50 / p99", "verdict"],
+        [
+            "instances",
+            "p50",
+            "p99",
+            "swap p50",
+            "command alone p50 / p99",
+            "target p50 / p99",
+            "verdict",
+        ],
         rows,
     )
     data = {"machine": report.machine(), "args": vars(args), "results": results}
