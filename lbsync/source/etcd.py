@@ -49,7 +49,11 @@ from lbsync.source.stream import (
 
 log = structlog.get_logger("lbsync.source")
 
+# The first page of a full read, in keys; the next pages are sized to about PAGE_BYTES
+# (``stream.next_page_limit``): 16 MiB is 1/16 of the gRPC receive limit, so a prefix
+# whose later keys are 16 times bigger than its first ones still fits.
 PAGE_SIZE = 5000
+PAGE_BYTES = 16 * 1024 * 1024
 BACKOFF_INITIAL = 0.1
 # Low on purpose: a restarted etcd must be found within ~1 s (issue 4 asks convergence
 # within 2 s of etcd being healthy). With a 5 s cap, an 8 s outage converged in up to
@@ -85,13 +89,16 @@ class EtcdSource:
     Not thread-safe: use one instance from one thread (``close`` may come from another).
     """
 
-    def __init__(self, settings: EtcdSettings, *, page_size: int = PAGE_SIZE) -> None:
+    def __init__(
+        self, settings: EtcdSettings, *, page_size: int = PAGE_SIZE, page_bytes: int = PAGE_BYTES
+    ) -> None:
         """Raises ConfigError at once for unusable endpoints or unreadable TLS/password files."""
-        if page_size < 1:
-            raise ValueError("page_size must be at least 1")
+        if page_size < 1 or page_bytes < 1:
+            raise ValueError("page_size and page_bytes must be at least 1")
         check_settings(settings)
         self.settings = settings
         self.page_size = page_size
+        self.page_bytes = page_bytes
         self._prefix = watch_prefix(settings.prefix)
         self._lock = threading.Lock()
         self._client: Any = None
@@ -156,7 +163,11 @@ class EtcdSource:
             try:
                 with translated(endpoint):
                     return read_pages(
-                        client, self._prefix, prefix_range_end(self._prefix), self.page_size
+                        client,
+                        self._prefix,
+                        prefix_range_end(self._prefix),
+                        self.page_size,
+                        self.page_bytes,
                     )
             except (RevisionCompacted, TokenRejected) as exc:
                 if attempt:

@@ -13,7 +13,7 @@ import structlog
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 
-from lbsync.model import KeyEvent, KeyValue, SourceReset
+from lbsync.model import KeyEvent, SourceReset
 
 log = structlog.get_logger("lbsync.source")
 
@@ -31,12 +31,26 @@ def _decode_key(raw: bytes) -> str | None:
         return None
 
 
-def _key_values(kvs: Any) -> list[KeyValue]:
+def _key_values(kvs: Any) -> list[dict[str, Any]]:
+    """The fields of each readable key, validated later in one ``SourceReset`` call: one
+    pydantic call for the whole read costs ~25% less than one ``KeyValue(...)`` per key.
+
+    Keys are UTF-8 unless someone wrote a hostile one: one comprehension for the page
+    (~25% less CPU than a loop with a call per key), the loop that skips a bad key only
+    for a page that has one.
+    """
+    try:
+        return [
+            {"key": kv.key.decode(), "value": kv.value, "mod_revision": kv.mod_revision}
+            for kv in kvs
+        ]
+    except UnicodeDecodeError:
+        pass
     out = []
     for kv in kvs:
         key = _decode_key(kv.key)
         if key is not None:
-            out.append(KeyValue(key=key, value=bytes(kv.value), mod_revision=kv.mod_revision))
+            out.append({"key": key, "value": kv.value, "mod_revision": kv.mod_revision})
     return out
 
 
@@ -56,21 +70,46 @@ def key_events(events: Any) -> list[KeyEvent]:
     return out
 
 
-def read_pages(client: Any, start: bytes, end: bytes, page_size: int) -> SourceReset:
+def next_page_limit(page_size: int, page_bytes: int, keys: int, size: int) -> int:
+    """How many keys to ask for next: about ``page_bytes`` at the average size read so far,
+    never fewer than ``page_size``.
+
+    etcd 3.4 walks every key left in the range to count it for each page (``count`` in
+    the response), so small pages make a big read O(n²/page): 100,000 keys in pages of
+    5,000 took 470-670 ms in etcd alone (the first page ~30 ms, the last ~8), in one page
+    150 ms. Sizing pages by bytes keeps each response far below the gRPC receive limit
+    (``client._MAX_MESSAGE``) while a prefix of small values is read in two pages.
+    """
+    if keys <= 0 or size <= 0:
+        return page_size
+    return max(page_size, page_bytes * keys // size)
+
+
+def read_pages(
+    client: Any, start: bytes, end: bytes, page_size: int, page_bytes: int
+) -> SourceReset:
     """Page through [start, end) with every page pinned to the first page's revision.
 
-    The reset carries the first page's header: its revision and etcd's cluster id."""
-    kvs: list[KeyValue] = []
+    The first page holds ``page_size`` keys, the next ones about ``page_bytes`` each (see
+    ``next_page_limit``). The reset carries the first page's header: its revision and
+    etcd's cluster id."""
+    kvs: list[dict[str, Any]] = []
     revision: int | None = None
     cluster_id = 0
+    limit, keys_read, bytes_read = page_size, 0, 0
     while True:
-        resp = client.get_range_response(start, end, limit=page_size, revision=revision)
+        resp = client.get_range_response(start, end, limit=limit, revision=revision)
         if revision is None:
             revision, cluster_id = int(resp.header.revision), int(resp.header.cluster_id)
         kvs.extend(_key_values(resp.kvs))
         if not resp.more or not resp.kvs:
-            return SourceReset(revision=revision, kvs=tuple(kvs), cluster_id=cluster_id)
+            return SourceReset.model_validate(
+                {"revision": revision, "kvs": kvs, "cluster_id": cluster_id}
+            )
         start = bytes(resp.kvs[-1].key) + b"\0"
+        keys_read += len(resp.kvs)
+        bytes_read += resp.ByteSize()
+        limit = next_page_limit(page_size, page_bytes, keys_read, bytes_read)
 
 
 class StreamEnded(Exception):

@@ -66,7 +66,7 @@ def test_source_reads_and_watches_through_the_proxy(
 ) -> None:
     for i in range(20):
         writer.put(f"{PREFIX}/services/web/instances/i{i:02}", f"10.0.0.{i}:80")
-    running = run_source(settings_for(proxy.endpoint), page_size=7)  # paged via the proxy
+    running = run_source(settings_for(proxy.endpoint), page_size=7, page_bytes=1)  # paged
     rec = running.recorder
     wait_for(rec.connected, what="the watch through the proxy")
     assert len(rec.resets()[0].kvs) == 20

@@ -66,7 +66,7 @@ def test_read_all_returns_exactly_the_keys_under_the_prefix_across_pages(
     writer.put("/elsewhere", "outside")
     etcd.etcdctl("put", f"{PREFIX}/\udcff".encode(errors="surrogateescape"), "bad key")
 
-    source = EtcdSource(settings_for(etcd.endpoint), page_size=4)
+    source = EtcdSource(settings_for(etcd.endpoint), page_size=4, page_bytes=1)  # 4 a page
     try:
         reset = source.read_all()
     finally:
@@ -79,8 +79,12 @@ def test_read_all_returns_exactly_the_keys_under_the_prefix_across_pages(
     assert 0 < last < reset.revision
 
 
+@pytest.mark.parametrize(
+    "page_bytes",
+    [pytest.param(1, id="pages-of-2"), pytest.param(400, id="pages-growing-by-bytes")],
+)
 def test_read_all_pages_are_pinned_to_one_revision_under_concurrent_writes(
-    etcd: EtcdServer, writer: EtcdWriter
+    etcd: EtcdServer, writer: EtcdWriter, page_bytes: int
 ) -> None:
     for i in range(30):
         writer.put(f"{PREFIX}/k{i:02}", "initial")
@@ -96,7 +100,7 @@ def test_read_all_pages_are_pinned_to_one_revision_under_concurrent_writes(
 
     thread = threading.Thread(target=churn)
     thread.start()
-    source = EtcdSource(settings_for(etcd.endpoint), page_size=2)
+    source = EtcdSource(settings_for(etcd.endpoint), page_size=2, page_bytes=page_bytes)
     try:
         wait_for(lambda: writer.revision() > 60, what="churn to start")
         resets = [source.read_all() for _ in range(3)]
