@@ -171,7 +171,7 @@ def parse_duration(text: str) -> float:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from lbsync.config import load_settings
+    from lbsync.config_file import load_settings
 
     return load_settings(args.config)
 
@@ -180,7 +180,8 @@ def _etcd_settings(args: argparse.Namespace) -> EtcdSettings:
     """[etcd] from the config file if it exists, then --endpoint/--prefix on top."""
     from pydantic import ValidationError
 
-    from lbsync.config import EtcdSettings, load_settings
+    from lbsync.config import EtcdSettings
+    from lbsync.config_file import load_settings
 
     exists = args.config.exists()
     base = load_settings(args.config, targets_optional=True).etcd if exists else EtcdSettings()
@@ -196,8 +197,8 @@ def _etcd_settings(args: argparse.Namespace) -> EtcdSettings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lbsync.config import prepare_state_dir
     from lbsync.daemon import Daemon
+    from lbsync.state_dir import prepare_state_dir
 
     settings = _settings(args)
     prepare_state_dir(settings)
@@ -209,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from lbsync import oneshot, state_lock
-    from lbsync.config import prepare_state_dir
+    from lbsync.state_dir import prepare_state_dir
 
     settings = _settings(args)
     if args.once:
@@ -266,7 +267,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from lbsync import status
-    from lbsync.config import load_settings
+    from lbsync.config_file import load_settings
     from lbsync.probes import DEFAULT_POLICY, policy_of
 
     listen, probes = args.http, DEFAULT_POLICY
@@ -283,7 +284,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from lbsync.config import load_settings
+    from lbsync.config_file import load_settings
     from lbsync.probe.run import Prober, prober_name
 
     settings = load_settings(args.config, targets_optional=True)
@@ -307,7 +308,7 @@ def _key_value(item: str) -> tuple[str, str]:
 
 def cmd_confirm(args: argparse.Namespace) -> int:
     from lbsync import guard, state_lock
-    from lbsync.config import prepare_state_dir
+    from lbsync.state_dir import prepare_state_dir
 
     settings = _settings(args)
     prepare_state_dir(settings)
@@ -334,7 +335,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_migrate_confd(args: argparse.Namespace) -> int:
     from lbsync import oneshot
     from lbsync.confd import migrate
-    from lbsync.config import load_settings
+    from lbsync.config_file import load_settings
 
     migration = migrate.convert(args.confdir, args.config)
     config = migrate.write(migration, args.out)

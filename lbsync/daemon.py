@@ -37,7 +37,8 @@ import structlog
 
 from lbsync import memory, metrics, saved_catalog, state_lock, systemd
 from lbsync.catalog import Catalog
-from lbsync.config import Settings, load_settings
+from lbsync.config import Settings
+from lbsync.config_file import load_settings
 from lbsync.drivers.base import DriverFactory, driver_for
 from lbsync.errors import ConfigError, InvalidValue, LbsyncError
 from lbsync.guard import Guard, confirmed_at

@@ -31,7 +31,7 @@ from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from lbsync import config
+from lbsync import config, config_file
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "docs" / "configuration.md"
@@ -247,7 +247,7 @@ def _default_text(field: FieldInfo, duration: bool) -> str:
 def _env_text(place: Place, key: str, example: object | None, duration: bool) -> str:
     if not place.env:
         return f"none (inside `{place.header}`: set it in the file)"
-    name = config.ENV_PREFIX + "__".join([*place.toml_path, key]).upper()
+    name = config_file.ENV_PREFIX + "__".join([*place.toml_path, key]).upper()
     if example is None:
         return f"`{name}`"
     text = f"`{name}={env_value(example, duration=duration)}`"

@@ -13,7 +13,7 @@ next to it, as in a read-only directory) an existing file is rewritten in place
 ``restore`` uses) and as a file under ``backup_dir`` (last-known-good, for operators; not
 fsynced, it is a convenience copy): the replaced file itself, hard-linked there before
 the rename, where the filesystems allow it. ``backup_dir`` and the staging tree are
-under ``state_dir``, which only lbsync may write to (``config.prepare_state_dir``).
+under ``state_dir``, which only lbsync may write to (``state_dir.prepare_state_dir``).
 """
 
 from __future__ import annotations

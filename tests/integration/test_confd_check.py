@@ -15,7 +15,8 @@ from lbsync.cli import EXIT_OK, EXIT_PENDING, main
 from lbsync.confd import migrate
 from lbsync.confd.resources import read_resources
 from lbsync.confd.store import go_path_join
-from lbsync.config import EtcdSettings, load_settings
+from lbsync.config import EtcdSettings
+from lbsync.config_file import load_settings
 from lbsync.source import EtcdWriter
 from tests.confd.reference import FIXTURES, GoRender, fixture_keys, go_render
 from tests.harness.daemon import RunningDaemon

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from lbsync.config import Settings, settings_from_dict
+from lbsync.config import Settings
+from lbsync.config_file import settings_from_dict
 from lbsync.drivers.haproxy.driver import HaproxyDriver
 from lbsync.drivers.haproxy.state import config_servers
 from lbsync.model import Service, Snapshot

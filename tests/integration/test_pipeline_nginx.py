@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lbsync.cli import main as cli
-from lbsync.config import Settings, settings_from_dict
+from lbsync.config import Settings
+from lbsync.config_file import settings_from_dict
 from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, http_get, only_served_by
 from tests.harness.daemon import RunningDaemon

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lbsync.config import Settings, settings_from_dict
+from lbsync.config import Settings
+from lbsync.config_file import settings_from_dict
 from lbsync.model import State
 from lbsync.probe.run import Prober
 from lbsync.source.writer import EtcdWriter

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from lbsync.config import settings_from_dict
+from lbsync.config_file import settings_from_dict
 from lbsync.drivers.haproxy.master import Cli
 from lbsync.drivers.haproxy.state import config_servers
 from lbsync.reconcile import RUNTIME_STATE_LOST

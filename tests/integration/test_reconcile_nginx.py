@@ -12,7 +12,8 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from lbsync.config import Settings, settings_from_dict
+from lbsync.config import Settings
+from lbsync.config_file import settings_from_dict
 from lbsync.reconcile import FILE_EDITED, LB_RESTARTED
 from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, only_served_by

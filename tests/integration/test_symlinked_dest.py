@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lbsync.config import TemplateSettings, settings_from_dict
+from lbsync.config import TemplateSettings
+from lbsync.config_file import settings_from_dict
 from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
 from tests.harness.daemon import RunningDaemon

@@ -13,7 +13,7 @@ from lbsync.catalog import Catalog
 from lbsync.cli import main
 from lbsync.confd import migrate
 from lbsync.confd.resources import read_confd_settings, read_resource
-from lbsync.config import load_settings
+from lbsync.config_file import load_settings
 from lbsync.errors import ConversionError
 from lbsync.model import KeyValue
 from lbsync.render import Renderer

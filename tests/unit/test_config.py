@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from lbsync.config import load_settings, parse_duration
+from lbsync.config import parse_duration
+from lbsync.config_file import load_settings
 from lbsync.errors import ConfigError
 
 GOOD = """

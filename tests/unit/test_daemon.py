@@ -10,7 +10,8 @@ import pytest
 
 from lbsync import memory, saved_catalog
 from lbsync.cli import main as cli
-from lbsync.config import Settings, settings_from_dict
+from lbsync.config import Settings
+from lbsync.config_file import settings_from_dict
 from lbsync.daemon import Daemon, etcd_source
 from lbsync.testing import FakeDriver, FakeSource
 from tests.harness.net import wait_for

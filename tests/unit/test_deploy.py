@@ -24,14 +24,8 @@ from pydantic import BaseModel
 
 from lbsync import metrics
 from lbsync.cli import build_parser, cmd_register, cmd_run
-from lbsync.config import (
-    CommandTarget,
-    HaproxyTarget,
-    NginxTarget,
-    Settings,
-    TemplateSettings,
-    load_settings,
-)
+from lbsync.config import CommandTarget, HaproxyTarget, NginxTarget, Settings, TemplateSettings
+from lbsync.config_file import load_settings
 from lbsync.oneshot import check_config
 from lbsync.render import Renderer
 from lbsync.testing import snapshot_from

@@ -14,8 +14,9 @@ from typing import Annotated, Literal
 import pytest
 from pydantic import Field, TypeAdapter
 
-from lbsync import config
-from lbsync.config import Duration, Section, apply_env_overrides, load_settings
+from lbsync import config, config_file
+from lbsync.config import Duration, Section
+from lbsync.config_file import apply_env_overrides, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "configuration.md"
@@ -97,10 +98,12 @@ def test_the_documented_environment_overrides_are_accepted_together() -> None:
     assert len(environ) > 10
     data = tomllib.loads(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
     apply_env_overrides(data, environ)
-    settings = config.settings_from_dict(data, base_dir=REPO, source="the documented overrides")
+    settings = config_file.settings_from_dict(
+        data, base_dir=REPO, source="the documented overrides"
+    )
     for name in environ:
         node: object = settings
-        for step in name.removeprefix(config.ENV_PREFIX).lower().split("__"):
+        for step in name.removeprefix(config_file.ENV_PREFIX).lower().split("__"):
             node = getattr(node, step)
         assert node is not None, name
 

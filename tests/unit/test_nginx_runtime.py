@@ -402,7 +402,7 @@ def test_defaults_keep_existing_configs_working() -> None:
     ],
 )
 def test_the_control_url_must_be_loopback_http(url: str) -> None:
-    from lbsync.config import settings_from_dict
+    from lbsync.config_file import settings_from_dict
 
     data = {
         "target": [

@@ -11,10 +11,12 @@ import pytest
 
 from lbsync import state_lock
 from lbsync.cli import main
-from lbsync.config import Settings, prepare_state_dir, settings_from_dict
+from lbsync.config import Settings
+from lbsync.config_file import settings_from_dict
 from lbsync.daemon import Daemon
 from lbsync.errors import ConfigError, StageError
 from lbsync.guard import CONFIRM_FILE, confirm_held, confirmed_at
+from lbsync.state_dir import prepare_state_dir
 from lbsync.testing import FakeDriver
 
 OTHER_UID = 12345

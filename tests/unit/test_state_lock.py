@@ -165,7 +165,7 @@ def test_confirm_without_a_daemon_says_so_and_touches_nothing(
 def test_sighup_cannot_move_the_daemon_to_another_state_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lbsync.config import load_settings
+    from lbsync.config_file import load_settings
     from lbsync.daemon import Daemon
     from lbsync.testing import FakeDriver
 
