@@ -31,12 +31,18 @@ def key(service: str, kind: str, iid: str) -> str:
 
 
 def settings_for(
-    etcd: EtcdServer, nginx: NginxServer, state_dir: Path, template: Path = UPSTREAMS_TEMPLATE
+    etcd: EtcdServer,
+    nginx: NginxServer,
+    state_dir: Path,
+    template: Path = UPSTREAMS_TEMPLATE,
+    **sections: object,
 ) -> Settings:
+    """``sections``: more top-level tables of lbsync.toml (``reconcile={...}``)."""
     target = nginx.target((template, nginx.conf_d / "upstreams.conf"))
     data = {
         "etcd": {"endpoints": [etcd.endpoint], "prefix": P},
         "wait": {"min": "0s", "max": "0s"},
+        **sections,
         "state_dir": str(state_dir),
         "target": [target.model_dump(by_alias=True, mode="json")],
     }

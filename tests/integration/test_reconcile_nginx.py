@@ -13,7 +13,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from lbsync.config import Settings
-from lbsync.config_file import settings_from_dict
 from lbsync.reconcile import FILE_EDITED, LB_RESTARTED
 from lbsync.source.writer import EtcdWriter
 from tests.harness.backends import Backend, only_served_by
@@ -21,7 +20,7 @@ from tests.harness.daemon import RunningDaemon
 from tests.harness.etcd import EtcdServer
 from tests.harness.net import wait_for
 from tests.harness.nginx import UPSTREAMS_TEMPLATE, NginxServer
-from tests.integration.test_pipeline_nginx import instance, key
+from tests.integration.test_pipeline_nginx import instance, key, settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,15 +34,7 @@ CONVERGE = 15.0
 def settings_with(
     etcd: EtcdServer, nginx: NginxServer, state_dir: Path, template: Path = UPSTREAMS_TEMPLATE
 ) -> Settings:
-    target = nginx.target((template, nginx.conf_d / "upstreams.conf"))
-    data = {
-        "etcd": {"endpoints": [etcd.endpoint], "prefix": P},
-        "wait": {"min": "0s", "max": "0s"},
-        "reconcile": RECONCILE,
-        "state_dir": str(state_dir),
-        "target": [target.model_dump(by_alias=True, mode="json")],
-    }
-    return settings_from_dict(data, base_dir=state_dir, source="test")
+    return settings_for(etcd, nginx, state_dir, template, reconcile=RECONCILE)
 
 
 @pytest.fixture
