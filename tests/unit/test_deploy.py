@@ -287,12 +287,17 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
 # --- systemd unit ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def unit() -> configparser.ConfigParser:
+def read_unit(path: Path) -> configparser.ConfigParser:
+    """A systemd unit file as sections of case-sensitive keys."""
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
-    parser.read_string(UNIT.read_text())
+    parser.read_string(path.read_text())
     return parser
+
+
+@pytest.fixture(scope="module")
+def unit() -> configparser.ConfigParser:
+    return read_unit(UNIT)
 
 
 def test_unit_has_the_required_settings(unit: configparser.ConfigParser) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lbsync.cli import build_parser, cmd_probe
-from tests.unit.test_deploy import SYSTEMD_ANALYZE, verified_exposure
+from tests.unit.test_deploy import SYSTEMD_ANALYZE, read_unit, verified_exposure
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "lbsync-probe.service"
@@ -17,10 +17,7 @@ UNIT = REPO / "deploy" / "systemd" / "lbsync-probe.service"
 
 @pytest.fixture(scope="module")
 def unit() -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
-    parser.read_string(UNIT.read_text())
-    return parser
+    return read_unit(UNIT)
 
 
 def test_the_prober_runs_without_any_capability_or_writable_path(
