@@ -26,6 +26,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from lbsync.errors import InvalidValue
 from lbsync.model import HealthMark, ProbeVerdict, SettingValue, State
@@ -265,6 +266,7 @@ def parse_state(key: str, raw: object) -> State:
 MAX_SHARED_METAS = 1024
 MAX_SHARED_META_ITEMS = 8
 _shared_metas: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+_K = TypeVar("_K")
 
 
 def parse_meta(key: str, raw: object) -> dict[str, str]:
@@ -275,11 +277,14 @@ def parse_meta(key: str, raw: object) -> dict[str, str]:
         return _parse_meta_items(key, raw)
     items = tuple(raw.items())
     meta = _shared_metas.get(items)
-    if meta is None:
-        meta = _parse_meta_items(key, raw)
-        if len(_shared_metas) >= MAX_SHARED_METAS:
-            _shared_metas.clear()
-        _shared_metas[items] = meta
+    return _share(_shared_metas, items, _parse_meta_items(key, raw)) if meta is None else meta
+
+
+def _share(cache: dict[_K, dict[str, str]], key: _K, meta: dict[str, str]) -> dict[str, str]:
+    """Keep ``meta`` for sharing under ``key``; past MAX_SHARED_METAS the cache starts over."""
+    if len(cache) >= MAX_SHARED_METAS:
+        cache.clear()
+    cache[key] = meta
     return meta
 
 
@@ -373,10 +378,7 @@ def _meta_from_text(key: str, text: bytes | None) -> dict[str, str]:
         return parse_meta(key, _NO_META)
     meta = _metas_by_text.get(text)
     if meta is None:
-        meta = parse_meta(key, _scan_json(text.decode("ascii"), 0)[0])
-        if len(_metas_by_text) >= MAX_SHARED_METAS:
-            _metas_by_text.clear()
-        _metas_by_text[text] = meta
+        return _share(_metas_by_text, text, parse_meta(key, _scan_json(text.decode("ascii"), 0)[0]))
     return meta
 
 
