@@ -131,6 +131,7 @@ class Daemon:
         self._fallback: StartFallback | None = None  # set by run()
         self._cluster_id = 0  # etcd's, from its latest full read
         self._changed_at: float | None = None  # first change not yet applied
+        self._settle_due = False  # a full load happened: settle memory after its round
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
         self.http_server: StatusServer | None = None
@@ -185,10 +186,13 @@ class Daemon:
                 self.handle(message)
         if self._fallback is not None and self._fallback.due(self.health.synced):
             self._load_saved_catalog()
+            if not self._settle_due:  # etcd unread and nothing saved: stop holding
+                memory.settle()  # the collector (``memory.hold``) for a first load
         if self.catalog.synced and (
             self.scheduler.is_due() or self._hold_may_end() or self._retry.due()
         ):
             self.run_round()
+            self._settle_memory()
         elif self._admitted is not None and self._clock() >= self._reconcile_at:
             self.reconcile()
         self._save_catalog()
@@ -301,7 +305,7 @@ class Daemon:
             self._cluster_id = message.cluster_id
             if self._fallback is not None:
                 self._fallback.read(self._origin())
-            memory.settle()
+            self._settle_due = True
             self.health.synced = True
             self.scheduler.changed()
             log.info("catalog.reset", revision=message.revision, keys=len(message.kvs))
@@ -379,6 +383,7 @@ class Daemon:
         if self._fallback is not None:
             self._fallback.loaded(saved)
         self.catalog.reset(saved.reset)
+        self._settle_due = True
         self._admitted = self.catalog.snapshot()
         self.health.saved_catalog_age = saved.age()
         self.health.saved_catalog_loaded_at = self._clock()
@@ -450,6 +455,14 @@ class Daemon:
     def _backoff(self, settings: Settings) -> Backoff:
         reconcile = settings.reconcile
         return Backoff(reconcile.retry_initial, reconcile.retry_max, self._clock)
+
+    def _settle_memory(self) -> None:
+        """``memory.settle`` after a full load, once the round it brought has run: its full
+        collection (~25 ms at 10,000 instances) would otherwise sit between the read and the
+        first applied config (and so would the collections ``memory.hold`` spares it)."""
+        if self._settle_due:
+            self._settle_due = False
+            memory.settle()
 
     def _start_source(self, source: Source | None = None) -> None:
         self._source = SourceRunner(source or self._source_factory(self.settings))
