@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -43,7 +44,6 @@ from lbsync.drivers.base import DriverFactory, driver_for
 from lbsync.errors import ConfigError, InvalidValue, LbsyncError
 from lbsync.guard import Guard, confirmed_at
 from lbsync.health import Health, status_document
-from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
@@ -53,6 +53,9 @@ from lbsync.render import Renderer
 from lbsync.saved_catalog import Origin, Saver, StartFallback
 from lbsync.scheduler import Clock, Scheduler
 from lbsync.source.runner import Source, SourceRunner
+
+if TYPE_CHECKING:
+    from lbsync.http import StatusServer
 
 log = structlog.get_logger("lbsync.daemon")
 
@@ -135,6 +138,8 @@ class Daemon:
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
         self.http_server: StatusServer | None = None
+        if settings.http.listen is not None:
+            metrics.enable()  # served: counted from the start (else not even imported)
         metrics.init_targets(p.name for p in self.pipelines)
         self._retry = self._backoff(settings)
         self._reconcile_at = clock() + settings.reconcile.interval
@@ -419,6 +424,8 @@ class Daemon:
     def _start_http(self) -> None:
         if self.settings.http.listen is None:
             return
+        from lbsync.http import StatusServer  # http.server & co: only for a daemon that serves
+
         server = StatusServer(
             self.settings.http.listen,
             status=self.status_document,
