@@ -13,6 +13,8 @@ from lbsync.cli import main as cli
 from lbsync.config import Settings
 from lbsync.config_file import settings_from_dict
 from lbsync.daemon import Daemon, etcd_source
+from lbsync.errors import RenderError
+from lbsync.render import Renderer
 from lbsync.testing import FakeDriver, FakeSource
 from tests.harness.net import wait_for
 
@@ -407,6 +409,38 @@ def test_a_full_load_settles_memory_after_its_round(
         first_round_applied(run)
         wait_for(lambda: reloads_at_settle, what="memory settled")
         assert reloads_at_settle == [1]  # once, and after the round's reload, not before
+    finally:
+        run.stop()
+
+
+def test_templates_are_compiled_while_the_first_read_is_awaited(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded: list[Path] = []
+    load = Renderer.load
+    monkeypatch.setattr(Renderer, "load", lambda self, src: loaded.append(src) or load(self, src))
+    source.available = False  # no read comes: whatever is compiled, is compiled before it
+    run = Running(make_settings(tmp_path), source, driver)
+    try:
+        wait_for(lambda: loaded, what="the template compiled")
+        assert loaded == [tmp_path / "t.j2"]
+        assert driver.calls == []
+    finally:
+        run.stop()
+
+
+def test_a_template_that_does_not_compile_fails_the_round_not_the_start(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver
+) -> None:
+    settings = make_settings(tmp_path)
+    (tmp_path / "t.j2").write_text("{% for s in services %}\n")  # no endfor
+    run = Running(settings, source, driver)
+    try:
+        outcomes = run.daemon.health.outcomes
+        wait_for(lambda: "lb" in outcomes, what="the first round")
+        assert outcomes["lb"].action == "failed"
+        assert isinstance(outcomes["lb"].error, RenderError)
+        assert driver.reloads == 0
     finally:
         run.stop()
 
