@@ -109,7 +109,8 @@ def test_the_daemon_reaches_its_first_round_without_metrics_psutil_or_an_http_se
     tmp_path: Path,
 ) -> None:
     """Without ``[http] listen`` nothing serves /metrics: prometheus_client is not even
-    imported; psutil only where /proc lacks something; http.server only to serve."""
+    imported; psutil only where /proc lacks something; http.server only to serve; nginx's
+    runtime mode only for a target that has it."""
     done = subprocess.run(
         [sys.executable, "-c", _DAEMON_TO_FIRST_ROUND, str(tmp_path)],
         capture_output=True,
@@ -122,4 +123,5 @@ def test_the_daemon_reaches_its_first_round_without_metrics_psutil_or_an_http_se
     modules = set(result["modules"])
     assert "lbsync.drivers.nginx.driver" in modules  # it did import the drivers
     lazy = {"prometheus_client", "psutil", "http.server", "socketserver", "lbsync.http"}
+    lazy.add("lbsync.drivers.nginx.runtime")  # nginx's runtime mode, off by default
     assert modules & lazy == set()
