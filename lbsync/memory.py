@@ -22,7 +22,7 @@ def hold() -> None:
 
     The imports and the catalog's full load allocate hundreds of thousands of objects
     that live as long as the process; the collector kept walking them on the way to the
-    first applied config (~200 young and 2 full collections, ~35 ms at 10,000 instances),
+    first applied config (~230 young and a full collection, ~45 ms at 10,000 instances),
     and found next to nothing to free. Reference counting still frees everything that is
     not in a cycle meanwhile.
     """

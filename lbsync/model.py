@@ -102,9 +102,11 @@ def source_reset(
     """A full read as the source hands it over: ``(key, value, mod_revision)`` per key, the
     key decoded, in etcd's order.
 
-    Built without a pydantic pass over the keys (~12 ms of CPU at 10,000 keys, ~200 ms
-    at 100,000): the types are the caller's contract (mypy's to check), and what matters
-    for safety, the key's and the value's content, the catalog validates by schema.
+    Built without a pydantic pass over the keys (a dict per key validated by
+    ``SourceReset.model_validate`` cost ~12 ms of CPU at 10,000 keys, ~200 ms at 100,000;
+    this, ~3 ms at 10,000): the types are the caller's contract (mypy's to check), and
+    what matters for safety, the key's and the value's content, the catalog validates by
+    schema.
     """
     return SourceReset.model_construct(
         revision=revision, kvs=tuple(map(KeyValue._make, kvs)), cluster_id=cluster_id
