@@ -197,6 +197,9 @@ def _etcd_settings(args: argparse.Namespace) -> EtcdSettings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from lbsync import memory
+
+    memory.hold()  # no cyclic collections until the first round is applied (settle)
     from lbsync.daemon import Daemon
     from lbsync.state_dir import prepare_state_dir
 

@@ -26,12 +26,14 @@ left there; a difference is applied again through the normal path (``drift.repai
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -40,10 +42,9 @@ from lbsync.catalog import Catalog
 from lbsync.config import Settings
 from lbsync.config_file import load_settings
 from lbsync.drivers.base import DriverFactory, driver_for
-from lbsync.errors import ConfigError, InvalidValue, LbsyncError
+from lbsync.errors import ConfigError, InvalidValue, LbsyncError, RenderError
 from lbsync.guard import Guard, confirmed_at
 from lbsync.health import Health, status_document
-from lbsync.http import StatusServer
 from lbsync.model import Snapshot, SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.outcome import Outcome
 from lbsync.pipeline import TargetPipeline
@@ -53,6 +54,9 @@ from lbsync.render import Renderer
 from lbsync.saved_catalog import Origin, Saver, StartFallback
 from lbsync.scheduler import Clock, Scheduler
 from lbsync.source.runner import Source, SourceRunner
+
+if TYPE_CHECKING:
+    from lbsync.http import StatusServer
 
 log = structlog.get_logger("lbsync.daemon")
 
@@ -131,9 +135,12 @@ class Daemon:
         self._fallback: StartFallback | None = None  # set by run()
         self._cluster_id = 0  # etcd's, from its latest full read
         self._changed_at: float | None = None  # first change not yet applied
+        self._settle_due = False  # a full load happened: settle memory after its round
         self._watchdog_every = systemd.watchdog_interval()
         self._watchdog_at = 0.0
         self.http_server: StatusServer | None = None
+        if settings.http.listen is not None:
+            metrics.enable()  # served: counted from the start (else not even imported)
         metrics.init_targets(p.name for p in self.pipelines)
         self._retry = self._backoff(settings)
         self._reconcile_at = clock() + settings.reconcile.interval
@@ -157,6 +164,7 @@ class Daemon:
         self._fallback = StartFallback(self._clock, self.settings.etcd.timeout)
         self._start_source()
         log.info("daemon.started", targets=[p.name for p in self.pipelines])
+        self._compile_templates()
         try:
             while not self.flags.stop:
                 self.step()
@@ -185,10 +193,13 @@ class Daemon:
                 self.handle(message)
         if self._fallback is not None and self._fallback.due(self.health.synced):
             self._load_saved_catalog()
+            if not self._settle_due:  # etcd unread and nothing saved: stop holding
+                memory.settle()  # the collector (``memory.hold``) for a first load
         if self.catalog.synced and (
             self.scheduler.is_due() or self._hold_may_end() or self._retry.due()
         ):
             self.run_round()
+            self._settle_memory()
         elif self._admitted is not None and self._clock() >= self._reconcile_at:
             self.reconcile()
         self._save_catalog()
@@ -301,7 +312,7 @@ class Daemon:
             self._cluster_id = message.cluster_id
             if self._fallback is not None:
                 self._fallback.read(self._origin())
-            memory.settle()
+            self._settle_due = True
             self.health.synced = True
             self.scheduler.changed()
             log.info("catalog.reset", revision=message.revision, keys=len(message.kvs))
@@ -379,6 +390,7 @@ class Daemon:
         if self._fallback is not None:
             self._fallback.loaded(saved)
         self.catalog.reset(saved.reset)
+        self._settle_due = True
         self._admitted = self.catalog.snapshot()
         self.health.saved_catalog_age = saved.age()
         self.health.saved_catalog_loaded_at = self._clock()
@@ -414,6 +426,8 @@ class Daemon:
     def _start_http(self) -> None:
         if self.settings.http.listen is None:
             return
+        from lbsync.http import StatusServer  # http.server & co: only for a daemon that serves
+
         server = StatusServer(
             self.settings.http.listen,
             status=self.status_document,
@@ -450,6 +464,24 @@ class Daemon:
     def _backoff(self, settings: Settings) -> Backoff:
         reconcile = settings.reconcile
         return Backoff(reconcile.retry_initial, reconcile.retry_max, self._clock)
+
+    def _compile_templates(self) -> None:
+        """Compile every target's templates while the source's first read is on its way
+        (the main thread would wait for etcd, then compile at the first render: ~10 ms at
+        start-up). A template that does not compile is left to the round, which reports
+        it as it always has."""
+        for pipeline in self.pipelines:
+            for template in pipeline.target.templates:
+                with contextlib.suppress(RenderError):
+                    pipeline.renderer.load(template.src)
+
+    def _settle_memory(self) -> None:
+        """``memory.settle`` after a full load, once the round it brought has run: its full
+        collection (~25 ms at 10,000 instances) would otherwise sit between the read and the
+        first applied config (and so would the collections ``memory.hold`` spares it)."""
+        if self._settle_due:
+            self._settle_due = False
+            memory.settle()
 
     def _start_source(self, source: Source | None = None) -> None:
         self._source = SourceRunner(source or self._source_factory(self.settings))

@@ -13,7 +13,7 @@ it (a slowloris client that drips one byte at a time is cut off all the same), a
 request's line and headers together may not exceed ``MAX_REQUEST_HEAD`` bytes.
 
 =========== ===================================================================
-``/metrics`` Prometheus text (or OpenMetrics when asked) from ``metrics.REGISTRY``
+``/metrics`` Prometheus text (or OpenMetrics when asked) from ``metrics.enable()``
 ``/healthz`` 200 ``ok`` / 503 reason — the process is alive and its loop turns
 ``/readyz``  200 ``ok`` / 503 reason — synced once and etcd reachable or fresh
 ``/status``  JSON: targets, last apply, held updates, staleness
@@ -354,7 +354,7 @@ class StatusServer:
         if registry is None:
             from lbsync import metrics
 
-            registry = metrics.REGISTRY
+            registry = metrics.enable().registry
         self.registry = registry
         self.max_connections = max_connections
         self.request_timeout = request_timeout

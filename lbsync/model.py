@@ -7,9 +7,9 @@ one after a single event costs one service, not the whole catalog.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from functools import cache, cached_property
-from typing import Any, Literal, Self
+from typing import Any, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict
 
@@ -63,8 +63,12 @@ _BADNESS = {State.UP: 0, State.DRAIN: 1, State.DOWN: 2}
 # --- what the source hands the catalog -------------------------------------------------
 
 
-class KeyValue(Frozen):
-    """One key as read from etcd. ``key`` is the full key, prefix included."""
+class KeyValue(NamedTuple):
+    """One key as read from etcd. ``key`` is the full key, prefix included.
+
+    A named tuple, not a model: a full read holds one per key (10,000 to 100,000 at
+    start-up), and nothing in it needs validating here: the source decodes the key and
+    the catalog validates key and value by schema (``lbsync.values``)."""
 
     key: str
     value: bytes
@@ -90,6 +94,23 @@ class SourceReset(Frozen):
     revision: int
     kvs: tuple[KeyValue, ...]
     cluster_id: int = 0
+
+
+def source_reset(
+    revision: int, kvs: Iterable[tuple[str, bytes, int]], cluster_id: int = 0
+) -> SourceReset:
+    """A full read as the source hands it over: ``(key, value, mod_revision)`` per key, the
+    key decoded, in etcd's order.
+
+    Built without a pydantic pass over the keys (a dict per key validated by
+    ``SourceReset.model_validate`` cost ~12 ms of CPU at 10,000 keys, ~200 ms at 100,000;
+    this, ~3 ms at 10,000): the types are the caller's contract (mypy's to check), and
+    what matters for safety, the key's and the value's content, the catalog validates by
+    schema.
+    """
+    return SourceReset.model_construct(
+        revision=revision, kvs=tuple(map(KeyValue._make, kvs)), cluster_id=cluster_id
+    )
 
 
 class SourceEvents(Frozen):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from itertools import compress, count
+from itertools import chain, compress, count
 from operator import is_not, ne
 from pathlib import Path
 from typing import Any, cast
@@ -165,7 +165,7 @@ def _benign_service(service: Service, benign_before: Service | None = None) -> b
     instances: Sequence[Instance] = service.instances
     if benign_before is not None:
         instances = _not_in(service.instances, benign_before.instances)
-    return all(_benign_instance(i) for i in instances)
+    return is_benign(" ".join(chain.from_iterable(map(_texts, instances))))
 
 
 def _not_in(instances: tuple[Instance, ...], before: tuple[Instance, ...]) -> list[Instance]:
@@ -176,11 +176,21 @@ def _not_in(instances: tuple[Instance, ...], before: tuple[Instance, ...]) -> li
     return [i for i in instances if id(i) not in known]
 
 
-def _benign_instance(instance: Instance) -> bool:
+def _texts(instance: Instance) -> list[str]:
+    """The instance's free-form strings.
+
+    Searched joined by a space, one search for a whole service: the pattern matches one
+    character at a time and a space is benign, so the joined text holds a structural
+    character exactly when one of the texts does (5 searches per instance took ~10 ms
+    of the first round at 10,000 instances)."""
     texts = [instance.id, instance.host, *instance.meta.keys(), *instance.meta.values()]
     if instance.health is not None:
         texts += [instance.health.reason, instance.health.by]
-    return all(is_benign(t) for t in texts)
+    return texts
+
+
+def _benign_instance(instance: Instance) -> bool:
+    return is_benign(" ".join(_texts(instance)))
 
 
 def _twin_service(service: Service) -> Service:

@@ -25,8 +25,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from lbsync.errors import InvalidValue
 from lbsync.model import HealthMark, ProbeVerdict, SettingValue, State
@@ -306,9 +305,12 @@ def _parse_meta_items(key: str, raw: dict[str, object]) -> dict[str, str]:
 # --- instances and health -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Registration:
-    """A parsed instance key, before its health mark is merged in."""
+class Registration(NamedTuple):
+    """A parsed instance key, before its health mark is merged in.
+
+    A named tuple: a full load builds one per instance, ~0.7 µs each against ~2 µs for
+    a frozen dataclass (whose ``__init__`` sets each field through ``object.__setattr__``).
+    """
 
     host: str
     port: int

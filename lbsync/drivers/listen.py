@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import psutil
 import structlog
 
 from lbsync.errors import ListenConflict
@@ -223,6 +222,8 @@ def _conflict_message(address: ListenAddress, sock: _Socket, reason: OSError, ow
 
 def _holders(sock: _Socket) -> list[tuple[int | None, str, str]]:
     """(pid, process name, bound address) of sockets overlapping ``sock``, where visible."""
+    import psutil  # here, not at the top: a round with no new listen address needs none
+
     try:
         conns = psutil.net_connections(kind=sock.proto)
     except (psutil.Error, OSError):
@@ -239,12 +240,16 @@ def _holders(sock: _Socket) -> list[tuple[int | None, str, str]]:
 def _process_name(pid: int | None) -> str:
     if not pid:
         return "?"
+    import psutil
+
     with contextlib.suppress(psutil.Error):
         return psutil.Process(pid).name()
     return "?"
 
 
 def _own_connections(pids: set[int]) -> list[object]:
+    import psutil
+
     conns: list[object] = []
     for pid in pids:
         try:
@@ -266,6 +271,8 @@ def _listening(conns: Iterable[object]) -> set[_Socket]:
 
 def _as_socket(conn: object, proto: Proto) -> _Socket | None:
     """A listening TCP or bound UDP socket as a ``_Socket``; None for anything else."""
+    import psutil
+
     laddr = getattr(conn, "laddr", None)
     status = getattr(conn, "status", None)
     if not laddr or (proto == "tcp" and status != psutil.CONN_LISTEN):

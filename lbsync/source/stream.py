@@ -13,7 +13,7 @@ import structlog
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 
-from lbsync.model import KeyEvent, SourceReset
+from lbsync.model import KeyEvent, SourceReset, source_reset
 
 log = structlog.get_logger("lbsync.source")
 
@@ -31,26 +31,22 @@ def _decode_key(raw: bytes) -> str | None:
         return None
 
 
-def _key_values(kvs: Any) -> list[dict[str, Any]]:
-    """The fields of each readable key, validated later in one ``SourceReset`` call: one
-    pydantic call for the whole read costs ~25% less than one ``KeyValue(...)`` per key.
+def _key_values(kvs: Any) -> list[tuple[str, bytes, int]]:
+    """``(key, value, mod_revision)`` of each readable key, for ``model.source_reset``.
 
     Keys are UTF-8 unless someone wrote a hostile one: one comprehension for the page
     (~25% less CPU than a loop with a call per key), the loop that skips a bad key only
     for a page that has one.
     """
     try:
-        return [
-            {"key": kv.key.decode(), "value": kv.value, "mod_revision": kv.mod_revision}
-            for kv in kvs
-        ]
+        return [(kv.key.decode(), kv.value, kv.mod_revision) for kv in kvs]
     except UnicodeDecodeError:
         pass
     out = []
     for kv in kvs:
         key = _decode_key(kv.key)
         if key is not None:
-            out.append({"key": key, "value": kv.value, "mod_revision": kv.mod_revision})
+            out.append((key, kv.value, kv.mod_revision))
     return out
 
 
@@ -93,7 +89,7 @@ def read_pages(
     The first page holds ``page_size`` keys, the next ones about ``page_bytes`` each (see
     ``next_page_limit``). The reset carries the first page's header: its revision and
     etcd's cluster id."""
-    kvs: list[dict[str, Any]] = []
+    kvs: list[tuple[str, bytes, int]] = []
     revision: int | None = None
     cluster_id = 0
     limit, keys_read, bytes_read = page_size, 0, 0
@@ -103,9 +99,7 @@ def read_pages(
             revision, cluster_id = int(resp.header.revision), int(resp.header.cluster_id)
         kvs.extend(_key_values(resp.kvs))
         if not resp.more or not resp.kvs:
-            return SourceReset.model_validate(
-                {"revision": revision, "kvs": kvs, "cluster_id": cluster_id}
-            )
+            return source_reset(revision, kvs, cluster_id)
         start = bytes(resp.kvs[-1].key) + b"\0"
         keys_read += len(resp.kvs)
         bytes_read += resp.ByteSize()

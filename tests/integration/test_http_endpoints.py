@@ -188,7 +188,7 @@ def test_concurrent_scrapes_while_metrics_change(server: StatusServer) -> None:
     worker.start()
     labels = {"target": "churn", "action": "unchanged"}
     wait_for(
-        lambda: metrics.REGISTRY.get_sample_value("lbsync_rounds_total", labels),
+        lambda: metrics.enable().registry.get_sample_value("lbsync_rounds_total", labels),
         what="churn to start",
     )
     try:

@@ -347,13 +347,14 @@ def test_a_push_without_the_token_or_with_a_wrong_one_is_refused(
 def test_tampering_with_the_token_is_found_by_the_poll_and_repaired(
     rig: Rig, backends: list[Backend]
 ) -> None:
+    series = metrics.enable()  # recording from the start
     b1, b2, foreign = backends
     applied = snap(5, app(inst(b1), inst(b2)))
     start(rig, applied)
     runtime = rig.driver.runtime
     assert runtime is not None
     assert rig.state().digests == {"app": digest(peers(applied.services["app"]))}  # as Lua has it
-    tampered = metrics.REGISTRY.get_sample_value(
+    tampered = series.registry.get_sample_value(
         "lbsync_runtime_tampered_total", {"target": "nginx-test"}
     )
     # a root attacker reads the token file and pushes its own peer at a higher revision
@@ -378,7 +379,7 @@ def test_tampering_with_the_token_is_found_by_the_poll_and_repaired(
     assert event["found_peers"] == [f"127.0.0.1:{foreign.port}/up/1"]
     assert sorted(event["expected_peers"]) == sorted(f"127.0.0.1:{b.port}/up/1" for b in (b1, b2))
     assert (
-        metrics.REGISTRY.get_sample_value("lbsync_runtime_tampered_total", {"target": "nginx-test"})
+        series.registry.get_sample_value("lbsync_runtime_tampered_total", {"target": "nginx-test"})
         == (tampered or 0) + 1
     )
     assert runtime.status()["tampered"] == 1

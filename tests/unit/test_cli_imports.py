@@ -75,3 +75,53 @@ def test_mark_imports_no_template_engine_metrics_or_prober(tmp_path: Path) -> No
     assert code == 1
     assert "grpc" in modules
     assert modules & (_RENDERING | _DAEMON_ONLY | _PROBER_ONLY) == set()
+
+
+_DAEMON_TO_FIRST_ROUND = """
+import importlib, json, sys
+from pathlib import Path
+from lbsync.config_file import settings_from_dict
+from lbsync.daemon import Daemon
+from lbsync.testing import FakeSource
+
+tmp = Path(sys.argv[1])
+(tmp / "t.j2").write_text("{% for s in services.values() %}{{ s.name }}{% endfor %}\\n")
+target = {"driver": "command", "reload_command": ["true"]}
+target["template"] = [{"src": str(tmp / "t.j2"), "dest": str(tmp / "out.conf")}]
+settings = settings_from_dict(
+    {"wait": {"min": "0s", "max": "0s"}, "state_dir": str(tmp / "state"),
+     "target": [{"name": "lb", **target}]},
+    base_dir=tmp, source="test.toml",
+)
+source = FakeSource({"services": {"web": {"instances": {"a": "10.0.0.1:80"}}}})
+daemon = Daemon(settings, source_factory=lambda _settings: source)
+for driver in ("nginx", "haproxy"):  # the LB drivers' modules, as a daemon of each imports
+    importlib.import_module(f"lbsync.drivers.{driver}")
+daemon._start_source()
+while "lb" not in daemon.health.outcomes:
+    daemon.step()
+daemon._stop_source()
+print(json.dumps({"action": daemon.health.outcomes["lb"].action, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_the_daemon_reaches_its_first_round_without_metrics_psutil_or_an_http_server(
+    tmp_path: Path,
+) -> None:
+    """Without ``[http] listen`` nothing serves /metrics: prometheus_client is not even
+    imported; psutil only where /proc lacks something; http.server only to serve; nginx's
+    runtime mode only for a target that has it."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DAEMON_TO_FIRST_ROUND, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["action"] == "reloaded"
+    modules = set(result["modules"])
+    assert "lbsync.drivers.nginx.driver" in modules  # it did import the drivers
+    lazy = {"prometheus_client", "psutil", "http.server", "socketserver", "lbsync.http"}
+    lazy.add("lbsync.drivers.nginx.runtime")  # nginx's runtime mode, off by default
+    assert modules & lazy == set()

@@ -13,6 +13,8 @@ from lbsync.cli import main as cli
 from lbsync.config import Settings
 from lbsync.config_file import settings_from_dict
 from lbsync.daemon import Daemon, etcd_source
+from lbsync.errors import RenderError
+from lbsync.render import Renderer
 from lbsync.testing import FakeDriver, FakeSource
 from tests.harness.net import wait_for
 
@@ -397,17 +399,100 @@ def test_settle_memory_freezes_what_is_loaded_and_trims_the_heap(
     gc.unfreeze()
 
 
-def test_a_full_load_settles_memory(
+def test_a_full_load_settles_memory_after_its_round(
     tmp_path: Path, source: FakeSource, driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[int] = []
-    monkeypatch.setattr(memory, "settle", lambda: calls.append(1))
+    reloads_at_settle: list[int] = []
+    monkeypatch.setattr(memory, "settle", lambda: reloads_at_settle.append(driver.reloads))
     run = Running(make_settings(tmp_path), source, driver)
     try:
         first_round_applied(run)
-        assert calls == [1]
+        wait_for(lambda: reloads_at_settle, what="memory settled")
+        assert reloads_at_settle == [1]  # once, and after the round's reload, not before
     finally:
         run.stop()
+
+
+def test_templates_are_compiled_while_the_first_read_is_awaited(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded: list[Path] = []
+    load = Renderer.load
+    monkeypatch.setattr(Renderer, "load", lambda self, src: loaded.append(src) or load(self, src))
+    source.available = False  # no read comes: whatever is compiled, is compiled before it
+    run = Running(make_settings(tmp_path), source, driver)
+    try:
+        wait_for(lambda: loaded, what="the template compiled")
+        assert loaded == [tmp_path / "t.j2"]
+        assert driver.calls == []
+    finally:
+        run.stop()
+
+
+def test_a_template_that_does_not_compile_fails_the_round_not_the_start(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver
+) -> None:
+    settings = make_settings(tmp_path)
+    (tmp_path / "t.j2").write_text("{% for s in services %}\n")  # no endfor
+    run = Running(settings, source, driver)
+    try:
+        outcomes = run.daemon.health.outcomes
+        wait_for(lambda: "lb" in outcomes, what="the first round")
+        assert outcomes["lb"].action == "failed"
+        assert isinstance(outcomes["lb"].error, RenderError)
+        assert driver.reloads == 0
+    finally:
+        run.stop()
+
+
+@pytest.fixture
+def collector_on() -> Iterator[None]:
+    """The cyclic collector as the test found it, whatever ``memory.hold`` did."""
+    assert gc.isenabled()
+    yield
+    memory._HOLD.active = False
+    gc.enable()
+
+
+def test_hold_turns_the_collector_off_until_settle(
+    collector_on: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory, "_malloc_trim", None)
+    memory.hold()
+    assert not gc.isenabled()
+    memory.settle()
+    assert gc.isenabled()
+    gc.unfreeze()
+
+
+def test_settle_leaves_a_collector_it_did_not_turn_off_as_it_is(
+    collector_on: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory, "_malloc_trim", None)
+    gc.disable()  # someone else's (an embedding application's) choice
+    memory.hold()
+    memory.settle()
+    assert not gc.isenabled()
+    gc.unfreeze()
+
+
+def test_an_unreachable_etcd_does_not_keep_the_collector_off(
+    tmp_path: Path, source: FakeSource, driver: FakeDriver, collector_on: None
+) -> None:
+    source.available = False
+    settings = make_settings(tmp_path)
+    settings = settings.model_copy(
+        update={"etcd": settings.etcd.model_copy(update={"timeout": 0.2})}
+    )
+    memory.hold()
+    run = Running(settings, source, driver)
+    try:
+        # no full load came within etcd.timeout and nothing is saved: the hold ends
+        wait_for(gc.isenabled, what="the collector back on")
+        assert driver.calls == []
+    finally:
+        run.stop()
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize(

@@ -467,7 +467,7 @@ def test_operations_doc_names_every_metric() -> None:
     text = OPERATIONS.read_text()
     names = {
         metric.name + ("_total" if metric.type == "counter" else "")
-        for metric in metrics.REGISTRY.collect()
+        for metric in metrics.enable().registry.collect()
         if metric.name.startswith("lbsync_")
     }
     assert names

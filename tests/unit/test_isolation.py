@@ -225,6 +225,7 @@ def test_a_checker_refusal_caused_by_one_service_holds_only_that_one(tmp_path: P
 
 
 def test_several_bad_services_among_many_changes_in_one_round(tmp_path: Path) -> None:
+    series = metrics.enable()  # recording from the start
     pipe, _driver, dest = make_pipeline(tmp_path, target_name="many")
     services = {f"s{n}": {"instances": {"a": f"10.0.2.{n}:80"}} for n in range(8)}
     etcd = Etcd({"services": services})
@@ -252,11 +253,11 @@ def test_several_bad_services_among_many_changes_in_one_round(tmp_path: Path) ->
     for n in range(8):
         applied = "10.0.3.1:80" in rendered[f"s{n}"]
         assert applied is (n not in (1, 4, 6)), rendered[f"s{n}"]
-    assert metrics.REGISTRY.get_sample_value("lbsync_services_held", {"target": "many"}) is None
+    assert series.registry.get_sample_value("lbsync_services_held", {"target": "many"}) is None
     metrics.record_outcome(outcome)
-    assert metrics.REGISTRY.get_sample_value("lbsync_services_held", {"target": "many"}) == 3
+    assert series.registry.get_sample_value("lbsync_services_held", {"target": "many"}) == 3
     holds = {"target": "many", "error": "RenderError"}
-    assert metrics.REGISTRY.get_sample_value("lbsync_service_holds_total", holds) == 2
+    assert series.registry.get_sample_value("lbsync_service_holds_total", holds) == 2
 
 
 def test_a_new_service_that_fails_stays_absent(tmp_path: Path) -> None:

@@ -15,6 +15,12 @@ from lbsync.testing import snapshot_from
 _names = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+def series() -> metrics._Series:
+    """The series, built (``metrics.enable``) before the test records anything."""
+    return metrics.enable()
+
+
 @pytest.fixture
 def target() -> str:
     """A target name no other test uses: the registry is process-wide, so compare deltas."""
@@ -22,14 +28,14 @@ def target() -> str:
 
 
 def value(name: str, **labels: str) -> float:
-    found = metrics.REGISTRY.get_sample_value(name, labels)
+    found = metrics.enable().registry.get_sample_value(name, labels)
     return 0.0 if found is None else found
 
 
 def test_the_registry_is_private_and_prefixed() -> None:
-    assert metrics.REGISTRY is not prometheus_client.REGISTRY
+    assert metrics.enable().registry is not prometheus_client.REGISTRY
     assert prometheus_client.REGISTRY.get_sample_value("lbsync_rejected_values_total") is None
-    text = prometheus_client.generate_latest(metrics.REGISTRY).decode()
+    text = prometheus_client.generate_latest(metrics.enable().registry).decode()
     own = {
         line.split()[2]
         for line in text.splitlines()
@@ -109,7 +115,7 @@ def test_success_after_failure_sets_the_gauge_back(target: str) -> None:
 
 def test_init_targets_creates_zero_series(target: str) -> None:
     assert (
-        metrics.REGISTRY.get_sample_value(
+        metrics.enable().registry.get_sample_value(
             "lbsync_rounds_total", {"target": target, "action": "failed"}
         )
         is None
@@ -117,10 +123,13 @@ def test_init_targets_creates_zero_series(target: str) -> None:
     metrics.init_targets([target])
     for action in metrics.ACTIONS:
         labels = {"target": target, "action": action}
-        assert metrics.REGISTRY.get_sample_value("lbsync_rounds_total", labels) == 0
+        assert metrics.enable().registry.get_sample_value("lbsync_rounds_total", labels) == 0
     labels = {"target": target, "result": "failed"}
-    assert metrics.REGISTRY.get_sample_value("lbsync_reloads_total", labels) == 0
-    assert metrics.REGISTRY.get_sample_value("lbsync_guard_holds_total", {"target": target}) == 0
+    assert metrics.enable().registry.get_sample_value("lbsync_reloads_total", labels) == 0
+    assert (
+        metrics.enable().registry.get_sample_value("lbsync_guard_holds_total", {"target": target})
+        == 0
+    )
 
 
 def test_event_to_apply_buckets(target: str) -> None:
@@ -162,7 +171,7 @@ def test_catalog_gauges_follow_snapshots() -> None:
     assert value("lbsync_instances", service="gauge-a", state="up") == 1
     assert value("lbsync_instances", service="gauge-a", state="down") == 0
     labels = {"service": "gauge-b", "state": "up"}
-    assert metrics.REGISTRY.get_sample_value("lbsync_instances", labels) is None  # cleared
+    assert metrics.enable().registry.get_sample_value("lbsync_instances", labels) is None  # cleared
 
 
 def test_set_catalog_recounts_only_changed_services() -> None:
@@ -170,7 +179,7 @@ def test_set_catalog_recounts_only_changed_services() -> None:
     snapshot = snapshot_from(data)
     metrics.set_catalog(snapshot)
     # Tamper with the gauge: an unchanged Service object is not recounted ...
-    metrics.INSTANCES.labels("memo", "up").set(42)
+    metrics.enable().instances.labels("memo", "up").set(42)
     metrics.set_catalog(snapshot.model_copy(update={"revision": snapshot.revision + 1}))
     assert value("lbsync_instances", service="memo", state="up") == 42
     # ... a new one is.

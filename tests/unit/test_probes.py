@@ -248,6 +248,7 @@ def test_a_new_policy_rebuilds_every_service_with_it(rejected: list[InvalidValue
 def test_panic_is_one_event_on_entry_and_one_on_exit_with_a_metric(
     rejected: list[InvalidValue],
 ) -> None:
+    series = metrics.enable()  # recording from the start
     catalog, watch = fleet(rejected), PanicWatch()
     for rev, iid in enumerate("abc", start=2):
         catalog.apply(event(probe(iid, "lb1"), DOWN, rev))
@@ -256,8 +257,8 @@ def test_panic_is_one_event_on_entry_and_one_on_exit_with_a_metric(
             snapshot = catalog.snapshot()
             watch.update(snapshot)
             metrics.set_catalog(snapshot)
-        assert metrics.PROBE_PANIC.labels("web")._value.get() == 1
-        assert metrics.PROBE_PANIC.labels("api")._value.get() == 0
+        assert series.probe_panic.labels("web")._value.get() == 1
+        assert series.probe_panic.labels("api")._value.get() == 0
         catalog.apply(event(probe("c", "lb1"), None, 9))
         snapshot = catalog.snapshot()
         watch.update(snapshot)
@@ -268,4 +269,4 @@ def test_panic_is_one_event_on_entry_and_one_on_exit_with_a_metric(
     ]
     assert logs[0]["probed_down"] == 3
     assert watch.services == frozenset()
-    assert metrics.PROBE_PANIC.labels("web")._value.get() == 0
+    assert series.probe_panic.labels("web")._value.get() == 0

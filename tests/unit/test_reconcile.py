@@ -201,11 +201,12 @@ def test_a_failed_round_is_retried_without_an_etcd_change(
 def test_a_hand_edited_file_is_repaired_and_logged_once(
     fast: Running, driver: FakeDriver, out: Path
 ) -> None:
+    series = metrics.enable()  # recording from the start
     first_round_applied(fast)
     # Nothing pending, so only the comparison (not a round) can put the file back; and an
     # edit of another size, so it shows even within the file system's timestamp tick.
     wait_for(lambda: fast.daemon.scheduler.due_in() is None, what="no round pending")
-    before = metrics.DRIFT_REPAIRED.labels("lb", FILE_EDITED)._value.get()
+    before = series.drift_repaired.labels("lb", FILE_EDITED)._value.get()
     with capture_logs() as events:
         out.write_text("web: 10.9.9.99:80\n")
         wait_for(lambda: content(out) == "web: 10.0.0.1:80\n", what="repaired")
@@ -216,7 +217,7 @@ def test_a_hand_edited_file_is_repaired_and_logged_once(
     assert len(repaired) == 1
     assert repaired[0]["kind"] == FILE_EDITED
     assert repaired[0]["files"] == [str(out)]
-    assert metrics.DRIFT_REPAIRED.labels("lb", FILE_EDITED)._value.get() == before + 1
+    assert series.drift_repaired.labels("lb", FILE_EDITED)._value.get() == before + 1
     assert driver.calls[-4:] == ["validate", "runtime", "reload", "verify"]
 
 

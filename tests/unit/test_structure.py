@@ -134,6 +134,44 @@ def test_an_injected_host_is_found_after_a_benign_version_of_its_service(in_plac
         run_check(check, snapshot)
 
 
+@pytest.mark.parametrize(
+    "unsafe",
+    [
+        {"host": "10.0.0.9;"},
+        {"id": "z}"},
+        {"meta": {"zone": "eu-1"}, "health": HealthMark(status=State.UP, by="#")},
+        {"meta": {"zo\nne": "eu-1"}},
+        {"meta": {"zone": "eu'1"}},
+        {"health": HealthMark(status=State.DRAIN, reason="down\\")},
+    ],
+)
+def test_one_unsafe_text_among_many_instances_makes_the_service_twinned(
+    unsafe: dict[str, object],
+) -> None:
+    """The service's texts are searched joined: one structural character in any field of
+    any one instance, first or last, still counts."""
+    benign = snapshot_from(CATALOG)
+    many = [
+        Instance(id=f"i{n}", host=f"10.1.0.{n}", port=80, meta={"zone": "eu-1"}) for n in range(50)
+    ]
+    for position in (0, 50):
+        fields: dict[str, object] = {"id": "x", "host": "10.0.0.9", "port": 80, **unsafe}
+        instances = list(many)
+        instances.insert(position, Instance.model_construct(**fields))
+        web = benign.services["web"].model_copy(update={"instances": tuple(instances)})
+        services = {**benign.services, "web": web}
+        snapshot = Snapshot.model_construct(revision=2, services=services, keys=benign.keys)
+        twin = checker("upstreams.conf.j2").twin(snapshot)
+        assert twin is not snapshot
+        assert twin.services["web"] is not web
+    services = {
+        **benign.services,
+        "web": benign.services["web"].model_copy(update={"instances": tuple(many)}),
+    }
+    all_benign = Snapshot.model_construct(revision=2, services=services, keys=benign.keys)
+    assert checker("upstreams.conf.j2").twin(all_benign) is all_benign
+
+
 def test_the_stock_templates_pass_with_structural_characters_in_a_reason() -> None:
     mark = HealthMark(status=State.DRAIN, reason='said "no"; {retry} #3')
     snapshot = hostile(snapshot_from(CATALOG), Instance(id="c", host="10.0.0.3", port=80))

@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from lbsync.config import HaproxyTarget
 from lbsync.drivers import procfs
 from lbsync.errors import DriverError, VerifyFailed
@@ -133,6 +131,8 @@ class Master:
 
     def own_pids(self) -> list[int]:
         """The master and its workers, when they are local processes we can see."""
+        import psutil
+
         try:
             found = self.processes(DriverError)
             if found.master_started is None:
@@ -149,6 +149,8 @@ class Master:
         the master must be a local ``haproxy`` process, so a stale pid file never gets
         an unrelated process signalled).
         """
+        import psutil
+
         problems = []
         if self.target.master_socket is not None:
             try:
@@ -211,6 +213,8 @@ class Master:
     def new_workers(self, before: MasterState) -> tuple[int, ...]:
         old = set(before.workers)
         if before.reloads is None:  # no master socket: the master's children
+            import psutil
+
             try:
                 children = psutil.Process(before.master_pid).children()
             except psutil.Error as exc:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -30,12 +30,14 @@ from lbsync.drivers.base import Driver, ReloadTicket, own_ticket, register_drive
 from lbsync.drivers.listen import check_listen
 from lbsync.drivers.nginx.config import NginxFiles, may_add_listens, mentions, nginx_listens
 from lbsync.drivers.nginx.lua import check_lua, luajit_available
-from lbsync.drivers.nginx.runtime import ControlBefore, RuntimeSync
 from lbsync.errors import ReloadFailed, ValidationFailed, VerifyFailed
 from lbsync.fileio import read_bytes, read_tail
 from lbsync.model import Snapshot
 from lbsync.stage.tree import StagedConfig
 from lbsync.structure import nginx_line_shape
+
+if TYPE_CHECKING:
+    from lbsync.drivers.nginx.runtime import ControlBefore, RuntimeSync
 
 log = structlog.get_logger("lbsync.drivers.nginx")
 
@@ -65,7 +67,13 @@ class NginxDriver(Driver):
 
     def __init__(self, target: NginxTarget) -> None:
         super().__init__(target)
-        self.runtime = RuntimeSync(target) if target.runtime else None
+        self.runtime: RuntimeSync | None = None
+        if target.runtime:
+            # imported here: runtime mode's Lua control client (http.client & co) is ~10 ms
+            # of every start that does not use it
+            from lbsync.drivers.nginx.runtime import RuntimeSync
+
+            self.runtime = RuntimeSync(target)
         self._warned_no_luajit = False
         self._lua_good: set[str] = set()  # digests of Lua code that compiled
         self._listen_files = NginxFiles()
