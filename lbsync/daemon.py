@@ -229,17 +229,20 @@ class Daemon:
         """Apply the current snapshot to every target, once each — if the guard admits it."""
         self.scheduler.round_done()
         snapshot = self.catalog.snapshot()
-        metrics.set_catalog(snapshot)
         self.panics.update(snapshot)
         decision = self.guard.admit(self._admitted, snapshot, self._confirmed_at)
+        admitted = decision.snapshot
+        if admitted is not None:
+            self._admitted = admitted
+        outcomes = [] if admitted is None else [p.apply(admitted) for p in self.pipelines]
+        # The gauges wait until the LB has its reload: they change nothing that is applied.
+        metrics.set_catalog(snapshot)
         metrics.set_guard(len(self.guard.holds), self.guard.holding)
         for pipeline in self.pipelines:
             metrics.guard_held(pipeline.name, len(decision.started))
-        if decision.snapshot is None:
+        if admitted is None:
             self._schedule_retry()  # a failing target waits for its next try, not in a spin
             return []
-        snapshot = self._admitted = decision.snapshot
-        outcomes = [pipeline.apply(snapshot) for pipeline in self.pipelines]
         self._record(outcomes)
         self._schedule_retry()
         if all(o.ok for o in outcomes):
@@ -249,7 +252,7 @@ class Daemon:
             # must not make systemd kill and restart lbsync in a loop (the LB is untouched
             # either way, and the failure is in the logs and metrics).
             self.health.ready_notified = True
-            systemd.ready(f"revision {snapshot.revision}, {snapshot.instance_count} instances")
+            systemd.ready(f"revision {admitted.revision}, {admitted.instance_count} instances")
         return outcomes
 
     def reconcile(self) -> None:

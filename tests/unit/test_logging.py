@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 
 import structlog
 
@@ -52,3 +53,12 @@ def test_other_values_are_left_alone() -> None:
     assert event["error"] == "a plain string"
     assert event["count"] == 3
     assert "key" not in event
+
+
+def test_values_json_cannot_hold_become_strings_and_json_values_stay() -> None:
+    event = logged(path=Path("/etc/nginx/conf.d/x.conf"), kinds={1, 2} - {2}, ok=True, n=None)
+
+    assert event["path"] == "/etc/nginx/conf.d/x.conf"
+    assert event["kinds"] == "{1}"
+    assert event["ok"] is True
+    assert event["n"] is None
