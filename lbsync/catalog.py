@@ -24,6 +24,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain, pairwise
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -79,6 +80,9 @@ class _ServiceState:
     in_order: list[Instance] = field(default_factory=list)
     changed: set[str] = field(default_factory=set)
     patchable: bool = False
+    # The last build's ids whose instance is not up: with none (or a few), the service's
+    # views by state come from the instance tuple in C instead of a pass per instance.
+    off: set[str] = field(default_factory=set)
 
     def empty(self) -> bool:
         return not (self.registrations or self.health or self.settings or self.probes)
@@ -88,20 +92,60 @@ class _ServiceState:
         if kind != "settings":
             self.changed.add(iid.partition("/")[0])
 
-    def build(self, name: str, policy: ProbePolicy = DEFAULT_POLICY) -> Service:
-        if self.patchable and not self.probes:
+    def build(
+        self, name: str, policy: ProbePolicy = DEFAULT_POLICY, previous: Service | None = None
+    ) -> Service:
+        """The service as it now is; ``previous``: the one the last build returned."""
+        patched = self.patchable and not self.probes
+        if patched:
             self._patch()
             panic = False
         else:
             panic = self._rebuild(policy)
-        self.changed = set()
-        return Service.model_construct(
+        service = Service.model_construct(
             _SERVICE_FIELDS,
             name=name,
             instances=tuple(self.in_order),
             settings=dict(sorted(self.settings.items())),
             panic=panic,
         )
+        self._seed_views(service, previous if patched else None)
+        self.changed = set()
+        return service
+
+    def _seed_views(self, service: Service, previous: Service | None) -> None:
+        """Fill ``service``'s views by state (its cached ``up``, ``draining``, ``down``,
+        ``up_ids``) from what this state knows, where that is cheaper than the pass per
+        instance they would otherwise take: ~22 ms a change for one service of 100,000,
+        paid by the guard's ``up_ids`` and the render's ``up``.
+
+        The views are cut from the instance tuple at the few positions of the instances
+        not up (none: ``up`` is that tuple); ``up_ids`` is the previous build's, patched
+        with the ids changed since, when that build's had been computed (``previous``:
+        a patched build, so its ids are those of the last build). Many instances not up:
+        left to the properties."""
+        instances = service.instances
+        if len(self.off) * 8 > len(instances):
+            return
+        at = sorted(bisect_left(self.order, iid) for iid in self.off)
+        others = [instances[index] for index in at]
+        views = service.__dict__
+        views["up"] = _without(instances, at)
+        views["draining"] = tuple([i for i in others if i.state is State.DRAIN])
+        views["down"] = tuple([i for i in others if i.state is State.DOWN])
+        before = None if previous is None else previous.__dict__.get("up_ids")
+        if before is not None:
+            views["up_ids"] = self._patched_up_ids(before)
+
+    def _patched_up_ids(self, before: frozenset[str]) -> frozenset[str]:
+        """``before`` (the last build's ids up) with the ids changed since brought up to date:
+        the very same set when none of them came or went."""
+        now_up = {iid for iid in self.changed if iid in self.instances and iid not in self.off}
+        added = now_up - before
+        removed = (self.changed - now_up) & before
+        if not added and not removed:
+            return before
+        return (before - removed) | added
 
     def _rebuild(self, policy: ProbePolicy) -> bool:
         """Every instance, reusing those whose inputs are the same objects; the panic."""
@@ -131,6 +175,7 @@ class _ServiceState:
         self.instances = built
         self.order = ids
         self.in_order = [entry[4] for entry in built.values()]
+        self.off = {iid for iid, entry in built.items() if entry[4].state is not State.UP}
         self.patchable = probed is None
         return panic
 
@@ -140,6 +185,7 @@ class _ServiceState:
             at = bisect_left(self.order, iid)
             present = at < len(self.order) and self.order[at] == iid
             reg = self.registrations.get(iid)
+            self.off.discard(iid)
             if reg is None:
                 self.instances.pop(iid, None)
                 if present:
@@ -153,6 +199,8 @@ class _ServiceState:
                     iid, reg, health, _NO_VERDICTS, probed_down=False, applied=False
                 )
                 self.instances[iid] = (reg, health, None, False, instance)
+            if instance.state is not State.UP:
+                self.off.add(iid)
             if present:
                 self.in_order[at] = instance
             else:
@@ -171,6 +219,14 @@ class _ServiceState:
     def _base_state(self, iid: str) -> State:
         health = self.health.get(iid)
         return self.registrations[iid].state.worse(health.status if health else None)
+
+
+def _without(items: tuple[Instance, ...], at: list[int]) -> tuple[Instance, ...]:
+    """``items`` but those at the sorted positions ``at`` (none: ``items`` itself)."""
+    if not at:
+        return items
+    bounds = pairwise([-1, *at, len(items)])
+    return tuple(chain.from_iterable(items[start + 1 : end] for start, end in bounds))
 
 
 # Every field is set, and a frozen model never changes its fields-set: one shared set
@@ -306,7 +362,8 @@ class Catalog:
                     self._services.pop(name, None)
                     self._built.pop(name, None)
                 else:
-                    self._built[name] = state.build(name, self._probe_policy)
+                    previous = self._built.get(name)
+                    self._built[name] = state.build(name, self._probe_policy, previous)
         self._dirty.clear()
         services = {name: self._built[name] for name in sorted(self._built)}
         return Snapshot.model_construct(
