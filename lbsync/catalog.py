@@ -25,13 +25,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
-from lbsync import keys
+from lbsync import keymap, keys
 from lbsync.errors import InvalidValue
-from lbsync.keymap import KeyMap, group_of
+from lbsync.keymap import Buckets, KeyMap, bucket_of, group_of
 from lbsync.model import (
     HealthMark,
     Instance,
@@ -306,9 +306,12 @@ class Catalog:
         self.revision = 0
         self._on_reject = on_reject or (lambda _err: None)
         # Raw keys by group (``lbsync.keymap``); a group handed to a snapshot is shared
-        # with it, and copied before the catalog changes it (copy on write).
-        self._keys: dict[str, dict[str, str]] = {}
+        # with it, and copied before the catalog changes it (copy on write); of a big
+        # group (Buckets), the list of buckets, then each bucket written (``_owned``).
+        self._keys: dict[str, dict[str, str] | Buckets] = {}
         self._shared_groups: set[str] = set()
+        self._owned: dict[str, set[int]] = {}
+        self._bucketing = True
         self._services: dict[str, _ServiceState] = {}
         self._built: dict[str, Service] = {}
         self._dirty: set[str] = set()
@@ -330,13 +333,20 @@ class Catalog:
         """Replace everything with a full read (start-up or after compaction)."""
         self._keys.clear()
         self._shared_groups.clear()
+        self._owned.clear()
         self._services.clear()
         self._built.clear()
         self._rejected.clear()
         self._dirty.clear()
-        with _no_cyclic_gc():
-            for kv in reset.kvs:
-                self._put(kv.key, kv.value)
+        self._bucketing = False  # a big group is made Buckets once, after the load
+        try:
+            with _no_cyclic_gc():
+                for kv in reset.kvs:
+                    self._put(kv.key, kv.value)
+        finally:
+            self._bucketing = True
+        for name in [name for name, group in self._keys.items() if len(group) > keymap.BIG_GROUP]:
+            self._to_buckets(name)
         self.revision = reset.revision
         self.synced = True
 
@@ -373,26 +383,52 @@ class Catalog:
     def _publish_keys(self) -> KeyMap:
         """The raw keys for a snapshot: O(groups), every group shared until written."""
         self._shared_groups = set(self._keys)
+        self._owned.clear()
         return KeyMap(dict(self._keys))
 
-    def _key_group(self, name: str) -> dict[str, str]:
-        """Group ``name``, ready to be written: a copy if a snapshot holds it."""
+    def _write_key(self, relative: str, value: str | None) -> None:
+        """Set one raw key (``value`` None: delete it), copying first what a snapshot
+        holds: the group, or of a big group the list of buckets and the bucket written."""
+        name = group_of(relative)
         group = self._keys.get(name)
         if group is None:
             group = self._keys[name] = {}
         elif name in self._shared_groups:
-            group = self._keys[name] = dict(group)
+            group = self._keys[name] = (
+                dict(group) if isinstance(group, dict) else Buckets(list(group.buckets))
+            )
             self._shared_groups.discard(name)
-        return group
+            self._owned[name] = set()
+        # ``type`` first: ``isinstance`` of a Mapping subclass costs an ABC check per key.
+        part = (
+            group if type(group) is dict else self._own_bucket(name, cast(Buckets, group), relative)
+        )
+        if value is not None:
+            part[relative] = value
+            if part is group and self._bucketing and len(group) > keymap.BIG_GROUP:
+                self._to_buckets(name)
+        else:
+            part.pop(relative, None)
+            if not group:
+                del self._keys[name]
+
+    def _to_buckets(self, name: str) -> None:
+        group = self._keys[name]
+        self._keys[name] = Buckets.of(group)  # new buckets: no snapshot holds them
+        self._owned[name] = set(range(keymap.BUCKETS))
+
+    def _own_bucket(self, name: str, group: Buckets, relative: str) -> dict[str, str]:
+        """The bucket of ``group`` for ``relative``, copied if a snapshot may hold it."""
+        index = bucket_of(relative)
+        owned = self._owned.setdefault(name, set())
+        if index not in owned:
+            group.buckets[index] = dict(group.buckets[index])
+            owned.add(index)
+        return group.buckets[index]
 
     def _forget_key(self, relative: str) -> None:
-        name = group_of(relative)
-        if relative not in self._keys.get(name, ()):
-            return
-        group = self._key_group(name)
-        del group[relative]
-        if not group:
-            del self._keys[name]
+        if relative in self._keys.get(group_of(relative), ()):
+            self._write_key(relative, None)
 
     def _apply_one(self, event: KeyEvent) -> str | None:
         if event.kind == "put":
@@ -403,7 +439,7 @@ class Catalog:
         relative = self._relative(key)
         if relative is None:
             return None
-        self._key_group(group_of(relative))[relative] = value.decode("utf-8", errors="replace")
+        self._write_key(relative, value.decode("utf-8", errors="replace"))
         self._rejected.pop(key, None)
         where = keys.place(relative)
         if where is None:
