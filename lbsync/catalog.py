@@ -24,13 +24,14 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from itertools import chain, pairwise
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
-from lbsync import keys
+from lbsync import keymap, keys
 from lbsync.errors import InvalidValue
-from lbsync.keymap import KeyMap, group_of
+from lbsync.keymap import Buckets, KeyMap, bucket_of, group_of
 from lbsync.model import (
     HealthMark,
     Instance,
@@ -79,6 +80,9 @@ class _ServiceState:
     in_order: list[Instance] = field(default_factory=list)
     changed: set[str] = field(default_factory=set)
     patchable: bool = False
+    # The last build's ids whose instance is not up: with none (or a few), the service's
+    # views by state come from the instance tuple in C instead of a pass per instance.
+    off: set[str] = field(default_factory=set)
 
     def empty(self) -> bool:
         return not (self.registrations or self.health or self.settings or self.probes)
@@ -88,20 +92,60 @@ class _ServiceState:
         if kind != "settings":
             self.changed.add(iid.partition("/")[0])
 
-    def build(self, name: str, policy: ProbePolicy = DEFAULT_POLICY) -> Service:
-        if self.patchable and not self.probes:
+    def build(
+        self, name: str, policy: ProbePolicy = DEFAULT_POLICY, previous: Service | None = None
+    ) -> Service:
+        """The service as it now is; ``previous``: the one the last build returned."""
+        patched = self.patchable and not self.probes
+        if patched:
             self._patch()
             panic = False
         else:
             panic = self._rebuild(policy)
-        self.changed = set()
-        return Service.model_construct(
+        service = Service.model_construct(
             _SERVICE_FIELDS,
             name=name,
             instances=tuple(self.in_order),
             settings=dict(sorted(self.settings.items())),
             panic=panic,
         )
+        self._seed_views(service, previous if patched else None)
+        self.changed = set()
+        return service
+
+    def _seed_views(self, service: Service, previous: Service | None) -> None:
+        """Fill ``service``'s views by state (its cached ``up``, ``draining``, ``down``,
+        ``up_ids``) from what this state knows, where that is cheaper than the pass per
+        instance they would otherwise take: ~22 ms a change for one service of 100,000,
+        paid by the guard's ``up_ids`` and the render's ``up``.
+
+        The views are cut from the instance tuple at the few positions of the instances
+        not up (none: ``up`` is that tuple); ``up_ids`` is the previous build's, patched
+        with the ids changed since, when that build's had been computed (``previous``:
+        a patched build, so its ids are those of the last build). Many instances not up:
+        left to the properties."""
+        instances = service.instances
+        if len(self.off) * 8 > len(instances):
+            return
+        at = sorted(bisect_left(self.order, iid) for iid in self.off)
+        others = [instances[index] for index in at]
+        views = service.__dict__
+        views["up"] = _without(instances, at)
+        views["draining"] = tuple([i for i in others if i.state is State.DRAIN])
+        views["down"] = tuple([i for i in others if i.state is State.DOWN])
+        before = None if previous is None else previous.__dict__.get("up_ids")
+        if before is not None:
+            views["up_ids"] = self._patched_up_ids(before)
+
+    def _patched_up_ids(self, before: frozenset[str]) -> frozenset[str]:
+        """``before`` (the last build's ids up) with the ids changed since brought up to date:
+        the very same set when none of them came or went."""
+        now_up = {iid for iid in self.changed if iid in self.instances and iid not in self.off}
+        added = now_up - before
+        removed = (self.changed - now_up) & before
+        if not added and not removed:
+            return before
+        return (before - removed) | added
 
     def _rebuild(self, policy: ProbePolicy) -> bool:
         """Every instance, reusing those whose inputs are the same objects; the panic."""
@@ -131,6 +175,7 @@ class _ServiceState:
         self.instances = built
         self.order = ids
         self.in_order = [entry[4] for entry in built.values()]
+        self.off = {iid for iid, entry in built.items() if entry[4].state is not State.UP}
         self.patchable = probed is None
         return panic
 
@@ -140,6 +185,7 @@ class _ServiceState:
             at = bisect_left(self.order, iid)
             present = at < len(self.order) and self.order[at] == iid
             reg = self.registrations.get(iid)
+            self.off.discard(iid)
             if reg is None:
                 self.instances.pop(iid, None)
                 if present:
@@ -153,6 +199,8 @@ class _ServiceState:
                     iid, reg, health, _NO_VERDICTS, probed_down=False, applied=False
                 )
                 self.instances[iid] = (reg, health, None, False, instance)
+            if instance.state is not State.UP:
+                self.off.add(iid)
             if present:
                 self.in_order[at] = instance
             else:
@@ -171,6 +219,14 @@ class _ServiceState:
     def _base_state(self, iid: str) -> State:
         health = self.health.get(iid)
         return self.registrations[iid].state.worse(health.status if health else None)
+
+
+def _without(items: tuple[Instance, ...], at: list[int]) -> tuple[Instance, ...]:
+    """``items`` but those at the sorted positions ``at`` (none: ``items`` itself)."""
+    if not at:
+        return items
+    bounds = pairwise([-1, *at, len(items)])
+    return tuple(chain.from_iterable(items[start + 1 : end] for start, end in bounds))
 
 
 # Every field is set, and a frozen model never changes its fields-set: one shared set
@@ -250,9 +306,12 @@ class Catalog:
         self.revision = 0
         self._on_reject = on_reject or (lambda _err: None)
         # Raw keys by group (``lbsync.keymap``); a group handed to a snapshot is shared
-        # with it, and copied before the catalog changes it (copy on write).
-        self._keys: dict[str, dict[str, str]] = {}
+        # with it, and copied before the catalog changes it (copy on write); of a big
+        # group (Buckets), the list of buckets, then each bucket written (``_owned``).
+        self._keys: dict[str, dict[str, str] | Buckets] = {}
         self._shared_groups: set[str] = set()
+        self._owned: dict[str, set[int]] = {}
+        self._bucketing = True
         self._services: dict[str, _ServiceState] = {}
         self._built: dict[str, Service] = {}
         self._dirty: set[str] = set()
@@ -274,13 +333,20 @@ class Catalog:
         """Replace everything with a full read (start-up or after compaction)."""
         self._keys.clear()
         self._shared_groups.clear()
+        self._owned.clear()
         self._services.clear()
         self._built.clear()
         self._rejected.clear()
         self._dirty.clear()
-        with _no_cyclic_gc():
-            for kv in reset.kvs:
-                self._put(kv.key, kv.value)
+        self._bucketing = False  # a big group is made Buckets once, after the load
+        try:
+            with _no_cyclic_gc():
+                for kv in reset.kvs:
+                    self._put(kv.key, kv.value)
+        finally:
+            self._bucketing = True
+        for name in [name for name, group in self._keys.items() if len(group) > keymap.BIG_GROUP]:
+            self._to_buckets(name)
         self.revision = reset.revision
         self.synced = True
 
@@ -306,7 +372,8 @@ class Catalog:
                     self._services.pop(name, None)
                     self._built.pop(name, None)
                 else:
-                    self._built[name] = state.build(name, self._probe_policy)
+                    previous = self._built.get(name)
+                    self._built[name] = state.build(name, self._probe_policy, previous)
         self._dirty.clear()
         services = {name: self._built[name] for name in sorted(self._built)}
         return Snapshot.model_construct(
@@ -316,26 +383,52 @@ class Catalog:
     def _publish_keys(self) -> KeyMap:
         """The raw keys for a snapshot: O(groups), every group shared until written."""
         self._shared_groups = set(self._keys)
+        self._owned.clear()
         return KeyMap(dict(self._keys))
 
-    def _key_group(self, name: str) -> dict[str, str]:
-        """Group ``name``, ready to be written: a copy if a snapshot holds it."""
+    def _write_key(self, relative: str, value: str | None) -> None:
+        """Set one raw key (``value`` None: delete it), copying first what a snapshot
+        holds: the group, or of a big group the list of buckets and the bucket written."""
+        name = group_of(relative)
         group = self._keys.get(name)
         if group is None:
             group = self._keys[name] = {}
         elif name in self._shared_groups:
-            group = self._keys[name] = dict(group)
+            group = self._keys[name] = (
+                dict(group) if isinstance(group, dict) else Buckets(list(group.buckets))
+            )
             self._shared_groups.discard(name)
-        return group
+            self._owned[name] = set()
+        # ``type`` first: ``isinstance`` of a Mapping subclass costs an ABC check per key.
+        part = (
+            group if type(group) is dict else self._own_bucket(name, cast(Buckets, group), relative)
+        )
+        if value is not None:
+            part[relative] = value
+            if part is group and self._bucketing and len(group) > keymap.BIG_GROUP:
+                self._to_buckets(name)
+        else:
+            part.pop(relative, None)
+            if not group:
+                del self._keys[name]
+
+    def _to_buckets(self, name: str) -> None:
+        group = self._keys[name]
+        self._keys[name] = Buckets.of(group)  # new buckets: no snapshot holds them
+        self._owned[name] = set(range(keymap.BUCKETS))
+
+    def _own_bucket(self, name: str, group: Buckets, relative: str) -> dict[str, str]:
+        """The bucket of ``group`` for ``relative``, copied if a snapshot may hold it."""
+        index = bucket_of(relative)
+        owned = self._owned.setdefault(name, set())
+        if index not in owned:
+            group.buckets[index] = dict(group.buckets[index])
+            owned.add(index)
+        return group.buckets[index]
 
     def _forget_key(self, relative: str) -> None:
-        name = group_of(relative)
-        if relative not in self._keys.get(name, ()):
-            return
-        group = self._key_group(name)
-        del group[relative]
-        if not group:
-            del self._keys[name]
+        if relative in self._keys.get(group_of(relative), ()):
+            self._write_key(relative, None)
 
     def _apply_one(self, event: KeyEvent) -> str | None:
         if event.kind == "put":
@@ -346,7 +439,7 @@ class Catalog:
         relative = self._relative(key)
         if relative is None:
             return None
-        self._key_group(group_of(relative))[relative] = value.decode("utf-8", errors="replace")
+        self._write_key(relative, value.decode("utf-8", errors="replace"))
         self._rejected.pop(key, None)
         where = keys.place(relative)
         if where is None:

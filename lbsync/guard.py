@@ -93,7 +93,8 @@ def judge_service(
         return None
     was = len(old.up_ids)
     now_ids = new.up_ids if new is not None else frozenset()
-    removed = len(old.up_ids - now_ids)
+    # The catalog hands an unchanged set over as the same object (O(instances) otherwise).
+    removed = 0 if now_ids is old.up_ids else len(old.up_ids - now_ids)
     if removed >= settings.min_removed and removed / was > settings.max_removed_fraction:
         limit = f"max_removed_fraction {settings.max_removed_fraction:g}"
         reason = f"update removes {removed} of {was} usable instances of {name!r} (over {limit})"

@@ -6,14 +6,78 @@ keys). Grouped by the service a key lies under (``/services/<name>/...``; every 
 key in the group ``""``), a snapshot after one event copies the one group it touched and
 shares the rest with the snapshot before it (``KeyGroups``), and comparing or composing
 two snapshots' keys looks only at groups that are not the same object.
+
+A group past ``BIG_GROUP`` keys (one service of 100,000 instances) is held as ``Buckets``:
+``BUCKETS`` dicts by the key's last characters, so that a write copies the list of
+buckets and the one bucket it touches (~1,500 keys), not the whole group (1.6 ms a change
+at 100,000).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from itertools import repeat
+from operator import add, itemgetter, mod, mul
 
 _SERVICES = "/services/"
 _NAME_AT = len(_SERVICES)
+BUCKETS = 64
+BIG_GROUP = 4096  # keys: the catalog holds a bigger group as Buckets
+
+
+def bucket_of(key: str) -> int:
+    """The bucket ``key`` goes to: from its last two characters, where ids differ. Not
+    ``hash``: that changes with every process, and so would the keys' order."""
+    tail = key[-2:] or " "
+    return (ord(tail[-1]) * 31 + ord(tail[0])) % BUCKETS
+
+
+class Buckets(Mapping[str, str]):
+    """One big group of raw keys as ``BUCKETS`` dicts (by ``bucket_of``); read-only here.
+
+    The catalog writes a group it has not handed to a snapshot: it copies the list of
+    buckets once, then each bucket it writes to (``Catalog._write_key``).
+    """
+
+    __slots__ = ("buckets",)
+
+    def __init__(self, buckets: list[dict[str, str]]) -> None:
+        self.buckets = buckets
+
+    @classmethod
+    def of(cls, keys: Mapping[str, str]) -> Buckets:
+        """``keys`` in buckets; ``bucket_of`` computed in C passes when every key has two
+        characters (100,000 keys: ~40 ms less than a call per key)."""
+        buckets: list[dict[str, str]] = [{} for _ in range(BUCKETS)]
+        names = list(keys)
+        if names and min(map(len, names)) >= 2:
+            last, before = (map(ord, map(itemgetter(at), names)) for at in (-1, -2))
+            mixed = map(add, map(mul, last, repeat(31)), before)
+            indexes: Iterable[int] = map(mod, mixed, repeat(BUCKETS))
+        else:
+            indexes = map(bucket_of, names)
+        for index, key, value in zip(indexes, names, keys.values(), strict=True):
+            buckets[index][key] = value
+        return cls(buckets)
+
+    def __getitem__(self, key: str) -> str:
+        return self.buckets[bucket_of(key)][key]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self.buckets[bucket_of(key)]
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return self.buckets[bucket_of(key)].get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        for bucket in self.buckets:
+            yield from bucket
+
+    def __len__(self) -> int:
+        return sum(map(len, self.buckets))
+
+    def __repr__(self) -> str:
+        return f"Buckets({len(self)} keys)"
 
 
 def group_of(key: str) -> str:
@@ -82,9 +146,31 @@ def differing(old: Mapping[str, str], new: Mapping[str, str]) -> set[str]:
     keys: set[str] = set()
     for name in old_groups.keys() | new_groups.keys():
         before, after = old_groups.get(name, {}), new_groups.get(name, {})
-        if before is not after:
-            keys.update(key for key, _ in before.items() ^ after.items())
+        if before is after:
+            continue
+        for old_part, new_part in _parts(before, after):
+            if old_part is not new_part:
+                keys.update(key for key, _ in old_part.items() ^ new_part.items())
     return keys
+
+
+def _parts(
+    before: Mapping[str, str], after: Mapping[str, str]
+) -> list[tuple[dict[str, str], dict[str, str]]]:
+    """Two versions of a group as pairs of dicts to compare: bucket by bucket (the same
+    object when unchanged) when both are Buckets, else whole."""
+    if isinstance(before, Buckets) and isinstance(after, Buckets):
+        return list(zip(before.buckets, after.buckets, strict=True))
+    return [(_plain_group(before), _plain_group(after))]
+
+
+def _plain_group(group: Mapping[str, str]) -> dict[str, str]:
+    if isinstance(group, dict):
+        return group
+    out: dict[str, str] = {}
+    for part in group.buckets if isinstance(group, Buckets) else [dict(group)]:
+        out.update(part)
+    return out
 
 
 def with_groups_from(
@@ -106,5 +192,6 @@ def plain(keys: Mapping[str, str]) -> dict[str, str]:
     """A plain dict of ``keys``, a group at a time (C speed, not a key at a time)."""
     out: dict[str, str] = {}
     for group in as_groups(keys).values():
-        out.update(group)
+        for part in group.buckets if isinstance(group, Buckets) else (group,):
+            out.update(part)
     return out

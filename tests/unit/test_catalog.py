@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from lbsync.catalog import Catalog
 from lbsync.errors import InvalidValue
-from lbsync.model import Instance, KeyEvent, KeyValue, SourceEvents, State
+from lbsync.model import Instance, KeyEvent, KeyValue, Service, SourceEvents, State
 from lbsync.probes import ProbePolicy
 from lbsync.values import parse_host, parse_registration
 
@@ -359,4 +359,55 @@ def test_services_built_change_by_change_equal_a_fresh_load(
             fresh.load(
                 (KeyValue(key=P + k, value=v, mod_revision=1) for k, v in current.items()), 1
             )
-            assert catalog.snapshot().services == fresh.snapshot().services
+            services = catalog.snapshot().services
+            assert services == fresh.snapshot().services
+            for service in services.values():
+                assert_views_as_computed(service)
+
+
+def assert_views_as_computed(service: Service) -> None:
+    """The views by state the catalog filled in equal those computed from the instances."""
+    for state, view in ((State.UP, "up"), (State.DRAIN, "draining"), (State.DOWN, "down")):
+        assert getattr(service, view) == tuple(i for i in service.instances if i.state is state)
+    assert service.up_ids == frozenset(i.id for i in service.instances if i.state is State.UP)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(EVENT_KEYS), st.integers(0, 7), st.booleans()), max_size=60),
+)
+def test_views_by_state_follow_every_change(script: list[tuple[str, int, bool]]) -> None:
+    """``up``, ``draining``, ``down`` and ``up_ids`` of every snapshot's services equal the
+    views computed from their instances, whether the guard read the previous snapshot's
+    ``up_ids`` (the catalog then patches them) or not."""
+    catalog = Catalog(P)
+    for revision, (key, pick, read) in enumerate(script, start=1):
+        if pick == 7:
+            event = delete(key, revision)
+        else:
+            event = KeyEvent(
+                kind="put", key=P + key, value=_value_for(key, pick), mod_revision=revision
+            )
+        catalog.apply(SourceEvents(revision=revision, events=(event,)))
+        snapshot = catalog.snapshot()
+        if read:
+            for service in snapshot.services.values():
+                assert_views_as_computed(service)
+
+
+def test_an_unchanged_set_of_ids_up_is_handed_over_as_the_same_object(catalog: Catalog) -> None:
+    """What lets the guard skip comparing 100,000 ids when one instance's port changed."""
+    before = catalog.snapshot().services["web"]
+    assert before.up_ids == {"a", "b"}
+    catalog.apply(
+        SourceEvents(revision=11, events=(put("/services/web/instances/a", "10.0.0.9:81", 11),))
+    )
+    after = catalog.snapshot().services["web"]
+    assert after is not before
+    assert after.up_ids is before.up_ids
+    assert after.up is after.instances
+    catalog.apply(SourceEvents(revision=12, events=(put("/services/web/health/b", "down", 12),)))
+    down = catalog.snapshot().services["web"]
+    assert down.up_ids == {"a"}
+    assert [i.id for i in down.up] == ["a"]
+    assert [i.id for i in down.down] == ["b"]
