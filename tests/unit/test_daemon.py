@@ -389,7 +389,8 @@ def test_settle_memory_freezes_what_is_loaded_and_trims_the_heap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trims: list[int] = []
-    monkeypatch.setattr(memory, "_malloc_trim", lambda pad: trims.append(pad) or 1)
+    assert memory._find_malloc_trim() is not None, "glibc has malloc_trim"
+    monkeypatch.setattr(memory, "_find_malloc_trim", lambda: lambda pad: trims.append(pad) or 1)
     before = gc.get_freeze_count()
     loaded = [[n] for n in range(1000)]
 
@@ -397,7 +398,6 @@ def test_settle_memory_freezes_what_is_loaded_and_trims_the_heap(
 
     assert gc.get_freeze_count() >= before + len(loaded)
     assert trims == [0]
-    assert memory._find_malloc_trim() is not None, "glibc has malloc_trim"
     gc.unfreeze()
 
 
@@ -459,7 +459,7 @@ def collector_on() -> Iterator[None]:
 def test_hold_turns_the_collector_off_until_settle(
     collector_on: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(memory, "_malloc_trim", None)
+    monkeypatch.setattr(memory, "_find_malloc_trim", lambda: None)
     memory.hold()
     assert not gc.isenabled()
     memory.settle()
@@ -470,7 +470,7 @@ def test_hold_turns_the_collector_off_until_settle(
 def test_settle_leaves_a_collector_it_did_not_turn_off_as_it_is(
     collector_on: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(memory, "_malloc_trim", None)
+    monkeypatch.setattr(memory, "_find_malloc_trim", lambda: None)
     gc.disable()  # someone else's (an embedding application's) choice
     memory.hold()
     memory.settle()
