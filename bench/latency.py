@@ -121,20 +121,26 @@ def _bare_value(n: int) -> str:
     return f"10.{n // 62500 % 250}.{n // 250 % 250}.{1 + n % 250}:80"
 
 
+def command_world(w: env.World, instances: int) -> tuple[str, Path, Path]:
+    """Issue 15's layout in ``w``: etcd filled, the template written. Returns lbsync.toml's
+    text, the reload command's log and the rendered file."""
+    reload_log = w.root / "reloads.log"
+    template = w.root / "upstreams.j2"
+    template.write_text(PLAIN_TEMPLATE)
+    dest = w.root / "out" / "upstreams.conf"
+    config = (
+        _COMMAND_TOML.replace("RELOAD_LOG", str(reload_log))
+        .replace("TEMPLATE", str(template))
+        .replace("DEST", str(dest))
+    )
+    w.etcd.bulk_put({env.instance_key("web", f"i{n}"): _bare_value(n) for n in range(instances)})
+    return config, reload_log, dest
+
+
 def run_command_driver(instances: int, changes: int, gap: float) -> dict[str, Any]:
     """Issue 15's layout: one service, bare values, plain template, command driver."""
     with env.world(f"latency-command-{instances}") as w:
-        reload_log = w.root / "reloads.log"
-        template = w.root / "upstreams.j2"
-        template.write_text(PLAIN_TEMPLATE)
-        config = (
-            _COMMAND_TOML.replace("RELOAD_LOG", str(reload_log))
-            .replace("TEMPLATE", str(template))
-            .replace("DEST", str(w.root / "out" / "upstreams.conf"))
-        )
-        w.etcd.bulk_put(
-            {env.instance_key("web", f"i{n}"): _bare_value(n) for n in range(instances)}
-        )
+        config, reload_log, _ = command_world(w, instances)
         w.lbsync = lb = env.Lbsync(w.root, w.etcd.endpoint, w.front, config_text=config)
         lb.start()
         lb.wait_applied(timeout=120)

@@ -5,6 +5,14 @@ so the first round really writes, validates and reloads. Each run starts with an
 ``state_dir`` (no persisted catalog) and a placeholder file again. The clock starts just
 before ``Popen`` (wall clock) and stops at the timestamp of the first ``apply.*`` event;
 ``daemon.started``, ``source.read`` and ``nginx.reload_sent`` split it into phases.
+``--layout one``: the filler instances in one service, rendered by a plain loop.
+
+``--driver command``: issue 15's own harness for this row (``bench latency --driver
+command``'s world: one service ``web`` of bare ``10.x.y.z:80`` values, a plain template,
+the command driver with no check command and a reload command that appends ``date
++%s%N`` to a file). The clock starts just before ``Popen`` and stops at that timestamp:
+when the reload command runs (no ``nginx -t``, no reload to verify, as the issue measured
+confd and remco).
 
 lbsync starts as an installed lbsync does: with its modules' bytecode cached. A shell
 with ``PYTHONDONTWRITEBYTECODE`` set (as on this project's dev machines) otherwise made
@@ -24,7 +32,7 @@ from typing import Any
 import psutil
 
 import lbsync
-from bench import env, report
+from bench import env, latency, report
 
 # The daemon settles its memory (a full collection, freeze, malloc_trim) right after the
 # first round: the "settled" RSS is read this long after the first apply, the RSS the
@@ -44,18 +52,19 @@ def _with_bytecode() -> None:
     compileall.compile_dir(Path(lbsync.__file__).parent, quiet=1)
 
 
-def run(instances: int, runs: int) -> dict[str, Any]:
+def run(instances: int, runs: int, layout: str = "spread") -> dict[str, Any]:
     _with_bytecode()
     results = []
     with env.world("startup", sites=("probe",)) as w:
-        keys = env.filler(instances - 1)
+        keys = env.layout_filler(layout, instances - 1)
         keys[env.instance_key("probe", "p1")] = env.instance_value("127.0.0.1", 9)
         w.etcd.bulk_put(keys)
+        template = env.layout_template(layout, w.root)
         for _ in range(runs):
             w.front.write_placeholder(["probe"])
             w.front.reload()
             shutil.rmtree(w.root / "state", ignore_errors=True)
-            lb = w.start_lbsync(wait_min="0", wait_max="0")
+            lb = w.start_lbsync(template=template, wait_min="0", wait_max="0")
             try:
                 applied = lb.events[lb.wait_applied(timeout=120)]
                 if applied["event"] != "apply.reloaded":
@@ -80,15 +89,104 @@ def run(instances: int, runs: int) -> dict[str, Any]:
             finally:
                 lb.stop()
                 w.lbsync = None
-    return {"instances": instances, "runs": results}
+    return {"instances": instances, "layout": layout, "runs": results}
+
+
+def run_command(instances: int, runs: int) -> dict[str, Any]:
+    """Issue 15's harness: process start → the reload command's own timestamp."""
+    _with_bytecode()
+    results = []
+    with env.world("startup-command") as w:
+        config, reload_log, dest = latency.command_world(w, instances)
+        for _ in range(runs):
+            shutil.rmtree(w.root / "state", ignore_errors=True)
+            dest.unlink(missing_ok=True)  # so that the first round writes and reloads
+            reloads_before = _lines(reload_log)
+            w.lbsync = lb = env.Lbsync(w.root, w.etcd.endpoint, w.front, config_text=config)
+            lb.start()
+            try:
+                applied = lb.events[lb.wait_applied(timeout=120)]
+                if applied["event"] != "apply.reloaded":
+                    raise env.BenchError(f"first round did not reload: {applied}")
+                stamps = _lines(reload_log)
+                if len(stamps) != len(reloads_before) + 1:
+                    raise env.BenchError(f"{len(stamps) - len(reloads_before)} reloads, not 1")
+                t0 = lb.started_at
+                results.append(
+                    {
+                        "total_ms": (int(stamps[-1]) / 1e9 - t0) * 1000,
+                        "to_daemon_started_ms": (_ts(lb, "daemon.started") - t0) * 1000,
+                        "to_source_read_ms": (_ts(lb, "source.read") - t0) * 1000,
+                        "to_catalog_reset_ms": (_ts(lb, "catalog.reset") - t0) * 1000,
+                        "round_ms": applied["ms"],
+                        "rss_mb": psutil.Process(lb.pid).memory_info().rss / 2**20,
+                    }
+                )
+            finally:
+                lb.stop()
+                w.lbsync = None
+    return {"instances": instances, "driver": "command", "runs": results}
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def _command_main(args: argparse.Namespace) -> dict[str, Any]:
+    r = run_command(args.instances, args.runs)
+    rows = [
+        [
+            i + 1,
+            x["to_daemon_started_ms"],
+            x["to_source_read_ms"],
+            x["to_catalog_reset_ms"],
+            x["round_ms"].get("render", 0.0),
+            x["round_ms"].get("swap", 0.0),
+            x["total_ms"],
+            x["rss_mb"],
+        ]
+        for i, x in enumerate(r["runs"])
+    ]
+    report.table(
+        f"start-up at {args.instances:,} instances, issue 15's harness "
+        "(ms from process start; command driver, one service, plain template)",
+        [
+            "run",
+            "daemon.started",
+            "etcd read",
+            "catalog loaded",
+            "render",
+            "swap",
+            "reload command runs",
+            "RSS MB",
+        ],
+        rows,
+    )
+    data = {"machine": report.machine(), "args": vars(args), "result": r}
+    report.save("startup-command", data)
+    return data
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench startup")
     parser.add_argument("--instances", type=int, default=10000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--layout", choices=env.LAYOUTS, default="spread",
+        help="nginx driver: spread: 100 instances per service, stock template; one: the "
+        "filler in one service, plain loop",
+    )  # fmt: skip
+    parser.add_argument(
+        "--driver",
+        choices=["nginx", "command"],
+        default="nginx",
+        help="command: issue 15's harness (one service, bare values, plain template, a "
+        "reload command that logs its start; the clock stops when it runs)",
+    )
     args = parser.parse_args(argv)
-    r = run(args.instances, args.runs)
+    if args.driver == "command":
+        return _command_main(args)
+    r = run(args.instances, args.runs, args.layout)
     rows = [
         [
             i + 1,
@@ -104,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for i, x in enumerate(r["runs"])
     ]
     report.table(
-        f"start-up at {args.instances:,} instances (ms from process start)",
+        f"start-up at {args.instances:,} instances, layout {args.layout} (ms from process start)",
         [
             "run",
             "daemon.started",

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ DEFAULT_CONFIG = "/etc/lbsync/lbsync.toml"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _without_pydantic_plugins()
     try:
         from lbsync.logging import configure_logging
 
@@ -45,6 +47,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _without_pydantic_plugins() -> None:
+    """Let pydantic load no plugins in lbsync's own process.
+
+    At its first model build pydantic looks for plugins (entry points of the group
+    ``pydantic``): its loader imports importlib.metadata (with email, zipfile, csv: ~11 ms
+    of every command's start) and reads every installed distribution's metadata (~2 ms).
+    lbsync has no use for plugins, and a plugin is another package's code running on every
+    validation of what was read from etcd. ``PYDANTIC_DISABLE_PLUGINS`` (pydantic's own
+    switch) skips the scan but not the import, and as an environment variable it would be
+    inherited by the reload and check commands lbsync starts: an empty loader takes the
+    loader module's place instead, unless pydantic has already imported it. Only the
+    command does this, never ``import lbsync``: a program that imports lbsync keeps its
+    plugins.
+    """
+    name = "pydantic.plugin._loader"
+    if name not in sys.modules:
+        loader = types.ModuleType(name, "No pydantic plugins in lbsync's process (lbsync.cli).")
+        loader.get_plugins = lambda: ()  # type: ignore[attr-defined]
+        sys.modules[name] = loader
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,14 +223,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lbsync import memory
 
     memory.hold()  # no cyclic collections until the first round is applied (settle)
-    from lbsync.daemon import Daemon
+    from lbsync import state_lock
+    from lbsync.source.etcd import EtcdSource
+    from lbsync.source.runner import SourceRunner
     from lbsync.state_dir import prepare_state_dir
 
     settings = _settings(args)
     prepare_state_dir(settings)
-    daemon = Daemon(settings, config_path=args.config)
-    daemon.install_signal_handlers()
-    daemon.run()
+    # The first read of etcd (etcd's work, in another process) runs while this process
+    # imports the rest of the daemon (pipelines, renderer, drivers: ~40 ms of CPU), not
+    # after it; a second lbsync on this state_dir exits before it reads anything.
+    lock = state_lock.acquire(settings.state_dir, args.config)
+    try:
+        source = SourceRunner(EtcdSource(settings.etcd))
+        source.start()
+        try:
+            from lbsync.daemon import Daemon
+
+            daemon = Daemon(settings, config_path=args.config, started_source=source)
+        except BaseException:
+            source.stop(timeout=settings.etcd.timeout + 2)
+            raise
+        daemon.install_signal_handlers()
+        daemon.run(lock_held=True)
+    finally:
+        lock.release()
     return EXIT_OK
 
 

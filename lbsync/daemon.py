@@ -113,10 +113,13 @@ class Daemon:
         driver_factory: DriverFactory = driver_for,
         clock: Clock = time.monotonic,
         config_path: Path | None = None,
+        started_source: SourceRunner | None = None,
     ) -> None:
+        """``started_source``: the source, already started (``lbsync run`` starts the first
+        read before it imports the rest of the daemon); else ``run`` starts one."""
         self.settings = settings
         self.config_path = config_path
-        self._source: SourceRunner | None = None
+        self._source = started_source
         self.flags = Flags(self.wake)
         self.health = Health()
         self._source_factory = source_factory
@@ -147,12 +150,16 @@ class Daemon:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, *, lock_held: bool = False) -> None:
         """Until ``flags.stop``: take source messages, run rounds when due.
 
         Holds the state directory's lock throughout (``state_lock``): raises
-        ``StateLocked``, touching nothing, when another lbsync holds it.
+        ``StateLocked``, touching nothing, when another lbsync holds it. ``lock_held``: the
+        caller holds it (``lbsync run`` takes it before it starts the first read).
         """
+        if lock_held:
+            self._run()
+            return
         lock = state_lock.acquire(self.settings.state_dir, self.config_path)
         try:
             self._run()
@@ -160,9 +167,14 @@ class Daemon:
             lock.release()
 
     def _run(self) -> None:
-        self._start_http()
+        try:
+            self._start_http()
+        except BaseException:
+            self._stop_source()  # one started before run (``lbsync run``'s)
+            raise
         self._fallback = StartFallback(self._clock, self.settings.etcd.timeout)
-        self._start_source()
+        if self._source is None:
+            self._start_source()
         log.info("daemon.started", targets=[p.name for p in self.pipelines])
         self._compile_templates()
         try:

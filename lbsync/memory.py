@@ -3,7 +3,7 @@ long-lived from then on."""
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import gc
 from collections.abc import Callable
 
@@ -45,17 +45,19 @@ def settle() -> None:
     if _HOLD.active:
         _HOLD.active = False
         gc.enable()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    trim = _find_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
+@functools.cache
 def _find_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``; None elsewhere (musl has none)."""
+    """glibc's ``malloc_trim``; None elsewhere (musl has none). Looked up at the first
+    ``settle``, after the first round: importing ctypes is 1-2 ms of start-up."""
+    import ctypes
+
     try:
         trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     return trim
-
-
-_malloc_trim = _find_malloc_trim()

@@ -8,6 +8,7 @@ import that brings a heavy package back fails here rather than only in a benchma
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,58 @@ def test_the_daemon_reaches_its_first_round_without_metrics_psutil_or_an_http_se
     lazy = {"prometheus_client", "psutil", "http.server", "socketserver", "lbsync.http"}
     lazy.add("lbsync.drivers.nginx.runtime")  # nginx's runtime mode, off by default
     assert modules & lazy == set()
+
+
+_SPY_PLUGIN = """
+class _Spy:
+    def new_schema_validator(self, *args, **kwargs):
+        return None, None, None
+
+
+plugin = _Spy()
+"""
+
+_IMPORT_AND_LIST_PLUGIN_MODULES = """
+import json, sys
+if sys.argv[1] == "command":
+    from lbsync.cli import main
+    main(["mark", "web", "a", "down", "-c", sys.argv[2], "--endpoint", sys.argv[3]])
+else:
+    import lbsync.config
+print(json.dumps({m: m in sys.modules for m in ("spy_plugin", "importlib.metadata")}))
+"""
+
+
+def _plugin_modules(tmp_path: Path, how: str) -> dict[str, bool]:
+    """Which of the spy plugin and importlib.metadata a fresh interpreter imported, with a
+    pydantic plugin installed (a distribution on the path whose entry point names it)."""
+    (tmp_path / "spy_plugin.py").write_text(_SPY_PLUGIN)
+    dist = tmp_path / "spy_plugin-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: spy-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[pydantic]\nspy = spy_plugin:plugin\n")
+    config = tmp_path / "lbsync.toml"
+    config.write_text('[etcd]\ntimeout = "300ms"\n')
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_AND_LIST_PLUGIN_MODULES, how, str(config), endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+    )
+    result: dict[str, bool] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+def test_a_command_loads_no_pydantic_plugin_nor_importlib_metadata(tmp_path: Path) -> None:
+    """pydantic's plugin loader costs ~13 ms of every command's start, and a plugin would run
+    another package's code on every validation of what etcd holds."""
+    modules = _plugin_modules(tmp_path, "command")
+    assert modules == {"spy_plugin": False, "importlib.metadata": False}
+
+
+def test_a_program_that_imports_lbsync_keeps_its_pydantic_plugins(tmp_path: Path) -> None:
+    modules = _plugin_modules(tmp_path, "library")
+    assert modules == {"spy_plugin": True, "importlib.metadata": True}

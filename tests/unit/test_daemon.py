@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from lbsync import memory, saved_catalog
+from lbsync import memory, saved_catalog, state_lock
 from lbsync.cli import main as cli
 from lbsync.config import Settings
 from lbsync.config_file import settings_from_dict
 from lbsync.daemon import Daemon, etcd_source
 from lbsync.errors import RenderError
 from lbsync.render import Renderer
+from lbsync.source.runner import SourceRunner
+from lbsync.state_dir import prepare_state_dir
 from lbsync.testing import FakeDriver, FakeSource
 from tests.harness.net import wait_for
 
@@ -387,7 +389,8 @@ def test_settle_memory_freezes_what_is_loaded_and_trims_the_heap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trims: list[int] = []
-    monkeypatch.setattr(memory, "_malloc_trim", lambda pad: trims.append(pad) or 1)
+    assert memory._find_malloc_trim() is not None, "glibc has malloc_trim"
+    monkeypatch.setattr(memory, "_find_malloc_trim", lambda: lambda pad: trims.append(pad) or 1)
     before = gc.get_freeze_count()
     loaded = [[n] for n in range(1000)]
 
@@ -395,7 +398,6 @@ def test_settle_memory_freezes_what_is_loaded_and_trims_the_heap(
 
     assert gc.get_freeze_count() >= before + len(loaded)
     assert trims == [0]
-    assert memory._find_malloc_trim() is not None, "glibc has malloc_trim"
     gc.unfreeze()
 
 
@@ -457,7 +459,7 @@ def collector_on() -> Iterator[None]:
 def test_hold_turns_the_collector_off_until_settle(
     collector_on: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(memory, "_malloc_trim", None)
+    monkeypatch.setattr(memory, "_find_malloc_trim", lambda: None)
     memory.hold()
     assert not gc.isenabled()
     memory.settle()
@@ -468,7 +470,7 @@ def test_hold_turns_the_collector_off_until_settle(
 def test_settle_leaves_a_collector_it_did_not_turn_off_as_it_is(
     collector_on: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(memory, "_malloc_trim", None)
+    monkeypatch.setattr(memory, "_find_malloc_trim", lambda: None)
     gc.disable()  # someone else's (an embedding application's) choice
     memory.hold()
     memory.settle()
@@ -602,3 +604,39 @@ def test_a_signal_handler_wakes_the_runner_waiting_in_the_same_thread() -> None:
         signal.signal(signal.SIGALRM, previous)
     assert woke == [signal.SIGALRM]
     assert waited < 30, "woken by the handler, not by the 60 s timeout"
+
+
+def test_a_started_source_is_the_one_the_daemon_reads_and_stops(
+    tmp_path: Path, driver: FakeDriver
+) -> None:
+    """``lbsync run`` takes the state directory's lock and starts the first read before
+    it imports the daemon: the daemon reads that runner, starts no other, stops it when
+    it stops, and leaves the lock to its caller."""
+    settings = make_settings(tmp_path)
+    prepare_state_dir(settings)
+    runner = SourceRunner(FakeSource({"services": {"web": {"instances": {"a": "10.0.0.1:80"}}}}))
+    runner.start()
+
+    def no_second_source(_settings: Settings) -> FakeSource:
+        raise AssertionError("the daemon started a source of its own")
+
+    daemon = Daemon(
+        settings,
+        source_factory=no_second_source,
+        driver_factory=lambda _t: driver,
+        started_source=runner,
+    )
+    lock = state_lock.acquire(settings.state_dir, None)
+    thread = threading.Thread(target=lambda: daemon.run(lock_held=True), daemon=True)
+    thread.start()
+    try:
+        outcomes = daemon.health.outcomes
+        wait_for(lambda: "lb" in outcomes and outcomes["lb"].action == "reloaded", what="round")
+        daemon.flags.stop = True
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert not runner._thread.is_alive()  # stopped with the daemon
+        assert state_lock.holder(settings.state_dir) is not None  # still the caller's
+    finally:
+        daemon.flags.stop = True
+        lock.release()
