@@ -424,10 +424,10 @@ def test_a_stop_wakes_a_watch_waiting_for_its_silence_deadline(
     runner's stop interrupts that wait instead of waiting for the slice's end."""
     import time
 
-    from lbsync.source import etcd as etcd_source
+    from lbsync.source import grpc_session
     from lbsync.source.runner import SourceRunner
 
-    monkeypatch.setattr(etcd_source, "_LONGEST_WAIT", 600.0)
+    monkeypatch.setattr(grpc_session, "_LONGEST_WAIT", 600.0)  # on gRPC; the gateway has none
 
     source = EtcdSource(settings_for(etcd.endpoint, silence_deadline=600.0))
     runner = SourceRunner(source)
@@ -437,7 +437,7 @@ def test_a_stop_wakes_a_watch_waiting_for_its_silence_deadline(
             lambda: any(isinstance(m, SourceStatus) and m.connected for m in runner.messages(0.1)),
             what="the watch to be established",
         )
-        wait_for(lambda: source._stream is not None, what="the watch being consumed")
+        wait_for(lambda: source._watch_open is not None, what="the watch being consumed")
     finally:
         started = time.monotonic()
         runner.stop(timeout=30)
