@@ -77,7 +77,7 @@ def _packages_while_watching(etcd: EtcdServer, transport: str) -> set[str]:
 
 
 def test_a_daemon_source_on_the_gateway_never_loads_grpc(etcd: EtcdServer) -> None:
-    assert _packages_while_watching(etcd, "auto") & GRPC_PACKAGES == set()
+    assert _packages_while_watching(etcd, "http") & GRPC_PACKAGES == set()
 
 
 def test_the_grpc_transport_does_load_grpc(etcd: EtcdServer) -> None:
