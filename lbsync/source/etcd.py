@@ -3,7 +3,8 @@
 Two transports (``[etcd] transport``): etcd's JSON gateway over HTTP/1.1 (``gateway``:
 standard library only, one blocked socket when idle) and gRPC (``grpc_session``, through
 pyetcd, imported only when used). With ``auto`` each new connection tries the gateway
-first and falls back to gRPC on an endpoint that does not serve it (etcd's gRPC proxy).
+first and falls back to gRPC on an endpoint that does not serve it (etcd's gRPC proxy),
+and full reads go over gRPC on a client closed after each (``_reader_for``).
 Both hand the loop the same ``WatchResponse``; everything raised is an
 ``lbsync.errors.SourceError``, and no pyetcd, gRPC or HTTP object leaves the package.
 
