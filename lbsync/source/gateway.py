@@ -13,6 +13,7 @@ missed events): see ``GatewayWatch.check``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -21,8 +22,6 @@ import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar
-
-import structlog
 
 from lbsync.config import EtcdSettings
 from lbsync.errors import ConfigError, SourceError, SourceUnavailable
@@ -38,8 +37,6 @@ from lbsync.source.endpoints import (
 from lbsync.source.responses import WatchResponse, parse_document, range_page, watch_response
 from lbsync.source.stream import new_reset, next_page_limit
 from lbsync.source.watchbody import ChunkedLines
-
-log = structlog.get_logger("lbsync.source")
 
 _T = TypeVar("_T")
 
@@ -306,8 +303,6 @@ class GatewaySession:
 
 
 def _b64(raw: bytes) -> str:
-    import base64
-
     return base64.b64encode(raw).decode("ascii")
 
 
