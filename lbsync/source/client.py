@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
 import pyetcd
@@ -21,7 +19,8 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from lbsync.config import EtcdSettings
-from lbsync.errors import ConfigError, RevisionCompacted, SourceError, SourceUnavailable
+from lbsync.errors import ConfigError, SourceError, SourceUnavailable
+from lbsync.source.endpoints import TokenRejected, addresses, compacted, password, tls_files
 
 log = structlog.get_logger("lbsync.source")
 
@@ -46,7 +45,6 @@ def _quiet_grpc_waits() -> None:
 _GRPC_WAIT_SLICE = 60.0
 _quiet_grpc_waits()
 
-DEFAULT_PORT = 2379
 _MAX_MESSAGE = 256 * 1024 * 1024  # a 100k-key prefix is ~11.5 MB; leave ample room
 
 _UNAVAILABLE_CODES = frozenset(
@@ -81,77 +79,9 @@ def _channel_options(*, idle_pings: bool) -> list[tuple[str, int]]:
     ]
 
 
-@dataclass(frozen=True)
-class _Address:
-    host: str
-    port: int
-    secure: bool
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.secure else 'http'}://{self.host}:{self.port}"
-
-
-def _parse_endpoint(url: str, *, tls_default: bool) -> _Address:
-    """``http://h:p``, ``https://h:p``, ``h:p`` or ``h``; no scheme means TLS iff a CA is set."""
-    parts = urlsplit(url if "://" in url else f"{'https' if tls_default else 'http'}://{url}")
-    if parts.hostname is None:
-        raise ConfigError(f"{url!r} has no host", field="etcd.endpoints")
-    return _Address(parts.hostname, parts.port or DEFAULT_PORT, parts.scheme == "https")
-
-
-def _read_file(path: Any, field: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", field=field) from exc
-
-
 def _credentials(settings: EtcdSettings) -> Any:
-    ca = _read_file(settings.ca_file, "etcd.ca_file") if settings.ca_file else None
-    key = _read_file(settings.key_file, "etcd.key_file") if settings.key_file else None
-    cert = _read_file(settings.cert_file, "etcd.cert_file") if settings.cert_file else None
+    ca, key, cert = tls_files(settings)
     return grpc.ssl_channel_credentials(ca, key, cert)
-
-
-def _password(settings: EtcdSettings) -> str | None:
-    if settings.password_file is None:
-        return None
-    raw = _read_file(settings.password_file, "etcd.password_file")
-    try:
-        return raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise ConfigError("the password file is not UTF-8", field="etcd.password_file") from exc
-
-
-def _addresses(settings: EtcdSettings) -> list[_Address]:
-    tls_default = settings.ca_file is not None
-    addresses = [_parse_endpoint(url, tls_default=tls_default) for url in settings.endpoints]
-    tls_files = settings.ca_file or settings.cert_file
-    if tls_files and (plain := [a.url for a in addresses if not a.secure]):
-        raise ConfigError(
-            f"{', '.join(plain)} is plain HTTP but TLS files are set: use https://",
-            field="etcd.endpoints",
-        )
-    return addresses
-
-
-def check_settings(settings: EtcdSettings) -> None:
-    """Parse the endpoints and read every TLS and password file once; raises ConfigError.
-
-    Run where lbsync starts, so a typo fails at once instead of in the retry loop (which
-    re-reads the files on every reconnect, so that rotated certificates are picked up).
-    """
-    if any(a.secure for a in _addresses(settings)):
-        _credentials(settings)
-    _password(settings)
-    if settings.user is not None and not any(a.secure for a in _addresses(settings)):
-        log.warning(
-            "source.auth_without_tls",
-            user=settings.user,
-            reason="the password and token cross the network in clear text",
-        )
 
 
 def new_client(settings: EtcdSettings, *, idle_pings: bool = True) -> Any:
@@ -163,8 +93,8 @@ def new_client(settings: EtcdSettings, *, idle_pings: bool = True) -> Any:
     retries instead of giving up.
     """
     try:
-        addresses = _addresses(settings)
-        creds = _credentials(settings) if any(a.secure for a in addresses) else None
+        found = addresses(settings)
+        creds = _credentials(settings) if any(a.secure for a in found) else None
     except ConfigError as exc:
         raise SourceError(str(exc), endpoint=", ".join(settings.endpoints)) from exc
     options = _channel_options(idle_pings=idle_pings)
@@ -177,7 +107,7 @@ def new_client(settings: EtcdSettings, *, idle_pings: bool = True) -> Any:
             time_retry=1,
             opts=options,
         )
-        for a in addresses
+        for a in found
     ]
     return pyetcd.MultiEndpointEtcd3Client(endpoints, timeout=settings.timeout, failover=True)
 
@@ -187,11 +117,11 @@ def login(client: Any, settings: EtcdSettings) -> None:
     if settings.user is None:
         return
     try:
-        password = _password(settings)
+        secret = password(settings)
     except ConfigError as exc:
         raise SourceError(str(exc), endpoint=", ".join(settings.endpoints)) from exc
-    if password is not None:
-        _authenticate(client, settings.user, password, settings.timeout)
+    if secret is not None:
+        _authenticate(client, settings.user, secret, settings.timeout)
 
 
 def _authenticate(client: Any, user: str, password: str, timeout: float) -> None:
@@ -279,15 +209,3 @@ def _from_rpc_error(exc: Any, endpoint: str) -> SourceError:
     if code is grpc.StatusCode.UNAUTHENTICATED or "auth store is old" in (details or ""):
         return TokenRejected(message, endpoint=endpoint)
     return SourceError(message, endpoint=endpoint)
-
-
-class TokenRejected(SourceError):
-    """etcd no longer accepts our auth token (expired, or the auth store changed under it).
-
-    A new client authenticates afresh: the writer does it and retries once, the source's
-    loop rebuilds its client after any failure anyway (pitfall 7 of the client notes).
-    """
-
-
-def compacted(revision: int, compact_revision: int, endpoint: str) -> RevisionCompacted:
-    return RevisionCompacted(revision, compact_revision, endpoint=endpoint)

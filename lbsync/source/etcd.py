@@ -1,17 +1,17 @@
 """etcd as lbsync's source: a consistent paged read, then a supervised watch that resumes.
 
-This package is the only place that imports the etcd client (``pyetcd``, from
-``etcd-sdk-python``) or gRPC, so the client can be swapped here alone (``client`` builds
-it and converts its exceptions, ``stream`` reads and watches, ``writer`` writes).
-Everything raised is an ``lbsync.errors.SourceError``; pyetcd and gRPC objects never
-leave the package.
+Two transports (``[etcd] transport``): etcd's JSON gateway over HTTP/1.1 (``gateway``:
+standard library only, one blocked socket when idle) and gRPC (``grpc_session``, through
+pyetcd, imported only when used). With ``auto`` each new connection tries the gateway
+first and falls back to gRPC on an endpoint that does not serve it (etcd's gRPC proxy),
+and full reads go over gRPC on a client closed after each (``_reader_for``).
+Both hand the loop the same ``WatchResponse``; everything raised is an
+``lbsync.errors.SourceError``, and no pyetcd, gRPC or HTTP object leaves the package.
 
-The watch drives the raw gRPC ``Watch`` stream instead of pyetcd's ``Watcher`` thread,
-which hides progress requests and swallows the end of a stream. Owning the request
-iterator lets the loop ask for a progress notification every ``silence_deadline / 3``
-and treat a stream that answers nothing for ``silence_deadline`` as broken (a stalled
-server otherwise hangs a watch forever). etcd's gRPC proxy ignores progress requests, so
-a stream that has never answered one is checked with a one-key read instead.
+Liveness: a watch quiet for its ``check_every`` is checked (``Watch.check``): on gRPC,
+progress requests answer within ``silence_deadline`` or the stream is broken; on the
+gateway, which cannot carry them, a cheap read every ``silence_deadline / 3`` proves the
+server answers and that no put was missed, and TCP keepalive catches a dead peer.
 """
 
 from __future__ import annotations
@@ -20,32 +20,17 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Protocol
 
 import structlog
-from pyetcd import etcdrpc
-from pyetcd.utils import prefix_range_end
 
 from lbsync.config import EtcdSettings
 from lbsync.errors import HistoryDiverged, RevisionCompacted, SourceError, SourceUnavailable
 from lbsync.model import SourceEvents, SourceMessage, SourceReset
 from lbsync.source.attempts import LoopState
-from lbsync.source.client import (
-    TokenRejected,
-    check_settings,
-    compacted,
-    endpoint_url,
-    login,
-    new_client,
-    translated,
-)
-from lbsync.source.stream import (
-    StreamEnded,
-    WatchStream,
-    key_events,
-    read_pages,
-    watch_prefix,
-)
+from lbsync.source.endpoints import GatewayNotServed, TokenRejected, check_settings, compacted
+from lbsync.source.responses import WatchResponse
+from lbsync.source.stream import prefix_end, watch_prefix
 
 log = structlog.get_logger("lbsync.source")
 
@@ -59,11 +44,38 @@ BACKOFF_INITIAL = 0.1
 # within 2 s of etcd being healthy). With a 5 s cap, an 8 s outage converged in up to
 # 4.1 s; with 1 s, in at most 0.8 s. At many LB hosts, put a gRPC proxy in between.
 BACKOFF_CAP = 1.0
-# The longest a wait on the watch lasts before it looks at the stop event (and the silence
-# deadline) again: how late ``run`` returns after a stop that comes without ``interrupt``.
-# SourceRunner.stop interrupts, so the daemon's stop does not wait for it; an idle watch
-# wakes 5 times per 10 s for it (it was 20 with a 0.5 s poll).
-_LONGEST_WAIT = 2.0
+
+
+class Watch(Protocol):
+    """One open watch of either transport."""
+
+    endpoint: str
+    check_every: float  # how long the watch may be quiet before ``check``
+
+    def get(self, timeout: float) -> WatchResponse | None: ...
+
+    def check(self, revision: int) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Session(Protocol):
+    """A connection to etcd over either transport (``GatewaySession``, ``GrpcSession``)."""
+
+    transport: str
+
+    @property
+    def endpoint(self) -> str: ...
+
+    def connect(self) -> None: ...
+
+    def read(self, start: bytes, end: bytes, page_size: int, page_bytes: int) -> SourceReset: ...
+
+    def watch(self, start: bytes, end: bytes, start_revision: int) -> Watch: ...
+
+    def close(self) -> None: ...
 
 
 class _Backoff:
@@ -100,48 +112,92 @@ class EtcdSource:
         self.page_size = page_size
         self.page_bytes = page_bytes
         self._prefix = watch_prefix(settings.prefix)
+        self._range_end = prefix_end(self._prefix)
         self._lock = threading.Lock()
-        self._client: Any = None
+        self._session: Session | None = None
         self._closed = False
         self._stop: threading.Event | None = None
-        self._stream: WatchStream | None = None  # the watch being consumed, for interrupt
-        self._no_progress: set[str] = set()  # endpoints seen ignoring progress requests
+        self._watch_open: Watch | None = None  # the watch being consumed, for interrupt
+        self._transport_logged: tuple[str, str] | None = None
 
     # -- connection --
 
     @property
     def endpoint(self) -> str:
         """The endpoint in use, or every configured one before the first connection."""
-        client = self._client
-        return endpoint_url(client) if client is not None else ", ".join(self.settings.endpoints)
+        session = self._session
+        return session.endpoint if session is not None else ", ".join(self.settings.endpoints)
 
-    def _connect(self) -> Any:
+    def _connect(self) -> Session:
         with self._lock:
             if self._closed or (self._stop is not None and self._stop.is_set()):
                 raise SourceUnavailable("the source is stopping", endpoint=self.endpoint)
-            if self._client is not None:
-                return self._client
-            client = self._client = new_client(self.settings)
+            if self._session is not None:
+                return self._session
+        session = self._open_session()  # outside the lock: a stop can cancel it meanwhile
+        with self._lock:
+            if self._closed:
+                session.close()
+                raise SourceUnavailable("the source is stopping", endpoint=self.endpoint)
+            self._session = session
+        return session
+
+    def _open_session(self) -> Session:
+        """A connected session: the gateway unless ``transport`` is grpc, or auto meets an
+        endpoint without it. Logs ``source.transport`` when the choice changes."""
+        choice = self.settings.transport
+        reason = f"transport = {choice!r}"
+        if choice != "grpc":
+            from lbsync.source.gateway import GatewaySession
+
+            gateway = GatewaySession(self.settings)
+            try:
+                gateway.connect()
+            except GatewayNotServed as exc:
+                gateway.close()
+                if choice == "http":
+                    raise
+                reason = f"auto: {exc.endpoint} does not serve the JSON gateway ({exc.message})"
+            except BaseException:
+                gateway.close()
+                raise
+            else:
+                self._log_transport(gateway, reason)
+                return gateway
+        from lbsync.source.grpc_session import GrpcSession
+
+        session = GrpcSession(self.settings)
         try:
-            login(client, self.settings)  # outside the lock: a stop can cancel it meanwhile
+            session.connect()
         except BaseException:
-            self._disconnect()
+            session.close()
             raise
-        return client
+        self._log_transport(session, reason)
+        return session
+
+    def _log_transport(self, session: Session, reason: str) -> None:
+        if self._transport_logged != (session.transport, reason):
+            self._transport_logged = (session.transport, reason)
+            log.info(
+                "source.transport",
+                transport=session.transport,
+                endpoint=session.endpoint,
+                reason=reason,
+            )
 
     def _disconnect(self) -> None:
-        """Drop the client: the next call gets fresh channels and, with auth, a fresh token."""
+        """Drop the session: the next call connects afresh and, with auth, gets a new token."""
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
 
     def interrupt(self) -> None:
         """After ``stop`` is set: wake the watch's wait so that ``run`` returns now, not
         at the silence deadline. Safe from any thread."""
-        stream = self._stream
-        if stream is not None:
-            stream.wake()
+        watch = self._watch_open
+        if watch is not None:
+            watch.wake()
 
     def close(self) -> None:
         """Close the client for good; a ``run`` in another thread returns without a status."""
@@ -158,23 +214,39 @@ class EtcdSource:
         the auth token has expired, it starts over once with a fresh client.
         """
         for attempt in range(2):
-            client = self._connect()
-            endpoint = endpoint_url(client)
+            session = self._connect()
+            reader = self._reader_for(session)
             try:
-                with translated(endpoint):
-                    return read_pages(
-                        client,
-                        self._prefix,
-                        prefix_range_end(self._prefix),
-                        self.page_size,
-                        self.page_bytes,
-                    )
+                return reader.read(self._prefix, self._range_end, self.page_size, self.page_bytes)
             except (RevisionCompacted, TokenRejected) as exc:
                 if attempt:
                     raise
                 if isinstance(exc, TokenRejected):
                     self._disconnect()
+            finally:
+                if reader is not session:
+                    reader.close()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reader_for(self, session: Session) -> Session:
+        """Where a full read goes: with ``auto``, over gRPC even when the watch uses the
+        gateway, on a client closed right after the read.
+
+        etcd's gateway marshals JSON ~4x slower than gRPC's protobuf (10,000 keys: 80-90 ms
+        to the first byte, against ~20 ms for the whole read over gRPC; 100,000: ~1.5 s
+        against 0.5), which was start-up's etcd read; once the client is closed, gRPC's
+        threads exit and the idle daemon wakes as on ``http`` (docs/benchmarks.md)."""
+        if self.settings.transport != "auto" or session.transport == "grpc":
+            return session
+        from lbsync.source.grpc_session import GrpcSession
+
+        reader = GrpcSession(self.settings)
+        try:
+            reader.connect()
+        except BaseException:
+            reader.close()
+            raise
+        return reader
 
     # -- the supervised loop --
 
@@ -262,99 +334,50 @@ class EtcdSource:
         the stream's end, RevisionCompacted when ``state.revision`` + 1 is gone.
         """
         assert state.revision is not None
-        client = self._connect()
-        endpoint = endpoint_url(client)
-        create = etcdrpc.WatchCreateRequest(
-            key=self._prefix,
-            range_end=prefix_range_end(self._prefix),
-            start_revision=state.revision + 1,
-            progress_notify=True,
-        )
-        progress_every = max(self.settings.silence_deadline / 3, 0.05)
-        with translated(endpoint):
-            stream = WatchStream(client, create, progress_every=progress_every)
+        session = self._connect()
+        watch = session.watch(self._prefix, self._range_end, state.revision + 1)
         try:
-            with translated(endpoint):
-                yield from self._consume(
-                    client, stream, endpoint=endpoint, emit=emit, stop=stop, state=state
-                )
+            yield from self._consume(watch, emit=emit, stop=stop, state=state)
         finally:
-            self._stream = None
-            stream.close()
+            self._watch_open = None
+            watch.close()
 
     def _consume(
         self,
-        client: Any,
-        stream: WatchStream,
+        watch: Watch,
         *,
-        endpoint: str,
         emit: Callable[[SourceMessage], None],
         stop: threading.Event,
         state: LoopState,
     ) -> Iterator[int]:
-        """Apply responses until stop; a silent stream raises SourceUnavailable.
-
-        Silence means no response at all for ``silence_deadline``. On a stream that has
-        answered a progress request before, that is a broken stream. On one that never
-        has, the endpoint may simply not answer them (etcd's gRPC proxy ignores progress
-        requests): a small read on the same connection decides, and while reads succeed
-        the watch is kept.
-        """
+        """Apply responses until stop; a watch quiet for its ``check_every`` is checked
+        (``Watch.check`` raises SourceUnavailable when it is broken)."""
         assert state.revision is not None
         revision = state.revision
-        deadline = self.settings.silence_deadline
+        endpoint = watch.endpoint
         last_seen = time.monotonic()
-        progress_answered = False
-        self._stream = stream
+        self._watch_open = watch
         while not stop.is_set():
-            silent_for = time.monotonic() - last_seen
-            try:
-                response = stream.get(timeout=min(max(deadline - silent_for, 0.01), _LONGEST_WAIT))
-            except StreamEnded as exc:
-                raise SourceUnavailable(str(exc), endpoint=endpoint) from exc
+            wait = watch.check_every - (time.monotonic() - last_seen)
+            if wait <= 0:
+                watch.check(revision)
+                last_seen = time.monotonic()
+                continue
+            response = watch.get(timeout=wait)
             if response is None:
-                if time.monotonic() - last_seen > deadline:
-                    if progress_answered:
-                        raise SourceUnavailable(
-                            f"watch silent for more than {deadline:g}s", endpoint=endpoint
-                        )
-                    self._probe(client, endpoint, deadline)
-                    last_seen = time.monotonic()
                 continue
             last_seen = time.monotonic()
             if response.created and not (response.canceled or response.compact_revision):
-                header = response.header
-                reason = state.diverged(int(header.revision), int(header.cluster_id))
+                reason = state.diverged(response.header_revision, response.cluster_id)
                 if reason is not None:
                     raise HistoryDiverged(reason, endpoint=endpoint)
                 emit(state.established(endpoint, revision))
-            elif not (response.events or response.canceled or response.compact_revision):
-                progress_answered = True
             revision = self._apply(response, revision, endpoint, emit)
             yield revision
 
-    def _probe(self, client: Any, endpoint: str, deadline: float) -> None:
-        """A one-key read: proves the endpoint (and, through a proxy, etcd) still answers."""
-        try:
-            with translated(endpoint):
-                client.get_response(self._prefix)
-        except SourceError as exc:
-            raise SourceUnavailable(
-                f"watch silent for more than {deadline:g}s and a read failed: {exc.message}",
-                endpoint=endpoint,
-            ) from exc
-        if endpoint not in self._no_progress:
-            self._no_progress.add(endpoint)
-            log.info(
-                "source.progress_unanswered",
-                endpoint=endpoint,
-                note="the endpoint ignores watch progress requests (an etcd gRPC proxy?); "
-                "an idle watch is checked with a read instead",
-            )
-
     @staticmethod
     def _apply(
-        response: Any, revision: int, endpoint: str, emit: Callable[[SourceMessage], None]
+        response: WatchResponse, revision: int, endpoint: str, emit: Callable[[SourceMessage], None]
     ) -> int:
         """Emit one watch response's events; returns the new resume revision.
 
@@ -362,14 +385,13 @@ class EtcdSource:
         event's mod_revision is a safe place to resume from (a header revision is not).
         """
         if response.compact_revision:
-            raise compacted(revision + 1, int(response.compact_revision), endpoint)
+            raise compacted(revision + 1, response.compact_revision, endpoint)
         if response.canceled:
             reason = response.cancel_reason or "no reason given"
-            raise SourceError(f"watch canceled by the server: {reason}", endpoint=endpoint)
-        if not response.events:
+            error = TokenRejected if "Unauthenticated" in reason else SourceError
+            raise error(f"watch canceled by the server: {reason}", endpoint=endpoint)
+        if not response.last_revision:
             return revision
-        revision = int(response.events[-1].kv.mod_revision)
-        events = key_events(response.events)
-        if events:
-            emit(SourceEvents(revision=revision, events=tuple(events)))
-        return revision
+        if response.events:
+            emit(SourceEvents(revision=response.last_revision, events=response.events))
+        return response.last_revision

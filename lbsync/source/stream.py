@@ -1,5 +1,8 @@
 """What etcd sends, as lbsync's models: paged consistent reads, key decoding, and one raw
 gRPC watch stream with our own request iterator (for progress requests) and reader thread.
+
+pyetcd is imported where the gRPC watch starts, not here: the JSON gateway transport
+shares the decoding and the page sizing without loading gRPC.
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import structlog
-from pyetcd import etcdrpc
-from pyetcd.etcdrpc import kv_pb2
 
 from lbsync.model import KeyEvent, SourceReset, source_reset
 
 log = structlog.get_logger("lbsync.source")
+
+_DELETE = 1  # kv_pb2.Event.DELETE (proto enum value; also what the gateway spells "DELETE")
 
 
 def watch_prefix(prefix: str) -> bytes:
@@ -23,7 +26,15 @@ def watch_prefix(prefix: str) -> bytes:
     return prefix.encode() if prefix.endswith("/") else f"{prefix}/".encode()
 
 
-def _decode_key(raw: bytes) -> str | None:
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that makes [prefix, end) every key starting with ``prefix``."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return b"\0"  # every key
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def decode_key(raw: bytes) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -44,7 +55,7 @@ def _key_values(kvs: Any) -> list[tuple[str, bytes, int]]:
         pass
     out = []
     for kv in kvs:
-        key = _decode_key(kv.key)
+        key = decode_key(kv.key)
         if key is not None:
             out.append((key, kv.value, kv.mod_revision))
     return out
@@ -53,11 +64,11 @@ def _key_values(kvs: Any) -> list[tuple[str, bytes, int]]:
 def key_events(events: Any) -> list[KeyEvent]:
     out = []
     for event in events:
-        key = _decode_key(event.kv.key)
+        key = decode_key(event.kv.key)
         if key is None:
             continue
         revision = int(event.kv.mod_revision)
-        if event.type == kv_pb2.Event.DELETE:
+        if event.type == _DELETE:
             out.append(KeyEvent(kind="delete", key=key, mod_revision=revision))
         else:
             out.append(
@@ -81,6 +92,12 @@ def next_page_limit(page_size: int, page_bytes: int, keys: int, size: int) -> in
     return max(page_size, page_bytes * keys // size)
 
 
+def new_reset(revision: int, cluster_id: int, kvs: list[tuple[str, bytes, int]]) -> SourceReset:
+    """A full read as a ``SourceReset``: the one place both transports build it, from
+    ``(key, value, mod_revision)`` per key (``model.source_reset``: no pydantic pass per key)."""
+    return source_reset(revision, kvs, cluster_id)
+
+
 def read_pages(
     client: Any, start: bytes, end: bytes, page_size: int, page_bytes: int
 ) -> SourceReset:
@@ -99,7 +116,7 @@ def read_pages(
             revision, cluster_id = int(resp.header.revision), int(resp.header.cluster_id)
         kvs.extend(_key_values(resp.kvs))
         if not resp.more or not resp.kvs:
-            return source_reset(revision, kvs, cluster_id)
+            return new_reset(revision, cluster_id, kvs)
         start = bytes(resp.kvs[-1].key) + b"\0"
         keys_read += len(resp.kvs)
         bytes_read += resp.ByteSize()
@@ -123,6 +140,8 @@ class WatchStream:
     """
 
     def __init__(self, client: Any, create: Any, *, progress_every: float) -> None:
+        from pyetcd import etcdrpc
+
         self._requests: queue.Queue[Any] = queue.Queue()
         self._responses: queue.Queue[Any] = queue.Queue()
         self._progress_every = progress_every
@@ -137,6 +156,8 @@ class WatchStream:
         self._reader.start()
 
     def _request_iter(self) -> Iterator[Any]:
+        from pyetcd import etcdrpc
+
         progress = etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest())
         while True:
             try:

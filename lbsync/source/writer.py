@@ -10,14 +10,8 @@ import structlog
 
 from lbsync.config import EtcdSettings
 from lbsync.errors import LeaseExpired
-from lbsync.source.client import (
-    TokenRejected,
-    check_settings,
-    endpoint_url,
-    login,
-    new_client,
-    translated,
-)
+from lbsync.source.client import endpoint_url, login, new_client, translated
+from lbsync.source.endpoints import TokenRejected, check_settings
 
 log = structlog.get_logger("lbsync.source")
 

@@ -210,12 +210,13 @@ def test_lease_expiry_and_revocation_arrive_as_deletes(
         expiring.refresh()
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_kill_and_restart_resumes_without_losing_an_event(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource], transport: str
 ) -> None:
     for i in range(10):
         writer.put(f"{PREFIX}/k{i}", f"v{i}")
-    running = run_source(settings_for(etcd.endpoint))
+    running = run_source(settings_for(etcd.endpoint, transport=transport))
     rec = running.recorder
     wait_for(rec.connected, what="the watch to be established")
     for i in range(10, 20):
@@ -273,14 +274,15 @@ def test_events_missed_while_cut_off_are_replayed_on_resume(
         proxy.close()
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_compaction_while_disconnected_brings_a_fresh_reset(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource], transport: str
 ) -> None:
     proxy = TcpProxy(etcd.client_port)
     try:
         for i in range(5):
             writer.put(f"{PREFIX}/k{i}", "old")
-        running = run_source(settings_for(proxy.endpoint))
+        running = run_source(settings_for(proxy.endpoint, transport=transport))
         rec = running.recorder
         wait_for(converged(etcd, rec), what="the first convergence")
 
@@ -303,10 +305,13 @@ def test_compaction_while_disconnected_brings_a_fresh_reset(
         proxy.close()
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_a_stalled_server_is_detected_as_silent_and_recovered(
-    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource]
+    etcd: EtcdServer, writer: EtcdWriter, run_source: Callable[..., RunningSource], transport: str
 ) -> None:
-    running = run_source(settings_for(etcd.endpoint, silence_deadline=1.5, timeout=2.0))
+    running = run_source(
+        settings_for(etcd.endpoint, transport=transport, silence_deadline=1.5, timeout=2.0)
+    )
     rec = running.recorder
     writer.put(f"{PREFIX}/a", "1")
     wait_for(converged(etcd, rec), what="the first convergence")
@@ -387,12 +392,12 @@ def test_writer_put_get_delete_and_revisions(etcd: EtcdServer, writer: EtcdWrite
     assert writer.get(f"{PREFIX}/x") is None
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_losing_the_member_in_use_fails_over_to_another(
-    etcd_cluster: EtcdCluster, run_source: Callable[..., RunningSource]
+    etcd_cluster: EtcdCluster, run_source: Callable[..., RunningSource], transport: str
 ) -> None:
-    settings = settings_for(etcd_cluster.endpoints[0], timeout=2.0).model_copy(
-        update={"endpoints": etcd_cluster.endpoints}
-    )
+    settings = settings_for(etcd_cluster.endpoints[0], transport=transport, timeout=2.0)
+    settings = settings.model_copy(update={"endpoints": etcd_cluster.endpoints})
     running = run_source(settings)
     rec = running.recorder
     wait_for(rec.connected, what="the watch to be established")
@@ -417,19 +422,20 @@ def test_losing_the_member_in_use_fails_over_to_another(
     assert len(rec.resets()) == 1
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_a_stop_wakes_a_watch_waiting_for_its_silence_deadline(
-    etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch
+    etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
     """The watch waits in long slices (here 10 minutes, until its silence deadline); the
     runner's stop interrupts that wait instead of waiting for the slice's end."""
     import time
 
-    from lbsync.source import etcd as etcd_source
+    from lbsync.source import grpc_session
     from lbsync.source.runner import SourceRunner
 
-    monkeypatch.setattr(etcd_source, "_LONGEST_WAIT", 600.0)
+    monkeypatch.setattr(grpc_session, "_LONGEST_WAIT", 600.0)  # on gRPC; the gateway has none
 
-    source = EtcdSource(settings_for(etcd.endpoint, silence_deadline=600.0))
+    source = EtcdSource(settings_for(etcd.endpoint, transport=transport, silence_deadline=600.0))
     runner = SourceRunner(source)
     runner.start()
     try:
@@ -437,7 +443,7 @@ def test_a_stop_wakes_a_watch_waiting_for_its_silence_deadline(
             lambda: any(isinstance(m, SourceStatus) and m.connected for m in runner.messages(0.1)),
             what="the watch to be established",
         )
-        wait_for(lambda: source._stream is not None, what="the watch being consumed")
+        wait_for(lambda: source._watch_open is not None, what="the watch being consumed")
     finally:
         started = time.monotonic()
         runner.stop(timeout=30)

@@ -64,7 +64,7 @@ def test_status_imports_no_template_engine_metrics_or_prober(tmp_path: Path) -> 
     endpoint = f"http://127.0.0.1:{free_port()}"
     code, modules = _run("status", "-c", str(config), "--endpoint", endpoint)
     assert code == 1
-    assert "grpc" in modules  # it did get as far as talking to etcd
+    assert "http" in modules  # it did get as far as talking to etcd (the JSON gateway)
     assert modules & (_RENDERING | _DAEMON_ONLY | _PROBER_ONLY) == set()
 
 

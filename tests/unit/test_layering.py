@@ -117,7 +117,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_graph_sees_known_imports() -> None:
     edges = graph()
     assert "lbsync.outcome" in edges["lbsync.metrics"]
-    assert "lbsync.source.client" in edges["lbsync.source.etcd"]
+    assert "lbsync.source.client" in edges["lbsync.source.grpc_session"]
 
 
 def test_no_import_cycle_in_lbsync() -> None:
