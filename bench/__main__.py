@@ -21,6 +21,7 @@ BENCHES = (
     "startup",
     "catalog",
     "idle",
+    "transport",
     "validation",
     "probe",
 )
