@@ -33,6 +33,14 @@ def read_bytes(
     """The whole file (``OSError`` as ``open`` raises it). ``/proc`` files work too.
 
     ``follow_symlinks=False``: a symlink at ``path`` fails with ``ELOOP``."""
+    return read_bytes_and_stat(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)[0]
+
+
+def read_bytes_and_stat(
+    path: str | os.PathLike[str], *, dir_fd: int | None = None, follow_symlinks: bool = True
+) -> tuple[bytes, os.stat_result]:
+    """``read_bytes``, with the ``fstat`` of the file taken before its bytes were read
+    (what a later ``stat`` compares with to tell whether the file moved since)."""
     flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     fd = os.open(path, flags, dir_fd=dir_fd)
     try:
@@ -45,7 +53,7 @@ def read_bytes(
             if chunk:
                 chunks.append(chunk)
             if not chunk or (regular and len(chunk) < want):  # a short read is EOF here
-                return b"".join(chunks)
+                return b"".join(chunks), info
             want = _CHUNK
     finally:
         os.close(fd)

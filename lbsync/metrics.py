@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from itertools import compress
+from operator import is_not, itemgetter
 from typing import get_args
 
 from lbsync import __version__
@@ -282,20 +284,23 @@ _counted: dict[str, tuple[Service, dict[State, int]]] = {}
 
 
 def set_catalog(snapshot: Snapshot) -> None:
-    """``lbsync_instances{service,state}`` from a snapshot; removed services are cleared."""
+    """``lbsync_instances{service,state}`` from a snapshot; removed services are cleared.
+
+    Only the services whose object changed since the last call are counted again (the
+    catalog hands an unchanged service over as the same object)."""
     if (m := _Enabled.series) is None:
         return
-    for name in [n for n in _counted if n not in snapshot.services]:
-        del _counted[name]
-        for state in State:
+    services = snapshot.services
+    for name in _moved(services):
+        service = services.get(name)
+        if service is None:
+            del _counted[name]
+            for state in State:
+                with contextlib.suppress(KeyError):
+                    m.instances.remove(name, state.value)
             with contextlib.suppress(KeyError):
-                m.instances.remove(name, state.value)
-        with contextlib.suppress(KeyError):
-            m.probe_panic.remove(name)
-    for name, service in snapshot.services.items():
-        seen = _counted.get(name)
-        if seen is not None and seen[0] is service:
-            continue  # the same object: unchanged since the last snapshot
+                m.probe_panic.remove(name)
+            continue
         # The service's views by state (the catalog fills them in without a pass per
         # instance, and the render reads ``up`` anyway): 100,000 instances, ~5 ms less.
         counts = {State.UP: len(service.up), State.DRAIN: len(service.draining)}
@@ -304,6 +309,18 @@ def set_catalog(snapshot: Snapshot) -> None:
             m.instances.labels(name, state.value).set(count)
         m.probe_panic.labels(name).set(1 if service.panic else 0)
         _counted[name] = (service, counts)
+
+
+def _moved(services: Mapping[str, Service]) -> list[str]:
+    """The names whose service is not the one last counted: added, removed or changed.
+    With the same names, compared object by object in C passes (1,000 services: a Python
+    pass per round cost 0.16 ms)."""
+    if services.keys() == _counted.keys():
+        before = map(itemgetter(0), map(_counted.__getitem__, services))
+        return list(compress(services, map(is_not, services.values(), before)))
+    gone = (None, None)
+    names = services.keys() | _counted.keys()
+    return [n for n in names if _counted.get(n, gone)[0] is not services.get(n)]
 
 
 def set_etcd(connected: bool, revision: int, synced_at: float | None) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -61,6 +61,7 @@ class Plan:
     snapshot: Snapshot
     rendered: Mapping[Path, bytes]
     current: Mapping[Path, bytes | None]
+    seen: Mapping[Path, swap.Seen | None] = field(default_factory=dict)  # current's versions
 
     @property
     def changed(self) -> dict[Path, bytes]:
@@ -126,11 +127,11 @@ class TargetPipeline:
                 raise RenderTooLarge(template=str(template.src), size=size, cap=cap)
             rendered[template.dest] = data
         self.structure.check(snapshot, extra, rendered, raw)
-        current = {
-            dest: swap.current_bytes(dest, follow_symlinks=dest in self._follow)
-            for dest in rendered
+        seen = {
+            dest: swap.current_file(dest, follow_symlinks=dest in self._follow) for dest in rendered
         }
-        return Plan(self.name, snapshot, rendered, current)
+        current = {dest: None if file is None else file.data for dest, file in seen.items()}
+        return Plan(self.name, snapshot, rendered, current, seen)
 
     def check(self, plan: Plan) -> None:
         """Validate the whole config as it would be loaded, in a staged tree. Touches nothing.
@@ -322,6 +323,7 @@ class TargetPipeline:
                 modes=self._modes,
                 follow_symlinks=self._follow,
                 settle_later=True,
+                seen=plan.seen,
             )
         if runtime_done:
             with _timed(timings, "settle"):

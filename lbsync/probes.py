@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from lbsync.config import ProbeSettings
-from lbsync.model import ProbeVerdict, Snapshot, State
+from lbsync.model import ProbeVerdict, Snapshot, State, changed_services
 
 log = structlog.get_logger("lbsync.probes")
 
@@ -69,9 +69,15 @@ class PanicWatch:
     """The services in panic, with one ``probe.panic`` / ``probe.panic_over`` event per change."""
 
     services: frozenset[str] = field(default_factory=frozenset)
+    _seen: Snapshot | None = field(default=None, repr=False, compare=False)  # the last one seen
 
     def update(self, snapshot: Snapshot) -> None:
-        now = frozenset(name for name, service in snapshot.services.items() if service.panic)
+        """Looks at the services that changed since the last snapshot (the catalog hands an
+        unchanged service over as the same object), not at every service."""
+        now = self._panics(snapshot)
+        self._seen = snapshot
+        if now == self.services:
+            return
         for name in sorted(now - self.services):
             service = snapshot.services[name]
             log.warning(
@@ -84,3 +90,14 @@ class PanicWatch:
         for name in sorted(self.services - now):
             log.info("probe.panic_over", service=name, revision=snapshot.revision)
         self.services = now
+
+    def _panics(self, snapshot: Snapshot) -> frozenset[str]:
+        """The services in panic in ``snapshot``."""
+        if self._seen is None:
+            return frozenset(n for n, service in snapshot.services.items() if service.panic)
+        changed = changed_services(self._seen, snapshot)
+        if not changed:
+            return self.services
+        services = snapshot.services
+        calm = {n for n in changed if n not in services or not services[n].panic}
+        return (self.services - calm) | {n for n in changed if n not in calm}

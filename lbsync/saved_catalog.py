@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import structlog
 
 from lbsync.errors import LbsyncError, StageError
 from lbsync.fileio import atomic_write, opened_dir, read_bytes
-from lbsync.keymap import plain
+from lbsync.keymap import Buckets, as_groups
 from lbsync.model import KeyValue, Snapshot, SourceReset
 from lbsync.scheduler import Clock
 
@@ -79,7 +80,46 @@ def mismatch(saved: Origin, current: Origin) -> str | None:
     return None
 
 
-def save(state_dir: Path, origin: Origin, snapshot: Snapshot) -> Path:
+class EncodedParts:
+    """The JSON of each part of the keys last saved (a group, or a big group's bucket),
+    so that the next save encodes only the parts that changed.
+
+    A part a snapshot shares with the last saved one is the same object and never
+    changes (``keymap``: the catalog copies a group before writing it). At 100,000 keys
+    encoding them all was ~75 ms of CPU a save (py-spy: ~9% of the daemon's CPU in
+    ``bench scale``); the document is byte for byte what one ``json.dumps`` makes. Holds
+    the encoded keys between saves (~12 MB at 100,000 keys, 1.2 MB at 10,000).
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[Mapping[str, str], bytes]] = {}
+
+    def keys_json(self, keys: Mapping[str, str]) -> bytes:
+        """``keys`` as a JSON object, parts in ``keymap.plain``'s order."""
+        held: dict[int, tuple[Mapping[str, str], bytes]] = {}
+        chunks: list[bytes] = []
+        for part in _parts(keys):
+            known = self._held.get(id(part))
+            if known is None or known[0] is not part:  # the part is alive: ids are its own
+                known = (part, json.dumps(part, separators=(",", ":")).encode()[1:-1])
+            held[id(part)] = known
+            chunks.append(known[1])
+        self._held = held
+        return b"{" + b",".join(chunks) + b"}"
+
+
+def _parts(keys: Mapping[str, str]) -> Iterator[dict[str, str]]:
+    """The non-empty dicts ``keys`` is made of, in order."""
+    for group in as_groups(keys).values():
+        for part in group.buckets if isinstance(group, Buckets) else (group,):
+            if part:
+                yield part if isinstance(part, dict) else dict(part)
+
+
+def save(
+    state_dir: Path, origin: Origin, snapshot: Snapshot, parts: EncodedParts | None = None
+) -> Path:
+    """Write the catalog; ``parts``: the encoding of the last save, to reuse (``Saver``)."""
     path = state_dir / FILENAME
     data = {
         "revision": snapshot.revision,
@@ -87,11 +127,12 @@ def save(state_dir: Path, origin: Origin, snapshot: Snapshot) -> Path:
         "prefix": origin.prefix,
         "endpoints": list(origin.endpoints),
         "cluster_id": origin.cluster_id,
-        "keys": plain(snapshot.keys),
     }
     # dumps, not dump: dump to a file goes through the pure-Python encoder (12.7 vs
     # 9.5 ms for 10,000 instances, every few seconds while changes flow).
-    encoded = json.dumps(data, separators=(",", ":")).encode()
+    head = json.dumps(data, separators=(",", ":")).encode()[:-1]
+    keys = (parts or EncodedParts()).keys_json(snapshot.keys)
+    encoded = b"".join((head, b',"keys":', keys, b"}"))
     try:
         with opened_dir(state_dir, create=True, follow_symlinks=False) as dir_fd:
             atomic_write(dir_fd, FILENAME, encoded, mode=0o600, sync_dir=False)
@@ -189,6 +230,7 @@ class Saver:
         self._clock = clock
         self._unsaved = False
         self._saved_at = self._applied_at = clock()
+        self._parts = EncodedParts()
 
     def applied(self) -> None:
         """A round applied a new catalog to every target."""
@@ -210,7 +252,7 @@ class Saver:
         if not (force or save_due(self._clock(), self._saved_at, self._applied_at)):
             return
         try:
-            save(state_dir, origin, snapshot)
+            save(state_dir, origin, snapshot, self._parts)
         except LbsyncError as err:
             log.error("catalog.save_failed", error=err)
         self._unsaved = False

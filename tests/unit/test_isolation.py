@@ -467,3 +467,15 @@ def test_compose_keeps_unchanged_services_identical() -> None:
     assert "/services/web/settings" not in composed.keys
     assert composed.keys["/services/api/instances/b"] == "10.0.1.2:80"
     assert changed_services(base, candidate) == ["api", "web"]
+
+
+def test_changed_services_names_added_removed_and_changed_ones_sorted() -> None:
+    etcd = Etcd(START)
+    base = etcd.snapshot()
+    assert changed_services(base, base) == []
+    candidate = etcd.put("/services/zeta/instances/a", "10.0.9.1:80")
+    assert changed_services(base, candidate) == ["zeta"]
+    assert changed_services(candidate, base) == ["zeta"]
+    later = etcd.put("/services/api/instances/b", "10.0.1.2:80")
+    assert changed_services(candidate, later) == ["api"]
+    assert changed_services(base, later) == ["api", "zeta"]

@@ -8,8 +8,9 @@ import structlog
 from lbsync import metrics
 from lbsync.catalog import Catalog
 from lbsync.errors import InvalidValue
-from lbsync.model import KeyEvent, KeyValue, ProbeVerdict, SourceEvents, State
+from lbsync.model import KeyEvent, KeyValue, ProbeVerdict, Snapshot, SourceEvents, State
 from lbsync.probes import DEFAULT_POLICY, PanicWatch, ProbePolicy, in_panic, quorum_down
+from lbsync.testing import snapshot_from
 from lbsync.values import parse_probe
 
 P = "/lbsync"
@@ -270,3 +271,46 @@ def test_panic_is_one_event_on_entry_and_one_on_exit_with_a_metric(
     assert logs[0]["probed_down"] == 3
     assert watch.services == frozenset()
     assert series.probe_panic.labels("web")._value.get() == 0
+
+
+def test_the_panic_watch_follows_changed_added_and_removed_services() -> None:
+    """It looks only at the services that changed: its set stays the full one."""
+    base = snapshot_from(
+        {"services": {n: {"instances": {"a": "10.0.0.1:80"}} for n in ("api", "db", "web")}}
+    )
+
+    def with_services(**changes: bool | None) -> Snapshot:
+        services = dict(base.services)
+        for name, panic in changes.items():
+            if panic is None:
+                services.pop(name, None)
+            else:
+                services[name] = base.services.get(
+                    name, base.services["api"].model_copy(update={"name": name})
+                ).model_copy(update={"panic": panic})
+        return Snapshot.model_construct(revision=2, services=services, keys=base.keys)
+
+    rounds = [
+        with_services(web=True),
+        with_services(web=True),  # equal, not the same objects
+        with_services(web=True, db=True),
+        with_services(db=True),  # web calm again
+        with_services(db=None, extra=True),  # db gone while in panic, a new one in panic
+        with_services(extra=False),
+        base,
+    ]
+    watch = PanicWatch()
+    watch.update(base)
+    with structlog.testing.capture_logs() as logs:
+        for snapshot in rounds:
+            watch.update(snapshot)
+            expected = {n for n, s in snapshot.services.items() if s.panic}
+            assert watch.services == expected
+    assert [(e["event"], e["service"]) for e in logs] == [
+        ("probe.panic", "web"),
+        ("probe.panic", "db"),
+        ("probe.panic_over", "web"),
+        ("probe.panic", "extra"),
+        ("probe.panic_over", "db"),
+        ("probe.panic_over", "extra"),
+    ]

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 from lbsync import saved_catalog
 from lbsync.errors import StageError
+from lbsync.keymap import Buckets, KeyMap, plain
 from lbsync.model import Snapshot, SourceReset
 
 PREFIX = "/lbsync"
@@ -216,3 +218,42 @@ def test_a_fallback_catalog_of_the_same_cluster_is_not_reported(
     saved_catalog.StartFallback(_Clock(), timeout=5.0).read(ORIGIN)  # nothing was served
 
     assert "catalog.discarded" not in capsys.readouterr().out
+
+
+def _document(path: Path, snapshot: Snapshot) -> bytes:
+    """What one json.dumps of the whole catalog makes, with the file's own saved_at."""
+    data = {
+        "revision": snapshot.revision,
+        "saved_at": json.loads(path.read_bytes())["saved_at"],
+        "prefix": ORIGIN.prefix,
+        "endpoints": list(ORIGIN.endpoints),
+        "cluster_id": ORIGIN.cluster_id,
+        "keys": plain(snapshot.keys),
+    }
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def test_saves_reusing_the_parts_encoded_before_write_the_whole_catalog(tmp_path: Path) -> None:
+    """Groups and buckets shared with the last save are not encoded again; the file is
+    byte for byte the catalog's JSON after changes, removals and an emptied group."""
+    big = {f"/services/big/instances/i{n:05d}": f'{{"port":{n}}}' for n in range(5000)}
+    web = {"/services/web/instances/a": '{"host":"10.0.0.5","note":"\\u00e9 \\"q\\""}'}
+    big_buckets = Buckets.of(big)
+    groups: dict[str, Mapping[str, str]] = {"": {"/other": "x"}, "big": big_buckets}
+    groups["web"] = web
+    snapshots = [KeyMap(dict(groups))]
+    groups["web"] = {**web, "/services/web/instances/b": "ü"}  # a changed group
+    snapshots.append(KeyMap(dict(groups)))
+    buckets = list(big_buckets.buckets)
+    buckets[3] = {}  # one bucket emptied, the others shared
+    groups["big"] = Buckets(buckets)
+    del groups[""]
+    snapshots.append(KeyMap(dict(groups)))
+    parts = saved_catalog.EncodedParts()
+    for revision, keys in enumerate(snapshots, start=1):
+        snapshot = Snapshot.model_construct(revision=revision, services={}, keys=keys)
+        path = saved_catalog.save(tmp_path, ORIGIN, snapshot, parts)
+        assert path.read_bytes() == _document(path, snapshot)
+        saved = saved_catalog.load(tmp_path, ORIGIN)
+        assert saved is not None
+        assert len(saved.reset.kvs) == len(plain(keys))

@@ -782,3 +782,73 @@ def test_staging_area_overwrites_only_its_own_inode(tmp_path: Path) -> None:
     ):
         pass
     assert dest.read_bytes() == b"live\n"
+
+
+# --- the bytes the round already read ------------------------------------------------------
+
+
+def test_swap_reuses_the_bytes_read_when_the_file_is_still_that_version(tmp_path: Path) -> None:
+    dest = tmp_path / "upstreams.conf"
+    dest.write_bytes(b"old\n")
+    seen = swap.current_file(dest)
+    assert seen is not None
+    assert seen.data == b"old\n"
+    # Same version on disk: its bytes are taken as read (a marker object proves no re-read).
+    marker = swap.Seen(b"as read by plan\n", seen.version)
+
+    record = swap.swap_in({dest: b"new\n"}, tmp_path / "backup", seen={dest: marker})
+
+    assert record.entries[0].previous is marker.data
+    assert dest.read_bytes() == b"new\n"
+
+
+@pytest.mark.parametrize("how", ["renamed", "in_place_same_size"])
+def test_swap_reads_again_a_file_that_moved_since_it_was_read(tmp_path: Path, how: str) -> None:
+    dest = tmp_path / "upstreams.conf"
+    dest.write_bytes(b"old\n")
+    seen = swap.current_file(dest)
+    assert seen is not None
+    if how == "renamed":
+        (tmp_path / "other").write_bytes(b"edit\n")
+        os.replace(tmp_path / "other", dest)
+    else:
+        info = dest.stat()
+        dest.write_bytes(b"OLD\n")  # same size, same inode: the times tell
+        os.utime(dest, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
+
+    record = swap.swap_in({dest: b"new\n"}, tmp_path / "backup", seen={dest: seen})
+
+    assert dest.read_bytes() == b"new\n"
+    expected = b"edit\n" if how == "renamed" else b"OLD\n"
+    assert record.entries[0].previous == expected, "what is put back is what was replaced"
+    swap.restore(record)
+    assert dest.read_bytes() == expected
+
+
+def test_swap_with_seen_bytes_still_refuses_a_symlink_planted_since(tmp_path: Path) -> None:
+    victim, before = _root_only_file(tmp_path)
+    dest = tmp_path / "upstreams.conf"
+    dest.write_bytes(b"old\n")
+    seen = swap.current_file(dest)
+    dest.unlink()
+    dest.symlink_to(victim)
+
+    with pytest.raises(StageError, match="is a symlink"):
+        swap.swap_in({dest: b"new\n"}, tmp_path / "backup", seen={dest: seen})
+
+    assert _file_facts(victim) == before
+    assert dest.is_symlink()
+
+
+def test_current_file_reads_through_a_followed_symlink_only(tmp_path: Path) -> None:
+    victim, _ = _root_only_file(tmp_path)
+    link = tmp_path / "upstreams.conf"
+    link.symlink_to(victim)
+
+    assert swap.current_file(tmp_path / "missing") is None
+    with pytest.raises(StageError, match="is a symlink"):
+        swap.current_file(link)
+    seen = swap.current_file(link, follow_symlinks=True)
+    assert seen is not None
+    assert seen.data == b"root:secret\n"
+    assert seen.version[1] == victim.stat().st_ino

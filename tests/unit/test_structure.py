@@ -232,3 +232,43 @@ def test_the_stock_haproxy_template_refuses_a_program_section_through_its_slots(
     )
     with pytest.raises(StructureViolation, match="added 'program'"):
         run(hostile(snapshot_from(CATALOG), evil))
+
+
+def _without(snapshot: Snapshot, name: str) -> Snapshot:
+    services = {n: s for n, s in snapshot.services.items() if n != name}
+    return Snapshot.model_construct(revision=3, services=services, keys=snapshot.keys)
+
+
+def test_a_kept_check_twins_each_round_as_a_fresh_one_would() -> None:
+    """Rounds that change one service, turn it hostile and back, drop and add services:
+    the check that looks only at what moved gives the twin a fresh check gives."""
+    benign = snapshot_from(CATALOG)
+    injected = Instance.model_construct(id="x", host="1.2.3.4; } x {", port=1)
+    hostile_web = hostile(benign, injected)
+    other = hostile(benign, Instance(id="y", host="10.0.0.7", port=80))
+    rounds = [
+        benign,
+        hostile_web,  # the same names, one service a new object: the C pass
+        hostile_web,
+        _without(hostile_web, "api"),  # a name gone
+        hostile_web,  # and back
+        benign,  # hostile → benign: its twin is itself again
+        _without(benign, "web"),
+        other,  # added back, then changed
+        hostile(other, injected),
+    ]
+    kept = checker("upstreams.conf.j2")
+    for number, snapshot in enumerate(rounds):
+        fresh = checker("upstreams.conf.j2").twin(snapshot)
+        twin = kept.twin(snapshot)
+        assert (twin is snapshot) == (fresh is snapshot), number
+        assert list(twin.services) == list(fresh.services), number
+        assert list(twin.services.values()) == list(fresh.services.values()), number
+        if (
+            snapshot.services.get("web") is not None
+            and injected in snapshot.services["web"].instances
+        ):
+            with pytest.raises(StructureViolation, match="a value added"):
+                run_check(kept, snapshot)
+        else:
+            run_check(kept, snapshot)
