@@ -186,12 +186,3 @@ def with_groups_from(
         else:
             groups[name] = kept
     return KeyMap(groups)
-
-
-def plain(keys: Mapping[str, str]) -> dict[str, str]:
-    """A plain dict of ``keys``, a group at a time (C speed, not a key at a time)."""
-    out: dict[str, str] = {}
-    for group in as_groups(keys).values():
-        for part in group.buckets if isinstance(group, Buckets) else (group,):
-            out.update(part)
-    return out

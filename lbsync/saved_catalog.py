@@ -95,7 +95,8 @@ class EncodedParts:
         self._held: dict[int, tuple[Mapping[str, str], bytes]] = {}
 
     def keys_json(self, keys: Mapping[str, str]) -> bytes:
-        """``keys`` as a JSON object, parts in ``keymap.plain``'s order."""
+        """``keys`` as a JSON object, in the mapping's own order
+        (group by group, bucket by bucket, as ``dict(keys)``)."""
         held: dict[int, tuple[Mapping[str, str], bytes]] = {}
         chunks: list[bytes] = []
         for part in _parts(keys):

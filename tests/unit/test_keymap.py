@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from lbsync import keymap
 from lbsync.catalog import Catalog
-from lbsync.keymap import Buckets, KeyMap, as_groups, differing, group_of, plain, with_groups_from
+from lbsync.keymap import Buckets, KeyMap, as_groups, differing, group_of, with_groups_from
 from lbsync.model import KeyEvent, Snapshot, SourceEvents, compose, service_prefix
 
 P = "/p"
@@ -54,7 +54,7 @@ def reference_compose(
 
 
 def assert_reads_as(keys: Mapping[str, str], expected: dict[str, str]) -> None:
-    assert plain(keys) == expected
+    assert dict(keys) == expected
     assert dict(keys) == expected
     assert len(keys) == len(expected)
     for key in KEYS:
@@ -99,7 +99,7 @@ def _check_snapshot_keys(catalog: Catalog, script: list[tuple[str, bytes | None,
         assert differing(old_expected, new_expected) == expected_diff
         for keep in (["web"], ["api", "web"], ["gone"]):
             composed = compose(old, new, keep)
-            assert plain(composed.keys) == reference_compose(new_expected, old_expected, keep)
+            assert dict(composed.keys) == reference_compose(new_expected, old_expected, keep)
 
 
 def test_an_unchanged_group_is_shared_between_snapshots() -> None:
@@ -131,7 +131,7 @@ def test_with_groups_from_plain_mappings() -> None:
     keys = {"/services/web/a": "1", "/services/api/a": "2", "/x": "3"}
     base = {"/services/web/b": "4", "/x": "5"}
     composed = with_groups_from(keys, base, ["web", "api"])
-    assert plain(composed) == {"/services/web/b": "4", "/x": "3"}
+    assert dict(composed) == {"/services/web/b": "4", "/x": "3"}
 
 
 BUCKET_KEYS = [f"/services/big/instances/i{n}" for n in range(40)] + ["/", "/a", "/x/yz"]

@@ -13,7 +13,7 @@ import pytest
 
 from lbsync import saved_catalog
 from lbsync.errors import StageError
-from lbsync.keymap import Buckets, KeyMap, plain
+from lbsync.keymap import Buckets, KeyMap
 from lbsync.model import Snapshot, SourceReset
 
 PREFIX = "/lbsync"
@@ -228,7 +228,7 @@ def _document(path: Path, snapshot: Snapshot) -> bytes:
         "prefix": ORIGIN.prefix,
         "endpoints": list(ORIGIN.endpoints),
         "cluster_id": ORIGIN.cluster_id,
-        "keys": plain(snapshot.keys),
+        "keys": dict(snapshot.keys),
     }
     return json.dumps(data, separators=(",", ":")).encode()
 
@@ -256,4 +256,4 @@ def test_saves_reusing_the_parts_encoded_before_write_the_whole_catalog(tmp_path
         assert path.read_bytes() == _document(path, snapshot)
         saved = saved_catalog.load(tmp_path, ORIGIN)
         assert saved is not None
-        assert len(saved.reset.kvs) == len(plain(keys))
+        assert len(saved.reset.kvs) == len(dict(keys))
