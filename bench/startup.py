@@ -92,12 +92,13 @@ def run(instances: int, runs: int, layout: str = "spread") -> dict[str, Any]:
     return {"instances": instances, "layout": layout, "runs": results}
 
 
-def run_command(instances: int, runs: int) -> dict[str, Any]:
+def run_command(instances: int, runs: int, transport: str = "auto") -> dict[str, Any]:
     """Issue 15's harness: process start → the reload command's own timestamp."""
     _with_bytecode()
     results = []
     with env.world("startup-command") as w:
         config, reload_log, dest = latency.command_world(w, instances)
+        config = config.replace("[etcd]\n", f'[etcd]\ntransport = "{transport}"\n', 1)
         for _ in range(runs):
             shutil.rmtree(w.root / "state", ignore_errors=True)
             dest.unlink(missing_ok=True)  # so that the first round writes and reloads
@@ -125,7 +126,7 @@ def run_command(instances: int, runs: int) -> dict[str, Any]:
             finally:
                 lb.stop()
                 w.lbsync = None
-    return {"instances": instances, "driver": "command", "runs": results}
+    return {"instances": instances, "driver": "command", "transport": transport, "runs": results}
 
 
 def _lines(path: Path) -> list[str]:
@@ -133,7 +134,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def _command_main(args: argparse.Namespace) -> dict[str, Any]:
-    r = run_command(args.instances, args.runs)
+    r = run_command(args.instances, args.runs, args.transport)
     rows = [
         [
             i + 1,
@@ -149,7 +150,8 @@ def _command_main(args: argparse.Namespace) -> dict[str, Any]:
     ]
     report.table(
         f"start-up at {args.instances:,} instances, issue 15's harness "
-        "(ms from process start; command driver, one service, plain template)",
+        "(ms from process start; command driver, one service, plain template; "
+        f"[etcd] transport = {args.transport})",
         [
             "run",
             "daemon.started",
@@ -182,6 +184,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="nginx",
         help="command: issue 15's harness (one service, bare values, plain template, a "
         "reload command that logs its start; the clock stops when it runs)",
+    )
+    parser.add_argument(
+        "--transport",
+        choices=["auto", "http", "grpc"],
+        default="auto",
+        help="command driver: lbsync's [etcd] transport (how the first read is made)",
     )
     args = parser.parse_args(argv)
     if args.driver == "command":

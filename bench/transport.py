@@ -26,6 +26,7 @@ from typing import Any
 
 from bench import env, report
 from lbsync.config import EtcdSettings
+from lbsync.logging import configure_logging
 from lbsync.model import SourceEvents, SourceMessage, SourceReset
 from lbsync.source.etcd import EtcdSource
 
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=int, default=3, help="timed reads per transport and size")
     parser.add_argument("--puts", type=int, default=300, help="puts timed per transport")
     args = parser.parse_args(argv)
+    configure_logging("warning")  # the sources' connect and read events, not the tables
     sizes = sorted(int(s) for s in args.sizes.split(","))
     result = run(sizes, args.runs, args.puts)
     rows = []
