@@ -22,6 +22,7 @@ BENCHES = (
     "catalog",
     "idle",
     "transport",
+    "cli",
     "validation",
     "probe",
 )
