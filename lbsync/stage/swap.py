@@ -106,14 +106,8 @@ def current_bytes(path: Path, *, follow_symlinks: bool = False) -> bytes | None:
     A symlink at ``path`` is refused (``StageError`` naming its target) unless
     ``follow_symlinks`` (the template's ``follow_symlinks = true``): then it is read
     through."""
-    try:
-        return read_bytes(path, follow_symlinks=follow_symlinks)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP and not follow_symlinks:
-            raise _symlink_refused(path) from exc
-        raise StageError(f"cannot read: {exc.strerror}", path=str(path)) from exc
+    seen = current_file(path, follow_symlinks=follow_symlinks)
+    return None if seen is None else seen.data
 
 
 def swap_in(

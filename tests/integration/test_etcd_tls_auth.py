@@ -273,28 +273,38 @@ def test_an_expired_token_is_replaced_by_authenticating_again(
         assert len(reader.read_all().kvs) == 1
         reader.close()
 
-        # The source: its token expires while the watch runs (a watch stream outlives
-        # its token); after a cut, the resume authenticates again and loses nothing.
-        running = run_source(direct.model_copy(update={"endpoints": [proxy.endpoint]}))
-        rec = running.recorder
-        wait_for(rec.connected, what="the watch")
-        before = etcd.deleted_tokens(USER)
-        wait_for(lambda: etcd.deleted_tokens(USER) > before, what="the source's token to expire")
-        writer.put(f"{PREFIX}/b", "1")
-        wait_for(converged(etcd, rec), what="an event on the watch after its token expired")
-
-        proxy.block()
-        wait_for(lambda: not rec.connected(), what="the cut to be noticed")
-        writer.put(f"{PREFIX}/c", "1")
-        writer.delete(f"{PREFIX}/a")
-        proxy.unblock()
-        wait_for(converged(etcd, rec), what="convergence after the cut")
-        wait_for(rec.connected, what="the watch to be re-established")
-        assert len(rec.resets()) == 1, "a resume, not a resync"
-        assert rec.errors == []
+        _watch_outlives_its_token(etcd, proxy, writer, run_source, direct)
         writer.close()
     finally:
         proxy.close()
+
+
+def _watch_outlives_its_token(
+    etcd: EtcdServer,
+    proxy: TcpProxy,
+    writer: EtcdWriter,
+    run_source: Callable[..., RunningSource],
+    direct: EtcdSettings,
+) -> None:
+    """The source's token expires while the watch runs (a watch stream outlives its
+    token); after a cut, the resume authenticates again and loses nothing."""
+    running = run_source(direct.model_copy(update={"endpoints": [proxy.endpoint]}))
+    rec = running.recorder
+    wait_for(rec.connected, what="the watch")
+    before = etcd.deleted_tokens(USER)
+    wait_for(lambda: etcd.deleted_tokens(USER) > before, what="the source's token to expire")
+    writer.put(f"{PREFIX}/b", "1")
+    wait_for(converged(etcd, rec), what="an event on the watch after its token expired")
+
+    proxy.block()
+    wait_for(lambda: not rec.connected(), what="the cut to be noticed")
+    writer.put(f"{PREFIX}/c", "1")
+    writer.delete(f"{PREFIX}/a")
+    proxy.unblock()
+    wait_for(converged(etcd, rec), what="convergence after the cut")
+    wait_for(rec.connected, what="the watch to be re-established")
+    assert len(rec.resets()) == 1, "a resume, not a resync"
+    assert rec.errors == []
 
 
 @pytest.fixture
@@ -325,22 +335,7 @@ def test_an_expired_token_on_the_gateway_is_replaced_by_authenticating_again(
         assert len(reader.read_all().kvs) == 1  # a TokenRejected, then a fresh login
         reader.close()
 
-        running = run_source(direct.model_copy(update={"endpoints": [proxy.endpoint]}))
-        rec = running.recorder
-        wait_for(rec.connected, what="the watch")
-        before = etcd.deleted_tokens(USER)
-        wait_for(lambda: etcd.deleted_tokens(USER) > before, what="the source's token to expire")
-        writer.put(f"{PREFIX}/b", "1")
-        wait_for(converged(etcd, rec), what="an event on the watch after its token expired")
-
-        proxy.block()
-        wait_for(lambda: not rec.connected(), what="the cut to be noticed")
-        writer.put(f"{PREFIX}/c", "1")
-        proxy.unblock()
-        wait_for(converged(etcd, rec), what="convergence after the cut")
-        wait_for(rec.connected, what="the watch to be re-established")
-        assert len(rec.resets()) == 1, "a resume, not a resync"
-        assert rec.errors == []
+        _watch_outlives_its_token(etcd, proxy, writer, run_source, direct)
         writer.close()
     finally:
         proxy.close()
