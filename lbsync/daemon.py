@@ -27,10 +27,9 @@ left there; a difference is applied again through the normal path (``drift.repai
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -54,17 +53,12 @@ from lbsync.render import Renderer
 from lbsync.saved_catalog import Origin, Saver, StartFallback
 from lbsync.scheduler import Clock, Scheduler
 from lbsync.source.runner import Source, SourceRunner
+from lbsync.wakeups import Flags, wait_budget
 
 if TYPE_CHECKING:
     from lbsync.http import StatusServer
 
 log = structlog.get_logger("lbsync.daemon")
-
-# Longest the loop blocks while something can only be polled: a guard hold's confirm file,
-# a driver's runtime state (``Driver.ticks``). Otherwise it sleeps until its next deadline:
-# each wake-up costs CPU even when idle (a timed wait is ~75 us of system time on a VM).
-_TICK = 0.5
-
 
 SourceFactory = Callable[[Settings], Source]
 
@@ -73,35 +67,6 @@ def etcd_source(settings: Settings) -> Source:
     from lbsync.source.etcd import EtcdSource
 
     return EtcdSource(settings.etcd)
-
-
-class Flags:
-    """Set by signal handlers (or tests), read by the main loop; setting one wakes the loop
-    (``wake`` must be signal-safe)."""
-
-    def __init__(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
-        self._stop = self._reconfigure = False
-
-    @property
-    def stop(self) -> bool:
-        return self._stop
-
-    @stop.setter
-    def stop(self, value: bool) -> None:
-        self._stop = value
-        if value:
-            self._wake()
-
-    @property
-    def reconfigure(self) -> bool:
-        return self._reconfigure
-
-    @reconfigure.setter
-    def reconfigure(self, value: bool) -> None:
-        self._reconfigure = value
-        if value:
-            self._wake()
 
 
 class Daemon:
@@ -521,12 +486,3 @@ def build_pipelines(settings: Settings, driver_factory: DriverFactory) -> list[T
         TargetPipeline(target, driver_factory(target), renderer, settings.state_dir)
         for target in settings.targets
     ]
-
-
-def wait_budget(deadlines: Iterable[float | None], now: float, *, polling: bool) -> float:
-    """How long the loop may block: until the earliest of ``deadlines`` (clock times; None:
-    none), at most ``_TICK`` while ``polling``; ``math.inf`` when nothing is due at all
-    (a message or a signal wakes it)."""
-    due = min((d for d in deadlines if d is not None), default=math.inf)
-    budget = max(0.0, due - now)
-    return min(budget, _TICK) if polling else budget

@@ -517,13 +517,13 @@ def test_the_catalog_is_saved_when_changes_pause_or_after_30_s(
 
 
 def test_wait_budget_is_the_earliest_deadline_and_capped_only_while_polling() -> None:
-    from lbsync.daemon import _TICK, wait_budget
+    from lbsync.wakeups import TICK, wait_budget
 
     assert wait_budget([None, 107.0, 103.0], now=100.0, polling=False) == 3.0
-    assert wait_budget([None, 107.0, 103.0], now=100.0, polling=True) == _TICK
+    assert wait_budget([None, 107.0, 103.0], now=100.0, polling=True) == TICK
     assert wait_budget([99.0], now=100.0, polling=False) == 0.0  # overdue: do not block
     assert wait_budget([None], now=100.0, polling=False) == float("inf")
-    assert wait_budget([], now=100.0, polling=True) == _TICK
+    assert wait_budget([], now=100.0, polling=True) == TICK
 
 
 def test_an_idle_daemon_sleeps_until_its_reconcile_deadline(
@@ -559,14 +559,14 @@ def test_a_stop_wakes_the_sleeping_loop(running: Running) -> None:
 def test_the_loop_polls_every_tick_while_the_guard_holds_or_a_driver_ticks(
     running: Running, driver: FakeDriver
 ) -> None:
-    from lbsync.daemon import _TICK
+    from lbsync.wakeups import TICK
 
     first_round_applied(running)
     daemon = running.daemon
     driver.ticks = True
-    assert daemon._wait_budget() <= _TICK
+    assert daemon._wait_budget() <= TICK
     driver.ticks = False
-    assert daemon._wait_budget() > _TICK
+    assert daemon._wait_budget() > TICK
 
 
 def test_the_savers_deadline_is_when_save_due_turns_true() -> None:
