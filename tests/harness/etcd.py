@@ -299,6 +299,9 @@ class EtcdServer(_Process):
         context = self.tls.ssl_context() if self.tls else None
         try:
             return bool(_get_json(f"{self.endpoint}/health", context) == {"health": "true"})
+        except urllib.error.HTTPError as exc:  # e.g. a 503 while starting: holds the socket
+            exc.close()
+            return False
         except (OSError, urllib.error.URLError, ValueError):
             return False
 
