@@ -149,11 +149,7 @@ class GatewaySession:
         if not address.secure:
             return sock
         context = _tls_context(self.settings, self.endpoint)
-        try:
-            return context.wrap_socket(sock, server_hostname=address.host)
-        except OSError as exc:
-            sock.close()
-            raise SourceUnavailable(f"TLS handshake: {exc}", endpoint=self.endpoint) from exc
+        return wrap_tls(sock, context, address.host, self.endpoint)
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
@@ -300,6 +296,39 @@ class GatewaySession:
     def close(self) -> None:
         self._closed = True
         self._drop()
+
+
+def wrap_tls(
+    sock: socket.socket, context: ssl.SSLContext, host: str, endpoint: str
+) -> ssl.SSLSocket:
+    """``sock`` after a TLS handshake; on any failure no socket is left open.
+
+    CPython's ``SSLSocket._create`` (3.11.7 here) leaves its new socket open when the peer
+    resets the connection between connect and handshake: its pre-handshake ``recv(1)``
+    raises, and the socket is only closed when a garbage collection finds it
+    (python/cpython#113280). The same reset can also hand back a socket that never made
+    a handshake. Both are closed here and reported as the endpoint being unavailable.
+    """
+    try:
+        wrapped = context.wrap_socket(sock, server_hostname=host)
+    except OSError as exc:
+        sock.close()
+        close_half_made_sockets(exc)
+        raise SourceUnavailable(f"TLS handshake: {exc}", endpoint=endpoint) from exc
+    if wrapped.version() is None:
+        wrapped.close()
+        raise SourceUnavailable("TLS handshake: the connection closed before it", endpoint=endpoint)
+    return wrapped
+
+
+def close_half_made_sockets(exc: BaseException) -> None:
+    """Close the SSL sockets that the frames ``exc`` was raised through were making."""
+    trace = exc.__traceback__
+    while trace is not None:
+        made = trace.tb_frame.f_locals.get("self")
+        if isinstance(made, ssl.SSLSocket):
+            made.close()
+        trace = trace.tb_next
 
 
 def _b64(raw: bytes) -> str:

@@ -35,6 +35,7 @@ import pytest
 from lbsync.config import EtcdSettings
 from lbsync.model import SourceEvents, SourceMessage, SourceReset, SourceStatus
 from lbsync.source import EtcdSource, EtcdWriter
+from lbsync.source.gateway import close_half_made_sockets
 from tests.harness.net import free_port, wait_for
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -302,7 +303,10 @@ class EtcdServer(_Process):
         except urllib.error.HTTPError as exc:  # e.g. a 503 while starting: holds the socket
             exc.close()
             return False
-        except (OSError, urllib.error.URLError, ValueError):
+        except (OSError, ValueError) as exc:  # URLError is an OSError
+            reason = getattr(exc, "reason", exc)  # urlopen's URLError wraps the socket's error
+            if isinstance(reason, BaseException):
+                close_half_made_sockets(reason)  # a reset mid-handshake: see wrap_tls
             return False
 
     def enable_auth(self, user: str, password: str, prefix: str) -> None:
