@@ -35,7 +35,7 @@ from lbsync.source.endpoints import (
     password,
 )
 from lbsync.source.responses import WatchResponse, parse_document, range_page, watch_response
-from lbsync.source.stream import new_reset, next_page_limit
+from lbsync.source.stream import RangePage, page_through
 from lbsync.source.watchbody import ChunkedLines
 
 _T = TypeVar("_T")
@@ -255,26 +255,16 @@ class GatewaySession:
     # -- reading --
 
     def read(self, start: bytes, end: bytes, page_size: int, page_bytes: int) -> SourceReset:
-        """Page through [start, end) pinned to the first page's revision (as ``read_pages``)."""
-        kvs: list[tuple[str, bytes, int]] = []
-        revision: int | None = None
-        cluster_id = 0
-        limit, keys_read, bytes_read = page_size, 0, 0
+        """``page_through`` [start, end), as the gRPC path's ``read_pages``."""
         end_b64 = _b64(end)
-        while True:
-            request: dict[str, Any] = {"key": _b64(start), "range_end": end_b64, "limit": limit}
+
+        def fetch(first: bytes, limit: int, revision: int | None) -> RangePage:
+            request: dict[str, Any] = {"key": _b64(first), "range_end": end_b64, "limit": limit}
             if revision is not None:
                 request["revision"] = revision
-            page = range_page(self.post("/v3/kv/range", request), self.endpoint)
-            if revision is None:
-                revision, cluster_id = page.revision, page.cluster_id
-            kvs.extend(page.kvs)
-            if not page.more or not page.count:
-                return new_reset(revision, cluster_id, kvs)
-            start = page.last_key + b"\0"
-            keys_read += page.count
-            bytes_read += sum(len(value) + len(key) + 40 for key, value, _ in page.kvs)
-            limit = next_page_limit(page_size, page_bytes, keys_read, bytes_read)
+            return range_page(self.post("/v3/kv/range", request), self.endpoint)
+
+        return page_through(fetch, start, page_size, page_bytes)
 
     def changed_since(self, start: bytes, end: bytes, revision: int) -> bool:
         """Whether a key in [start, end) was put after ``revision``: one keys-only key

@@ -15,7 +15,7 @@ from typing import Any
 
 from lbsync.errors import SourceError
 from lbsync.model import KeyEvent
-from lbsync.source.stream import decode_key, key_events
+from lbsync.source.stream import RangePage, decode_key, key_events
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,16 +145,6 @@ def _range_kvs(kvs: list[Any]) -> list[tuple[str, bytes, int]]:
         return _careful_kvs(kvs)
 
 
-@dataclass(frozen=True, slots=True)
-class RangePage:
-    revision: int
-    cluster_id: int
-    kvs: list[tuple[str, bytes, int]]  # (key, value, mod_revision)
-    count: int  # keys in this page, readable or not
-    last_key: bytes  # the page's last key (raw), b"" for an empty page
-    more: bool
-
-
 def range_page(doc: dict[str, Any], endpoint: str) -> RangePage:
     """A ``/v3/kv/range`` answer; raises SourceError if it is not one."""
     try:
@@ -169,6 +159,7 @@ def range_page(doc: dict[str, Any], endpoint: str) -> RangePage:
             count=len(kvs),
             last_key=last_key,
             more=_bool(doc, "more"),
+            size=sum(len(key) + len(value) + 40 for key, value, _ in decoded),
         )
     except _Malformed as exc:
         raise SourceError(f"malformed range answer: {exc}", endpoint=endpoint) from exc

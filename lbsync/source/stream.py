@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -92,35 +93,63 @@ def next_page_limit(page_size: int, page_bytes: int, keys: int, size: int) -> in
     return max(page_size, page_bytes * keys // size)
 
 
-def new_reset(revision: int, cluster_id: int, kvs: list[tuple[str, bytes, int]]) -> SourceReset:
-    """A full read as a ``SourceReset``: the one place both transports build it, from
-    ``(key, value, mod_revision)`` per key (``model.source_reset``: no pydantic pass per key)."""
-    return source_reset(revision, kvs, cluster_id)
+@dataclass(frozen=True, slots=True)
+class RangePage:
+    """One page of a range read, as either transport answered it."""
+
+    revision: int
+    cluster_id: int
+    kvs: list[tuple[str, bytes, int]]  # (key, value, mod_revision) of each readable key
+    count: int  # keys in this page, readable or not
+    last_key: bytes  # the page's last key (raw), b"" for an empty page
+    more: bool
+    size: int  # about how many bytes the page took, for ``next_page_limit``
 
 
-def read_pages(
-    client: Any, start: bytes, end: bytes, page_size: int, page_bytes: int
-) -> SourceReset:
-    """Page through [start, end) with every page pinned to the first page's revision.
+FetchPage = Callable[[bytes, int, int | None], RangePage]  # (start, limit, revision)
+
+
+def page_through(fetch: FetchPage, start: bytes, page_size: int, page_bytes: int) -> SourceReset:
+    """Page from ``start`` with every page pinned to the first page's revision.
 
     The first page holds ``page_size`` keys, the next ones about ``page_bytes`` each (see
     ``next_page_limit``). The reset carries the first page's header: its revision and
-    etcd's cluster id."""
+    etcd's cluster id. Both transports read through here."""
     kvs: list[tuple[str, bytes, int]] = []
     revision: int | None = None
     cluster_id = 0
     limit, keys_read, bytes_read = page_size, 0, 0
     while True:
-        resp = client.get_range_response(start, end, limit=limit, revision=revision)
+        page = fetch(start, limit, revision)
         if revision is None:
-            revision, cluster_id = int(resp.header.revision), int(resp.header.cluster_id)
-        kvs.extend(_key_values(resp.kvs))
-        if not resp.more or not resp.kvs:
-            return new_reset(revision, cluster_id, kvs)
-        start = bytes(resp.kvs[-1].key) + b"\0"
-        keys_read += len(resp.kvs)
-        bytes_read += resp.ByteSize()
+            revision, cluster_id = page.revision, page.cluster_id
+        kvs.extend(page.kvs)
+        if not page.more or not page.count:
+            return source_reset(revision, kvs, cluster_id)  # no pydantic pass per key
+        start = page.last_key + b"\0"
+        keys_read += page.count
+        bytes_read += page.size
         limit = next_page_limit(page_size, page_bytes, keys_read, bytes_read)
+
+
+def read_pages(
+    client: Any, start: bytes, end: bytes, page_size: int, page_bytes: int
+) -> SourceReset:
+    """``page_through`` [start, end) on a gRPC client."""
+
+    def fetch(first: bytes, limit: int, revision: int | None) -> RangePage:
+        resp = client.get_range_response(first, end, limit=limit, revision=revision)
+        return RangePage(
+            revision=int(resp.header.revision),
+            cluster_id=int(resp.header.cluster_id),
+            kvs=_key_values(resp.kvs),
+            count=len(resp.kvs),
+            last_key=bytes(resp.kvs[-1].key) if resp.kvs else b"",
+            more=bool(resp.more),
+            size=resp.ByteSize(),
+        )
+
+    return page_through(fetch, start, page_size, page_bytes)
 
 
 class StreamEnded(Exception):
