@@ -354,8 +354,21 @@ FAST_REGISTRATIONS = (
 _metas_by_text: dict[bytes, dict[str, str]] = {}
 
 
+# A bare "10.0.0.1:80": the issue-15 shape (confd's users register bare addresses).
+FAST_BARE = re.compile(
+    rb"(?P<host>" + CANONICAL_IPV4.pattern.encode() + rb"):(?P<port>" + _FAST_INT + rb")"
+)
+
+
 def _fast_registration(key: str, value: bytes) -> Registration | None:
-    """The registration, if ``value`` is one of FAST_REGISTRATIONS' shapes; else None."""
+    """The registration, if ``value`` is FAST_BARE or one of FAST_REGISTRATIONS' shapes;
+    else None."""
+    bare = FAST_BARE.fullmatch(value)
+    if bare is not None:
+        port_number = int(bare.group("port"))
+        if port_number > 65535:
+            return None  # the general path words the rejection
+        return Registration(bare.group("host").decode("ascii"), port_number, 1, State.UP, {})
     for pattern in FAST_REGISTRATIONS:
         match = pattern.fullmatch(value)
         if match is not None:

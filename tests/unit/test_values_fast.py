@@ -48,6 +48,7 @@ def full_path_only() -> Iterator[None]:
         mock.patch.object(values, "SIMPLE_TEXT", NEVER_BYTES),
         mock.patch.object(values, "CANONICAL_IPV4", NEVER),
         mock.patch.object(values, "FAST_REGISTRATIONS", ()),
+        mock.patch.object(values, "FAST_BARE", NEVER_BYTES),
         mock.patch.object(values, "_metas_by_text", {}),
         mock.patch.object(values, "_shared_metas", {}),
         mock.patch.object(values, "MAX_SHARED_METAS", 0),
@@ -88,6 +89,7 @@ def text(strategy: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
 # Values the fast patterns match (and some they nearly match), not only the fuzz shapes.
 fast_shaped = st.one_of(
     *(st.from_regex(shape, fullmatch=True) for shape in values.FAST_REGISTRATIONS),
+    st.from_regex(values.FAST_BARE, fullmatch=True),
     st.from_regex(values.SIMPLE_JSON, fullmatch=True),
     st.from_regex(values.SIMPLE_TEXT, fullmatch=True),
 )
@@ -125,6 +127,14 @@ def test_fast_and_full_paths_agree(value: bytes) -> None:
         b'{"host": "10.1.0.5", "port": 8001, "weight": 1, "meta": {"zone": "a"}}',
         b'{"host":"10.1.0.5","meta":{"zone":"a"},"port":8001,"state":"drain","weight":2}',
         b"10.0.0.1:80",
+        b"10.0.0.1:65535",
+        b"10.0.0.1:65536",
+        b"10.0.0.1:99999",
+        b"10.0.0.1:080",
+        b"10.0.0.1:0",
+        b"10.0.0.01:80",
+        b"10.0.0.1:80\n",
+        b" 10.0.0.1:80",
         b"[::1]:80",
         b'{"host": "010.1.0.5", "port": 80}',  # a leading zero: not an IP literal
         b'{"host": "256.1.0.5", "port": 80}',
@@ -160,6 +170,7 @@ def test_the_fast_path_takes_the_common_values() -> None:
     )
     assert values.FAST_REGISTRATIONS[1].fullmatch(by_register)
     assert values.SIMPLE_TEXT.fullmatch(b"10.0.0.1:80")
+    assert values.FAST_BARE.fullmatch(b"10.0.0.1:80")
     assert values.CANONICAL_IPV4.fullmatch("10.1.0.5")
     assert not values.CANONICAL_IPV4.fullmatch("10.01.0.5")
 
