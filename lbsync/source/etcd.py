@@ -4,7 +4,7 @@ Two transports (``[etcd] transport``): etcd's JSON gateway over HTTP/1.1 (``gate
 standard library only, one blocked socket when idle) and gRPC (``grpc_session``, through
 pyetcd, imported only when used). With ``auto`` each new connection tries the gateway
 first and falls back to gRPC on an endpoint that does not serve it (etcd's gRPC proxy),
-and full reads go over gRPC on a client closed after each (``_reader_for``).
+and full reads go over gRPC on a client closed after each (``_reader``).
 Both hand the loop the same ``WatchResponse``; everything raised is an
 ``lbsync.errors.SourceError``, and no pyetcd, gRPC or HTTP object leaves the package.
 
@@ -130,8 +130,7 @@ class EtcdSource:
 
     def _connect(self) -> Session:
         with self._lock:
-            if self._closed or (self._stop is not None and self._stop.is_set()):
-                raise SourceUnavailable("the source is stopping", endpoint=self.endpoint)
+            self._refuse_if_stopping()
             if self._session is not None:
                 return self._session
         session = self._open_session()  # outside the lock: a stop can cancel it meanwhile
@@ -141,6 +140,10 @@ class EtcdSource:
                 raise SourceUnavailable("the source is stopping", endpoint=self.endpoint)
             self._session = session
         return session
+
+    def _refuse_if_stopping(self) -> None:
+        if self._closed or (self._stop is not None and self._stop.is_set()):
+            raise SourceUnavailable("the source is stopping", endpoint=self.endpoint)
 
     def _open_session(self) -> Session:
         """A connected session: the gateway unless ``transport`` is grpc, or auto meets an
@@ -214,8 +217,8 @@ class EtcdSource:
         the auth token has expired, it starts over once with a fresh client.
         """
         for attempt in range(2):
-            session = self._connect()
-            reader = self._reader_for(session)
+            reader = self._reader()
+            own_client = reader is not self._session
             try:
                 return reader.read(self._prefix, self._range_end, self.page_size, self.page_bytes)
             except (RevisionCompacted, TokenRejected) as exc:
@@ -224,22 +227,29 @@ class EtcdSource:
                 if isinstance(exc, TokenRejected):
                     self._disconnect()
             finally:
-                if reader is not session:
+                if own_client:
                     reader.close()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _reader_for(self, session: Session) -> Session:
+    def _reader(self) -> Session:
         """Where a full read goes: with ``auto``, over gRPC even when the watch uses the
-        gateway, on a client closed right after the read.
+        gateway, on a client of its own closed right after the read.
 
         etcd's gateway marshals JSON ~4x slower than gRPC's protobuf (10,000 keys: 80-90 ms
         to the first byte, against ~20 ms for the whole read over gRPC; 100,000: ~1.5 s
         against 0.5), which was start-up's etcd read; once the client is closed, gRPC's
-        threads exit and the idle daemon wakes as on ``http`` (docs/benchmarks.md)."""
-        if self.settings.transport != "auto" or session.transport == "grpc":
+        threads exit and the idle daemon wakes as on ``http`` (docs/benchmarks.md). The
+        gateway is not connected first: the watch that follows connects it (or finds it
+        not served), so that its connection is not on start-up's path to the first read."""
+        if self.settings.transport != "auto":
+            return self._connect()
+        session = self._session
+        if session is not None and session.transport == "grpc":
             return session
         from lbsync.source.grpc_session import GrpcSession
 
+        with self._lock:
+            self._refuse_if_stopping()
         reader = GrpcSession(self.settings)
         try:
             reader.connect()

@@ -131,3 +131,6 @@ def test_auto_uses_the_gateway_on_etcd_and_says_so(
         wait_for(running.recorder.connected, what="the watch")
     chosen = [e for e in logs if e["event"] == "source.transport"]
     assert [(e["transport"], e["endpoint"]) for e in chosen] == [("http", etcd.endpoint)]
+    # the first read (over gRPC) does not wait for the gateway: the watch connects it
+    events = [e["event"] for e in logs]
+    assert events.index("source.read") < events.index("source.transport"), events
