@@ -29,8 +29,9 @@ from lbsync.errors import InvalidValue
 from lbsync.keymap import Buckets, KeyMap, bucket_of, group_of
 from lbsync.model import KeyEvent, KeyValue, Service, Snapshot, SourceEvents, SourceReset
 from lbsync.probes import DEFAULT_POLICY, ProbePolicy
+from lbsync.service_settings import parse_settings
 from lbsync.service_state import ServiceState
-from lbsync.values import parse_health, parse_probe, parse_registration, parse_settings
+from lbsync.values import parse_health, parse_probe, parse_registration
 
 Reject = Callable[[InvalidValue], None]
 

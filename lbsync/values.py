@@ -10,9 +10,8 @@ register itself). The rules, applied to every position of the key schema:
 - numbers are bounded integers: booleans, floats, ``inf``/``nan`` and huge integers are
   refused wherever a number is expected;
 - hosts are IP literals without a zone ID, or RFC 1123 DNS names;
-- service settings are typed per known name (``KNOWN_SETTINGS``); an unknown setting is
-  passed to templates only as a plain token (``SAFE_TOKEN``), a bool or a bounded integer;
-  a bad setting is dropped alone (and reported), the others of the key are kept.
+- service settings are typed per known name (``service_settings``, built on the scalars
+  here).
 
 Every function raises ``InvalidValue`` only; the catalog turns anything else that might
 still escape into one as well (see ``Catalog._put``).
@@ -28,15 +27,13 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple, TypeVar
 
 from lbsync.errors import InvalidValue
-from lbsync.model import HealthMark, ProbeVerdict, SettingValue, State
+from lbsync.model import HealthMark, ProbeVerdict, State
 
 MAX_WEIGHT = 256  # HAProxy's ceiling; nginx accepts it too
 MAX_META_ITEMS = 32
 MAX_VALUE_BYTES = 64 * 1024
 MAX_DEPTH = 4  # deepest legitimate value: {"meta": {...}} is 2
 MAX_NUMBER_CHARS = 20  # digits of a JSON number (2**63 has 19)
-MAX_KEEPALIVE = 10_000  # idle upstream connections per nginx worker
-MAX_SLOTS = 4096  # HAProxy server slots per backend a setting may ask for
 MAX_PLAIN_INT = 2**31 - 1  # unknown settings: integers in ±MAX_PLAIN_INT
 MAX_SINCE = 2**40  # probe verdicts: Unix seconds, far beyond any real clock
 
@@ -53,21 +50,10 @@ SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.:/@=+,%~-]{1,256}")
 SAFE_TEXT = re.compile(r"[A-Za-z0-9 _.:/@=+,%~()\[\]<>!?*&^$|-]{0,200}")
 DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 IP_TEXT = re.compile(r"[0-9A-Fa-f:.]{2,45}")  # what an IP literal without zone ID looks like
-LISTEN = re.compile(r"(?:(?P<host>\*|[0-9.]{7,15}|\[[0-9A-Fa-f:.]{2,45}\]):)?(?P<port>[0-9]{1,5})")
 # A dotted quad in the form ``str(ipaddress.ip_address(...))`` gives back (no leading
 # zeros, each octet ≤ 255): such a host is proven an IP literal without asking ipaddress.
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 CANONICAL_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
-
-# Load-balancing methods the stock templates understand. nginx: least_conn, ip_hash,
-# random (anything else is round robin); HAProxy: its own names, with nginx's least_conn
-# and ip_hash mapped to leastconn and source by the haproxy driver.
-BALANCE = frozenset(
-    {
-        "roundrobin", "round_robin", "least_conn", "ip_hash", "random",
-        "leastconn", "source", "static-rr", "first",
-    }
-)  # fmt: skip
 
 
 # --- decoding ---------------------------------------------------------------------------
@@ -463,81 +449,3 @@ def parse_probe(key: str, value: bytes) -> ProbeVerdict:
         reason=token(key, data.get("reason", ""), SAFE_TEXT, "reason"),
         since=bounded_int(key, data.get("since", 0), 0, MAX_SINCE, "since"),
     )
-
-
-# --- service settings -----------------------------------------------------------------------
-
-
-def parse_balance(key: str, raw: object) -> str:
-    if isinstance(raw, str) and raw in BALANCE:
-        return raw
-    raise InvalidValue(key, raw, f"balance must be one of {', '.join(sorted(BALANCE))}")
-
-
-def parse_keepalive(key: str, raw: object) -> int:
-    return bounded_int(key, raw, 0, MAX_KEEPALIVE, "keepalive")
-
-
-def parse_slots(key: str, raw: object) -> int:
-    return bounded_int(key, raw, 1, MAX_SLOTS, "slots")
-
-
-def parse_listen(key: str, raw: object) -> str:
-    """``port`` or ``ip:port`` (IPv6 bracketed), as text: ``"8080"``, ``"[::1]:8080"``.
-
-    Only addresses: no ``unix:`` paths (nginx's master would create a world-writable socket
-    wherever the value says), no host names (resolved at load time, by the LB), no
-    parameters after the address. ``*:port`` means every address and becomes ``port``.
-    """
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        raw = str(raw)
-    match = LISTEN.fullmatch(raw) if isinstance(raw, str) else None
-    if match is None:
-        raise InvalidValue(key, raw, 'listen must be a port or "ip:port"')
-    port = str(parse_port(key, match["port"]))
-    host = match["host"]
-    if host is None or host == "*":
-        return port
-    address = parse_host(key, host.strip("[]"))
-    if (":" in address) != host.startswith("["):
-        raise InvalidValue(key, raw, 'listen must be a port or "ip:port"')
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-def parse_plain(key: str, raw: object) -> SettingValue:
-    """An unknown setting: a plain token, a bool or a bounded integer; never a float."""
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, int):
-        return bounded_int(key, raw, -MAX_PLAIN_INT, MAX_PLAIN_INT, "a setting")
-    return token(key, raw, SAFE_TOKEN, "a setting")
-
-
-KNOWN_SETTINGS: Mapping[str, Callable[[str, object], SettingValue]] = {
-    "balance": parse_balance,
-    "keepalive": parse_keepalive,
-    "listen": parse_listen,
-    "slots": parse_slots,
-}
-
-
-def parse_settings(key: str, value: bytes) -> tuple[dict[str, SettingValue], InvalidValue | None]:
-    """The settings that pass, and one error naming those that did not (or None).
-
-    A value that is not a JSON object raises. One bad setting drops that setting only: a
-    typo in ``balance`` must not also take away the service's ``listen``.
-    """
-    data = decode_json_or_text(key, value)
-    if not isinstance(data, dict):
-        raise InvalidValue(key, data, "settings must be a JSON object")
-    settings: dict[str, SettingValue] = {}
-    refused: list[str] = []
-    for name, item in data.items():
-        try:
-            token(key, name, SETTING_NAME, "setting names")
-            settings[name] = KNOWN_SETTINGS.get(name, parse_plain)(key, item)
-        except InvalidValue as err:
-            refused.append(f"{name!r}: {err.reason}")
-    if not refused:
-        return settings, None
-    return settings, InvalidValue(key, data, "settings dropped: " + "; ".join(refused))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from lbsync.values import BALANCE
+from lbsync.service_settings import BALANCE
 
 P = "/lbsync"
 

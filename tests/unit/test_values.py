@@ -1,4 +1,5 @@
-"""The value schema (lbsync/values.py): one regression per finding of issue 17, and the rules."""
+"""The value schema (lbsync/values.py, service_settings.py): one regression per finding of
+issue 17, and the rules."""
 
 import json
 
@@ -6,15 +7,13 @@ import pytest
 
 from lbsync.errors import InvalidValue
 from lbsync.model import State
+from lbsync.service_settings import BALANCE, parse_listen, parse_settings
 from lbsync.values import (
-    BALANCE,
     MAX_DEPTH,
     json_depth,
     parse_health,
     parse_host,
-    parse_listen,
     parse_registration,
-    parse_settings,
 )
 
 K = "/lbsync/services/web/instances/a"

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbsync import values
+from lbsync import service_settings, values
 from lbsync.errors import InvalidValue
 from tests.fuzz.strategies import (
     health_values,
@@ -36,7 +36,7 @@ PARSERS: dict[str, Callable[[str, bytes], object]] = {
     "registration": values.parse_registration,
     "health": values.parse_health,
     "probe": values.parse_probe,
-    "settings": values.parse_settings,
+    "settings": service_settings.parse_settings,
 }
 
 

@@ -10,7 +10,7 @@ import structlog
 
 from lbsync.drivers.haproxy.slots import slots_cap
 from lbsync.model import Service
-from lbsync.values import MAX_SLOTS
+from lbsync.service_settings import MAX_SLOTS
 
 log = structlog.get_logger("lbsync.drivers.haproxy")
 
