@@ -4,18 +4,16 @@ which turned up as a ResourceWarning in whichever later test happened to collect
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import select
 import socket
 import ssl
 import struct
-from collections.abc import Iterator
 
 import pytest
 
 from lbsync.errors import SourceUnavailable
+from lbsync.memory import no_cyclic_gc
 from lbsync.source.gateway import wrap_tls
 
 E = "https://127.0.0.1:2379"
@@ -23,18 +21,6 @@ E = "https://127.0.0.1:2379"
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-@contextlib.contextmanager
-def _no_collection() -> Iterator[None]:
-    """A socket left in a reference cycle stays open while the collector is off."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _reset_connection() -> socket.socket:
@@ -50,7 +36,7 @@ def _reset_connection() -> socket.socket:
 
 
 def test_a_reset_before_the_handshake_leaves_no_socket_open() -> None:
-    with _no_collection():
+    with no_cyclic_gc():  # a socket left in a reference cycle stays open
         before = _open_fds()
         client = _reset_connection()
         with pytest.raises(SourceUnavailable, match=r"TLS handshake: .*reset") as caught:
@@ -61,7 +47,7 @@ def test_a_reset_before_the_handshake_leaves_no_socket_open() -> None:
 
 def test_a_reset_already_read_is_not_taken_for_a_tls_connection() -> None:
     """Once the reset has been read, ``wrap_socket`` returns a socket with no handshake."""
-    with _no_collection():
+    with no_cyclic_gc():  # a socket left in a reference cycle stays open
         before = _open_fds()
         client = _reset_connection()
         with pytest.raises(ConnectionResetError):
