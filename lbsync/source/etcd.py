@@ -167,6 +167,12 @@ class EtcdSource:
             else:
                 self._log_transport(gateway, reason)
                 return gateway
+        session = self._connected_grpc()
+        self._log_transport(session, reason)
+        return session
+
+    def _connected_grpc(self) -> Session:
+        """A new gRPC client, connected (logged in with a user); closed if that fails."""
         from lbsync.source.grpc_session import GrpcSession
 
         session = GrpcSession(self.settings)
@@ -175,7 +181,6 @@ class EtcdSource:
         except BaseException:
             session.close()
             raise
-        self._log_transport(session, reason)
         return session
 
     def _log_transport(self, session: Session, reason: str) -> None:
@@ -246,17 +251,9 @@ class EtcdSource:
         session = self._session
         if session is not None and session.transport == "grpc":
             return session
-        from lbsync.source.grpc_session import GrpcSession
-
         with self._lock:
             self._refuse_if_stopping()
-        reader = GrpcSession(self.settings)
-        try:
-            reader.connect()
-        except BaseException:
-            reader.close()
-            raise
-        return reader
+        return self._connected_grpc()
 
     # -- the supervised loop --
 
